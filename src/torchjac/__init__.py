@@ -1,0 +1,20 @@
+"""torchjac: every Jacobian a PyTorch user needs, exact and fast.
+
+>>> import torch, torchjac as tj
+>>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+>>> tj.jac(x**2, x)
+tensor([[2., 0.],
+        [0., 4.]])
+"""
+
+from torchjac._errors import BatchCouplingError, FallbackWarning
+from torchjac._graph import jac
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchCouplingError",
+    "FallbackWarning",
+    "__version__",
+    "jac",
+]

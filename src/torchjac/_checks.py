@@ -1,0 +1,172 @@
+"""Argument validation for the public entry points.
+
+Every check takes the public function's name, so each message says which call failed, which
+argument, the rule, what was received and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Container",
+    "check_batch_dim",
+    "check_chunk_size",
+    "check_mode",
+    "describe",
+    "flatten_inputs",
+    "flatten_outputs",
+    "require_tensor",
+    "unflatten",
+]
+
+MODES = ("auto", "rev", "fwd")
+
+
+def describe(x: Any) -> str:
+    """Short description of a received value for error messages."""
+    if isinstance(x, Tensor):
+        return f"Tensor(shape={list(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return type(x).__name__
+
+
+def require_tensor(fn: str, arg: str, x: Any) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: `{arg}` must be a torch.Tensor, got {describe(x)}.")
+    return x
+
+
+def flatten_outputs(fn: str, outputs: Any, arg: str = "outputs") -> tuple[tuple[Tensor, ...], bool]:
+    """Return (tensors, is_single). Accepts a Tensor or a non-empty sequence of Tensors."""
+    if isinstance(outputs, Tensor):
+        return (outputs,), True
+    if isinstance(outputs, (str, bytes, Mapping)) or not isinstance(outputs, Iterable):
+        raise TypeError(
+            f"{fn}: `{arg}` must be a Tensor or a sequence of Tensors, got {describe(outputs)}."
+        )
+    tensors = tuple(outputs)
+    if not tensors:
+        raise ValueError(f"{fn}: `{arg}` is empty; pass at least one Tensor.")
+    for i, t in enumerate(tensors):
+        require_tensor(fn, f"{arg}[{i}]", t)
+    return tensors, False
+
+
+# How the result container mirrors the inputs: "tensor", "tuple" or "dict" (with its keys).
+Container = tuple[str, tuple[str, ...]]
+
+
+def flatten_inputs(
+    fn: str, inputs: Any, arg: str = "inputs"
+) -> tuple[tuple[Tensor, ...], Container]:
+    """Tensor / iterable / mapping (str -> Tensor) -> (tensors, container)."""
+    if isinstance(inputs, Tensor):
+        return (inputs,), ("tensor", ())
+    if isinstance(inputs, Mapping):
+        keys = tuple(inputs.keys())
+        for k in keys:
+            if not isinstance(k, str):
+                raise TypeError(f"{fn}: the keys of `{arg}` must be str, got {describe(k)}.")
+        tensors = tuple(inputs[k] for k in keys)
+        names = tuple(f"{arg}[{k!r}]" for k in keys)
+        container: Container = ("dict", keys)
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
+        tensors = tuple(inputs)
+        names = tuple(f"{arg}[{i}]" for i in range(len(tensors)))
+        container = ("tuple", ())
+    else:
+        raise TypeError(
+            f"{fn}: `{arg}` must be a Tensor, a sequence of Tensors or a mapping str -> Tensor, "
+            f"got {describe(inputs)}."
+        )
+    if not tensors:
+        raise ValueError(f"{fn}: `{arg}` is empty; pass at least one Tensor.")
+    for name, t in zip(names, tensors):
+        require_tensor(fn, name, t)
+    return tensors, container
+
+
+def input_names(container: Container, n: int, arg: str = "inputs") -> tuple[str, ...]:
+    kind, keys = container
+    if kind == "tensor":
+        return (arg,)
+    if kind == "dict":
+        return tuple(f"{arg}[{k!r}]" for k in keys)
+    return tuple(f"{arg}[{i}]" for i in range(n))
+
+
+def unflatten(container: Container, results: Sequence[Any]) -> Any:
+    """Put per-input results back into the user's container."""
+    kind, keys = container
+    if kind == "tensor":
+        return results[0]
+    if kind == "dict":
+        return dict(zip(keys, results))
+    return tuple(results)
+
+
+def check_mode(fn: str, mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{fn}: `mode` must be one of {MODES}, got {mode!r}.")
+    return str(mode)
+
+
+def check_chunk_size(fn: str, chunk_size: Any) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"{fn}: `chunk_size` must be an int >= 1 or None, got {describe(chunk_size)}."
+        )
+    if chunk_size < 1:
+        raise ValueError(
+            f"{fn}: `chunk_size` must be >= 1 (1 means a plain loop), got {chunk_size}. "
+            "Pass None to choose it from `max_memory`."
+        )
+    return chunk_size
+
+
+def check_batch_dim(
+    fn: str, batch_dim: Any, named: Sequence[tuple[str, Tensor]]
+) -> tuple[int | None, int]:
+    """Validate ``batch_dim`` against every named tensor; return (batch_dim, B) or (None, 0).
+
+    Negative ``batch_dim`` counts from each tensor's end, as in torch.
+    """
+    if batch_dim is None:
+        return None, 0
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+        raise TypeError(f"{fn}: `batch_dim` must be an int or None, got {describe(batch_dim)}.")
+    size: int | None = None
+    first = ""
+    for name, t in named:
+        if not -t.dim() <= batch_dim < t.dim():
+            raise ValueError(
+                f"{fn}: `batch_dim={batch_dim}` is out of range for {name} with shape "
+                f"{list(t.shape)}; every output and input needs the batch dimension."
+            )
+        b = t.shape[batch_dim]
+        if size is None:
+            size, first = b, name
+        elif b != size:
+            raise ValueError(
+                f"{fn}: mismatched batch sizes at `batch_dim={batch_dim}`: {first} has {size} but "
+                f"{name} has {b} (shape {list(t.shape)}). All outputs and inputs must share the batch."
+            )
+    assert size is not None
+    return batch_dim, size
+
+
+def check_same_device(fn: str, named: Sequence[tuple[str, Tensor]]) -> torch.device:
+    dev = named[0][1].device
+    for name, t in named[1:]:
+        if t.device != dev:
+            raise ValueError(
+                f"{fn}: all tensors must be on one device; {named[0][0]} is on {dev} but {name} is "
+                f"on {t.device}."
+            )
+    return dev

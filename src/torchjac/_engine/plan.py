@@ -1,0 +1,132 @@
+"""Planning: which mode (rows or columns), how many probes per vectorised pass, under what memory.
+
+NOTE [probe cost]: a row is one vector-Jacobian product (one backward pass). A column is one
+Jacobian-vector product: with ``torch.func`` it is a forward pass; on an existing graph it is a
+double backward (``d/du <J^T u, v>``), which costs about two backward passes plus one setup pass.
+"auto" compares ``rows`` with ``cols * COLUMN_COST`` and takes the cheaper.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Plan",
+    "available_memory",
+    "choose_chunk_size",
+    "choose_mode",
+    "memory_budget",
+    "parse_memory",
+]
+
+# A double-backward column relative to a row (see NOTE [probe cost]).
+GRAPH_COLUMN_COST = 2.0
+# A forward-mode (jvp) column relative to a row, for functions.
+FUNC_COLUMN_COST = 1.0
+# Share of the currently free memory a call may use by default.
+DEFAULT_MEMORY_SHARE = 0.25
+# Largest number of probes run as a plain loop when nobody asked: vmap's fixed overhead is not
+# worth paying for a handful of probes.
+LOOP_MAX_PROBES = 2
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A decided probing plan: ``mode`` in {"rev", "fwd"}, ``n_probes``, ``chunk_size``."""
+
+    mode: str
+    n_probes: int
+    chunk_size: int
+
+
+def parse_memory(fn: str, max_memory: int | str | None) -> int | None:
+    """``512MiB``, ``"2 GB"``, ``10**9`` -> bytes; ``None`` stays ``None``."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, bool):
+        raise TypeError(f"{fn}: `max_memory` must be bytes (int) or a string like '512MiB'.")
+    if isinstance(max_memory, int):
+        value = max_memory
+    elif isinstance(max_memory, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", max_memory)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"{fn}: `max_memory` must be bytes or a string such as '512MiB' or '2GB', "
+                f"got {max_memory!r}."
+            )
+        value = int(float(match.group(1)) * _UNITS[unit])
+    else:
+        raise TypeError(
+            f"{fn}: `max_memory` must be bytes (int) or a string like '512MiB', "
+            f"got {type(max_memory).__name__}."
+        )
+    if value <= 0:
+        raise ValueError(f"{fn}: `max_memory` must be positive, got {max_memory!r}.")
+    return value
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory on ``device`` in bytes (CUDA: from the device; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages > 0 else 4 * 2**30
+
+
+def memory_budget(fn: str, max_memory: int | str | None, device: torch.device) -> int:
+    """The bytes a call may spend on probes: ``max_memory`` or a safe share of free memory."""
+    parsed = parse_memory(fn, max_memory)
+    if parsed is not None:
+        return parsed
+    return max(int(available_memory(device) * DEFAULT_MEMORY_SHARE), 2**26)
+
+
+def choose_mode(mode: str, n_rows: int, n_cols: int, column_cost: float) -> str:
+    """Fewest weighted probes (see NOTE [probe cost]); explicit modes are kept."""
+    if mode != "auto":
+        return mode
+    return "fwd" if n_cols * column_cost < n_rows else "rev"
+
+
+def choose_chunk_size(
+    n_probes: int, bytes_per_probe: int, budget: int, chunk_size: int | None
+) -> int:
+    """Probes per vectorised pass: the user's, else as many as ``budget`` holds (at least 1)."""
+    if n_probes <= 0:
+        return 1
+    if chunk_size is not None:
+        return min(chunk_size, n_probes)
+    if n_probes <= LOOP_MAX_PROBES:
+        return 1
+    fits = budget // max(bytes_per_probe, 1)
+    return int(max(1, min(n_probes, fits)))
