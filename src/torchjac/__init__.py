@@ -8,7 +8,10 @@ tensor([[2., 0.],
 """
 
 from torchjac._errors import BatchCouplingError, FallbackWarning
+from torchjac._functional import hessian, hessian_diagonal, jacobian, laplacian
+from torchjac._gramian import gramian, ntk
 from torchjac._graph import jac
+from torchjac._modules import param_jacobian
 
 __version__ = "0.1.0"
 
@@ -16,5 +19,12 @@ __all__ = [
     "BatchCouplingError",
     "FallbackWarning",
     "__version__",
+    "gramian",
+    "hessian",
+    "hessian_diagonal",
     "jac",
+    "jacobian",
+    "laplacian",
+    "ntk",
+    "param_jacobian",
 ]
