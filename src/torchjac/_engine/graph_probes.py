@@ -93,7 +93,10 @@ def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int)
             p.input_names,
             p.dtype,
             p.device,
-            lambda cots: p.grad(p.outputs, p.inputs, [c.unsqueeze(0) for c in cots], False, False),
+            lambda cots: [  # full input shapes: drop the probe dimension p.grad adds
+                None if g is None else g[0]
+                for g in p.grad(p.outputs, p.inputs, [c.unsqueeze(0) for c in cots], False, False)
+            ],
         )
     results = [
         torch.zeros(p.in_group.batch_size, p.n_rows, size, dtype=p.dtype, device=p.device)

@@ -81,27 +81,30 @@ def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]
     Walks ``grad_fn.next_functions`` once; leaves are matched through their ``AccumulateGrad``
     node, non-leaves by ``(grad_fn, output_nr)``.
     """
-    wanted_leaf = {id(x): k for k, x in enumerate(inputs) if x.grad_fn is None}
-    wanted_node = {
-        (x.grad_fn, x.output_nr): k for k, x in enumerate(inputs) if x.grad_fn is not None
-    }
+    # lists, not single indices: the same tensor may be passed twice (tied inputs)
+    wanted_leaf: dict[int, list[int]] = {}
+    wanted_node: dict[tuple[object, int], list[int]] = {}
+    for k, x in enumerate(inputs):
+        if x.grad_fn is None:
+            wanted_leaf.setdefault(id(x), []).append(k)
+        else:
+            wanted_node.setdefault((x.grad_fn, x.output_nr), []).append(k)
     found = [False] * len(inputs)
     for y in outputs:  # an output that is itself an input
-        if id(y) in wanted_leaf:
-            found[wanted_leaf[id(y)]] = True
+        for k in wanted_leaf.get(id(y), ()):
+            found[k] = True
     stack = [(y.grad_fn, y.output_nr) for y in outputs if y.grad_fn is not None]
     seen_nodes: set[int] = set()
     while stack:
         node, nr = stack.pop()
-        k = wanted_node.get((node, nr))
-        if k is not None:
+        for k in wanted_node.get((node, nr), ()):
             found[k] = True
         if id(node) in seen_nodes:
             continue
         seen_nodes.add(id(node))
         variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in wanted_leaf:
-            found[wanted_leaf[id(variable)]] = True
+        for k in wanted_leaf.get(id(variable), ()) if variable is not None else ():
+            found[k] = True
         for nxt, nxt_nr in node.next_functions:
             if nxt is not None:
                 stack.append((nxt, nxt_nr))
