@@ -1,0 +1,33 @@
+"""Shared test helpers: float64 tensors from a seeded generator, and a deterministic RNG."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+DTYPE = torch.float64
+
+
+def randn(
+    *shape: int, gen: torch.Generator | None = None, dtype: torch.dtype = DTYPE, grad: bool = False
+) -> torch.Tensor:
+    """A float64 (by default) normal tensor; a leaf that requires grad when ``grad``."""
+    t = torch.randn(*shape, generator=gen, dtype=dtype)
+    return t.requires_grad_(grad)
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> Iterator[None]:
+    """Every test starts from the same global RNG state (the state is restored afterwards)."""
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    yield
+    torch.set_rng_state(state)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A seeded generator for building test data without touching the global RNG."""
+    return torch.Generator().manual_seed(0)
