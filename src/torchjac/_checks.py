@@ -155,7 +155,7 @@ def check_batch_dim(
         elif b != size:
             raise ValueError(
                 f"{fn}: mismatched batch sizes at `batch_dim={batch_dim}`: {first} has {size} but "
-                f"{name} has {b} (shape {list(t.shape)}). All outputs and inputs must share the batch."
+                f"{name} has {b} (shape {list(t.shape)}). All outputs and inputs must share it."
             )
     assert size is not None
     return batch_dim, size

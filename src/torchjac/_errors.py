@@ -15,7 +15,7 @@ class BatchCouplingError(ValueError):
 
 
 class FallbackWarning(UserWarning):
-    """A slower but exact path was taken (vmap -> loop, forward AD -> reverse); issued once a call."""
+    """A slower, still exact path was taken (vmap -> loop, forward AD -> reverse); once a call."""
 
 
 def warn_fallback(fn_name: str, what: str, why: BaseException | str) -> None:

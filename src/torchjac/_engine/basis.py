@@ -79,24 +79,27 @@ class Group:
     def one_hot(
         self, start: int, stop: int, dtype: torch.dtype, device: torch.device
     ) -> list[Tensor | None]:
-        """Probes ``start..stop-1`` as one tensor per member, ``None`` where a member is untouched."""
+        """Probes ``start..stop-1``, one tensor per member (``None``: member untouched)."""
         c = stop - start
         out: list[Tensor | None] = [None] * len(self.shapes)
         for i, lo, hi in self.touched(start, stop):
             flat = torch.zeros(c, self.sizes[i], dtype=dtype, device=device)
-            rows = torch.arange(c, device=device)
-            cols = torch.arange(lo, hi, device=device)
             skip = self.offsets[i] + lo - start
-            flat[rows[skip : skip + hi - lo], cols] = 1
+            flat[skip : skip + hi - lo].diagonal(offset=lo).fill_(1)
             out[i] = self.expand(i, flat)
         return out
 
     def flatten(self, i: int, t: Tensor) -> Tensor:
         """``[c, *shapes[i]]`` -> ``[B, c, rest_numel]`` (B = 1 when unbatched)."""
+        return self.probe_major(i, t).transpose(0, 1)
+
+    def probe_major(self, i: int, t: Tensor) -> Tensor:
+        """``[c, *shapes[i]]`` -> ``[c, B, rest_numel]`` (B = 1 when unbatched), a view if possible.
+
+        Results are stored probe-major so each chunk is written contiguously; the public layout
+        (batch first) is a permuted view of that storage.
+        """
         c, b = t.shape[0], self.batch_dims[i]
         if b is None:
-            return t.reshape(1, c, -1)
-        return t.movedim(1 + b, 0).reshape(self.batch_size, c, -1)
-
-    def zeros_like_member(self, i: int, c: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.zeros(c, *self.shapes[i], dtype=dtype, device=device)
+            return t.reshape(c, 1, -1)
+        return t.movedim(1 + b, 1).reshape(c, self.batch_size, -1)

@@ -82,7 +82,7 @@ class GraphProblem:
 
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
-    """Run the plan; return one ``[B, rows, n_j]`` tensor per input."""
+    """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
     p = problem
     if p.batch_dim is not None:
         check_independent(
@@ -98,31 +98,31 @@ def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int)
                 for g in p.grad(p.outputs, p.inputs, [c.unsqueeze(0) for c in cots], False, False)
             ],
         )
-    results = [
-        torch.zeros(p.in_group.batch_size, p.n_rows, size, dtype=p.dtype, device=p.device)
-        for size in p.in_group.sizes
-    ]
     n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
     chosen = choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST)
     full = sum(t.numel() for t in (*p.outputs, *p.inputs))
     per_probe = 4 * full * p.dtype.itemsize
     if chosen == "fwd" and n_cols > 0:
         try:
-            _columns(p, results, choose_chunk_size(n_cols, per_probe, budget, chunk_size))
-            return results
+            return _columns(p, choose_chunk_size(n_cols, per_probe, budget, chunk_size))
         except RuntimeError as err:
             if mode == "fwd":
                 raise
             warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
-            for r in results:
-                r.zero_()
-    _rows(p, results, choose_chunk_size(p.n_rows, per_probe, budget, chunk_size))
-    return results
+    return _rows(p, choose_chunk_size(p.n_rows, per_probe, budget, chunk_size))
 
 
-def _rows(p: GraphProblem, results: list[Tensor], chunk_size: int) -> None:
-    outs, ins = p.outputs, p.inputs
+def _storage(p: GraphProblem, dims: tuple[int, int, int], j: int) -> Tensor:
+    """Uninitialised storage for input ``j``; zeros for an input the outputs do not use."""
+    alloc = torch.empty if p.used[j] else torch.zeros
+    return alloc(dims, dtype=p.dtype, device=p.device)
+
+
+def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
+    """Rows by backward passes; storage ``[R, B, n_j]``."""
+    outs, ins, g_in = p.outputs, p.inputs, p.in_group
     live = [j for j, u in enumerate(p.used) if u]
+    store = [_storage(p, (p.n_rows, g_in.batch_size, n), j) for j, n in enumerate(g_in.sizes)]
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
         if p.jac_outputs is not None:
@@ -136,52 +136,69 @@ def _rows(p: GraphProblem, results: list[Tensor], chunk_size: int) -> None:
 
     def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(live, grads):
-            if g is not None:
-                results[j][:, start:stop] = p.in_group.flatten(j, g)
+            if g is None:
+                store[j][start:stop] = 0
+            else:
+                store[j][start:stop] = g_in.probe_major(j, g)
 
     run_chunks(p.fn_name, p.n_rows, chunk_size, probe, write)
+    return [s.permute(1, 0, 2) for s in store]
 
 
-def _columns(p: GraphProblem, results: list[Tensor], chunk_size: int) -> None:
-    """Columns by double backward, see NOTE [double backward]."""
-    outs = p.outputs
+def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
+    """Columns by double backward (NOTE [double backward]); storage ``[n_j, B, R]``."""
+    outs, g_in, g_out = p.outputs, p.in_group, p.out_group
     live = [j for j, u in enumerate(p.used) if u]
     dummies = [torch.zeros_like(y).requires_grad_(True) for y in outs]
-    g = p.grad(outs, [p.inputs[j] for j in live], [d.unsqueeze(0) for d in dummies], False, True)
-    trans = {j: gj[0] for j, gj in zip(live, g) if gj is not None}
+    # The dummies go in as they are: a view of them would put its backward on every column's path.
+    g = torch.autograd.grad(
+        outs, [p.inputs[j] for j in live], dummies, create_graph=True, allow_unused=True
+    )
+    trans = {j: gj for j, gj in zip(live, g) if gj is not None}
     for j, gj in trans.items():
         if not gj.requires_grad:
             raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
+    store = [
+        (torch.empty if j in trans else torch.zeros)(
+            (n, g_in.batch_size, p.n_rows), dtype=p.dtype, device=p.device
+        )
+        for j, n in enumerate(g_in.sizes)
+    ]
     left = None
-    if p.jac_outputs is not None:  # [B, k, m]
-        flat = [p.out_group.flatten(i, a) for i, a in enumerate(p.jac_outputs)]
-        left = torch.cat(flat, dim=2).to(p.dtype)
-    n_cols = p.in_group.numel
-    cols = [j for j in range(len(p.inputs)) if j in trans]
+    if p.jac_outputs is not None:  # [k, B, m_i] per output
+        left = [g_out.probe_major(i, a).to(p.dtype) for i, a in enumerate(p.jac_outputs)]
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
-        basis = p.in_group.one_hot(start, stop, p.dtype, p.device)
-        sel = [j for j in cols if basis[j] is not None]
+        basis = g_in.one_hot(start, stop, p.dtype, p.device)
+        sel = [j for j in trans if basis[j] is not None]
         if not sel:
             return tuple(None for _ in outs)
         tangents = [basis[j].to(p.inputs[j].dtype) for j in sel]  # type: ignore[union-attr]
         return p.grad([trans[j] for j in sel], dummies, tangents, batched)
 
     def write(start: int, stop: int, jv: tuple[Tensor | None, ...]) -> None:
-        c = stop - start
-        flat = [
-            p.out_group.flatten(i, t)
-            if t is not None
-            else torch.zeros(
-                p.out_group.batch_size, c, p.out_group.sizes[i], dtype=p.dtype, device=p.device
-            )
-            for i, t in enumerate(jv)
-        ]
-        block = torch.cat(flat, dim=2) if len(flat) > 1 else flat[0]  # [B, c, m]
-        if left is not None:
-            block = torch.einsum("bcm,bkm->bck", block.to(p.dtype), left)
-        for j, lo, hi in p.in_group.touched(start, stop):
-            skip = p.in_group.offsets[j] + lo - start
-            results[j][:, :, lo:hi] = block[:, skip : skip + hi - lo].transpose(1, 2)
+        if left is not None:  # one block of k rows: [c, B, k]
+            terms = [
+                torch.einsum("cbm,kbm->cbk", g_out.probe_major(i, t).to(p.dtype), left[i])
+                for i, t in enumerate(jv)
+                if t is not None
+            ]
+            rows: list[tuple[int, int, Tensor | None]] = [
+                (0, p.n_rows, sum(terms) if terms else None)
+            ]
+        else:
+            rows = [
+                (off, size, None if t is None else g_out.probe_major(i, t))
+                for i, (t, off, size) in enumerate(zip(jv, g_out.offsets, g_out.sizes))
+            ]
+        for j, lo, hi in g_in.touched(start, stop):
+            skip = g_in.offsets[j] + lo - start
+            for off, size, block in rows:
+                dest = store[j][lo:hi, :, off : off + size]
+                if block is None:
+                    dest.zero_()
+                else:
+                    dest.copy_(block[skip : skip + hi - lo])
 
-    run_chunks(p.fn_name, n_cols, chunk_size, probe, write)
+    run_chunks(p.fn_name, g_in.numel, chunk_size, probe, write)
+    return [s.permute(1, 2, 0) for s in store]

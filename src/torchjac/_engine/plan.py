@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,24 @@ def parse_memory(fn: str, max_memory: int | str | None) -> int | None:
 
 
 def available_memory(device: torch.device) -> int:
-    """Free memory on ``device`` in bytes (CUDA: from the device; CPU: MemAvailable)."""
+    """Free memory on ``device`` in bytes (CUDA: from the device; CPU: MemAvailable).
+
+    Read at most once a second per device: calls in a training loop should not pay for it.
+    """
+    now = time.monotonic()
+    key = str(device)
+    cached = _FREE_CACHE.get(key)
+    if cached is not None and now - cached[0] < 1.0:
+        return cached[1]
+    free = _read_free(device)
+    _FREE_CACHE[key] = (now, free)
+    return free
+
+
+_FREE_CACHE: dict[str, tuple[float, int]] = {}
+
+
+def _read_free(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)

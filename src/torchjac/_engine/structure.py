@@ -60,14 +60,15 @@ def check_independent(
     for j, g in enumerate(grads):
         if g is None:
             continue
-        per_sample = inputs.flatten(j, g.unsqueeze(0))[:, 0]  # [B, rest]
+        per_sample = inputs.probe_major(j, g.unsqueeze(0))[0]  # [B, rest]
         outside = per_sample[~mask]
         leak = outside.nan_to_num(0.0).abs().amax(dim=-1) if outside.numel() else outside
         if leak.numel() and bool((leak > 0).any()):
             where = torch.nonzero(~mask).flatten()[leak > 0][:5].tolist()
+            shown = torch.nonzero(mask).flatten()[:5].tolist()
             raise BatchCouplingError(
                 f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only "
-                f"on input sample i, but the outputs of samples {torch.nonzero(mask).flatten()[:5].tolist()}"
+                f"on input sample i, but the outputs of samples {shown}"
                 f"{'...' if int(mask.sum()) > 5 else ''} depend on {input_names[j]} at samples "
                 f"{where}. Samples are coupled, e.g. by BatchNorm in train mode (call "
                 f"model.eval()), batch statistics such as `x - x.mean(0)`, or attention across the "
