@@ -1,0 +1,260 @@
+"""Closed forms of per-sample parameter Jacobians for common layers (see NOTE [layer capture]).
+
+``build_use`` turns one hooked call of a supported layer into a ``Use`` (its input factor ``A``,
+the zero leaf ``e`` whose gradient is ``δ``, and how ``δ`` is laid out) and the recomputed
+output; ``write_use`` writes ``J = δ ⊗ A`` (or its embedding / elementwise analogue) for a chunk
+of probes into preallocated ``[N, k, *p.shape]`` views. Exact types only: a subclass may
+override ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["KINDS", "Use", "build_use", "write_use"]
+
+KINDS: dict[type, str] = {
+    nn.Linear: "outer",
+    nn.Conv1d: "outer",
+    nn.Conv2d: "outer",
+    nn.Embedding: "index",
+    nn.LayerNorm: "scale",
+    nn.RMSNorm: "scale",
+}
+
+
+@dataclass(frozen=True)
+class Use:
+    """One call of a supported layer: factors of its per-sample Jacobian (layers.py docstring)."""
+
+    kind: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+    a: Tensor
+    e: Tensor
+    rows: Callable[[Tensor], Tensor]  # δ [k, *z.shape] -> canonical D, batch first
+    padding_idx: int | None = None
+
+
+def build_use(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    output: Any,
+    by_id: dict[int, str],
+    batch_dim: int | None,
+) -> tuple[Use, Tensor] | None:
+    """A ``Use`` and the output to return from the hook, or ``None`` (leave the call alone)."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, Tensor) or not isinstance(output, Tensor) or len(args) > 1:
+        return None
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    wn = by_id.get(id(weight)) if isinstance(weight, Tensor) else None
+    bn = by_id.get(id(bias)) if isinstance(bias, Tensor) else None
+    if wn is None and bn is None:
+        return None
+    w = weight.detach() if isinstance(weight, Tensor) else None
+    b = bias.detach() if isinstance(bias, Tensor) else None
+    kind = KINDS[type(module)]
+    if isinstance(module, nn.Linear):
+        made = _linear(x, w, b, batch_dim)
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        made = _conv(module, x, w, b, batch_dim)
+    elif isinstance(module, nn.Embedding):
+        made = _embedding(module, x, w, batch_dim)
+    else:
+        made = _norm(module, x, w, b, batch_dim)
+    if made is None:
+        return None
+    z, a, rows = made
+    if z.shape != output.shape:
+        return None
+    e = torch.zeros_like(z, requires_grad=True)
+    padding_idx = getattr(module, "padding_idx", None) if kind == "index" else None
+    use = Use(kind, module, wn, bn, a, e, rows, padding_idx)
+    return use, z + e
+
+
+Made = tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]
+
+
+def _axis(t: Tensor, batch_dim: int | None) -> int | None:
+    return None if batch_dim is None else batch_dim % t.dim()
+
+
+def _first(t: Tensor, ax: int | None) -> Tensor:
+    """Batch axis first (a virtual batch of one when unbatched)."""
+    return t.unsqueeze(0) if ax is None else t.movedim(ax, 0)
+
+
+def _first_k(d: Tensor, ax: int | None) -> Tensor:
+    """``[k, *z]`` -> ``[N, k, *z without batch]``."""
+    return d.unsqueeze(0) if ax is None else d.movedim(1 + ax, 0)
+
+
+def _linear(x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None) -> Made | None:
+    if w is None or x.dim() < 1 or (batch_dim is not None and x.dim() < 2):
+        return None
+    ax = _axis(x, batch_dim)
+    if ax == x.dim() - 1:
+        return None
+    z = F.linear(x, w, b)
+    d_in, d_out = w.shape[1], w.shape[0]
+    xa = _first(x.detach(), ax)
+    n = xa.shape[0]
+    a = xa.reshape(n, -1, 1, d_in).clone()
+    return z, a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, 1, d_out)
+
+
+def _conv(
+    m: nn.Conv1d | nn.Conv2d, x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None
+) -> Made | None:
+    nd = 1 if isinstance(m, nn.Conv1d) else 2
+    if w is None or m.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2):
+        return None
+    unbatched = x.dim() == nd + 1
+    if batch_dim is not None and (unbatched or batch_dim % x.dim() != 0):
+        return None
+    z = m._conv_forward(x, w, b)
+    xb = x.detach().unsqueeze(0) if unbatched else x.detach()
+    ks, st, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+    pad: tuple[int, ...]
+    if isinstance(m.padding, str):
+        pad = (0,) * nd
+        if m.padding == "same":
+            total = [dl * (k - 1) for dl, k in zip(dil, ks)]
+            lr = [(t // 2, t - t // 2) for t in total]
+            xb = F.pad(xb, [v for pair in reversed(lr) for v in pair])
+    else:
+        pad = tuple(m.padding)
+    if nd == 1:
+        xb, ks, st, dil, pad = xb.unsqueeze(2), (1, *ks), (1, *st), (1, *dil), (0, *pad)
+    cols = F.unfold(xb, ks, dilation=dil, padding=pad, stride=st)  # [Nx, Cin*kk, L]
+    nx, groups = cols.shape[0], m.groups
+    i_g, o_g = cols.shape[1] // groups, w.shape[0] // groups
+    a = cols.reshape(nx, groups, i_g, -1).permute(0, 3, 1, 2)  # [Nx, L, G, i]
+    if batch_dim is None:
+        a = a.reshape(1, -1, groups, i_g)
+
+    def rows(d: Tensor) -> Tensor:
+        k = d.shape[0]
+        dd = d.reshape(k, nx, groups, o_g, -1).permute(1, 0, 4, 2, 3)  # [Nx, k, L, G, o]
+        if batch_dim is None:
+            return dd.transpose(0, 1).reshape(1, k, -1, groups, o_g)
+        return dd
+
+    return z, a, rows
+
+
+def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
+    if w is None or m.max_norm is not None or m.scale_grad_by_freq or x.is_floating_point():
+        return None
+    if batch_dim is not None and x.dim() < 1:
+        return None
+    ax = _axis(x, batch_dim) if x.dim() else None
+    z = F.embedding(x, w, m.padding_idx, None, 2.0, False, m.sparse)
+    xa = _first(x.detach(), ax)
+    n, dim = xa.shape[0], w.shape[1]
+    a = xa.reshape(n, -1).clone()
+    return z, a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+
+
+def _norm(
+    m: nn.Module, x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None
+) -> Made | None:
+    shape = tuple(m.normalized_shape)  # type: ignore[arg-type]
+    ax = _axis(x, batch_dim) if x.dim() else None
+    if x.dim() < len(shape) + (batch_dim is not None) or (
+        ax is not None and ax >= x.dim() - len(shape)
+    ):
+        return None
+    xd = x.detach()
+    if isinstance(m, nn.LayerNorm):
+        z = F.layer_norm(x, shape, w, b, m.eps)
+        xhat = F.layer_norm(xd, shape, None, None, m.eps)
+    else:
+        eps: float | None = m.eps  # type: ignore[assignment]
+        z = F.rms_norm(x, shape, w, eps)
+        xhat = F.rms_norm(xd, shape, None, eps)
+    dim = 1
+    for s in shape:
+        dim *= s
+    xa = _first(xhat, ax)
+    n = xa.shape[0]
+    a = xa.reshape(n, -1, dim)
+    return z, a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+
+
+def write_use(use: Use, d: Tensor, targets: dict[str, Tensor], written: set[str]) -> None:
+    """Add this use's Jacobian for the probes of ``d`` into ``targets[name]`` (``[N, k, *p]``).
+
+    A name not in ``written`` is overwritten (no zero-fill pass), then added to ``written``.
+    """
+    for role, name in (("weight", use.weight), ("bias", use.bias)):
+        if name is None or name not in targets:
+            continue
+        target = targets[name]
+        first = name not in written
+        written.add(name)
+        n, k = target.shape[0], target.shape[1]
+        if use.kind == "outer":
+            _outer(use.a, d, target, role, first, n, k)
+        elif use.kind == "index":
+            _index(use, d, target, first, n, k)
+        else:
+            _scale(use.a, d, target, role, first, n, k)
+
+
+def _outer(a: Tensor, d: Tensor, target: Tensor, role: str, first: bool, n: int, k: int) -> None:
+    groups, o_g, i_g = d.shape[3], d.shape[4], a.shape[3]
+    if role == "bias":
+        view = target.view(n, k, groups, o_g)
+        if first:
+            torch.sum(d, dim=2, out=view)
+        else:
+            view.add_(d.sum(2))
+        return
+    view = target.view(n, k, groups, o_g, i_g)
+    if d.shape[2] == 1:  # one position: a plain outer product, written in one pass
+        dv, av = d[:, :, 0, :, :, None], a[:, None, 0, :, None, :]
+        if first:
+            torch.mul(dv, av, out=view)
+        else:
+            view.addcmul_(dv, av)
+        return
+    prod = torch.matmul(d.permute(0, 1, 3, 4, 2), a.permute(0, 2, 1, 3).unsqueeze(1))
+    if first:
+        view.copy_(prod)
+    else:
+        view.add_(prod)
+
+
+def _index(use: Use, d: Tensor, target: Tensor, first: bool, n: int, k: int) -> None:
+    if first:
+        target.zero_()
+    idx = use.a  # [N, T]
+    if use.padding_idx is not None:
+        d = d * (idx != use.padding_idx).to(d.dtype)[:, None, :, None]
+    t = idx.shape[1]
+    dev = idx.device
+    n_i = torch.arange(n, device=dev).view(n, 1, 1).expand(n, k, t)
+    k_i = torch.arange(k, device=dev).view(1, k, 1).expand(n, k, t)
+    v_i = idx.view(n, 1, t).expand(n, k, t)
+    target.index_put_((n_i, k_i, v_i), d.to(target.dtype), accumulate=True)
+
+
+def _scale(a: Tensor, d: Tensor, target: Tensor, role: str, first: bool, n: int, k: int) -> None:
+    view = target.view(n, k, -1)
+    val = d.sum(2) if role == "bias" else torch.einsum("nktd,ntd->nkd", d, a)
+    if first:
+        view.copy_(val)
+    else:
+        view.add_(val)

@@ -1,0 +1,255 @@
+"""Per-layer capture: one forward of a model, layer inputs ``a`` and output sensitivities ``δ``.
+
+NOTE [layer capture]: the per-sample Jacobian of a Linear weight is ``δ ⊗ a`` (the output
+sensitivity of the layer times its input), and the same holds, up to a reshaping, for
+convolutions (unfolded input), embeddings (one-hot input) and the affine part of LayerNorm
+(normalised input, elementwise). ``capture`` runs the model once through
+``torch.func.functional_call`` on detached aliases of its parameters (the user's module,
+parameters, ``.grad`` and buffers are never touched; buffers are cloned so BatchNorm statistics
+stay bitwise equal) with temporary forward hooks on every supported layer (exact types, see
+``closed_forms.KINDS``), removed in a ``finally``. Each hooked call is recomputed from the layer
+input with its parameters *detached* and a zero leaf ``e`` added to its output:
+
+    z = layer(x; W.detach(), b.detach()) + e          grad of the output w.r.t. e = δ
+
+so the shared parameter leaf only receives gradient from uses no hook covered (a bare
+``nn.Parameter`` used in a custom ``forward``, ``h @ emb.weight.T``, an unsupported layer).
+A parameter whose leaf is still reachable from the output goes to the general path (``general``);
+the others are covered exactly by the closed forms of their uses (a module called twice, or tied
+weights, give several uses of one name: their contributions add up).
+
+Reuse (issue 5, Gramians): ``cap = capture(model, state, args, kwargs, batch_dim)``, then
+``deltas(cap, cotangents, batched)`` gives one canonical ``D`` per use for a batch of output
+cotangents ``[k, *out.shape]``. Per use, with ``N`` samples, ``k`` probes and ``T`` positions
+(all non-batch, non-feature dims flattened; batch first in every factor):
+
+    kind "outer" (Linear, Conv):  A [N, T, G, i]   D [N, k, T, G, o]   (G groups; Linear G = 1)
+        J_weight[n, k] = Σ_t D[n, k, t] ⊗ A[n, t]   viewed as weight [G*o, i]
+        J_bias[n, k]   = Σ_t D[n, k, t]            viewed as bias [G*o]
+    kind "index" (Embedding):     A [N, T] (long)  D [N, k, T, d]
+        J_weight[n, k] = Σ_t onehot(A[n, t]) ⊗ D[n, k, t]     (rows at padding_idx are zero)
+    kind "scale" (LayerNorm, RMSNorm affine):  A [N, T, d] (normalised input)  D [N, k, T, d]
+        J_weight[n, k] = Σ_t D[n, k, t] * A[n, t]   J_bias[n, k] = Σ_t D[n, k, t]
+
+Without ``batch_dim`` the whole batch is one sample (N = 1). ``Use.weight`` / ``Use.bias`` are
+parameter names in ``state.names`` (``None`` when that parameter is not asked for, e.g. frozen).
+``capture`` never checks batch independence; ``check_coupling`` does (one backward pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from torchjac._engine.closed_forms import KINDS, Use, build_use
+from torchjac._engine.structure import reachable, sample_mask
+from torchjac._errors import BatchCouplingError
+
+__all__ = [
+    "Capture",
+    "ModelState",
+    "Use",
+    "call",
+    "capture",
+    "check_coupling",
+    "deltas",
+    "model_state",
+    "no_side_effects",
+]
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Detached aliases of a model's tensors for ``functional_call``.
+
+    ``leaves``: name -> leaf requiring grad (same storage as the parameter, no copy), for the
+    requested parameters in ``named_parameters()`` order. ``fixed``: every other parameter
+    detached, and a clone of every buffer (so running statistics are never updated in place).
+    """
+
+    names: tuple[str, ...]
+    leaves: dict[str, Tensor]
+    fixed: dict[str, Tensor]
+
+    def with_leaves(self, leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**self.fixed, **leaves}
+
+
+def model_state(model: nn.Module, names: Sequence[str]) -> ModelState:
+    """Leaves for ``names`` (canonical names of ``named_parameters()``), the rest fixed."""
+    wanted = set(names)
+    leaves: dict[str, Tensor] = {}
+    fixed: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if name in wanted:
+            leaves[name] = p.detach().requires_grad_(True)
+        else:
+            fixed[name] = p.detach()
+    for name, buf in model.named_buffers():
+        fixed[name] = buf.detach().clone()
+    return ModelState(tuple(names), {n: leaves[n] for n in names}, fixed)
+
+
+@contextlib.contextmanager
+def no_side_effects(device: torch.device) -> Iterator[None]:
+    """Grad mode on, the global RNG state restored afterwards (dropout in train mode draws)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        yield
+
+
+def call(model: nn.Module, tensors: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
+    """``model(*args, **kwargs)`` with its parameters and buffers replaced by ``tensors``."""
+    return functional_call(model, tensors, args, kwargs, tie_weights=True, strict=False)
+
+
+@dataclass
+class Capture:
+    """The result of ``capture``: the output on the graph and one ``Use`` per hooked call.
+
+    ``general``: requested parameter names with a use no closed form covers (see NOTE
+    [layer capture]); ``uses``: the covered uses, in call order.
+    """
+
+    output: Tensor
+    state: ModelState
+    uses: list[Use] = field(default_factory=list)
+    general: tuple[str, ...] = ()
+
+
+def capture(
+    model: nn.Module,
+    state: ModelState,
+    args: tuple,
+    kwargs: dict,
+    batch_dim: int | None,
+) -> Capture:
+    """Run ``model`` once with hooks on supported layers; see NOTE [layer capture].
+
+    Raises ``TypeError`` when the model does not return a Tensor. Hooks never outlive the call.
+    """
+    by_id = {id(t): n for n, t in state.leaves.items()}
+    uses: list[Use] = []
+
+    def hook(module: nn.Module, h_args: tuple, h_kwargs: dict, output: Any) -> Any:
+        built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim)
+        if built is None:
+            return None
+        use, new_output = built
+        uses.append(use)
+        return new_output
+
+    handles = []
+    try:
+        for module in _hookable(model):
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        output = call(model, state.with_leaves(state.leaves), args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(output, Tensor):
+        raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
+    cap = Capture(output=output, state=state, uses=uses)
+    if output.requires_grad:
+        leaves = [state.leaves[n] for n in state.names]
+        hit = reachable([output], leaves)
+        cap.general = tuple(n for n, h in zip(state.names, hit) if h)
+    return cap
+
+
+def _hookable(model: nn.Module) -> list[nn.Module]:
+    """Modules of an exactly supported type without user hooks (which could change them)."""
+    out = []
+    for module in model.modules():
+        if type(module) not in KINDS:
+            continue
+        if module._forward_hooks or module._forward_pre_hooks:
+            continue
+        out.append(module)
+    return out
+
+
+def deltas(cap: Capture, cotangents: Tensor, batched: bool = True) -> list[Tensor | None]:
+    """Canonical ``D`` for every use (see the module docstring), for ``cotangents`` ``[k, *out]``.
+
+    One backward pass (vectorised over the ``k`` probes when ``batched``, else ``k`` must be 1).
+    A use the output does not reach gets ``None``.
+    """
+    return _backward(cap, cotangents, (), batched)[0]
+
+
+def _backward(
+    cap: Capture, cotangents: Tensor, extra: Sequence[Tensor], batched: bool
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    es = [u.e for u in cap.uses]
+    targets = es + list(extra)
+    if not targets:
+        return [], []
+    cot = cotangents if batched else cotangents[0]
+    grads = torch.autograd.grad(
+        [cap.output],
+        targets,
+        [cot.to(cap.output.dtype)],
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=batched,
+    )
+    if not batched:
+        grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+    ds: list[Tensor | None] = [
+        None if g is None else u.rows(g) for u, g in zip(cap.uses, grads[: len(es)])
+    ]
+    return ds, list(grads[len(es) :])
+
+
+def check_coupling(
+    fn_name: str,
+    cap: Capture,
+    batch_dim: int,
+    inputs: Sequence[tuple[str, Tensor]],
+    describe_use: Callable[[Use], str],
+) -> None:
+    """Raise ``BatchCouplingError`` when an output sample depends on another sample.
+
+    One backward pass with a random cotangent on a random half of the samples (NOTE [coupling
+    check] in ``structure``): the ``δ`` of every use, and the gradient of every given batched
+    input (leaves requiring grad), must vanish outside that half.
+    """
+    out = cap.output
+    bd = batch_dim % out.dim()
+    bsz = out.shape[bd]
+    if bsz <= 1:
+        return
+    mask = sample_mask(bsz, out.device)
+    gen = torch.Generator().manual_seed(7)
+    cot = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+    shape = [1] * out.dim()
+    shape[bd] = bsz
+    cot = (cot * mask.reshape(shape).to(out.dtype)).unsqueeze(0)
+    ds, gs = _backward(cap, cot, [t for _, t in inputs], batched=False)
+    outside = ~mask
+    for use, d in zip(cap.uses, ds):
+        if d is not None and bool((d[outside].nan_to_num(0.0) != 0).any()):
+            _raise_coupled(fn_name, batch_dim, describe_use(use))
+    for (name, x), g in zip(inputs, gs):
+        if g is None:
+            continue
+        per_sample = g.movedim(batch_dim % x.dim(), 0)[outside]
+        if bool((per_sample.nan_to_num(0.0) != 0).any()):
+            _raise_coupled(fn_name, batch_dim, name)
+
+
+def _raise_coupled(fn_name: str, batch_dim: int, where: str) -> None:
+    raise BatchCouplingError(
+        f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only on "
+        f"sample i, but the outputs depend on other samples through {where}. Samples are "
+        "coupled, e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
+        "`x - x.mean(0)`, or attention across the batch. Drop `batch_dim` to get the full "
+        "Jacobian instead."
+    )
