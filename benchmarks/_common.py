@@ -1,0 +1,60 @@
+"""Shared pieces of the workloads: MLPs with fixed seeds, float64 copies, torchjac calls."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["as_double", "flat_cat", "fork_rng", "mlp", "plain_params", "randn"]
+
+
+def mlp(sizes: Sequence[int], activation: Callable[[], nn.Module], *, seed: int) -> nn.Sequential:
+    """``Linear(sizes[0], sizes[1]), act, ..., Linear(sizes[-2], sizes[-1])`` with a fixed seed."""
+    with fork_rng(seed):
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(activation())
+        return nn.Sequential(*layers)
+
+
+class fork_rng:
+    """Context manager: seeded RNG inside, the caller's global RNG state restored after."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._state: Tensor | None = None
+
+    def __enter__(self) -> None:
+        self._state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._state is not None
+        torch.random.set_rng_state(self._state)
+
+
+def randn(*shape: int, seed: int) -> Tensor:
+    """A seeded standard normal tensor (float32), without touching the global RNG."""
+    with fork_rng(seed):
+        return torch.randn(*shape)
+
+
+def as_double(model: nn.Module) -> nn.Module:
+    """A float64 deep copy of ``model`` (for references)."""
+    return copy.deepcopy(model).double()
+
+
+def plain_params(model: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of the parameters, for ``torch.func.functional_call``."""
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def flat_cat(tensors: Sequence[Tensor], lead: int) -> Tensor:
+    """Concatenate tensors ``[lead, *p]`` into ``[lead, sum p]``."""
+    return torch.cat([t.reshape(lead, -1) for t in tensors], dim=1)

@@ -1,0 +1,231 @@
+"""The benchmark harness: strategies checked against a reference, then timed (medians).
+
+A workload builds a :class:`Case`: a reference result and the strategies that compute it. Each
+strategy is run once untimed and compared with the reference (``check``); only a strategy that
+agrees is timed. A strategy whose peer is not installed is ``skipped``; a torchjac function that
+is still a placeholder (``NotImplementedError``) is ``not available``; any other failure is an
+``error`` row. Nothing here raises because one strategy failed.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Case", "Row", "Strategy", "Timing", "Workload", "check", "run_workloads"]
+
+
+def _no_setup() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to compute a workload's result.
+
+    ``setup()`` runs untimed before every call (e.g. to build a fresh autograd graph) and its
+    value is passed to ``run``; ``requires`` names the importable modules of the peer.
+    """
+
+    name: str
+    run: Callable[[Any], Any]
+    setup: Callable[[], Any] = _no_setup
+    requires: tuple[str, ...] = ()
+    torchjac: bool = False
+
+
+@dataclass(frozen=True)
+class Case:
+    """A built workload: its reference result, the strategies, and the check tolerance.
+
+    A result agrees when ``max |result - reference| <= rtol * max |reference|`` for every tensor
+    (results are flattened: Tensor, tuple/list, dict values in order).
+    """
+
+    reference: Any
+    strategies: Sequence[Strategy]
+    size: str
+    rtol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named workload; ``build(small)`` returns its :class:`Case` (``small``: reduced sizes)."""
+
+    key: str
+    title: str
+    build: Callable[[bool], Case]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Repeats: up to ``repeats``, at least ``min_repeats``, stop once ``budget_s`` is spent."""
+
+    repeats: int = 15
+    min_repeats: int = 3
+    budget_s: float = 3.0
+
+
+@dataclass
+class Row:
+    """One strategy's outcome on one workload (one line of the table)."""
+
+    workload: str
+    title: str
+    size: str
+    strategy: str
+    torchjac: bool
+    status: str
+    median_ms: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    max_diff: float | None = None
+    ratio: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    raise TypeError(f"a strategy returned {type(x).__name__}, expected tensors")
+
+
+def check(result: Any, reference: Any, rtol: float) -> tuple[bool, float, str]:
+    """Compare ``result`` with ``reference``: (agree, max |difference|, reason if not)."""
+    got, want = _tensors(result), _tensors(reference)
+    if len(got) != len(want):
+        return False, float("nan"), f"{len(got)} tensors, expected {len(want)}"
+    worst, ok = 0.0, True
+    for g, w in zip(got, want):
+        if tuple(g.shape) != tuple(w.shape):
+            return False, float("nan"), f"shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        w64 = w.detach().double()
+        diff = (g.detach().double() - w64).abs().max().item() if w.numel() else 0.0
+        scale = w64.abs().max().item() if w.numel() else 0.0
+        worst = max(worst, diff)
+        ok = ok and diff <= rtol * max(scale, 1e-12)
+    return ok, worst, "" if ok else f"max abs diff {worst:.2e}"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:70] if text else ''}"
+
+
+def _call(strategy: Strategy) -> tuple[Any, float]:
+    state = strategy.setup()
+    start = time.perf_counter()
+    result = strategy.run(state)
+    elapsed = time.perf_counter() - start
+    return result, elapsed
+
+
+def _time(strategy: Strategy, first_s: float, timing: Timing) -> list[float]:
+    # NOTE [repeats]: one untimed call (the check) warms up; a strategy slower than the budget
+    # is then timed once, others until `repeats` calls or the budget is spent (>= min_repeats).
+    wanted = 1 if first_s > timing.budget_s else timing.repeats
+    times: list[float] = []
+    spent = 0.0
+    gc.collect()
+    while len(times) < wanted:
+        _, elapsed = _call(strategy)
+        times.append(elapsed * 1e3)
+        spent += elapsed
+        if spent > timing.budget_s and len(times) >= min(timing.min_repeats, wanted):
+            break
+    return times
+
+
+def run_strategy(row: Row, strategy: Strategy, case: Case, timing: Timing) -> None:
+    """Fill ``row`` by checking, then timing ``strategy``; never raises for a failing strategy."""
+    missing = [m for m in strategy.requires if not _installed(m)]
+    if missing:
+        row.status = f"skipped: {', '.join(missing)} not installed"
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result, first_s = _call(strategy)
+            ok, row.max_diff, reason = check(result, case.reference, case.rtol)
+            del result
+            if not ok:
+                row.status = f"wrong: {reason}"
+                return
+            row.times_ms = _time(strategy, first_s, timing)
+        except NotImplementedError:
+            row.status = "not available"
+            return
+        except Exception as exc:  # a failing strategy is a row, not a crash
+            row.status = f"error: {_first_line(exc)}"
+            return
+        finally:
+            row.warnings = sorted({f"{w.category.__name__}: {w.message}"[:160] for w in caught})
+    row.median_ms = statistics.median(row.times_ms)
+    fallback = [w for w in row.warnings if w.startswith("FallbackWarning")]
+    row.status = "ok (fallback warned)" if fallback else "ok"
+
+
+def _ratios(rows: list[Row]) -> None:
+    peers = [r.median_ms for r in rows if not r.torchjac and r.median_ms is not None]
+    if not peers:
+        return
+    best = min(peers)
+    for r in rows:
+        if r.median_ms is not None:
+            r.ratio = r.median_ms / best
+
+
+def run_workloads(
+    workloads: Sequence[Workload],
+    *,
+    small: bool = False,
+    timing: Timing | None = None,
+    progress: bool = True,
+) -> list[Row]:
+    """Build, check and time every strategy of every workload; one :class:`Row` per strategy."""
+    from tqdm.auto import tqdm
+
+    timing = timing or Timing()
+    rows: list[Row] = []
+    bar = tqdm(
+        total=len(workloads), disable=None if progress else True, unit="workload", leave=False
+    )
+    with bar:
+        for wl in workloads:
+            bar.set_description(wl.key)
+            try:
+                case = wl.build(small)
+            except Exception as exc:
+                rows.append(
+                    Row(wl.key, wl.title, "", "(build)", False, f"error: {_first_line(exc)}")
+                )
+                bar.update()
+                continue
+            mine: list[Row] = []
+            for strategy in case.strategies:
+                bar.set_postfix_str(strategy.name[:40])
+                row = Row(wl.key, wl.title, case.size, strategy.name, strategy.torchjac, "")
+                run_strategy(row, strategy, case, timing)
+                mine.append(row)
+            _ratios(mine)
+            rows.extend(mine)
+            bar.update()
+    return rows
