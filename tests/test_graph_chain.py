@@ -1,4 +1,4 @@
-"""``tj.jac`` chain rule (``jac_outputs``), the seeds' examples, higher order and graph retention."""
+"""``tj.jac``: chain rule (``jac_outputs``), the seeds' examples, higher order, graph retention."""
 
 from __future__ import annotations
 
