@@ -1,15 +1,136 @@
-"""``gramian`` and ``ntk`` (issue 5, in progress)."""
+"""``gramian``: ``J Jᵀ`` of tensors already on the autograd graph, one block of ``J`` at a time."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["gramian", "ntk"]
+from torch import Tensor
+
+from torchjac._checks import (
+    check_batch_dim,
+    check_chunk_size,
+    check_mode,
+    check_same_device,
+    describe,
+    flatten_inputs,
+    flatten_outputs,
+    input_names,
+)
+from torchjac._engine.basis import Group
+from torchjac._engine.gram_graph import graph_gramian
+from torchjac._engine.graph_probes import GraphProblem
+from torchjac._engine.plan import memory_budget
+from torchjac._engine.structure import reachable
+
+__all__ = ["gramian"]
 
 
-def gramian(outputs: Any, inputs: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError("gramian: issue 5")
+def gramian(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Iterable[Tensor] | Mapping[str, Tensor],
+    *,
+    batch_dim: int | None = None,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+    max_memory: int | str | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    allow_unused: bool = False,
+) -> Tensor:
+    r"""Gramian :math:`G = J J^\top` of ``outputs`` (already computed) w.r.t. ``inputs``.
 
+    Math: :math:`G_{ik} = \sum_j \langle \partial y_i / \partial x_j, \partial y_k / \partial x_j
+    \rangle`, the inner products of all pairs of gradients of the output elements (their squared
+    norms on the diagonal, conflicts where negative). ``J`` is never held whole: ``G`` is summed
+    over the inputs, one block ``J_j J_jᵀ`` at a time, under ``max_memory``; an input too large
+    for one block is streamed by row chunks.
 
-def ntk(model: Any, x1: Any, x2: Any = None, **kwargs: Any) -> Any:
-    raise NotImplementedError("ntk: issue 5")
+    Shapes: rows as in :func:`torchjac.jac`, twice: ``outputs.shape * 2`` for one Tensor,
+    ``[m, m]`` for a sequence (``m`` elements in all, rows concatenated in order). With
+    ``batch_dim=b`` samples are independent, so ``J`` is block-diagonal and the result is the
+    per-sample Gramians, batch first: ``[B] + out_rest + out_rest`` (one Tensor) or ``[B, m, m]``
+    with ``m`` the per-sample elements (a sequence).
+
+    Args:
+        outputs: a Tensor or a sequence of Tensors on the autograd graph.
+        inputs: a Tensor, an iterable of Tensors or a mapping ``str -> Tensor``, each requiring
+            grad; their blocks are summed.
+        batch_dim: the batch dimension shared by all outputs and inputs; samples must be
+            independent, which is checked (one backward pass): ``BatchCouplingError`` otherwise.
+        mode: how each block of ``J`` is probed: ``"auto"`` (fewest probes), ``"rev"`` (rows)
+            or ``"fwd"`` (columns by double backward).
+        chunk_size: probes per vectorised pass; ``1`` is a plain loop. Default: from
+            ``max_memory``.
+        max_memory: bytes (int) or a string like ``"512MiB"``; default: a quarter of the free
+            memory of the device. Half of it holds blocks of ``J``, the rest the probes.
+        retain_graph: keep the graph of ``outputs`` for later use; default ``create_graph``.
+        create_graph: make the result differentiable.
+        allow_unused: an input the outputs do not depend on adds nothing (default: an error).
+
+    Example:
+        >>> import torch, torchjac as tj
+        >>> weight = torch.tensor([[1., 2.], [3., 4.]], requires_grad=True)
+        >>> bias = torch.tensor([0.5, -0.5], requires_grad=True)
+        >>> y1 = weight @ torch.tensor([1., -1.]) + bias
+        >>> y2 = (weight ** 2).sum() + (bias ** 2).sum()
+        >>> tj.gramian([y1, y2], [weight, bias])
+        tensor([[  3.,   0.,  -1.],
+                [  0.,   3.,  -3.],
+                [ -1.,  -3., 122.]])
+        >>> x = torch.randn(5, 3, requires_grad=True)
+        >>> tj.gramian(x.sin(), x, batch_dim=0).shape  # per sample: [B, out, out]
+        torch.Size([5, 3, 3])
+    """
+    fn = "gramian"
+    outs, single = flatten_outputs(fn, outputs)
+    ins, container = flatten_inputs(fn, inputs)
+    names = input_names(container, len(ins))
+    out_names = ("outputs",) if single else tuple(f"outputs[{i}]" for i in range(len(outs)))
+    mode = check_mode(fn, mode)
+    chunk_size = check_chunk_size(fn, chunk_size)
+    named = list(zip(out_names, outs)) + list(zip(names, ins))
+    device = check_same_device(fn, named)
+    for name, t in named:
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(t)}.")
+    for name, y in zip(out_names, outs):
+        if not y.requires_grad:
+            raise ValueError(
+                f"{fn}: {name} is not on the autograd graph (requires_grad=False). Compute it "
+                "from tensors that require grad, outside torch.no_grad()."
+            )
+    for name, x in zip(names, ins):
+        if not x.requires_grad:
+            raise ValueError(
+                f"{fn}: {name} does not require grad. Call x.requires_grad_() before computing "
+                "the outputs from it."
+            )
+    batch_dim, _ = check_batch_dim(fn, batch_dim, named)
+    budget = memory_budget(fn, max_memory, device)
+    used = reachable(outs, ins)
+    if not allow_unused:
+        for name, u in zip(names, used):
+            if not u:
+                raise ValueError(
+                    f"{fn}: the outputs do not depend on {name}. Pass allow_unused=True to let it "
+                    "add nothing, or remove it from `inputs`."
+                )
+    problem = GraphProblem(
+        fn_name=fn,
+        outputs=outs,
+        inputs=ins,
+        input_names=names,
+        used=tuple(used),
+        jac_outputs=None,
+        out_group=Group.of(outs, batch_dim),
+        in_group=Group.of(ins, batch_dim),
+        batch_dim=batch_dim,
+        create_graph=create_graph,
+        retain_graph=create_graph if retain_graph is None else bool(retain_graph),
+    )
+    gram = graph_gramian(problem, mode, chunk_size, budget)  # [B, m, m]
+    g_out = problem.out_group
+    rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)
+    if batch_dim is None:
+        return gram.reshape((*rows, *rows))
+    return gram.reshape((g_out.batch_size, *rows, *rows))

@@ -1,0 +1,138 @@
+"""``tj.gramian`` against ``J Jᵀ`` from the float64 oracles of the ``jac`` case registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import randn
+from graph_cases import BATCHED, CASES, Case
+from torch import Tensor
+from torch.func import jacrev
+
+import torchjac as tj
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    return list(x.values()) if isinstance(x, dict) else list(x)
+
+
+def explicit_gramian(outputs: Any, expected_jac: Any) -> Tensor:
+    """``Σ_j J_j J_jᵀ`` from the oracle Jacobians, in the public layout of ``gramian``."""
+    outs = _tensors(outputs)
+    rows = outs[0].shape if isinstance(outputs, Tensor) else (sum(y.numel() for y in outs),)
+    m = sum(y.numel() for y in outs)
+    mats = [j.reshape(m, -1).double() for j in _tensors(expected_jac)]
+    return sum((a @ a.T for a in mats), torch.zeros(m, m, dtype=torch.float64)).reshape(
+        (*rows, *rows)
+    )
+
+
+def per_sample_blocks(outputs: Any, full: Tensor, bd: int) -> Tensor:
+    """The per-sample Gramians ``[B, m_b, m_b]`` (diagonal blocks) of the full Gramian."""
+    outs, idx, off = _tensors(outputs), [], 0
+    for y in outs:
+        ar = torch.arange(off, off + y.numel()).reshape(y.shape).movedim(bd % y.dim(), 0)
+        idx.append(ar.reshape(ar.shape[0], -1))
+        off += y.numel()
+    index = torch.cat(idx, dim=1)  # [B, m_b]
+    flat = full.reshape(off, off)
+    return torch.stack([flat[i][:, i] for i in index])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_explicit_j_jt(
+    case: Case, mode: str, chunk_size: int | None, gen: torch.Generator
+) -> None:
+    outputs, inputs, expected = case.build(gen)
+    got = tj.gramian(outputs, inputs, mode=mode, chunk_size=chunk_size, **case.kwargs)
+    want = explicit_gramian(outputs, expected)
+    assert got.shape == want.shape
+    tol = 1e-5 if any(t.dtype == torch.float32 for t in _tensors(inputs)) else 1e-10
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("max_memory", [200, 2000, 10**9], ids=lambda m: f"max_memory={m}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_memory_budget_streams_blocks(case: Case, max_memory: int, gen: torch.Generator) -> None:
+    """Tiny budgets split inputs into groups and stream row chunks; the result is the same."""
+    outputs, inputs, expected = case.build(gen)
+    got = tj.gramian(outputs, inputs, max_memory=max_memory, **case.kwargs)
+    tol = 1e-5 if any(t.dtype == torch.float32 for t in _tensors(inputs)) else 1e-10
+    torch.testing.assert_close(
+        got.double(), explicit_gramian(outputs, expected), rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.parametrize("max_memory", [None, 300])
+@pytest.mark.parametrize("case", BATCHED, ids=lambda c: c.id)
+def test_batch_dim_gives_the_diagonal_blocks(
+    case: Case, max_memory: int | None, gen: torch.Generator
+) -> None:
+    outputs, inputs, expected = case.build(gen)
+    assert case.batch_dim is not None
+    got = tj.gramian(outputs, inputs, batch_dim=case.batch_dim, max_memory=max_memory)
+    full = explicit_gramian(outputs, expected)
+    want = per_sample_blocks(outputs, full, case.batch_dim)
+    outs = _tensors(outputs)
+    if isinstance(outputs, Tensor):
+        rest = list(outs[0].shape)
+        del rest[case.batch_dim % outs[0].dim()]
+        want = want.reshape((want.shape[0], *rest, *rest))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_multi_task_losses_of_a_shared_trunk(gen: torch.Generator) -> None:
+    """Seed 004's use: the Gramian of several task losses (gradient norms and conflicts)."""
+    x, t = randn(6, 4, gen=gen), randn(6, 3, gen=gen)
+    w1, b1, heads = randn(5, 4, gen=gen), randn(5, gen=gen), randn(3, 5, gen=gen)
+    params = [w1.requires_grad_(), b1.requires_grad_(), heads.requires_grad_()]
+
+    def losses(w1: Tensor, b1: Tensor, heads: Tensor) -> Tensor:
+        h = torch.tanh(x @ w1.T + b1)
+        return ((h @ heads.T - t) ** 2).mean(0)  # one loss per task
+
+    jacs = jacrev(losses, argnums=(0, 1, 2))(*[p.detach() for p in params])
+    j = torch.cat([a.reshape(3, -1) for a in jacs], dim=1)
+    got = tj.gramian(list(losses(*params).unbind()), params)
+    torch.testing.assert_close(got, j @ j.T, rtol=1e-12, atol=1e-12)
+    assert torch.linalg.eigvalsh(got).min() > -1e-12  # positive semi-definite
+
+
+def test_create_graph_is_differentiable(gen: torch.Generator) -> None:
+    w = randn(3, 4, gen=gen, grad=True)
+    x = randn(4, gen=gen)
+
+    def trace_gram(w: Tensor) -> Tensor:
+        j = jacrev(lambda w: torch.tanh(w @ x) ** 2)(w).reshape(3, -1)
+        return (j @ j.T).trace()
+
+    g = tj.gramian(torch.tanh(w @ x) ** 2, w, create_graph=True)
+    (grad,) = torch.autograd.grad(g.trace(), w)
+    torch.testing.assert_close(grad, jacrev(trace_gram)(w.detach()), rtol=1e-10, atol=1e-10)
+
+
+def test_coupled_batch_raises(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen, grad=True)
+    with pytest.raises(tj.BatchCouplingError, match="gramian: `batch_dim=0`"):
+        tj.gramian(x - x.mean(0), x, batch_dim=0)
+
+
+def test_argument_errors(gen: torch.Generator) -> None:
+    x, z = randn(3, gen=gen, grad=True), randn(2, gen=gen, grad=True)
+    with pytest.raises(ValueError, match=r"gramian: the outputs do not depend on inputs\[1\]"):
+        tj.gramian(x.sin(), [x, z])
+    with pytest.raises(ValueError, match="gramian: outputs is not on the autograd graph"):
+        tj.gramian(x.detach().sin(), x)
+    with pytest.raises(ValueError, match="gramian: `mode` must be one of"):
+        tj.gramian(x.sin(), x, mode="sideways")
+    with pytest.raises(TypeError, match="gramian: `outputs` must be a Tensor"):
+        tj.gramian("y", x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gramian: `max_memory` must be"):
+        tj.gramian(x.sin(), x, max_memory="lots")
