@@ -9,9 +9,10 @@ tensor([[2., 0.],
 
 from torchjac._errors import BatchCouplingError, FallbackWarning
 from torchjac._functional import hessian, hessian_diagonal, jacobian, laplacian
-from torchjac._gramian import gramian, ntk
+from torchjac._gramian import gramian
 from torchjac._graph import jac
 from torchjac._modules import param_jacobian
+from torchjac._ntk import ntk
 
 __version__ = "0.1.0"
 
