@@ -29,7 +29,7 @@ KINDS: dict[type, str] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Use:
     """One call of a supported layer: factors of its per-sample Jacobian (layers.py docstring)."""
 

@@ -129,6 +129,8 @@ def capture(
     args: tuple,
     kwargs: dict,
     batch_dim: int | None,
+    *,
+    fn_name: str = "capture",
 ) -> Capture:
     """Run ``model`` once with hooks on supported layers; see NOTE [layer capture].
 
@@ -154,7 +156,10 @@ def capture(
         for h in handles:
             h.remove()
     if not isinstance(output, Tensor):
-        raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
+        raise TypeError(
+            f"{fn_name}: the model must return a Tensor, got {type(output).__name__}. Wrap it "
+            "to return the Tensor to differentiate."
+        )
     cap = Capture(output=output, state=state, uses=uses)
     if output.requires_grad:
         leaves = [state.leaves[n] for n in state.names]
@@ -240,7 +245,7 @@ def check_coupling(
     for (name, x), g in zip(inputs, gs):
         if g is None:
             continue
-        per_sample = g.movedim(batch_dim % x.dim(), 0)[outside]
+        per_sample = g[0].movedim(batch_dim % x.dim(), 0)[outside]  # drop the probe dim
         if bool((per_sample.nan_to_num(0.0) != 0).any()):
             _raise_coupled(fn_name, batch_dim, name)
 

@@ -1,0 +1,108 @@
+"""The general per-sample path: ``functional_call`` vmapped over samples, for any module.
+
+NOTE [general per-sample path]: a parameter no closed form covers (a bare ``nn.Parameter`` used
+in a custom ``forward``, attention, BatchNorm in eval mode, ...) is differentiated by running the
+model on one sample at a time (a batch of one, under ``vmap`` over the samples), with one
+vector-Jacobian product per output probe (``vmap`` over the probes). Only those parameters are
+inputs of the transform; every other tensor is a constant. Tensors of ``args``/``kwargs`` whose
+size at the batch dimension equals the output's batch size are split per sample, every other
+value is shared. A chunk that cannot be vectorised is redone with a loop over samples and probes
+(NOTE [fallback] in ``run``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from torchjac._engine.layers import ModelState, call
+
+__all__ = ["SampleProblem"]
+
+
+class SampleProblem:
+    """Per-sample rows ``[N, k, *p]`` of ``names`` for output probes ``start..stop-1``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state: ModelState,
+        names: Sequence[str],
+        args: tuple,
+        kwargs: dict,
+        batch_dim: int,
+        out: Tensor,
+    ) -> None:
+        self.model = model
+        self.names = tuple(names)
+        self.params = {n: state.leaves[n].detach() for n in self.names}
+        self.base = {
+            **state.fixed,
+            **{n: t.detach() for n, t in state.leaves.items() if n not in self.params},
+        }
+        self.out_dim = batch_dim % out.dim()
+        self.n = out.shape[self.out_dim]
+        self.n_out = out.numel() // self.n
+        self.dtype = out.dtype
+        self.device = out.device
+        flat, self.spec = tree_flatten((args, kwargs))
+        self.flat = flat
+        self.dims: list[int | None] = []
+        for t in flat:
+            dim = batch_dim % t.dim() if isinstance(t, Tensor) and t.dim() > 0 else None
+            self.dims.append(dim if dim is not None and t.shape[dim] == self.n else None)
+        if all(d is None for d in self.dims):
+            raise ValueError(
+                f"no tensor argument has the output's batch size {self.n} at `batch_dim="
+                f"{batch_dim}`, so samples cannot be split"
+            )
+
+    def _row(self, params: dict[str, Tensor], flat: Sequence[Any]) -> Tensor:
+        """The model on one sample (batch of one), flattened to ``[n_out]``."""
+        args, kwargs = tree_unflatten(list(flat), self.spec)
+        out = call(self.model, {**self.base, **params}, args, kwargs)
+        return out.movedim(self.out_dim, 0).reshape(-1)
+
+    def _basis(self, start: int, stop: int) -> Tensor:
+        c = stop - start
+        basis = torch.zeros(c, self.n_out, dtype=self.dtype, device=self.device)
+        basis[torch.arange(c), torch.arange(start, stop)] = 1
+        return basis
+
+    def rows(self, start: int, stop: int, vectorised: bool) -> dict[str, Tensor]:
+        if not vectorised:
+            return self._loop(start, stop)
+        basis = self._basis(start, stop)
+
+        def one_sample(*flat: Any) -> dict[str, Tensor]:
+            flat1 = [t if d is None else t.unsqueeze(d) for t, d in zip(flat, self.dims)]
+            pullback = vjp(lambda p: self._row(p, flat1), self.params)[1]
+            return vmap(pullback)(basis)[0]
+
+        return vmap(one_sample, in_dims=tuple(self.dims))(*self.flat)
+
+    def _loop(self, start: int, stop: int) -> dict[str, Tensor]:
+        c = stop - start
+        res = {
+            n: torch.zeros(self.n, c, *p.shape, dtype=self.dtype, device=self.device)
+            for n, p in self.params.items()
+        }
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        for s in range(self.n):
+            flat = [t if d is None else t.narrow(d, s, 1) for t, d in zip(self.flat, self.dims)]
+            row = self._row(leaves, flat)
+            for i in range(c):
+                if not row.requires_grad:
+                    break
+                grads = torch.autograd.grad(
+                    row[start + i], list(leaves.values()), retain_graph=True, allow_unused=True
+                )
+                for n, g in zip(leaves, grads):
+                    if g is not None:
+                        res[n][s, i] = g
+        return res
