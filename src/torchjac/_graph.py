@@ -65,6 +65,8 @@ def jac(
         max_memory: bytes (int) or a string like ``"512MiB"``; default: a quarter of the free
             memory of the device.
         retain_graph: keep the graph of ``outputs`` for later use; default ``create_graph``.
+            ``False`` lets torchjac free the graph on its last pass; it does so when the rows
+            take several passes or a loop, otherwise the graph goes with the outputs.
         create_graph: make the result differentiable (for higher-order derivatives).
         allow_unused: zeros for an input the outputs do not depend on (default: an error).
 

@@ -5,6 +5,12 @@ pass with a dummy cotangent ``u`` that requires grad, built with ``create_graph=
 in ``u``, so a backward pass of ``g`` with cotangent ``v`` gives ``d/du <g(u), v> = J v``: one
 column per probe. It needs every backward on the path to be differentiable; when one is not, the
 rows are computed instead (one ``FallbackWarning``).
+
+NOTE [retain_graph]: ``retain_graph=False`` (the default, as in ``torch.autograd.grad``) lets the
+last backward pass free the graph. The first vectorised pass always keeps it, since a failure
+there is retried as a loop (NOTE [fallback]); so rows computed in a single vectorised pass, and
+columns (whose double backward runs on a graph built from the original one), leave the graph to
+be freed with the outputs, like any tensor. Nothing is ever freed while ``retain_graph=True``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,24 @@ from torchjac._engine.structure import check_independent
 from torchjac._errors import warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
+
+
+class Releaser:
+    """When a pass may free the graph: NOTE [retain_graph].
+
+    The last pass frees it (``retain_graph=False``) unless it is the first vectorised pass, which
+    must keep the graph so that a failure can still be retried as a loop (NOTE [fallback]).
+    """
+
+    def __init__(self, n_probes: int, retain_graph: bool) -> None:
+        self.n_probes, self.retain_graph, self.vectorised_ok = n_probes, retain_graph, False
+
+    def retain(self, stop: int, batched: bool) -> bool:
+        first_vectorised = batched and not self.vectorised_ok
+        return self.retain_graph or stop < self.n_probes or first_vectorised
+
+    def succeeded(self, batched: bool) -> None:
+        self.vectorised_ok = self.vectorised_ok or batched
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,7 @@ class GraphProblem:
         cotangents: Sequence[Tensor],
         batched: bool,
         create_graph: bool | None = None,
+        retain_graph: bool = True,
     ) -> tuple[Tensor | None, ...]:
         """``autograd.grad`` with a leading probe dimension on cotangents and results."""
         cg = self.create_graph if create_graph is None else create_graph
@@ -73,7 +98,7 @@ class GraphProblem:
             list(outputs),
             list(inputs),
             list(cotangents),
-            retain_graph=True,
+            retain_graph=retain_graph or cg,
             create_graph=cg,
             allow_unused=True,
             is_grads_batched=batched,
@@ -102,14 +127,20 @@ def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int)
     chosen = choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST)
     full = sum(t.numel() for t in (*p.outputs, *p.inputs))
     per_probe = 4 * full * p.dtype.itemsize
+
+    def chunks(n_probes: int) -> int:
+        return choose_chunk_size(
+            n_probes, per_probe, budget, chunk_size, work_per_probe=full, device=p.device
+        )
+
     if chosen == "fwd" and n_cols > 0:
         try:
-            return _columns(p, choose_chunk_size(n_cols, per_probe, budget, chunk_size))
+            return _columns(p, chunks(n_cols))
         except RuntimeError as err:
             if mode == "fwd":
                 raise
             warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
-    return _rows(p, choose_chunk_size(p.n_rows, per_probe, budget, chunk_size))
+    return _rows(p, chunks(p.n_rows))
 
 
 def _storage(p: GraphProblem, dims: tuple[int, int, int], j: int) -> Tensor:
@@ -123,6 +154,7 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     outs, ins, g_in = p.outputs, p.inputs, p.in_group
     live = [j for j, u in enumerate(p.used) if u]
     store = [_storage(p, (p.n_rows, g_in.batch_size, n), j) for j, n in enumerate(g_in.sizes)]
+    release = Releaser(p.n_rows, p.retain_graph)
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
         if p.jac_outputs is not None:
@@ -132,7 +164,10 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
             basis = p.out_group.one_hot(start, stop, p.dtype, p.device)
             sel = [i for i, b in enumerate(basis) if b is not None]
             cots = [basis[i].to(outs[i].dtype) for i in sel]  # type: ignore[union-attr]
-        return p.grad([outs[i] for i in sel], [ins[j] for j in live], cots, batched)
+        retain = release.retain(stop, batched)
+        grads = p.grad([outs[i] for i in sel], [ins[j] for j in live], cots, batched, None, retain)
+        release.succeeded(batched)
+        return grads
 
     def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(live, grads):
@@ -164,6 +199,7 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         )
         for j, n in enumerate(g_in.sizes)
     ]
+    release = Releaser(g_in.numel, p.retain_graph)
     left = None
     if p.jac_outputs is not None:  # [k, B, m_i] per output
         left = [g_out.probe_major(i, a).to(p.dtype) for i, a in enumerate(p.jac_outputs)]
@@ -174,31 +210,36 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         if not sel:
             return tuple(None for _ in outs)
         tangents = [basis[j].to(p.inputs[j].dtype) for j in sel]  # type: ignore[union-attr]
-        return p.grad([trans[j] for j in sel], dummies, tangents, batched)
+        retain = release.retain(stop, batched)
+        jv = p.grad([trans[j] for j in sel], dummies, tangents, batched, None, retain)
+        release.succeeded(batched)
+        return jv
 
     def write(start: int, stop: int, jv: tuple[Tensor | None, ...]) -> None:
+        c = stop - start
         if left is not None:  # one block of k rows: [c, B, k]
             terms = [
                 torch.einsum("cbm,kbm->cbk", g_out.probe_major(i, t).to(p.dtype), left[i])
                 for i, t in enumerate(jv)
                 if t is not None
             ]
-            rows: list[tuple[int, int, Tensor | None]] = [
-                (0, p.n_rows, sum(terms) if terms else None)
-            ]
+            blocks = [sum(terms) if terms else None]
+            sizes: tuple[int, ...] = (p.n_rows,)
         else:
-            rows = [
-                (off, size, None if t is None else g_out.probe_major(i, t))
-                for i, (t, off, size) in enumerate(zip(jv, g_out.offsets, g_out.sizes))
-            ]
+            blocks = [None if t is None else g_out.probe_major(i, t) for i, t in enumerate(jv)]
+            sizes = g_out.sizes
+        parts = [
+            torch.zeros(c, g_in.batch_size, m, dtype=p.dtype, device=p.device) if b is None else b
+            for b, m in zip(blocks, sizes)
+        ]
         for j, lo, hi in g_in.touched(start, stop):
             skip = g_in.offsets[j] + lo - start
-            for off, size, block in rows:
-                dest = store[j][lo:hi, :, off : off + size]
-                if block is None:
-                    dest.zero_()
-                else:
-                    dest.copy_(block[skip : skip + hi - lo])
+            dest = store[j][lo:hi]  # contiguous [w, B, R]
+            if len(parts) > 1 and not p.create_graph:  # one pass straight into the storage
+                torch.cat([t[skip : skip + hi - lo] for t in parts], dim=2, out=dest)
+                continue
+            for off, size, t in zip(g_out.offsets if left is None else (0,), sizes, parts):
+                dest[:, :, off : off + size].copy_(t[skip : skip + hi - lo])
 
     run_chunks(p.fn_name, g_in.numel, chunk_size, probe, write)
     return [s.permute(1, 2, 0) for s in store]
