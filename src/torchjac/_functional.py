@@ -1,23 +1,321 @@
-"""``jacobian``, ``hessian``, ``hessian_diagonal``, ``laplacian`` on functions (issue 3, in progress)."""
+"""``jacobian``, ``hessian``, ``hessian_diagonal``, ``laplacian``: derivatives of functions.
+
+Each front door validates, calls the function once (``torch.func.vjp``, NOTE [function probes]),
+plans, runs the engine and shapes the result; second derivatives go through the Taylor-mode
+propagation when it is the cheaper plan (NOTE [taylor mode]) and through nested AD otherwise.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchjac._checks import (
+    check_batch_dim,
+    check_chunk_size,
+    check_mode,
+    check_same_device,
+    describe,
+    flatten_inputs,
+    input_names,
+    unflatten,
+)
+from torchjac._engine.func_call import FuncProblem, one_fallback_warning
+from torchjac._engine.func_graph import TraceFailed, graph_coupling_check, graph_jacobian
+from torchjac._engine.func_probes import Traced, jacobian_probes, trace
+from torchjac._engine.plan import memory_budget
+from torchjac._engine.second import diagonal_or_trace, full_hessian
+from torchjac._errors import warn_fallback
 
 __all__ = ["hessian", "hessian_diagonal", "jacobian", "laplacian"]
 
-
-def jacobian(func: Any, inputs: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError("jacobian: issue 3")
+Inputs = Tensor | Iterable[Tensor] | Mapping[str, Tensor]
 
 
-def hessian(func: Any, inputs: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError("hessian: issue 3")
+def _setup(
+    fn: str,
+    func: Any,
+    inputs: Any,
+    batch_dim: Any,
+    mode: Any,
+    has_aux: Any,
+    chunk_size: Any,
+    max_memory: Any,
+    create_graph: Any,
+) -> tuple[FuncProblem, str, int | None, int]:
+    if not callable(func):
+        raise TypeError(f"{fn}: `func` must be callable, got {describe(func)}.")
+    ins, container = flatten_inputs(fn, inputs)
+    names = input_names(container, len(ins))
+    mode = check_mode(fn, mode)
+    chunk_size = check_chunk_size(fn, chunk_size)
+    named = list(zip(names, ins))
+    device = check_same_device(fn, named)
+    for name, x in named:
+        if not x.is_floating_point():
+            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(x)}.")
+    batch_dim, _ = check_batch_dim(fn, batch_dim, named)
+    budget = memory_budget(fn, max_memory, device)
+    problem = FuncProblem(
+        fn, func, container, ins, names, bool(has_aux), batch_dim, bool(create_graph)
+    )
+    return problem, mode, chunk_size, budget
 
 
-def hessian_diagonal(func: Any, inputs: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError("hessian_diagonal: issue 3")
+def _check_outputs(p: FuncProblem) -> Callable[[tuple[Tensor, ...]], None]:
+    def check(outs: tuple[Tensor, ...]) -> None:
+        if p.batch_dim is None:
+            return
+        out_names = (
+            ["the output of func"]
+            if p.single
+            else [f"the output of func[{i}]" for i in range(len(outs))]
+        )
+        named = list(zip(p.input_names, p.inputs)) + list(zip(out_names, outs))
+        check_batch_dim(p.fn_name, p.batch_dim, named)
+
+    return check
 
 
-def laplacian(func: Any, inputs: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError("laplacian: issue 3")
+def _grad_mode(create_graph: bool) -> Any:
+    return nullcontext() if create_graph else torch.no_grad()
+
+
+def _rows(p: FuncProblem, t: Traced) -> tuple[int, ...]:
+    return tuple(t.out_group.rest_shape(0)) if p.single else (t.out_group.numel,)
+
+
+def _lead(p: FuncProblem, t: Traced) -> tuple[int, ...]:
+    return () if p.batch_dim is None else (t.in_group.batch_size,)
+
+
+def _in_shape(p: FuncProblem, t: Traced, j: int) -> tuple[int, ...]:
+    g = t.in_group
+    return tuple(g.shapes[j]) if p.batch_dim is None else tuple(g.rest_shape(j))
+
+
+def _finish(p: FuncProblem, t: Traced, result: Any) -> Any:
+    return (result, t.aux) if p.has_aux else result
+
+
+def jacobian(
+    func: Callable[..., Any],
+    inputs: Inputs,
+    *,
+    batch_dim: int | None = None,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    max_memory: int | str | None = None,
+    create_graph: bool = False,
+) -> Any:
+    r"""Jacobian of ``func`` at ``inputs``: :math:`J_{ij} = \partial f_i / \partial x_j`.
+
+    ``func`` is called as ``func(inputs)`` for a Tensor or a mapping and ``func(*inputs)`` for a
+    tuple; it returns a Tensor or a sequence of Tensors (rows concatenated in order), plus an aux
+    value when ``has_aux`` (returned as ``(jacobian, aux)``).
+
+    Shapes, rows then columns: for an input ``x`` the result is ``out.shape + x.shape`` (one
+    Tensor output) or ``[m] + x.shape`` (a sequence of outputs with ``m`` elements in all), in the
+    container of ``inputs``. With ``batch_dim=b``, ``func`` is called on the whole batch as the
+    user would, sample ``i`` of the output must depend only on sample ``i`` of the inputs
+    (checked: ``BatchCouplingError``), and the result is per sample, batch first:
+    ``[B] + out_rest + in_rest``, with ``out`` probes broadcast over the batch (never the
+    ``[B, ..., B, ...]`` cross terms).
+
+    Args:
+        func: the function.
+        inputs: a Tensor, a sequence of Tensors or a mapping ``str -> Tensor`` (floating).
+        batch_dim: the batch dimension of every input and output (default: none).
+        mode: ``"auto"`` (fewest probes: forward for tall Jacobians, reverse for wide ones),
+            ``"rev"`` (rows) or ``"fwd"`` (columns; falls back to rows, with one
+            ``FallbackWarning``, when forward-mode AD is missing for an op).
+        has_aux: ``func`` returns ``(output, aux)``.
+        chunk_size: probes per vectorised pass; ``1`` is a plain loop. Default: from
+            ``max_memory`` (bytes or a string like ``"512MiB"``; default a share of free memory).
+        create_graph: make the result differentiable (w.r.t. the inputs and anything ``func``
+            closes over, such as model parameters).
+
+    Example:
+        >>> import torch, torchjac as tj
+        >>> tj.jacobian(lambda x: x ** 2, torch.tensor([1.0, 2.0]))
+        tensor([[2., 0.],
+                [0., 4.]])
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+        >>> tj.jacobian(net, torch.randn(8, 3), batch_dim=0).shape  # [B, out, in]
+        torch.Size([8, 4, 3])
+    """
+    fn = "jacobian"
+    p, mode, chunk_size, budget = _setup(
+        fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
+    )
+    with one_fallback_warning(fn):
+        try:
+            t = trace(p, _check_outputs(p))
+        except TraceFailed as err:
+            flat, g_out, g_in, aux = graph_jacobian(p, mode, chunk_size, budget)
+            warn_fallback(fn, "torch.func could not trace func, used its autograd graph", err)
+            t = Traced((), _no_pullback, aux, g_out, g_in)
+        else:
+            with _grad_mode(p.create_graph):
+                flat = jacobian_probes(p, t, mode, chunk_size, budget)
+    rows, lead = _rows(p, t), _lead(p, t)
+    res = [r.reshape(*lead, *rows, *_in_shape(p, t, j)) for j, r in enumerate(flat)]
+    return _finish(p, t, unflatten(p.container, res))
+
+
+def _no_pullback(cots: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    raise AssertionError("unreachable: the graph fallback has no pullback")
+
+
+def _trace_second(p: FuncProblem) -> Traced:
+    try:
+        return trace(p, _check_outputs(p))
+    except TraceFailed as err:
+        graph_coupling_check(p)  # NOTE [graph fallback]: coupling first, it is the likely cause
+        raise err.__cause__ from None  # type: ignore[misc]
+
+
+def hessian(
+    func: Callable[..., Any],
+    inputs: Inputs,
+    *,
+    batch_dim: int | None = None,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    max_memory: int | str | None = None,
+    create_graph: bool = False,
+) -> Any:
+    r"""Hessian of ``func``: :math:`H_{oij} = \partial^2 f_o / \partial x_i \partial x_j`.
+
+    Shapes: ``out.shape + x_i.shape + x_j.shape`` for inputs ``x_i``, ``x_j`` (a sequence of
+    outputs gives ``[m]`` rows); per sample with ``batch_dim``: ``[B] + out_rest + in_rest +
+    in_rest``. Several inputs give nested containers (``H[i][j]``, tuple of tuples or dict of
+    dicts), as ``torch.autograd.functional.hessian``. Arguments as in :func:`jacobian`;
+    ``mode="auto"`` takes the cheaper of the Taylor-mode propagation of full second-order jets
+    (small inputs, e.g. PINNs) and forward over reverse; ``"fwd"`` is forward over reverse,
+    ``"rev"`` reverse over reverse.
+
+    Example:
+        >>> import torch, torchjac as tj
+        >>> tj.hessian(lambda x: (x ** 3).sum(), torch.tensor([1.0, 2.0]))
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+    """
+    fn = "hessian"
+    p, mode, chunk_size, budget = _setup(
+        fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
+    )
+    with one_fallback_warning(fn):
+        t = _trace_second(p)
+        with _grad_mode(p.create_graph):
+            flat = full_hessian(p, t, mode, chunk_size, budget)  # [B, R, D, D]
+    rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
+    blocks = [
+        [
+            flat[
+                :,
+                :,
+                g.offsets[i] : g.offsets[i] + g.sizes[i],
+                g.offsets[j] : g.offsets[j] + g.sizes[j],
+            ].reshape(*lead, *rows, *_in_shape(p, t, i), *_in_shape(p, t, j))
+            for j in range(len(g.shapes))
+        ]
+        for i in range(len(g.shapes))
+    ]
+    kind, _ = p.container
+    res = (
+        blocks[0][0]
+        if kind == "tensor"
+        else unflatten(p.container, [unflatten(p.container, row) for row in blocks])
+    )
+    return _finish(p, t, res)
+
+
+def hessian_diagonal(
+    func: Callable[..., Any],
+    inputs: Inputs,
+    *,
+    batch_dim: int | None = None,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    max_memory: int | str | None = None,
+    create_graph: bool = False,
+) -> Any:
+    r"""Diagonal of the Hessian: :math:`d_{oi} = \partial^2 f_o / \partial x_i^2`, exactly.
+
+    Shapes: ``out.shape + x.shape`` for each input ``x`` (in the container of ``inputs``); per
+    sample with ``batch_dim``: ``[B] + out_rest + in_rest``. ``mode="auto"`` propagates (value,
+    first derivatives, second-derivative diagonal) forward through ``func`` (the Taylor mode,
+    NOTE [taylor mode]): O(B·D) extra memory, never the full Hessian. ``"fwd"`` is forward over
+    forward, ``"rev"`` reverse over reverse (both nested AD). Other arguments as in
+    :func:`jacobian`.
+
+    Example:
+        >>> import torch, torchjac as tj
+        >>> x = torch.tensor([0.5, 1.0])
+        >>> tj.hessian_diagonal(lambda x: x.sin().sum() + x.sum() ** 2, x)  # -sin(x) + 2
+        tensor([1.5206, 1.1585])
+    """
+    return _diagonal_or_trace("hessian_diagonal", "diag", locals())
+
+
+def laplacian(
+    func: Callable[..., Any],
+    inputs: Inputs,
+    *,
+    batch_dim: int | None = None,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    max_memory: int | str | None = None,
+    create_graph: bool = False,
+) -> Any:
+    r"""Laplacian: :math:`\Delta f_o = \sum_i \partial^2 f_o / \partial x_i^2` over all inputs.
+
+    Shape: ``out.shape`` (a sequence of outputs gives ``[m]``); per sample with ``batch_dim``:
+    ``[B] + out_rest``. ``mode="auto"`` propagates (value, first derivatives, Laplacian)
+    forward through ``func`` (the forward Laplacian, NOTE [taylor mode]): O(B·D) extra memory.
+    ``"fwd"``/``"rev"``: nested AD. Other arguments as in :func:`jacobian`.
+
+    Example:
+        >>> import torch, torchjac as tj
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+        >>> tj.laplacian(lambda x: (x ** 3).sum(-1), x, batch_dim=0)  # 6 (x1 + x2)
+        tensor([18., 18.])
+    """
+    return _diagonal_or_trace("laplacian", "trace", locals())
+
+
+def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
+    p, mode, chunk_size, budget = _setup(
+        fn,
+        a["func"],
+        a["inputs"],
+        a["batch_dim"],
+        a["mode"],
+        a["has_aux"],
+        a["chunk_size"],
+        a["max_memory"],
+        a["create_graph"],
+    )
+    with one_fallback_warning(fn):
+        t = _trace_second(p)
+        with _grad_mode(p.create_graph):
+            flat = diagonal_or_trace(p, t, kind, mode, chunk_size, budget)  # [B, R, D] / [B, R]
+    rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
+    if kind == "trace":
+        return _finish(p, t, flat.reshape(*lead, *rows))
+    res = [
+        flat[:, :, g.offsets[j] : g.offsets[j] + g.sizes[j]].reshape(
+            *lead, *rows, *_in_shape(p, t, j)
+        )
+        for j in range(len(g.shapes))
+    ]
+    return _finish(p, t, unflatten(p.container, res))

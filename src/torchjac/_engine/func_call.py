@@ -1,0 +1,139 @@
+"""Calling a user's function the way the user would, and the one-warning rule of a call.
+
+NOTE [calling convention]: ``func(inputs)`` for a Tensor or a mapping (rebuilt with the same
+keys), ``func(*inputs)`` for a tuple. The result is a Tensor or a sequence of Tensors (rows
+concatenated, as in ``jac``), plus an aux value when ``has_aux``. Inside a ``torch.func``
+transform only tensors may cross the boundary, so the aux value travels as its tensor leaves and
+its other leaves are kept aside (see ``FuncProblem.traced``).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from torchjac._checks import Container, describe
+from torchjac._errors import FallbackWarning
+
+__all__ = ["FuncProblem", "load_forward_ad", "one_fallback_warning"]
+
+
+@functools.cache
+def load_forward_ad() -> None:
+    """Import torch's forward-AD decompositions once, hiding the ``DeprecationWarning`` their
+    first import issues (``torch.jit.script``): it is torch's, not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+@dataclass
+class FuncProblem:
+    """A validated question on a function, see NOTE [calling convention]."""
+
+    fn_name: str
+    func: Callable[..., Any]
+    container: Container
+    inputs: tuple[Tensor, ...]
+    input_names: tuple[str, ...]
+    has_aux: bool
+    batch_dim: int | None
+    create_graph: bool
+    single: bool = True  # set by the first call: the function returned one Tensor
+    _aux_spec: Any = field(default=None, repr=False)
+    _aux_leaves: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype = self.inputs[0].dtype
+        for t in self.inputs:
+            dtype = torch.promote_types(dtype, t.dtype)
+        return dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs[0].device
+
+    def call(self, *xs: Tensor) -> tuple[tuple[Tensor, ...], Any]:
+        """Call the function on ``xs`` (one per input); return (output tensors, aux)."""
+        load_forward_ad()
+        kind, keys = self.container
+        if kind == "tensor":
+            res = self.func(xs[0])
+        elif kind == "dict":
+            res = self.func(dict(zip(keys, xs)))
+        else:
+            res = self.func(*xs)
+        aux = None
+        if self.has_aux:
+            if not (isinstance(res, (tuple, list)) and len(res) == 2):
+                raise TypeError(
+                    f"{self.fn_name}: with has_aux=True, func must return a pair "
+                    f"(output, aux), got {describe(res)}."
+                )
+            res, aux = res
+        return self._outputs(res), aux
+
+    def _outputs(self, res: Any) -> tuple[Tensor, ...]:
+        fn = self.fn_name
+        if isinstance(res, Tensor):
+            outs: tuple[Any, ...] = (res,)
+            self.single = True
+        elif isinstance(res, (tuple, list)) and res:
+            outs = tuple(res)
+            self.single = False
+        else:
+            raise TypeError(
+                f"{fn}: func must return a Tensor or a non-empty sequence of Tensors"
+                f"{' (plus aux, with has_aux=True)' if self.has_aux else ''}, got {describe(res)}."
+            )
+        for i, y in enumerate(outs):
+            where = "the output of func" + ("" if self.single else f"[{i}]")
+            if not isinstance(y, Tensor):
+                raise TypeError(f"{fn}: {where} must be a Tensor, got {describe(y)}.")
+            if not y.is_floating_point():
+                raise TypeError(
+                    f"{fn}: {where} must have a real floating dtype, got {describe(y)}."
+                )
+        return outs
+
+    def outputs_only(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        """The function's outputs as a tuple of Tensors (aux dropped)."""
+        return self.call(*xs)[0]
+
+    def traced(self, *xs: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        """``(outputs, aux tensor leaves)`` for ``torch.func``'s ``has_aux``; see ``aux``."""
+        outs, aux = self.call(*xs)
+        leaves, self._aux_spec = tree_flatten(aux)
+        self._aux_leaves = leaves
+        return outs, [x for x in leaves if isinstance(x, Tensor)]
+
+    def aux(self, tensors: list[Tensor]) -> Any:
+        """Rebuild the aux value of the last ``traced`` call from its unwrapped tensor leaves."""
+        it = iter(tensors)
+        leaves = [next(it) if isinstance(x, Tensor) else x for x in self._aux_leaves]
+        return tree_unflatten(leaves, self._aux_spec)
+
+
+@contextmanager
+def one_fallback_warning(fn_name: str) -> Iterator[None]:
+    """Let at most one ``FallbackWarning`` out of a call (the first); other warnings pass as is."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FallbackWarning)
+        yield
+    first = True
+    for w in caught:
+        if issubclass(w.category, FallbackWarning):
+            if first:
+                warnings.warn(str(w.message), FallbackWarning, stacklevel=4)
+            first = False
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

@@ -1,0 +1,78 @@
+"""Second derivatives of a function by nested AD: the general path behind the Taylor mode.
+
+NOTE [nested second derivatives]: with ``g_o(x) = J(x)^T e_o`` (a pullback, one output row ``o``),
+a column ``a`` of the Hessian block of output ``o`` is ``d/dt g_o(x + t e_a)``: forward over
+reverse (``jvp`` of the pullback) or reverse over reverse (a second pullback, by symmetry of the
+Hessian). A probe is a pair ``(o, a)``; pairs are vmapped in chunks; a diagonal keeps entry
+``a`` of each. Probes are one-hot and broadcast over the batch (NOTE [flat layout]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from torchjac._engine.basis import Group
+from torchjac._engine.func_call import FuncProblem
+from torchjac._engine.func_probes import Traced, bytes_per_probe
+from torchjac._engine.plan import choose_chunk_size
+from torchjac._engine.run import run_chunks
+
+__all__ = ["hessian_pairs", "one_hot_at"]
+
+Sink = Callable[[Tensor, Tensor, Tensor], None]  # (rows o [c], cols a [c], block [B, c, D])
+
+
+def one_hot_at(group: Group, idx: Tensor, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """One-hot probes at flat positions ``idx`` (any order), one tensor ``[c, *shape]`` a member."""
+    c = idx.numel()
+    out = []
+    for i, (off, size) in enumerate(zip(group.offsets, group.sizes)):
+        flat = torch.zeros(c, size, dtype=like[i].dtype, device=like[i].device)
+        local = idx - off
+        hit = (local >= 0) & (local < size)
+        flat[torch.nonzero(hit).flatten(), local[hit]] = 1
+        out.append(group.expand(i, flat))
+    return tuple(out)
+
+
+def hessian_pairs(
+    p: FuncProblem, t: Traced, mode: str, chunk_size: int | None, budget: int, sink: Sink
+) -> None:
+    """Every pair ``(o, a)`` of NOTE [nested second derivatives]; ``sink`` gets ``H[:, o, a]``."""
+    ins, outs = p.inputs, t.outputs
+    n_rows, n_cols = t.out_group.numel, t.in_group.numel
+    n_pairs = n_rows * n_cols
+    device = p.device
+
+    def pair(cots: tuple[Tensor, ...], tans: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        def grad(*xs: Tensor) -> tuple[Tensor, ...]:
+            return tuple(torch.func.vjp(p.outputs_only, *xs)[1](cots))
+
+        if mode == "fwd":
+            return tuple(torch.func.jvp(grad, ins, tans)[1])
+        return tuple(torch.func.vjp(grad, *ins)[1](tans))
+
+    def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
+        k = torch.arange(start, stop, device=device)
+        cots = one_hot_at(t.out_group, k // n_cols, outs)
+        tans = one_hot_at(t.in_group, k % n_cols, ins)
+        if batched:
+            return tuple(torch.vmap(pair)(cots, tans))
+        return tuple(h.unsqueeze(0) for h in pair(_first(cots), _first(tans)))
+
+    def write(start: int, stop: int, hs: tuple[Tensor, ...]) -> None:
+        k = torch.arange(start, stop, device=device)
+        flat = [t.in_group.flatten(j, h) for j, h in enumerate(hs)]
+        sink(k // n_cols, k % n_cols, torch.cat(flat, dim=2) if len(flat) > 1 else flat[0])
+
+    per_probe = 3 * bytes_per_probe(p, outs)
+    run_chunks(
+        p.fn_name, n_pairs, choose_chunk_size(n_pairs, per_probe, budget, chunk_size), probe, write
+    )
+
+
+def _first(probes: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(x[0] for x in probes)

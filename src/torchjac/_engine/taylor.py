@@ -1,0 +1,133 @@
+"""Jets: tensors carrying Taylor coefficients through a user's function (the Taylor mode).
+
+NOTE [taylor mode]: every tensor that depends on the inputs is replaced by a ``Jet`` holding one
+stack ``[K, *shape]``: the value, its first derivatives along ``D`` directions (the one-hot input
+directions, broadcast over the batch), then second-order coefficients — the trace
+``Σ_a ∂²_a`` (``K = 2 + D``, the forward Laplacian), the diagonal ``∂²_a`` (``K = 1 + 2D``) or
+every pair ``∂_a ∂_b, a ≤ b`` (``K = 1 + D + D(D+1)/2``, full second-order jets). Each torch
+call that meets a Jet goes through ``Jet.__torch_function__``: a cheap rule when there is one
+(``taylor_rules``: Linear, matmul, add, mul, views, reductions, elementwise activations), else
+the general rule below — nested ``torch.func.jvp`` vmapped over the directions — so any
+differentiable op works, mixed with the cheap ones in one pass. Extra memory is O(K) per
+activation: O(B·D) for a trace or a diagonal, never the ``D × D`` Hessian per sample (unless
+asked for). Values are computed on plain tensors, so ``create_graph`` keeps the autograd graph of
+parameters the function closes over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["Jet", "JetSpec", "general_rule"]
+
+
+@dataclass(frozen=True)
+class JetSpec:
+    """How the ``K`` coefficients of a stack are laid out (see NOTE [taylor mode])."""
+
+    d: int  # number of first-order directions
+    kind: str  # "trace", "diag" or "full"
+    left: Tensor | None  # "full": pair p is (left[p], right[p]); "diag": both arange(d)
+    right: Tensor | None
+
+    @property
+    def k(self) -> int:
+        return 1 + self.d + self.n_second
+
+    @property
+    def n_second(self) -> int:
+        return 1 if self.kind == "trace" else self.d if self.kind == "diag" else len(self.left)  # type: ignore[arg-type]
+
+
+class Jet(Tensor):
+    """A tensor standing for ``stack[0]`` while carrying its Taylor coefficients ``stack``."""
+
+    stack: Tensor
+    spec: JetSpec
+
+    @staticmethod
+    def of(stack: Tensor, spec: JetSpec) -> Jet:
+        jet = Tensor._make_subclass(Jet, stack[0].detach())
+        jet.stack = stack
+        jet.spec = spec
+        return jet
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        from torchjac._engine.taylor_decomp import DECOMPOSITIONS
+        from torchjac._engine.taylor_rules import dispatch
+
+        decomposition = DECOMPOSITIONS.get(func)
+        if decomposition is not None:
+            return decomposition(*args, **(kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return dispatch(func, tuple(args), dict(kwargs or {}))
+
+
+def constant(x: Tensor, spec: JetSpec) -> Tensor:
+    """The stack of a tensor that does not depend on the inputs: zero derivatives."""
+    rest = torch.zeros((), dtype=x.dtype, device=x.device).expand(spec.k - 1, *x.shape)
+    return torch.cat([x.unsqueeze(0), rest])
+
+
+def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Any differentiable op by nested ``jvp`` vmapped over the directions (NOTE [taylor mode])."""
+    flat, tree = tree_flatten((args, kwargs))
+    pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
+    spec: JetSpec = flat[pos[0]].spec
+    stacks = [flat[i].stack for i in pos]
+
+    def call(*vs: Tensor) -> Any:
+        leaves = list(flat)
+        for i, v in zip(pos, vs):
+            leaves[i] = v
+        a, k = tree_unflatten(leaves, tree)
+        return func(*a, **k)
+
+    # NOTE: separate storage for values and coefficients; forward AD mixes up aliased
+    # primals and tangents (slices of one stack).
+    vals = tuple(s[0].clone() for s in stacks)
+    out = call(*vals)
+    out_leaves, out_tree = tree_flatten(out)
+    live = [i for i, o in enumerate(out_leaves) if isinstance(o, Tensor) and o.is_floating_point()]
+    if not live:
+        return out
+
+    def g(*vs: Tensor) -> tuple[Tensor, ...]:
+        leaves = tree_flatten(call(*vs))[0]
+        return tuple(leaves[i] for i in live)
+
+    def push(primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(torch.func.jvp(g, primals, tangents)[1])
+
+    def curve(t1: tuple[Tensor, ...], t2: tuple[Tensor, ...]) -> Any:
+        return torch.func.jvp(push, (vals, t1), (t1, t2))
+
+    d = spec.d
+    d1 = tuple(s[1 : 1 + d].clone() for s in stacks)
+    d2 = tuple(s[1 + d :].clone() for s in stacks)
+    if spec.kind == "trace":
+        first, second = torch.vmap(curve, in_dims=(0, None))(d1, tuple(x[0] / d for x in d2))
+        second = tuple(s.sum(0, keepdim=True) for s in second)
+    elif spec.kind == "diag":
+        first, second = torch.vmap(curve)(d1, d2)
+    else:
+        assert spec.left is not None and spec.right is not None
+        first = torch.vmap(lambda t: push(vals, t))(d1)
+        left = tuple(x[spec.left] for x in d1)
+        right = tuple(x[spec.right] for x in d1)
+        second = torch.vmap(lambda a, b, h: torch.func.jvp(push, (vals, b), (a, h))[1])(
+            left, right, d2
+        )
+    for n, i in enumerate(live):
+        y = out_leaves[i]
+        stack = torch.cat([y.unsqueeze(0), first[n].to(y.dtype), second[n].to(y.dtype)])
+        out_leaves[i] = Jet.of(stack, spec)
+    return tree_unflatten(out_leaves, out_tree)

@@ -1,0 +1,283 @@
+"""Cheap Taylor-mode rules for the common ops; everything else takes the general rule.
+
+Rules see plain tensors only (``Jet.__torch_function__`` disables the subclass) and return Jets
+whose stacks follow NOTE [taylor mode]. A rule returns ``None`` to hand over to the general rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from torchjac._engine.taylor import Jet, JetSpec, constant, general_rule
+
+__all__ = ["dispatch"]
+
+Rule = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _lift(stack: Tensor, ndim: int) -> Tensor:
+    """``[K, *s]`` -> ``[K, 1, ..., 1, *s]`` with ``ndim`` dims after ``K`` (for broadcasting)."""
+    extra = ndim - (stack.dim() - 1)
+    return stack.reshape(stack.shape[0], *([1] * extra), *stack.shape[1:]) if extra > 0 else stack
+
+
+def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
+    """The second-order coefficients of a product of first-order parts ``fa``, ``fb``."""
+    if spec.kind == "trace":
+        return (fa * fb).sum(0, keepdim=True)
+    if spec.kind == "diag":
+        return fa * fb
+    assert spec.left is not None and spec.right is not None
+    return fa[spec.left] * fb[spec.right]
+
+
+def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
+    """``φ(x)`` from ``y = φ(v)``, ``φ'(v)`` and ``φ''(v)`` (``None`` when zero)."""
+    spec, s = x.spec, x.stack
+    d1 = s[1 : 1 + spec.d]
+    rest = dy * s[1:]
+    if ddy is not None:
+        rest[spec.d :] += ddy * _second(spec, d1, d1)
+    return Jet.of(torch.cat([y.unsqueeze(0), rest]), spec)
+
+
+def _tanh(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    y = torch.tanh(v)
+    dy = 1 - y * y
+    return y, dy, -2 * y * dy
+
+
+def _sigmoid(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    y = torch.sigmoid(v)
+    dy = y * (1 - y)
+    return y, dy, dy * (1 - 2 * y)
+
+
+def _exp(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    y = torch.exp(v)
+    return y, y, y
+
+
+def _sin(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    y = torch.sin(v)
+    return y, torch.cos(v), -y
+
+
+def _cos(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    y = torch.cos(v)
+    return y, -torch.sin(v), -y
+
+
+def _relu(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    return torch.relu(v), (v > 0).to(v.dtype), None
+
+
+def _log(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    inv = 1 / v
+    return torch.log(v), inv, -inv * inv
+
+
+_UNARY = {"tanh": _tanh, "sigmoid": _sigmoid, "exp": _exp, "sin": _sin, "cos": _cos}
+_UNARY.update(relu=_relu, log=_log)
+
+
+def _unary_rule(name: str) -> Rule:
+    def rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kwargs.pop("inplace", None)
+        if len(args) != 1 or kwargs or not isinstance(args[0], Jet):
+            return None
+        return _unary(args[0], *_UNARY[name](args[0].stack[0]))
+
+    return rule
+
+
+def _promote(a: Any, spec: JetSpec) -> Tensor:
+    return a.stack if isinstance(a, Jet) else constant(torch.as_tensor(a), spec)
+
+
+def _add(sign: float, swap: bool = False) -> Rule:
+    def rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if len(args) != 2 or kwargs:
+            return None
+        a, b = (args[1], args[0]) if swap else args
+        if isinstance(a, Jet) and isinstance(b, Jet):
+            nd = max(a.dim(), b.dim())
+            return Jet.of(_lift(a.stack, nd) + sign * _lift(b.stack, nd), a.spec)
+        jet = a if isinstance(a, Jet) else b
+        va = a.stack[0] if isinstance(a, Jet) else a
+        vb = b.stack[0] if isinstance(b, Jet) else b
+        value = torch.as_tensor(va + sign * vb)
+        rest = -jet.stack[1:] if jet is b and sign < 0 else jet.stack[1:]
+        rest = _lift(rest, value.dim()).expand(rest.shape[0], *value.shape)
+        return Jet.of(torch.cat([value.unsqueeze(0), rest]), jet.spec)
+
+    return rule
+
+
+def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) != 2 or kwargs:
+        return None
+    a, b = args
+    if not isinstance(a, Jet):
+        a, b = b, a
+    if not isinstance(b, Jet):
+        c = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+        nd = max(a.dim(), c.dim())
+        return Jet.of(_lift(a.stack, nd) * c, a.spec)
+    spec, d = a.spec, a.spec.d
+    nd = max(a.dim(), b.dim())
+    sa, sb = _lift(a.stack, nd), _lift(b.stack, nd)
+    va, vb = sa[0], sb[0]
+    rest = va * sb[1:] + sa[1:] * vb
+    rest[d:] += (
+        2 * _second(spec, sa[1 : 1 + d], sb[1 : 1 + d])
+        if spec.kind != "full"
+        else (
+            _second(spec, sa[1 : 1 + d], sb[1 : 1 + d])
+            + _second(spec, sb[1 : 1 + d], sa[1 : 1 + d])
+        )
+    )
+    return Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec)
+
+
+def _div(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) != 2 or kwargs or isinstance(args[1], Jet):
+        return None
+    a, c = args[0], torch.as_tensor(args[1], dtype=args[0].dtype, device=args[0].device)
+    return Jet.of(_lift(a.stack, max(a.dim(), c.dim())) / c, a.spec)
+
+
+def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x, w, b = (*args, *([None] * (3 - len(args))))[:3]
+    w, b = kwargs.pop("weight", w), kwargs.pop("bias", b)
+    if kwargs or not isinstance(x, Jet) or isinstance(w, Jet) or isinstance(b, Jet):
+        return None
+    z = F.linear(x.stack, w)
+    if b is not None:
+        z[0] += b
+    return Jet.of(z, x.spec)
+
+
+def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) != 2 or kwargs:
+        return None
+    a, b = args
+    if isinstance(a, Jet) and not isinstance(b, Jet) and a.dim() >= 2 and b.dim() <= 2:
+        return Jet.of(a.stack @ b, a.spec)
+    if isinstance(b, Jet) and not isinstance(a, Jet) and b.dim() >= 2 and a.dim() <= 2:
+        return Jet.of(a @ b.stack, b.spec)
+    return None
+
+
+def _linear_map(func: Any) -> Rule:
+    """Ops linear in their tensor arguments: every coefficient maps the same way (vmap over K)."""
+
+    def rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        leaves, _ = tree_flatten((args, kwargs))
+        jets = [x for x in leaves if isinstance(x, Jet)]
+        if any(isinstance(x, Tensor) and not isinstance(x, Jet) for x in leaves):
+            return None  # e.g. a tensor index or a constant operand: the general rule
+        spec = jets[0].spec
+        out = torch.vmap(lambda *ss: func(*_swap(args, ss), **kwargs))(*(j.stack for j in jets))
+        if not isinstance(out, Tensor):
+            return type(out)(Jet.of(o, spec) for o in out)
+        return Jet.of(out, spec)
+
+    return rule
+
+
+def _swap(args: tuple[Any, ...], stacks: tuple[Tensor, ...]) -> tuple[Any, ...]:
+    it = iter(stacks)
+
+    def one(a: Any) -> Any:
+        if isinstance(a, Jet):
+            return next(it)
+        if isinstance(a, (list, tuple)):
+            return type(a)(one(x) for x in a)
+        return a
+
+    return tuple(one(a) for a in args)
+
+
+RULES: dict[Any, Rule] = {}
+for _name in _UNARY:
+    for _ns in (torch, Tensor, F, torch.special):
+        _f = getattr(_ns, _name, None)
+        if _f is not None:
+            RULES[_f] = _unary_rule(_name)
+for _f in (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__):
+    RULES[_f] = _add(1.0)
+for _f in (torch.sub, Tensor.sub, Tensor.__sub__):
+    RULES[_f] = _add(-1.0)
+RULES[Tensor.__rsub__] = _add(-1.0, swap=True)
+for _f in (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__):
+    RULES[_f] = _mul
+for _f in (torch.div, Tensor.div, Tensor.__truediv__):
+    RULES[_f] = _div
+RULES[F.linear] = _linear
+for _f in (torch.matmul, Tensor.matmul, Tensor.__matmul__):
+    RULES[_f] = _matmul
+_LINEAR = ["sum", "mean", "reshape", "view", "flatten", "transpose", "permute", "squeeze"]
+_LINEAR += ["unsqueeze", "narrow", "select", "expand", "movedim", "neg", "cat", "stack"]
+_LINEAR += ["__getitem__", "__neg__", "t", "contiguous", "clone", "split", "chunk", "unbind"]
+for _name in _LINEAR:
+    for _ns in (torch, Tensor):
+        _f = getattr(_ns, _name, None)
+        if _f is not None:
+            RULES[_f] = _linear_map(_f)
+
+
+def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Apply ``func`` to arguments containing Jets (see NOTE [taylor mode])."""
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__":
+        return _setitem(args)
+    if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], Jet):
+        return _inplace(func, name, args, kwargs)
+    if name == "__iter__" and isinstance(args[0], Jet):
+        return iter(dispatch(Tensor.unbind, args, {}))
+    if kwargs.get("inplace") is True and args and isinstance(args[0], Jet):
+        kwargs["inplace"] = False
+        return _assign(args[0], dispatch(func, args, kwargs))
+    rule = RULES.get(func)
+    if rule is not None:
+        out = rule(args, dict(kwargs))
+        if out is not None:
+            return out
+    return general_rule(func, args, kwargs)
+
+
+def _assign(jet: Jet, new: Any) -> Jet:
+    stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
+    jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
+    return jet
+
+
+def _inplace(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    owner = torch if getattr(torch, name, None) is func else Tensor
+    outplace = getattr(owner, name[:-1], None)
+    if outplace is None:  # e.g. requires_grad_(): nothing to propagate
+        func(args[0].stack[0], *args[1:], **kwargs)
+        return args[0]
+    return _assign(args[0], dispatch(outplace, args, kwargs))
+
+
+def _setitem(args: tuple[Any, ...]) -> Any:
+    target, index, value = args
+    if not isinstance(target, Jet):
+        raise TypeError(
+            "torchjac Taylor mode: writing a derivative-carrying value into a plain tensor"
+        )
+    stack = target.stack.clone()
+    full = (slice(None), *(index if isinstance(index, tuple) else (index,)))
+    stack[full] = _promote(value, target.spec) if isinstance(value, Jet) else 0
+    if not isinstance(value, Jet):
+        stack[0][index] = value
+    target.stack = stack
+    return None

@@ -1,0 +1,202 @@
+"""``tj.jacobian`` on functions: float64 oracles from ``torch.func``, modes, batch, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import randn
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+import torchjac as tj
+
+MODES = ["auto", "rev", "fwd"]
+
+
+def mlp(gen: torch.Generator, sizes: tuple[int, ...] = (3, 5, 4)) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    net = torch.nn.Sequential(*layers[:-1]).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return net
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_per_sample_mlp_matches_vmap_jacrev(
+    gen: torch.Generator, mode: str, chunk_size: int | None
+) -> None:
+    net = mlp(gen)
+    x = randn(6, 3, gen=gen)
+    got = tj.jacobian(net, x, batch_dim=0, mode=mode, chunk_size=chunk_size)
+    torch.testing.assert_close(got, vmap(jacrev(net))(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_full_jacobian_tuple_and_dict_inputs(gen: torch.Generator, mode: str) -> None:
+    a, b = randn(2, 3, gen=gen), randn(3, gen=gen)
+
+    def f(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sin() @ b
+
+    ja, jb = jacrev(f, argnums=(0, 1))(a, b)
+    got = tj.jacobian(f, (a, b), mode=mode)
+    assert isinstance(got, tuple)
+    torch.testing.assert_close(got, (ja, jb))
+    got_d = tj.jacobian(lambda d: f(d["a"], d["b"]), {"a": a, "b": b}, mode=mode)
+    assert list(got_d) == ["a", "b"]
+    torch.testing.assert_close(got_d["a"], ja)
+    torch.testing.assert_close(got_d["b"], jb)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequence_outputs_concatenate_rows_and_aux(gen: torch.Generator, mode: str) -> None:
+    x = randn(4, 2, gen=gen)
+
+    def f(x: Tensor) -> tuple[list[Tensor], Tensor]:
+        return [x.exp(), x[:, :1] * x[:, 1:]], x.sum()
+
+    jac, aux = tj.jacobian(f, x, batch_dim=0, mode=mode, has_aux=True)
+    assert jac.shape == (4, 3, 2)
+    ref = vmap(jacrev(lambda r: torch.cat([r.exp(), r[:1] * r[1:]])))(x)
+    torch.testing.assert_close(jac, ref)
+    torch.testing.assert_close(aux, x.sum())
+
+
+def test_scalar_output_and_nonzero_batch_dim(gen: torch.Generator) -> None:
+    x = randn(3, 5, gen=gen)  # batch at dim 1
+    got = tj.jacobian(lambda x: (x**2)[:2], x, batch_dim=1)
+    ref = torch.zeros(5, 2, 3, dtype=x.dtype)
+    ref[:, 0, 0], ref[:, 1, 1] = 2 * x[0], 2 * x[1]
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(tj.jacobian(lambda x: (x**3).sum(), x), 3 * x**2)
+
+
+def test_create_graph_gives_parameter_gradients(gen: torch.Generator) -> None:
+    net = mlp(gen)
+    x = randn(5, 3, gen=gen)
+    j = tj.jacobian(net, x, batch_dim=0, create_graph=True)
+    loss = (j**2).sum()
+    params = list(net.parameters())[:-1]  # the Jacobian does not depend on the last bias
+    grads = torch.autograd.grad(loss, params)
+    ref_loss = (vmap(jacrev(net))(x) ** 2).sum()
+    ref = torch.autograd.grad(ref_loss, params)
+    torch.testing.assert_close(grads, ref)
+    plain = tj.jacobian(net, x, batch_dim=0)
+    assert not plain.requires_grad
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_data_dependent_control_flow_on_values_needs_no_fallback(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+
+    def f(x: Tensor) -> Tensor:
+        return x.sin() * 2 if x.sum() > 0 else x.cos()
+
+    for mode in MODES:
+        torch.testing.assert_close(tj.jacobian(f, x, batch_dim=0, mode=mode), _loop_jac(f, x))
+
+
+def _loop_jac(f, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+    full = jacrev(f)(x)  # [B, o, B, i]
+    return torch.stack([full[b, :, b] for b in range(x.shape[0])])
+
+
+class Cube(torch.autograd.Function):
+    """x³ with a backward that branches on the cotangent (no vmap) and no forward-mode rule."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+        (x,) = ctx.saved_tensors
+        if g.abs().sum() > 0:  # data-dependent: fails under vmap
+            return g * 3 * x**2
+        return torch.zeros_like(g)
+
+
+class OldCube(torch.autograd.Function):
+    """x³ as an old-style Function (no ``setup_context``): torch.func cannot call it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+        (x,) = ctx.saved_tensors
+        return g * 3 * x**2
+
+
+def _one_fallback(record: pytest.WarningsRecorder) -> None:
+    assert len([w for w in record if issubclass(w.category, tj.FallbackWarning)]) == 1
+
+
+def test_vmap_failure_falls_back_to_a_loop(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+    with pytest.warns(tj.FallbackWarning, match="loop") as record:
+        got = tj.jacobian(Cube.apply, x, batch_dim=0, mode="rev")
+    _one_fallback(record)
+    torch.testing.assert_close(got, torch.diag_embed(3 * x**2))
+
+
+def test_missing_forward_ad_falls_back_to_reverse(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+    with pytest.warns(tj.FallbackWarning, match="forward-mode AD failed") as record:
+        got = tj.jacobian(lambda x: Cube.apply(x).sum(-1), x, batch_dim=0, mode="fwd", chunk_size=1)
+    _one_fallback(record)
+    torch.testing.assert_close(got, 3 * x**2)
+
+
+def test_function_torch_func_cannot_trace_uses_the_graph(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+    with pytest.warns(tj.FallbackWarning, match="autograd graph") as record:
+        got = tj.jacobian(OldCube.apply, x, batch_dim=0)
+    _one_fallback(record)
+    torch.testing.assert_close(got, torch.diag_embed(3 * x**2))
+
+
+def test_batch_coupling_raises(gen: torch.Generator) -> None:
+    x = randn(6, 3, gen=gen)
+    with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+        tj.jacobian(lambda x: x - x.mean(0), x, batch_dim=0)
+    bn = torch.nn.BatchNorm1d(3).double().train()
+    with pytest.raises(tj.BatchCouplingError, match="BatchNorm"):
+        tj.jacobian(bn, x, batch_dim=0)
+    got = tj.jacobian(bn.eval(), x, batch_dim=0)
+    scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach()
+    torch.testing.assert_close(got, torch.diag(scale).expand(6, 3, 3))
+
+
+def test_argument_errors(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+    with pytest.raises(TypeError, match="`func` must be callable"):
+        tj.jacobian(3, x)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"must be a torch\.Tensor"):
+        tj.jacobian(lambda a, b: a, (x, 1.0))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="func must return a Tensor"):
+        tj.jacobian(lambda x: 1.0, x)
+    with pytest.raises(TypeError, match="real floating dtype"):
+        tj.jacobian(lambda x: x, torch.arange(3))
+    with pytest.raises(ValueError, match="out of range"):
+        tj.jacobian(lambda x: x, x, batch_dim=2)
+    with pytest.raises(ValueError, match="mismatched batch sizes"):
+        tj.jacobian(lambda a, b: a + b.sum(), (x, randn(5, 3, gen=gen)), batch_dim=0)
+    with pytest.raises(ValueError, match="mismatched batch sizes"):
+        tj.jacobian(lambda x: x[:2], x, batch_dim=0)
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        tj.jacobian(lambda x: x, x, mode="forward")
+    with pytest.raises(TypeError, match="pair"):
+        tj.jacobian(lambda x: x, x, has_aux=True)

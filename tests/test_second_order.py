@@ -1,0 +1,175 @@
+"""``tj.hessian``, ``tj.hessian_diagonal``, ``tj.laplacian``: closed forms, torch.func oracles,
+every mode (Taylor mode under "auto", nested AD otherwise), fallbacks, create_graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randn
+from test_functional import Cube, OldCube, _one_fallback, mlp
+from torch import Tensor
+from torch.func import hessian, vmap
+
+import torchjac as tj
+
+MODES = ["auto", "rev", "fwd"]
+
+
+def closed_form(x: Tensor) -> Tensor:
+    return x.sin().sum(-1) + x.sum(-1) ** 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_closed_form_diagonal_and_laplacian(gen: torch.Generator, mode: str) -> None:
+    x = randn(5, 4, gen=gen)
+    diag = tj.hessian_diagonal(closed_form, x, batch_dim=0, mode=mode)
+    torch.testing.assert_close(diag, 2 - x.sin())
+    lap = tj.laplacian(closed_form, x, batch_dim=0, mode=mode)
+    torch.testing.assert_close(lap, (2 - x.sin()).sum(-1))
+    full = tj.hessian(closed_form, x, batch_dim=0, mode=mode)
+    torch.testing.assert_close(full, 2 + torch.diag_embed(-x.sin()))
+
+
+def pinn_field(xt: Tensor) -> Tensor:
+    """u(x, t) = [sin x · e^{-t}, x² t, x³] per sample."""
+    x, t = xt[:, 0], xt[:, 1]
+    return torch.stack([x.sin() * (-t).exp(), x**2 * t, x**3], dim=1)
+
+
+def pinn_hessian(xt: Tensor) -> Tensor:
+    x, t = xt[:, 0], xt[:, 1]
+    h = torch.zeros(len(x), 3, 2, 2, dtype=xt.dtype)
+    e = (-t).exp()
+    h[:, 0] = torch.stack([-x.sin() * e, -x.cos() * e, -x.cos() * e, x.sin() * e], 1).view(-1, 2, 2)
+    h[:, 1, 0, 0], h[:, 1, 0, 1], h[:, 1, 1, 0] = 2 * t, 2 * x, 2 * x
+    h[:, 2, 0, 0] = 6 * x
+    return h
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pinn_field_closed_forms(gen: torch.Generator, mode: str) -> None:
+    xt = randn(7, 2, gen=gen)
+    h = pinn_hessian(xt)
+    torch.testing.assert_close(tj.hessian(pinn_field, xt, batch_dim=0, mode=mode), h)
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(tj.hessian_diagonal(pinn_field, xt, batch_dim=0, mode=mode), diag)
+    torch.testing.assert_close(tj.laplacian(pinn_field, xt, batch_dim=0, mode=mode), diag.sum(-1))
+
+
+def general_ops(x: Tensor) -> Tensor:
+    """Ops without a cheap rule (general nested-AD rule) mixed with ruled ones."""
+    y = F.softplus(x @ torch.linspace(-1, 1, 12, dtype=x.dtype).view(3, 4)).pow(3)
+    z = F.layer_norm(x.exp() * x, (3,))
+    return torch.cat([y.sum(-1, keepdim=True), z, F.gelu(x).prod(-1, keepdim=True)], dim=-1)
+
+
+@pytest.mark.parametrize("func", ["mlp", "general"])
+def test_mlp_and_general_ops_match_torch_func(gen: torch.Generator, func: str) -> None:
+    f = mlp(gen, (3, 6, 6, 2)) if func == "mlp" else general_ops
+    x = randn(5, 3, gen=gen)
+    h = vmap(hessian(f))(x)
+    for mode in MODES:
+        torch.testing.assert_close(tj.hessian(f, x, batch_dim=0, mode=mode), h)
+        diag = tj.hessian_diagonal(f, x, batch_dim=0, mode=mode)
+        torch.testing.assert_close(diag, h.diagonal(dim1=-2, dim2=-1))
+        lap = tj.laplacian(f, x, batch_dim=0, mode=mode)
+        torch.testing.assert_close(lap, h.diagonal(dim1=-2, dim2=-1).sum(-1))
+
+
+def test_unbatched_several_inputs_nested_containers(gen: torch.Generator) -> None:
+    a, b = randn(2, gen=gen), randn(3, gen=gen)
+
+    def f(a: Tensor, b: Tensor) -> Tensor:
+        return (a.sum() * b).tanh() * a.prod()
+
+    ref = hessian(f, argnums=(0, 1))(a, b)
+    for mode in MODES:
+        got = tj.hessian(f, (a, b), mode=mode)
+        for i in range(2):
+            for j in range(2):
+                torch.testing.assert_close(got[i][j], ref[i][j])
+        diag = tj.hessian_diagonal(f, (a, b), mode=mode)
+        torch.testing.assert_close(diag[0], ref[0][0].diagonal(dim1=-2, dim2=-1))
+        torch.testing.assert_close(diag[1], ref[1][1].diagonal(dim1=-2, dim2=-1))
+        lap = tj.laplacian(f, (a, b), mode=mode)
+        torch.testing.assert_close(lap, diag[0].sum(-1) + diag[1].sum(-1))
+    got_d = tj.hessian(lambda d: f(d["a"], d["b"]), {"a": a, "b": b})
+    torch.testing.assert_close(got_d["b"]["a"], ref[1][0])
+
+
+def test_pinn_residual_loss_parameter_gradient(gen: torch.Generator) -> None:
+    net = mlp(gen, (2, 8, 8, 1))
+    xt = randn(6, 2, gen=gen)
+    lap = tj.laplacian(net, xt, batch_dim=0, create_graph=True)
+    jac = tj.jacobian(net, xt, batch_dim=0, create_graph=True)
+    loss = ((jac[:, 0, 1] - lap[:, 0]) ** 2).mean()
+    params = list(net.parameters())[:-1]  # derivatives do not depend on the last bias
+    got = torch.autograd.grad(loss, params)
+
+    x = xt.clone().requires_grad_(True)
+    u = net(x)
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    lap_ref = sum(
+        torch.autograd.grad(du[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(2)
+    )
+    ref_loss = ((du[:, 1] - lap_ref) ** 2).mean()
+    ref = torch.autograd.grad(ref_loss, params)
+    torch.testing.assert_close(got, ref)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_custom_function_taylor_check_takes_nested_ad(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+
+    class Straight(torch.autograd.Function):
+        """Forward x³, backward declared as if it were 2x (not the forward's derivative)."""
+
+        @staticmethod
+        def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+            (x,) = ctx.saved_tensors
+            return g * x * 2
+
+    with pytest.warns(tj.FallbackWarning, match="Taylor") as record:
+        got = tj.hessian_diagonal(lambda x: Straight.apply(x).sum(-1), x, batch_dim=0)
+    _one_fallback(record)
+    torch.testing.assert_close(got, torch.full_like(x, 2.0))
+
+
+def test_missing_forward_ad_uses_reverse_over_reverse(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+    with pytest.warns(tj.FallbackWarning) as record:
+        got = tj.hessian_diagonal(lambda x: Cube.apply(x).sum(-1), x, batch_dim=0, mode="fwd")
+    _one_fallback(record)
+    torch.testing.assert_close(got, 6 * x)
+
+
+def test_second_order_errors(gen: torch.Generator) -> None:
+    x = randn(6, 3, gen=gen)
+    with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+        tj.laplacian(lambda x: ((x - x.mean(0)) ** 2).sum(-1), x, batch_dim=0)
+    bn = torch.nn.BatchNorm1d(3).double().train()
+    with pytest.raises(tj.BatchCouplingError, match="BatchNorm"):
+        tj.hessian_diagonal(bn, x, batch_dim=0)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        tj.hessian(lambda x: OldCube.apply(x).sum(), x)
+    with pytest.raises(TypeError, match="func must return a Tensor"):
+        tj.laplacian(lambda x: 1.0, x)
+    with pytest.raises(ValueError, match="out of range"):
+        tj.hessian(lambda x: x.sum(), x, batch_dim=0)
+
+
+def test_chunked_and_looped_nested_ad_agree(gen: torch.Generator) -> None:
+    f = mlp(gen, (3, 5, 2))
+    x = randn(4, 3, gen=gen)
+    h = vmap(hessian(f))(x)
+    for chunk in (1, 4):
+        torch.testing.assert_close(tj.hessian(f, x, batch_dim=0, mode="fwd", chunk_size=chunk), h)
