@@ -223,7 +223,7 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
                 for i, t in enumerate(jv)
                 if t is not None
             ]
-            blocks = [sum(terms) if terms else None]
+            blocks: list[Tensor | None] = [torch.stack(terms).sum(0) if terms else None]
             sizes: tuple[int, ...] = (p.n_rows,)
         else:
             blocks = [None if t is None else g_out.probe_major(i, t) for i, t in enumerate(jv)]
