@@ -20,7 +20,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["Case", "Row", "Strategy", "Timing", "Workload", "check", "run_workloads"]
+__all__ = [
+    "Case",
+    "Row",
+    "Strategy",
+    "Timing",
+    "Workload",
+    "check",
+    "check_strategy",
+    "run_workloads",
+    "time_strategies",
+]
 
 
 def _no_setup() -> None:
@@ -40,6 +50,7 @@ class Strategy:
     setup: Callable[[], Any] = _no_setup
     requires: tuple[str, ...] = ()
     torchjac: bool = False
+    floor: bool = False  # a lower bound shown for scale (e.g. copying the result), not a peer
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,7 @@ class Row:
     strategy: str
     torchjac: bool
     status: str
+    floor: bool = False
     median_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
     max_diff: float | None = None
@@ -138,53 +150,70 @@ def _call(strategy: Strategy) -> tuple[Any, float]:
     return result, elapsed
 
 
-def _time(strategy: Strategy, first_s: float, timing: Timing) -> list[float]:
-    # NOTE [repeats]: one untimed call (the check) warms up; a strategy slower than the budget
-    # is then timed once, others until `repeats` calls or the budget is spent (>= min_repeats).
-    wanted = 1 if first_s > timing.budget_s else timing.repeats
-    times: list[float] = []
-    spent = 0.0
-    gc.collect()
-    while len(times) < wanted:
-        _, elapsed = _call(strategy)
-        times.append(elapsed * 1e3)
-        spent += elapsed
-        if spent > timing.budget_s and len(times) >= min(timing.min_repeats, wanted):
-            break
-    return times
-
-
-def run_strategy(row: Row, strategy: Strategy, case: Case, timing: Timing) -> None:
-    """Fill ``row`` by checking, then timing ``strategy``; never raises for a failing strategy."""
-    missing = [m for m in strategy.requires if not _installed(m)]
-    if missing:
-        row.status = f"skipped: {', '.join(missing)} not installed"
-        return
+def _guarded(row: Row, action: Callable[[], Any]) -> Any:
+    """Run ``action``; a failure sets ``row.status`` and returns None (the run goes on)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result, first_s = _call(strategy)
-            ok, row.max_diff, reason = check(result, case.reference, case.rtol)
-            del result
-            if not ok:
-                row.status = f"wrong: {reason}"
-                return
-            row.times_ms = _time(strategy, first_s, timing)
+            return action()
         except NotImplementedError:
             row.status = "not available"
-            return
         except Exception as exc:  # a failing strategy is a row, not a crash
             row.status = f"error: {_first_line(exc)}"
-            return
         finally:
-            row.warnings = sorted({f"{w.category.__name__}: {w.message}"[:160] for w in caught})
-    row.median_ms = statistics.median(row.times_ms)
-    fallback = [w for w in row.warnings if w.startswith("FallbackWarning")]
-    row.status = "ok (fallback warned)" if fallback else "ok"
+            seen = {f"{w.category.__name__}: {w.message}"[:160] for w in caught}
+            row.warnings = sorted(seen.union(row.warnings))
+    return None
+
+
+def check_strategy(row: Row, strategy: Strategy, case: Case) -> float | None:
+    """First (untimed) call and check; returns its duration in s, or None if not to be timed."""
+    missing = [m for m in strategy.requires if not _installed(m)]
+    if missing:
+        row.status = f"skipped: {', '.join(missing)} not installed"
+        return None
+    called = _guarded(row, lambda: _call(strategy))
+    if called is None:
+        return None
+    ok, row.max_diff, reason = check(called[0], case.reference, case.rtol)
+    if not ok:
+        row.status = f"wrong: {reason}"
+        return None
+    return float(called[1])
+
+
+def time_strategies(
+    rows: Sequence[Row], strategies: Sequence[Strategy], first_s: Sequence[float], timing: Timing
+) -> None:
+    """Time the checked strategies in interleaved rounds; fill ``times_ms``/``median_ms``.
+
+    NOTE [repeats]: the check call warms up. Rounds interleave the strategies, so that load from
+    other processes hits them alike; a strategy slower than the budget is timed once, the others
+    until ``repeats`` calls or their share of the budget is spent (at least ``min_repeats``).
+    """
+    wanted = [1 if f > timing.budget_s else timing.repeats for f in first_s]
+    spent = [0.0] * len(rows)
+    for round_ in range(max(wanted, default=0)):
+        for i, (row, strategy) in enumerate(zip(rows, strategies)):
+            done = len(row.times_ms)
+            if row.status or done >= wanted[i] or round_ > done:
+                continue
+            if spent[i] > timing.budget_s and done >= min(timing.min_repeats, wanted[i]):
+                continue
+            gc.collect()
+            called = _guarded(row, lambda s=strategy: _call(s))
+            if called is not None:
+                row.times_ms.append(called[1] * 1e3)
+                spent[i] += called[1]
+    for row in rows:
+        if not row.status and row.times_ms:
+            row.median_ms = statistics.median(row.times_ms)
+            fallback = any(w.startswith("FallbackWarning") for w in row.warnings)
+            row.status = "ok (fallback warned)" if fallback else "ok"
 
 
 def _ratios(rows: list[Row]) -> None:
-    peers = [r.median_ms for r in rows if not r.torchjac and r.median_ms is not None]
+    peers = [r.median_ms for r in rows if not (r.torchjac or r.floor) and r.median_ms is not None]
     if not peers:
         return
     best = min(peers)
@@ -220,11 +249,25 @@ def run_workloads(
                 bar.update()
                 continue
             mine: list[Row] = []
+            checked: list[tuple[Row, Strategy, float]] = []
             for strategy in case.strategies:
-                bar.set_postfix_str(strategy.name[:40])
-                row = Row(wl.key, wl.title, case.size, strategy.name, strategy.torchjac, "")
-                run_strategy(row, strategy, case, timing)
+                bar.set_postfix_str(f"checking {strategy.name[:40]}")
+                row = Row(
+                    wl.key,
+                    wl.title,
+                    case.size,
+                    strategy.name,
+                    strategy.torchjac,
+                    "",
+                    strategy.floor,
+                )
+                first = check_strategy(row, strategy, case)
                 mine.append(row)
+                if first is not None:
+                    checked.append((row, strategy, first))
+            bar.set_postfix_str("timing")
+            rows_, strategies_, firsts = zip(*checked) if checked else ((), (), ())
+            time_strategies(rows_, strategies_, firsts, timing)
             _ratios(mine)
             rows.extend(mine)
             bar.update()
