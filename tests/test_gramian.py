@@ -136,3 +136,12 @@ def test_argument_errors(gen: torch.Generator) -> None:
         tj.gramian("y", x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gramian: `max_memory` must be"):
         tj.gramian(x.sin(), x, max_memory="lots")
+
+
+@pytest.mark.parametrize("max_memory", [None, 200])
+def test_retain_graph_keeps_the_graph(max_memory: int | None, gen: torch.Generator) -> None:
+    x, w = randn(3, gen=gen, grad=True), randn(2, 3, gen=gen, grad=True)
+    y = torch.tanh(w @ x) * x[:2]
+    first = tj.gramian(y, [x, w], retain_graph=True, max_memory=max_memory)
+    again = tj.gramian(y, [x, w], max_memory=max_memory)  # the graph is still there
+    torch.testing.assert_close(first, again, rtol=0, atol=0)

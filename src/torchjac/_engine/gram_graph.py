@@ -47,24 +47,31 @@ def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budg
     gram = torch.zeros(bsz, m, m, dtype=p.dtype, device=p.device)
     block_bytes = [bsz * m * n * p.dtype.itemsize for n in p.in_group.sizes]
     half = max(budget // 2, 1)
+    plan: list[tuple[str, list[int], int]] = []  # ("group" | "stream", inputs, bytes held)
     group: list[int] = []
     filled = 0
-    live = [j for j, u in enumerate(p.used) if u]
-    for j in live:
+    for j in (j for j, u in enumerate(p.used) if u):
         if block_bytes[j] > half:
-            gram = gram + _streamed(p, j, chunk_size, half)
+            plan.append(("stream", [j], 0))
             continue
         if group and filled + block_bytes[j] > half:
-            gram = gram + _grouped(p, group, mode, chunk_size, budget - filled)
+            plan.append(("group", group, filled))
             group, filled = [], 0
         group.append(j)
         filled += block_bytes[j]
     if group:
-        gram = gram + _grouped(p, group, mode, chunk_size, budget - filled)
+        plan.append(("group", group, filled))
+    for step, (kind, js, held) in enumerate(plan):
+        last = step == len(plan) - 1  # NOTE [retain_graph]: only the last solve may free it
+        if kind == "stream":
+            gram = gram + _streamed(p, js[0], chunk_size, half)
+        else:
+            sub = _subproblem(p, js, p.retain_graph or not last)
+            gram = gram + _grouped(sub, mode, chunk_size, budget - held)
     return gram
 
 
-def _subproblem(p: GraphProblem, group: list[int]) -> GraphProblem:
+def _subproblem(p: GraphProblem, group: list[int], retain_graph: bool = True) -> GraphProblem:
     ins = tuple(p.inputs[j] for j in group)
     return dataclasses.replace(
         p,
@@ -73,14 +80,13 @@ def _subproblem(p: GraphProblem, group: list[int]) -> GraphProblem:
         used=tuple(True for _ in group),
         in_group=Group.of(ins, p.batch_dim),
         batch_dim=None,  # coupling already checked for all inputs; the groups keep the layout
+        retain_graph=retain_graph,
     )
 
 
-def _grouped(
-    p: GraphProblem, group: list[int], mode: str, chunk_size: int | None, budget: int
-) -> Tensor:
-    """``Σ_j J_j J_jᵀ`` over ``group``, each ``J_j`` solved whole by the graph engine."""
-    sub = _subproblem(p, group)
+def _grouped(sub: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> Tensor:
+    """``Σ_j J_j J_jᵀ`` over the inputs of ``sub``, each ``J_j`` solved whole by the engine."""
+    p = sub
     blocks = solve(sub, mode, chunk_size, max(budget, 1))
     gram = blocks[0].to(p.dtype) @ blocks[0].to(p.dtype).transpose(1, 2)
     for blk in blocks[1:]:
