@@ -176,5 +176,5 @@ def _shape(problem: GraphProblem, j: int, res: Tensor, single: bool) -> Tensor:
     else:
         rows = (g_out.numel,)
     if problem.batch_dim is None:
-        return res.reshape(*rows, *g_in.shapes[j])
+        return res.reshape((*rows, *g_in.shapes[j]))  # () when both are 0-d
     return res.reshape(g_in.batch_size, *rows, *g_in.rest_shape(j))
