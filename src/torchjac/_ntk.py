@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
 from torchjac._engine.basis import Group
-from torchjac._engine.ghost import UseD, param_kernel
+from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
 from torchjac._engine.layers import (
     Capture,
     ModelState,
@@ -193,19 +193,24 @@ def _kernel(
     kernel = torch.zeros(
         side1.n * side1.k, side2.n * side2.k, dtype=dtype, device=side1.cap.output.device
     )
-    for name in state.names:
-        if name in general:
+    by1 = {n: _uses_of(side1, n) for n in state.names}
+    by2 = by1 if side2 is side1 else {n: _uses_of(side2, n) for n in state.names}
+    done: set[str] = set(general)
+    for u, _ in side1.uses:  # Linear layers with weight and bias: one shared δ product
+        w, b = u.weight, u.bias
+        if w is None or b is None or w in done or b in done:
             continue
-        shape = state.leaves[name].shape
-        part = param_kernel(
-            name,
-            _uses_of(side1, name),
-            _uses_of(side2, name) if side2 is not side1 else _uses_of(side1, name),
-            shape,
-            budget,
-        )
+        if _ids(by1[w]) != _ids(by1[b]) or _ids(by2[w]) != _ids(by2[b]):
+            continue
+        part = layer_kernel(by1[w], by2[w])
         if part is not None:
             kernel += part
+            done.update((w, b))
+    for name in state.names:
+        if name not in done:
+            part = param_kernel(name, by1[name], by2[name], state.leaves[name].shape, budget)
+            if part is not None:
+                kernel += part
     if general:
         j1 = sample_jacobians(fn, model, state, general, x1, batch_dim, side1.k, chunk_size, budget)
         j2 = (
@@ -216,9 +221,13 @@ def _kernel(
             )
         )
         for name in general:
-            a, b = j1[name].flatten(0, 1), j2[name].flatten(0, 1)
-            kernel += a @ b.T
+            left, right = j1[name].flatten(0, 1), j2[name].flatten(0, 1)
+            kernel += left @ right.T
     return kernel
+
+
+def _ids(uses: list[UseD]) -> list[int]:
+    return [id(u) for u, _ in uses]
 
 
 def _uses_of(side: _Side, name: str) -> list[UseD]:

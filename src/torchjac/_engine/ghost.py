@@ -24,7 +24,7 @@ from torch import Tensor
 
 from torchjac._engine.closed_forms import Use, write_use
 
-__all__ = ["UseD", "param_kernel"]
+__all__ = ["UseD", "layer_kernel", "param_kernel"]
 
 # (use, its canonical D for the probes) as given by ``layers.deltas``.
 UseD = tuple[Use, Tensor]
@@ -45,10 +45,28 @@ def param_kernel(
         if role == "bias":
             return _bias_ghost(side1, side2)
         if _ghost_is_cheaper(side1, side2, budget):
-            return _weight_ghost(side1, side2)
+            return _weight_ghost(side1, side2, with_bias=False)
     j1 = _materialise(name, side1, shape)
     j2 = j1 if side2 is side1 else _materialise(name, side2, shape)
     return j1 @ j2.T
+
+
+def layer_kernel(side1: Sequence[UseD], side2: Sequence[UseD]) -> Tensor | None:
+    """Weight and bias of one Linear-like layer together, ``(δ₁δ₂ᵀ) ⊙ (a₁a₂ᵀ + 1)``.
+
+    Only for one use of one position per sample, with both its weight and bias asked for (an
+    MLP): the ``δ`` products are then shared. ``None`` when that does not hold.
+    """
+    if len(side1) != 1 or len(side2) != 1:
+        return None
+    (u1, d1), (u2, d2) = side1[0], side2[0]
+    if u1.kind != "outer" or u2.kind != "outer" or u1.weight is None or u1.bias is None:
+        return None
+    if (u1.weight, u1.bias) != (u2.weight, u2.bias) or d1.shape[2] != 1 or d2.shape[2] != 1:
+        return None
+    if not _same_layout(side1, side2):
+        return None
+    return _weight_ghost(side1, side2, with_bias=True)
 
 
 def _same_layout(side1: Sequence[UseD], side2: Sequence[UseD]) -> bool:
@@ -82,8 +100,8 @@ def _ghost_is_cheaper(side1: Sequence[UseD], side2: Sequence[UseD], budget: int)
     return ghost <= explicit and (t1 * t2 == 1 or pairs_bytes <= budget)
 
 
-def _weight_ghost(side1: Sequence[UseD], side2: Sequence[UseD]) -> Tensor:
-    """See NOTE [ghost products]."""
+def _weight_ghost(side1: Sequence[UseD], side2: Sequence[UseD], with_bias: bool) -> Tensor:
+    """See NOTE [ghost products]; ``with_bias`` adds the bias term (one position only)."""
     a1, d1 = _cat(side1)
     a2, d2 = (a1, d1) if side2 is side1 else _cat(side2)
     n1, k1, t1, g, o = d1.shape
@@ -94,6 +112,8 @@ def _weight_ghost(side1: Sequence[UseD], side2: Sequence[UseD]) -> Tensor:
         ag1, ag2 = a1[:, 0].transpose(0, 1), a2[:, 0].transpose(0, 1)  # [G, N, i]
         dd = torch.bmm(dg1, dg2.transpose(1, 2)).view(g, n1, k1, n2, k2)
         aa = torch.bmm(ag1, ag2.transpose(1, 2)).view(g, n1, 1, n2, 1)
+        if with_bias:
+            aa = aa + 1
         out = (dd * aa).sum(0) if g > 1 else (dd.mul_(aa))[0]
         return out.reshape(n1 * k1, n2 * k2)
     dg1 = d1.permute(3, 0, 1, 2, 4).reshape(g, n1 * k1 * t1, o)
