@@ -14,7 +14,7 @@ def randn(
     *shape: int, gen: torch.Generator | None = None, dtype: torch.dtype = DTYPE, grad: bool = False
 ) -> torch.Tensor:
     """A float64 (by default) normal tensor; a leaf that requires grad when ``grad``."""
-    t = torch.randn(*shape, generator=gen, dtype=dtype)
+    t = torch.randn(shape, generator=gen, dtype=dtype)  # shape () gives a 0-d tensor
     return t.requires_grad_(grad)
 
 

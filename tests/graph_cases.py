@@ -58,7 +58,7 @@ def _mlp(g: torch.Generator) -> Built:
 
 
 def _conv(g: torch.Generator) -> Built:
-    x, w = randn(2, 1, 5, 5, gen=g, grad=True), randn(3, 1, 3, 3, gen=g, grad=True)
+    x, w = randn(2, 1, 4, 4, gen=g, grad=True), randn(2, 1, 3, 3, gen=g, grad=True)
 
     def f(w: Tensor, x: Tensor) -> Tensor:
         return torch.tanh(F.conv2d(x, w, padding=1)).mean(dim=(2, 3))
@@ -67,7 +67,7 @@ def _conv(g: torch.Generator) -> Built:
 
 
 def _conv_per_sample(g: torch.Generator) -> Built:
-    x, w = randn(3, 2, 4, 4, gen=g, grad=True), randn(2, 2, 3, 3, gen=g)
+    x, w = randn(2, 1, 4, 4, gen=g, grad=True), randn(2, 1, 3, 3, gen=g)
 
     def f(x: Tensor) -> Tensor:
         return torch.tanh(F.conv2d(x, w, padding=1))[:, :, 1:3, ::2]
@@ -100,6 +100,15 @@ def _scalar(g: torch.Generator) -> Built:
 
     def f(x: Tensor) -> Tensor:
         return (x.sin() * x).sum()
+
+    return f(x), x, oracle(f, [x])[0]
+
+
+def _scalar_of_scalar(g: torch.Generator) -> Built:
+    x = randn(gen=g, grad=True)  # 0-d input and 0-d output: a 0-d Jacobian
+
+    def f(x: Tensor) -> Tensor:
+        return x.sin() * x**2
 
     return f(x), x, oracle(f, [x])[0]
 
@@ -202,6 +211,7 @@ CASES = [
     Case("tied_inputs", _tied),
     Case("unused_input_allowed", _unused, {"allow_unused": True}),
     Case("scalar_0d_output", _scalar),
+    Case("scalar_of_scalar", _scalar_of_scalar),
     Case("one_element_output", _one_element),
     Case("sequence_outputs", _sequence_outputs),
     Case("dict_inputs", _dict_inputs),
