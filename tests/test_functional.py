@@ -160,12 +160,36 @@ def test_missing_forward_ad_falls_back_to_reverse(gen: torch.Generator) -> None:
     torch.testing.assert_close(got, 3 * x**2)
 
 
-def test_function_torch_func_cannot_trace_uses_the_graph(gen: torch.Generator) -> None:
+def test_old_style_function_needs_no_fallback(gen: torch.Generator) -> None:
     x = randn(4, 3, gen=gen)
-    with pytest.warns(tj.FallbackWarning, match="autograd graph") as record:
-        got = tj.jacobian(OldCube.apply, x, batch_dim=0)
+    for mode in MODES:
+        got = tj.jacobian(OldCube.apply, x, batch_dim=0, mode=mode)
+        torch.testing.assert_close(got, torch.diag_embed(3 * x**2))
+
+
+class Straight(torch.autograd.Function):
+    """Forward x³, backward declared as 2x (a custom gradient, not the forward's derivative)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+        (x,) = ctx.saved_tensors
+        return g * x * 2
+
+
+def test_forward_mode_follows_the_declared_backward(gen: torch.Generator) -> None:
+    x = randn(4, 3, gen=gen)
+    with pytest.warns(tj.FallbackWarning, match="Taylor") as record:
+        got = tj.jacobian(lambda x: Straight.apply(x).sum(-1), x, batch_dim=0, mode="fwd")
     _one_fallback(record)
-    torch.testing.assert_close(got, torch.diag_embed(3 * x**2))
+    torch.testing.assert_close(got, 2 * x)
 
 
 def test_batch_coupling_raises(gen: torch.Generator) -> None:

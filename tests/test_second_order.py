@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randn
-from test_functional import Cube, OldCube, _one_fallback, mlp
+from test_functional import Cube, OldCube, Straight, _one_fallback, mlp
 from torch import Tensor
 from torch.func import hessian, vmap
 
@@ -122,22 +122,6 @@ def test_pinn_residual_loss_parameter_gradient(gen: torch.Generator) -> None:
 def test_custom_function_taylor_check_takes_nested_ad(gen: torch.Generator) -> None:
     x = randn(4, 3, gen=gen)
 
-    class Straight(torch.autograd.Function):
-        """Forward x³, backward declared as if it were 2x (not the forward's derivative)."""
-
-        @staticmethod
-        def forward(x: Tensor) -> Tensor:  # type: ignore[override]
-            return x**3
-
-        @staticmethod
-        def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def,override]
-            ctx.save_for_backward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
-            (x,) = ctx.saved_tensors
-            return g * x * 2
-
     with pytest.warns(tj.FallbackWarning, match="Taylor") as record:
         got = tj.hessian_diagonal(lambda x: Straight.apply(x).sum(-1), x, batch_dim=0)
     _one_fallback(record)
@@ -160,7 +144,9 @@ def test_second_order_errors(gen: torch.Generator) -> None:
     with pytest.raises(tj.BatchCouplingError, match="BatchNorm"):
         tj.hessian_diagonal(bn, x, batch_dim=0)
     with pytest.raises(RuntimeError, match="setup_context"):
-        tj.hessian(lambda x: OldCube.apply(x).sum(), x)
+        tj.hessian(lambda x: OldCube.apply(x).sum(), x, mode="fwd")
+    x2 = x[0, :2]  # few inputs: the Taylor mode is planned, and it follows the old-style Function
+    torch.testing.assert_close(tj.hessian(lambda x: OldCube.apply(x).sum(), x2), torch.diag(6 * x2))
     with pytest.raises(TypeError, match="func must return a Tensor"):
         tj.laplacian(lambda x: 1.0, x)
     with pytest.raises(ValueError, match="out of range"):

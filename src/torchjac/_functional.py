@@ -1,6 +1,6 @@
 """``jacobian``, ``hessian``, ``hessian_diagonal``, ``laplacian``: derivatives of functions.
 
-Each front door validates, calls the function once (``torch.func.vjp``, NOTE [function probes]),
+Each front door validates, calls the function once (NOTE [function probes]),
 plans, runs the engine and shapes the result; second derivatives go through the Taylor-mode
 propagation when it is the cheaper plan (NOTE [taylor mode]) and through nested AD otherwise.
 """
@@ -25,11 +25,9 @@ from torchjac._checks import (
     unflatten,
 )
 from torchjac._engine.func_call import FuncProblem, one_fallback_warning
-from torchjac._engine.func_graph import TraceFailed, graph_coupling_check, graph_jacobian
-from torchjac._engine.func_probes import Traced, jacobian_probes, trace
+from torchjac._engine.func_probes import Traced, autograd_trace, jacobian_probes
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.second import diagonal_or_trace, full_hessian
-from torchjac._errors import warn_fallback
 
 __all__ = ["hessian", "hessian_diagonal", "jacobian", "laplacian"]
 
@@ -154,30 +152,12 @@ def jacobian(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
     with one_fallback_warning(fn):
-        try:
-            t = trace(p, _check_outputs(p))
-        except TraceFailed as err:
-            flat, g_out, g_in, aux = graph_jacobian(p, mode, chunk_size, budget)
-            warn_fallback(fn, "torch.func could not trace func, used its autograd graph", err)
-            t = Traced((), _no_pullback, aux, g_out, g_in)
-        else:
-            with _grad_mode(p.create_graph):
-                flat = jacobian_probes(p, t, mode, chunk_size, budget)
+        t = autograd_trace(p, _check_outputs(p))
+        with _grad_mode(p.create_graph):
+            flat = jacobian_probes(p, t, mode, chunk_size, budget)
     rows, lead = _rows(p, t), _lead(p, t)
     res = [r.reshape(*lead, *rows, *_in_shape(p, t, j)) for j, r in enumerate(flat)]
     return _finish(p, t, unflatten(p.container, res))
-
-
-def _no_pullback(cots: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    raise AssertionError("unreachable: the graph fallback has no pullback")
-
-
-def _trace_second(p: FuncProblem) -> Traced:
-    try:
-        return trace(p, _check_outputs(p))
-    except TraceFailed as err:
-        graph_coupling_check(p)  # NOTE [graph fallback]: coupling first, it is the likely cause
-        raise err.__cause__ from None  # type: ignore[misc]
 
 
 def hessian(
@@ -212,7 +192,7 @@ def hessian(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
     with one_fallback_warning(fn):
-        t = _trace_second(p)
+        t = autograd_trace(p, _check_outputs(p))
         with _grad_mode(p.create_graph):
             flat = full_hessian(p, t, mode, chunk_size, budget)  # [B, R, D, D]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
@@ -306,7 +286,7 @@ def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
         a["create_graph"],
     )
     with one_fallback_warning(fn):
-        t = _trace_second(p)
+        t = autograd_trace(p, _check_outputs(p))
         with _grad_mode(p.create_graph):
             flat = diagonal_or_trace(p, t, kind, mode, chunk_size, budget)  # [B, R, D] / [B, R]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group

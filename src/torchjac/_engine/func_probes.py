@@ -1,12 +1,15 @@
-"""First-order probes of a function: rows by ``torch.func.vjp``, columns by ``torch.func.jvp``.
+"""First-order probes of a function: rows by batched backward passes, columns by forward mode.
 
-NOTE [function probes]: the function is called once under ``torch.func.vjp`` (this gives the
-outputs' shapes for planning, the aux value, and the pullback used for rows and for the batch
-coupling check). Rows are the pullback vmapped over one-hot cotangents; columns are ``jvp``
-vmapped over one-hot tangents. With ``batch_dim`` the one-hot probes are broadcast over the batch
-(NOTE [flat layout]), so a per-sample Jacobian costs ``out`` (or ``in``) probes and never forms
-the ``[B, ..., B, ...]`` cross terms. Forward-mode AD can be missing for an op (a custom
-``autograd.Function`` without ``jvp``): then rows are computed, with one ``FallbackWarning``.
+NOTE [function probes]: the function is called once with plain autograd, as the user would call
+it (this gives the outputs' shapes for planning, the aux value, the batch coupling check, and the
+graph that rows are read from: ``autograd.grad(is_grads_batched=True)``, one vectorised backward
+pass for many one-hot cotangents). Columns are forward mode: the Taylor mode's first-order part
+(NOTE [taylor mode], one pass carrying every direction) when all columns fit in one pass, else
+``torch.func.jvp`` vmapped over chunks of one-hot tangents. With ``batch_dim`` the one-hot probes
+are broadcast over the batch (NOTE [flat layout]), so a per-sample Jacobian costs ``out`` (or
+``in``) probes and never forms the ``[B, ..., B, ...]`` cross terms. Forward-mode AD can be
+missing for an op (a custom ``autograd.Function`` without ``jvp``): then rows are computed, with
+one ``FallbackWarning``.
 """
 
 from __future__ import annotations
@@ -20,43 +23,73 @@ from torch import Tensor
 
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_graph import TraceFailed
 from torchjac._engine.plan import FUNC_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
 from torchjac._engine.structure import check_independent
+from torchjac._engine.taylor_run import TaylorFailed, taylor
 from torchjac._errors import warn_fallback
 
-__all__ = ["Traced", "bytes_per_probe", "jacobian_probes", "trace", "zeros_for"]
+__all__ = ["Traced", "autograd_trace", "bytes_per_probe", "jacobian_probes", "zeros_for"]
 
 
 @dataclass
 class Traced:
-    """The function called once under ``torch.func.vjp``: outputs, pullback, aux, layouts."""
+    """The function called once with autograd: outputs, aux, layouts, and backward passes."""
 
-    outputs: tuple[Tensor, ...]
-    pullback: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]
+    outputs: tuple[Tensor, ...]  # detached
+    graph_outputs: tuple[Tensor, ...]  # on the graph (may not require grad: constants)
+    graph_inputs: tuple[Tensor, ...]
     aux: Any
     out_group: Group
     in_group: Group
+    create_graph: bool
     # (cotangents, gradients) of the coupling check's pullback, reused by NOTE [taylor check]
     probe: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
 
+    def pullback(
+        self, cots: Sequence[Tensor], batched: bool = False, create_graph: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Gradients of ``<outputs, cots>`` w.r.t. the inputs (zeros where unused)."""
+        xs, live = (
+            self.graph_inputs,
+            [i for i, y in enumerate(self.graph_outputs) if y.requires_grad],
+        )
+        grads: Sequence[Tensor | None] = [None] * len(xs)
+        if live:
+            grads = torch.autograd.grad(
+                [self.graph_outputs[i] for i in live],
+                xs,
+                [cots[i] for i in live],
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
+        lead = (cots[0].shape[0],) if batched else ()
+        return tuple(x.new_zeros(*lead, *x.shape) if g is None else g for g, x in zip(grads, xs))
 
-def trace(p: FuncProblem, check_batch: Callable[[tuple[Tensor, ...]], None]) -> Traced:
-    """Call the function once (see NOTE [function probes]); check the batch and its coupling."""
-    try:
-        outs, pullback, aux_tensors = torch.func.vjp(p.traced, *p.inputs, has_aux=True)  # type: ignore[misc]
-    except RuntimeError as err:  # see NOTE [graph fallback]
-        raise TraceFailed(err) from err
-    aux = p.aux(list(aux_tensors)) if p.has_aux else None
+
+def autograd_trace(p: FuncProblem, check_batch: Callable[[tuple[Tensor, ...]], None]) -> Traced:
+    """Call the function once (NOTE [function probes]); check the batch and its coupling."""
+    xs = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in p.inputs)
+    with torch.enable_grad():
+        outs, aux = p.call(*xs)
     check_batch(outs)
-    t = Traced(outs, pullback, aux, Group.of(outs, p.batch_dim), Group.of(p.inputs, p.batch_dim))
+    t = Traced(
+        tuple(y.detach() for y in outs),
+        outs,
+        xs,
+        aux,
+        Group.of(outs, p.batch_dim),
+        Group.of(p.inputs, p.batch_dim),
+        p.create_graph,
+    )
     if p.batch_dim is not None:
 
         def pull(cots: list[Tensor]) -> tuple[Tensor, ...]:
-            cast = tuple(c.to(y.dtype) for c, y in zip(cots, outs))
-            grads = tuple(pullback(cast))
-            t.probe = (cast, grads)
+            cast = tuple(c.to(y.dtype) for c, y in zip(cots, t.outputs))
+            grads = t.pullback(cast)
+            t.probe = (cast, tuple(g.detach() for g in grads))
             return grads
 
         check_independent(
@@ -97,6 +130,15 @@ def jacobian_probes(
     n_rows, n_cols = t.out_group.numel, t.in_group.numel
     chosen = choose_mode(mode, n_rows, n_cols, FUNC_COLUMN_COST)
     per_probe = bytes_per_probe(p, t.outputs)
+    if chosen == "fwd" and (chunk_size or n_cols) >= n_cols and per_probe * n_cols <= budget:
+        try:
+            jac = taylor(p, t, "first")  # [B, R, D]
+            return [
+                jac[:, :, off : off + size]
+                for off, size in zip(t.in_group.offsets, t.in_group.sizes)
+            ]
+        except TaylorFailed as err:
+            warn_fallback(p.fn_name, "Taylor-mode propagation could not follow func", err)
     results = [
         torch.zeros(t.in_group.batch_size, n_rows, s, dtype=p.dtype, device=p.device)
         for s in t.in_group.sizes
@@ -117,8 +159,9 @@ def _rows(p: FuncProblem, t: Traced, results: list[Tensor], chunk_size: int) -> 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
         cots = _probes(t.out_group, t.outputs, start, stop)
         if batched:
-            return tuple(torch.vmap(t.pullback)(cots))
-        return tuple(g.unsqueeze(0) for g in t.pullback(tuple(c[0] for c in cots)))
+            return t.pullback(cots, True, p.create_graph)
+        grads = t.pullback(tuple(c[0] for c in cots), False, p.create_graph)
+        return tuple(g.unsqueeze(0) for g in grads)
 
     def write(start: int, stop: int, grads: tuple[Tensor, ...]) -> None:
         for j, g in enumerate(grads):

@@ -41,7 +41,9 @@ class JetSpec:
 
     @property
     def n_second(self) -> int:
-        return 1 if self.kind == "trace" else self.d if self.kind == "diag" else len(self.left)  # type: ignore[arg-type]
+        if self.kind in ("first", "trace"):
+            return 0 if self.kind == "first" else 1
+        return self.d if self.kind == "diag" else len(self.left)  # type: ignore[arg-type]
 
 
 class Jet(Tensor):
@@ -113,7 +115,10 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     d = spec.d
     d1 = tuple(s[1 : 1 + d].clone() for s in stacks)
     d2 = tuple(s[1 + d :].clone() for s in stacks)
-    if spec.kind == "trace":
+    if spec.kind == "first":
+        first = torch.vmap(lambda t: push(vals, t))(d1)
+        second = tuple(f[:0] for f in first)
+    elif spec.kind == "trace":
         first, second = torch.vmap(curve, in_dims=(0, None))(d1, tuple(x[0] / d for x in d2))
         second = tuple(s.sum(0, keepdim=True) for s in second)
     elif spec.kind == "diag":

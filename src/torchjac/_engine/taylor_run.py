@@ -14,9 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from typing import TYPE_CHECKING
+
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_probes import Traced
 from torchjac._engine.taylor import Jet, JetSpec, constant
+
+if TYPE_CHECKING:
+    from torchjac._engine.func_probes import Traced
 
 __all__ = ["TaylorFailed", "taylor"]
 
@@ -26,8 +30,8 @@ class TaylorFailed(Exception):
 
 
 def taylor(p: FuncProblem, t: Traced, kind: str) -> Tensor:
-    """``[B, R]`` traces, ``[B, R, D]`` diagonals or ``[B, R, D, D]`` Hessians, see
-    NOTE [taylor mode]."""
+    """``[B, R, D]`` Jacobians (``kind="first"``), ``[B, R]`` traces, ``[B, R, D]`` diagonals
+    or ``[B, R, D, D]`` Hessians, see NOTE [taylor mode]."""
     g_in, g_out = t.in_group, t.out_group
     d = g_in.numel
     left = right = None
@@ -49,6 +53,9 @@ def taylor(p: FuncProblem, t: Traced, kind: str) -> Tensor:
         if s.shape[1:] != y.shape:
             raise TaylorFailed(f"an output has shape {list(s.shape[1:])}, expected {list(y.shape)}")
     _check_first_order(p, t, [s[1 : 1 + d] for s in stacks])
+    if kind == "first":
+        flat = [g_out.flatten(i, s[1 : 1 + d]) for i, s in enumerate(stacks)]  # [B, D, m_i]
+        return torch.cat(flat, dim=2).transpose(1, 2).to(p.dtype)
     second = torch.cat([g_out.flatten(i, s[1 + d :]) for i, s in enumerate(stacks)], dim=2).to(
         p.dtype
     )  # [B, S, R]
@@ -70,7 +77,7 @@ def _check_first_order(p: FuncProblem, t: Traced, firsts: list[Tensor]) -> None:
         cots = tuple(
             torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device) for y in t.outputs
         )
-        grads = tuple(t.pullback(cots))
+        grads = t.pullback(cots)
     else:
         cots, grads = t.probe
     g_in, g_out = t.in_group, t.out_group
