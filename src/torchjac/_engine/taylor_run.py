@@ -11,10 +11,10 @@ AD instead (``TaylorFailed``). A failure inside the propagation does the same.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
-
-from typing import TYPE_CHECKING
 
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.taylor import Jet, JetSpec, constant
