@@ -71,10 +71,10 @@ class Gated(nn.Module):
 class Twice(nn.Module):
     """A Linear called twice (reuse: cross terms between the calls)."""
 
-    def __init__(self) -> None:
+    def __init__(self, d: int = 4) -> None:
         super().__init__()
-        self.lin = nn.Linear(4, 4, dtype=DT)
-        self.out = nn.Linear(4, 3, dtype=DT)
+        self.lin = nn.Linear(d, d, dtype=DT)
+        self.out = nn.Linear(d, 3, dtype=DT)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
@@ -156,6 +156,17 @@ CASES = [
         _randn(5, 3),
     ),
     Case("twice", Twice, _randn(4)),
+    Case("twice_wide_ghost_positions", lambda: Twice(24), _randn(24)),
+    Case(
+        "tokens_wide_ghost_positions",
+        lambda: nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 2), nn.Flatten()).to(DT),
+        _randn(2, 16),
+    ),
+    Case(
+        "grouped_conv_one_position",
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)).to(DT),
+        _randn(2, 3, 3),
+    ),
     Case(
         "tied_embedding_layernorm",
         TiedLM,
