@@ -70,7 +70,7 @@ def _seed000_jacobian(input: Any, wrt: Any, create_graph: bool = False) -> list[
 
 
 def _p000(small: bool) -> tuple[Thunk, Thunk, str]:
-    sizes, n = ([8, 16, 16, 2], 4) if small else ([16, 64, 64, 4], 16)
+    sizes, n = ([8, 16, 16, 2], 4) if small else ([16, 32, 32, 4], 16)
     model = _mlp(sizes, nn.Tanh, 0)
     x, t = _randn(n, sizes[0], seed=1), _randn(n, sizes[-1], seed=2)
     params = list(model.parameters())
@@ -147,7 +147,7 @@ def _p002(small: bool) -> tuple[Thunk, Thunk, str]:
 
 
 def _p002_pinn(small: bool) -> tuple[Thunk, Thunk, str]:
-    sizes, b = ([2, 8, 3], 4) if small else ([2, 32, 32, 3], 32)
+    sizes, b = ([2, 8, 3], 4) if small else ([2, 32, 32, 3], 16)
     f = _mlp(sizes, nn.Tanh, 22)
     x = _randn(b, 2, seed=23)
 
