@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchjac.cli import build_parser
 
@@ -79,3 +80,47 @@ def test_demo_small_prints_the_table_and_saves_the_figure(tmp_path: Path) -> Non
     assert "DISAGREE" not in done.stdout
     assert "| agree" in done.stdout
     assert _is_png(tmp_path / "demo.png")
+
+
+def test_console_script_runs(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "torchjac"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: torchjac" in done.stdout
+
+
+def test_harness_rows_for_missing_peers_placeholders_and_wrong_results() -> None:
+    from torchjac._bench import _import, find_benchmarks
+
+    h = _import("_harness", find_benchmarks())
+    reference = torch.arange(6.0).view(2, 3)
+
+    def placeholder(_: object) -> None:
+        raise NotImplementedError("not landed")
+
+    def broken(_: object) -> None:
+        raise RuntimeError("out of memory\nmore")
+
+    strategies = [
+        h.Strategy("peer ok", lambda _: reference.clone()),
+        h.Strategy("peer slower", lambda _: (reference * 1.0).clone()),
+        h.Strategy("peer missing", lambda _: reference, requires=("no_such_module_xyz",)),
+        h.Strategy("peer broken", broken),
+        h.Strategy("peer wrong", lambda _: reference + 1),
+        h.Strategy("peer wrong shape", lambda _: reference.T),
+        h.Strategy("tj placeholder", placeholder, torchjac=True),
+        h.Strategy("tj ok", lambda _: {"a": reference.clone()}, torchjac=True),
+    ]
+    workload = h.Workload("W0", "toy", lambda small: h.Case(reference, strategies, "2x3"))
+    timing = h.Timing(repeats=3, min_repeats=1, budget_s=0.05)
+    rows = {r.strategy: r for r in h.run_workloads([workload], timing=timing, progress=False)}
+    assert rows["peer ok"].status == "ok" and len(rows["peer ok"].times_ms) >= 1
+    assert rows["peer missing"].status == "skipped: no_such_module_xyz not installed"
+    assert rows["peer broken"].status == "error: RuntimeError: out of memory"
+    assert rows["peer wrong"].status == "wrong: max abs diff 1.00e+00"
+    assert rows["peer wrong shape"].status == "wrong: shape (3, 2), expected (2, 3)"
+    assert rows["tj placeholder"].status == "not available"
+    assert rows["tj ok"].status == "ok" and rows["tj ok"].ratio is not None
+    best = min(rows[k].median_ms for k in ("peer ok", "peer slower"))
+    assert rows["tj ok"].ratio == pytest.approx(rows["tj ok"].median_ms / best)
+    assert all(r.median_ms is None for r in rows.values() if r.status != "ok")

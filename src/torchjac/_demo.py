@@ -165,7 +165,7 @@ def save_figure(path: str, rows: Sequence[DemoRow]) -> None:
         left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
         left.xaxis.set_minor_formatter(NullFormatter())
     for i, s in enumerate(speedups):
-        left.text(s, i, f" {s:.3g}×", va="center", fontsize=8)
+        left.text(s, i, f" {s:.3g}×" if s < 100 else f" {s:,.0f}×", va="center", fontsize=8)
     left.set_xlabel("speedup of torchjac over the seed's method (log scale)")
     left.set_title("torchjac vs the seeds' own code", fontsize=10)
     image, how = _heatmap()
