@@ -25,9 +25,10 @@ from torchjac._checks import (
     unflatten,
 )
 from torchjac._engine.func_call import FuncProblem, one_fallback_warning
-from torchjac._engine.func_probes import Traced, autograd_trace, jacobian_probes
+from torchjac._engine.func_probes import Traced, solve_jacobian
 from torchjac._engine.plan import memory_budget
-from torchjac._engine.second import diagonal_or_trace, full_hessian
+from torchjac._engine.second import second_derivatives
+from torchjac._engine.taylor_run import TaylorResult
 
 __all__ = ["hessian", "hessian_diagonal", "jacobian", "laplacian"]
 
@@ -83,20 +84,20 @@ def _grad_mode(create_graph: bool) -> Any:
     return nullcontext() if create_graph else torch.no_grad()
 
 
-def _rows(p: FuncProblem, t: Traced) -> tuple[int, ...]:
+def _rows(p: FuncProblem, t: Traced | TaylorResult) -> tuple[int, ...]:
     return tuple(t.out_group.rest_shape(0)) if p.single else (t.out_group.numel,)
 
 
-def _lead(p: FuncProblem, t: Traced) -> tuple[int, ...]:
+def _lead(p: FuncProblem, t: Traced | TaylorResult) -> tuple[int, ...]:
     return () if p.batch_dim is None else (t.in_group.batch_size,)
 
 
-def _in_shape(p: FuncProblem, t: Traced, j: int) -> tuple[int, ...]:
+def _in_shape(p: FuncProblem, t: Traced | TaylorResult, j: int) -> tuple[int, ...]:
     g = t.in_group
     return tuple(g.shapes[j]) if p.batch_dim is None else tuple(g.rest_shape(j))
 
 
-def _finish(p: FuncProblem, t: Traced, result: Any) -> Any:
+def _finish(p: FuncProblem, t: Traced | TaylorResult, result: Any) -> Any:
     return (result, t.aux) if p.has_aux else result
 
 
@@ -151,10 +152,8 @@ def jacobian(
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with one_fallback_warning(fn):
-        t = autograd_trace(p, _check_outputs(p))
-        with _grad_mode(p.create_graph):
-            flat = jacobian_probes(p, t, mode, chunk_size, budget)
+    with one_fallback_warning(fn), _grad_mode(p.create_graph):
+        flat, t = solve_jacobian(p, mode, chunk_size, budget, _check_outputs(p))
     rows, lead = _rows(p, t), _lead(p, t)
     res = [r.reshape(*lead, *rows, *_in_shape(p, t, j)) for j, r in enumerate(flat)]
     return _finish(p, t, unflatten(p.container, res))
@@ -191,10 +190,9 @@ def hessian(
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with one_fallback_warning(fn):
-        t = autograd_trace(p, _check_outputs(p))
-        with _grad_mode(p.create_graph):
-            flat = full_hessian(p, t, mode, chunk_size, budget)  # [B, R, D, D]
+    with one_fallback_warning(fn), _grad_mode(p.create_graph):
+        check = _check_outputs(p)
+        flat, t = second_derivatives(p, "full", mode, chunk_size, budget, check)  # [B, R, D, D]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
     blocks = [
         [
@@ -285,10 +283,9 @@ def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
         a["max_memory"],
         a["create_graph"],
     )
-    with one_fallback_warning(fn):
-        t = autograd_trace(p, _check_outputs(p))
-        with _grad_mode(p.create_graph):
-            flat = diagonal_or_trace(p, t, kind, mode, chunk_size, budget)  # [B, R, D] / [B, R]
+    with one_fallback_warning(fn), _grad_mode(p.create_graph):
+        check = _check_outputs(p)
+        flat, t = second_derivatives(p, kind, mode, chunk_size, budget, check)  # [B, R(, D)]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
     if kind == "trace":
         return _finish(p, t, flat.reshape(*lead, *rows))

@@ -2,9 +2,7 @@
 
 NOTE [calling convention]: ``func(inputs)`` for a Tensor or a mapping (rebuilt with the same
 keys), ``func(*inputs)`` for a tuple. The result is a Tensor or a sequence of Tensors (rows
-concatenated, as in ``jac``), plus an aux value when ``has_aux``. Inside a ``torch.func``
-transform only tensors may cross the boundary, so the aux value travels as its tensor leaves and
-its other leaves are kept aside (see ``FuncProblem.traced``).
+concatenated, as in ``jac``), plus an aux value when ``has_aux``.
 """
 
 from __future__ import annotations
@@ -13,12 +11,11 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchjac._checks import Container, describe
 from torchjac._errors import FallbackWarning
@@ -48,8 +45,6 @@ class FuncProblem:
     batch_dim: int | None
     create_graph: bool
     single: bool = True  # set by the first call: the function returned one Tensor
-    _aux_spec: Any = field(default=None, repr=False)
-    _aux_leaves: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -64,14 +59,20 @@ class FuncProblem:
 
     def call(self, *xs: Tensor) -> tuple[tuple[Tensor, ...], Any]:
         """Call the function on ``xs`` (one per input); return (output tensors, aux)."""
+        return self.split(self.call_raw(*xs))
+
+    def call_raw(self, *xs: Tensor) -> Any:
+        """Call the function on ``xs`` as the user would (NOTE [calling convention])."""
         load_forward_ad()
         kind, keys = self.container
         if kind == "tensor":
-            res = self.func(xs[0])
-        elif kind == "dict":
-            res = self.func(dict(zip(keys, xs)))
-        else:
-            res = self.func(*xs)
+            return self.func(xs[0])
+        if kind == "dict":
+            return self.func(dict(zip(keys, xs)))
+        return self.func(*xs)
+
+    def split(self, res: Any) -> tuple[tuple[Tensor, ...], Any]:
+        """Validate a raw result; return (output tensors, aux)."""
         aux = None
         if self.has_aux:
             if not (isinstance(res, (tuple, list)) and len(res) == 2):
@@ -108,19 +109,6 @@ class FuncProblem:
     def outputs_only(self, *xs: Tensor) -> tuple[Tensor, ...]:
         """The function's outputs as a tuple of Tensors (aux dropped)."""
         return self.call(*xs)[0]
-
-    def traced(self, *xs: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
-        """``(outputs, aux tensor leaves)`` for ``torch.func``'s ``has_aux``; see ``aux``."""
-        outs, aux = self.call(*xs)
-        leaves, self._aux_spec = tree_flatten(aux)
-        self._aux_leaves = leaves
-        return outs, [x for x in leaves if isinstance(x, Tensor)]
-
-    def aux(self, tensors: list[Tensor]) -> Any:
-        """Rebuild the aux value of the last ``traced`` call from its unwrapped tensor leaves."""
-        it = iter(tensors)
-        leaves = [next(it) if isinstance(x, Tensor) else x for x in self._aux_leaves]
-        return tree_unflatten(leaves, self._aux_spec)
 
 
 @contextmanager

@@ -26,10 +26,22 @@ from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.plan import FUNC_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
 from torchjac._engine.structure import check_independent
-from torchjac._engine.taylor_run import TaylorFailed, taylor
+from torchjac._engine.taylor_run import TaylorFailed, TaylorResult, taylor
 from torchjac._errors import warn_fallback
 
-__all__ = ["Traced", "autograd_trace", "bytes_per_probe", "jacobian_probes", "zeros_for"]
+__all__ = [
+    "CheckBatch",
+    "Traced",
+    "autograd_trace",
+    "bytes_per_probe",
+    "solve_jacobian",
+    "zeros_for",
+]
+
+CheckBatch = Callable[[tuple[Tensor, ...]], None]
+# Columns are planned without calling the function first (so without counting its rows) when
+# there are at most this many: the Taylor-mode pass then costs a few forward passes at most.
+BLIND_COLUMNS = 4
 
 
 @dataclass
@@ -69,7 +81,7 @@ class Traced:
         return tuple(x.new_zeros(*lead, *x.shape) if g is None else g for g, x in zip(grads, xs))
 
 
-def autograd_trace(p: FuncProblem, check_batch: Callable[[tuple[Tensor, ...]], None]) -> Traced:
+def autograd_trace(p: FuncProblem, check_batch: CheckBatch) -> Traced:
     """Call the function once (NOTE [function probes]); check the batch and its coupling."""
     xs = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in p.inputs)
     with torch.enable_grad():
@@ -123,22 +135,33 @@ def _probes(group: Group, like: Sequence[Tensor], start: int, stop: int) -> tupl
     )
 
 
-def jacobian_probes(
-    p: FuncProblem, t: Traced, mode: str, chunk_size: int | None, budget: int
-) -> list[Tensor]:
-    """Run the plan; return one ``[B, rows, n_j]`` tensor per input (B = 1 when unbatched)."""
-    n_rows, n_cols = t.out_group.numel, t.in_group.numel
-    chosen = choose_mode(mode, n_rows, n_cols, FUNC_COLUMN_COST)
-    per_probe = bytes_per_probe(p, t.outputs)
-    if chosen == "fwd" and (chunk_size or n_cols) >= n_cols and per_probe * n_cols <= budget:
+def solve_jacobian(
+    p: FuncProblem, mode: str, chunk_size: int | None, budget: int, check_batch: CheckBatch
+) -> tuple[list[Tensor], Traced | TaylorResult]:
+    """Plan and run; return one ``[B, rows, n_j]`` tensor per input (B = 1 when unbatched)."""
+    g_in = Group.of(p.inputs, p.batch_dim)
+    d = g_in.numel
+    in_bytes = 16 * sum(x.numel() for x in p.inputs) * p.dtype.itemsize
+    t: Traced | None = None
+    if mode == "auto" and d > BLIND_COLUMNS:
+        t = autograd_trace(p, check_batch)
+        mode = choose_mode(mode, t.out_group.numel, d, FUNC_COLUMN_COST)
+    if mode != "rev" and (chunk_size or d) >= d and in_bytes * (d + 2) <= budget:
         try:
-            jac = taylor(p, t, "first")  # [B, R, D]
-            return [
-                jac[:, :, off : off + size]
-                for off, size in zip(t.in_group.offsets, t.in_group.sizes)
-            ]
+            res = taylor(p, "first", check_batch)  # [B, R, D]: every column in one pass
+            return [res.result[:, :, o : o + n] for o, n in zip(g_in.offsets, g_in.sizes)], res
         except TaylorFailed as err:
             warn_fallback(p.fn_name, "Taylor-mode propagation could not follow func", err)
+    if t is None:
+        t = autograd_trace(p, check_batch)
+    return _probes_on_trace(p, t, "fwd" if mode != "rev" else "rev", chunk_size, budget), t
+
+
+def _probes_on_trace(
+    p: FuncProblem, t: Traced, chosen: str, chunk_size: int | None, budget: int
+) -> list[Tensor]:
+    n_rows, n_cols = t.out_group.numel, t.in_group.numel
+    per_probe = bytes_per_probe(p, t.outputs)
     results = [
         torch.zeros(t.in_group.batch_size, n_rows, s, dtype=p.dtype, device=p.device)
         for s in t.in_group.sizes

@@ -6,96 +6,83 @@ diagonal or a trace (forward over forward would need only ``D`` probes, but PyTo
 forward mode is wrong for some ops, e.g. ``layer_norm`` and ``batch_norm``: pytorch#196700).
 The Taylor mode (NOTE [taylor mode]) pushes ``K`` coefficients through one pass of the
 function: ``K = 2 + D`` for a trace, ``1 + 2D`` for a diagonal, ``1 + D + D(D+1)/2`` for a
-full Hessian. "auto" takes the Taylor mode when its ``K`` is below the nested cost, and nested
-AD when the Taylor mode cannot follow the function (one ``FallbackWarning``). Forward-mode AD
-missing for an op makes the nested path reverse over reverse (one ``FallbackWarning``).
+full Hessian. "auto" takes the Taylor mode when its ``K`` is at most the nested cost — always
+for a trace or a diagonal, and for a full Hessian when ``D <= 2`` or once the function has been
+called to count ``R`` — and nested AD when the Taylor mode cannot follow the function (one
+``FallbackWarning``). Forward-mode AD missing for an op makes the nested path reverse over
+reverse (one ``FallbackWarning``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_probes import Traced
+from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
 from torchjac._engine.func_second import hessian_pairs
-from torchjac._engine.taylor_run import TaylorFailed, taylor
+from torchjac._engine.taylor_run import TaylorFailed, TaylorResult, taylor
 from torchjac._errors import warn_fallback
 
-__all__ = ["diagonal_or_trace", "full_hessian"]
+__all__ = ["second_derivatives"]
 
 # Passes per nested-AD probe, relative to one Taylor coefficient (see NOTE [second-order plan]).
 PAIR_COST = 3.0
 
 
-def _taylor_first(
-    p: FuncProblem, t: Traced, kind: str, mode: str, nested_cost: float
-) -> Tensor | None:
-    """The Taylor-mode result when planned and possible, else ``None`` (after one warning)."""
-    d = t.in_group.numel
-    k = {"trace": 2 + d, "diag": 1 + 2 * d, "full": 1 + d + d * (d + 1) // 2}[kind]
-    if mode != "auto" or k > nested_cost:
-        return None
-    try:
-        return taylor(p, t, kind)
-    except TaylorFailed as err:
-        warn_fallback(
-            p.fn_name, "Taylor-mode propagation could not follow func, used nested AD", err
-        )
-        return None
+def second_derivatives(
+    p: FuncProblem,
+    kind: str,
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+    check_batch: CheckBatch,
+) -> tuple[Tensor, Traced | TaylorResult]:
+    """``kind="full"``: ``[B, R, D, D]``; ``"diag"``: ``[B, R, D]``; ``"trace"``: ``[B, R]``."""
+    d = Group.of(p.inputs, p.batch_dim).numel
+    t: Traced | None = None
+    if mode == "auto":
+        planned = kind != "full" or d <= 2
+        if not planned:
+            t = autograd_trace(p, check_batch)
+            planned = 1 + d + d * (d + 1) // 2 <= PAIR_COST * t.out_group.numel * d
+        if planned:
+            try:
+                res = taylor(p, kind, check_batch)
+                return res.result, res
+            except TaylorFailed as err:
+                warn_fallback(
+                    p.fn_name, "Taylor-mode propagation could not follow func, used nested AD", err
+                )
+    if t is None:
+        t = autograd_trace(p, check_batch)
+    return _nested(p, t, kind, "fwd" if mode == "auto" else mode, chunk_size, budget), t
 
 
-def full_hessian(
-    p: FuncProblem, t: Traced, mode: str, chunk_size: int | None, budget: int
-) -> Tensor:
-    """``[B, R, D, D]``: per-sample Hessians of every output row (B = 1 when unbatched)."""
-    b, r, d = t.in_group.batch_size, t.out_group.numel, t.in_group.numel
-    fast = _taylor_first(p, t, "full", mode, PAIR_COST * r * d)
-    if fast is not None:
-        return fast
-    res = torch.zeros(b, r, d, d, dtype=p.dtype, device=p.device)
-
-    def sink(o: Tensor, a: Tensor, block: Tensor) -> None:
-        res[:, o, a] = block.to(p.dtype)
-
-    _nested(
-        p,
-        t,
-        "fwd" if mode == "auto" else mode,
-        lambda m: hessian_pairs(p, t, m, chunk_size, budget, sink),
-        res,
-    )
-    return res
-
-
-def diagonal_or_trace(
+def _nested(
     p: FuncProblem, t: Traced, kind: str, mode: str, chunk_size: int | None, budget: int
 ) -> Tensor:
-    """``[B, R, D]`` Hessian diagonals (``kind="diag"``) or ``[B, R]`` traces (``"trace"``)."""
     b, r, d = t.in_group.batch_size, t.out_group.numel, t.in_group.numel
-    fast = _taylor_first(p, t, kind, mode, PAIR_COST * r * d)
-    if fast is not None:
-        return fast
-    res = torch.zeros(b, r, d, dtype=p.dtype, device=p.device)
+    shape = (b, r, d, d) if kind == "full" else (b, r, d)
+    res = torch.zeros(shape, dtype=p.dtype, device=p.device)
 
-    def sink(o: Tensor, a: Tensor, block: Tensor) -> None:
+    def full_sink(o: Tensor, a: Tensor, block: Tensor) -> None:
+        res[:, o, a] = block.to(p.dtype)
+
+    def diag_sink(o: Tensor, a: Tensor, block: Tensor) -> None:
         idx = a.reshape(1, -1, 1).expand(block.shape[0], -1, 1)
         res[:, o, a] = block.gather(2, idx)[..., 0].to(p.dtype)
 
-    def run(m: str) -> None:
-        hessian_pairs(p, t, m, chunk_size, budget, sink)
-
-    _nested(p, t, "fwd" if mode == "auto" else mode, run, res)
-    return res.sum(dim=2) if kind == "trace" else res
-
-
-def _nested(p: FuncProblem, t: Traced, mode: str, run: object, res: Tensor) -> None:
-    assert callable(run)
+    sink: Callable[[Tensor, Tensor, Tensor], None] = full_sink if kind == "full" else diag_sink
     if mode == "fwd":
         try:
-            run("fwd")
-            return
+            hessian_pairs(p, t, "fwd", chunk_size, budget, sink)
+            return res.sum(dim=2) if kind == "trace" else res
         except (RuntimeError, NotImplementedError) as err:
             warn_fallback(p.fn_name, "forward-mode AD failed, used reverse over reverse", err)
             res.zero_()
-    run("rev")
+    hessian_pairs(p, t, "rev", chunk_size, budget, sink)
+    return res.sum(dim=2) if kind == "trace" else res

@@ -23,21 +23,36 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["Jet", "JetSpec", "general_rule"]
+__all__ = ["Jet", "JetSpec", "TaylorFailed", "constant", "general_rule"]
+
+
+class TaylorFailed(Exception):
+    """The Taylor mode could not follow the function (see NOTE [taylor check])."""
 
 
 @dataclass(frozen=True)
 class JetSpec:
-    """How the ``K`` coefficients of a stack are laid out (see NOTE [taylor mode])."""
+    """How the ``K`` coefficients of a stack are laid out (see NOTE [taylor mode]).
 
-    d: int  # number of first-order directions
-    kind: str  # "trace", "diag" or "full"
-    left: Tensor | None  # "full": pair p is (left[p], right[p]); "diag": both arange(d)
+    Layout: ``[value, first-order (m = d + extra), second-order (n_second)]``. The ``extra``
+    first-order directions take no part in second order (the batch coupling probe,
+    NOTE [taylor check]).
+    """
+
+    d: int  # number of second-order directions (the inputs' elements per sample)
+    kind: str  # "first", "trace", "diag" or "full"
+    left: Tensor | None  # "full": pair p is (left[p], right[p])
     right: Tensor | None
+    extra: int = 0
+    grad: bool = False  # record the autograd graph of the coefficients (create_graph)
+
+    @property
+    def m(self) -> int:
+        return self.d + self.extra
 
     @property
     def k(self) -> int:
-        return 1 + self.d + self.n_second
+        return 1 + self.m + self.n_second
 
     @property
     def n_second(self) -> int:
@@ -66,10 +81,16 @@ class Jet(Tensor):
         from torchjac._engine.taylor_decomp import DECOMPOSITIONS
         from torchjac._engine.taylor_rules import dispatch
 
+        if not torch.is_grad_enabled():  # NOTE [taylor check]: the pass runs with grad on
+            raise TaylorFailed(
+                f"{getattr(func, '__name__', func)} ran with gradients disabled (inside a custom "
+                "autograd.Function or a torch.no_grad() block)"
+            )
         decomposition = DECOMPOSITIONS.get(func)
         if decomposition is not None:
             return decomposition(*args, **(kwargs or {}))
-        with torch._C.DisableTorchFunctionSubclass():
+        spec = next(a.spec for a in tree_flatten((args, kwargs))[0] if isinstance(a, Jet))
+        with torch._C.DisableTorchFunctionSubclass(), torch.set_grad_enabled(spec.grad):
             return dispatch(func, tuple(args), dict(kwargs or {}))
 
 
@@ -112,9 +133,9 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     def curve(t1: tuple[Tensor, ...], t2: tuple[Tensor, ...]) -> Any:
         return torch.func.jvp(push, (vals, t1), (t1, t2))
 
-    d = spec.d
+    d, m = spec.d, spec.m
     d1 = tuple(s[1 : 1 + d].clone() for s in stacks)
-    d2 = tuple(s[1 + d :].clone() for s in stacks)
+    d2 = tuple(s[1 + m :].clone() for s in stacks)
     if spec.kind == "first":
         first = torch.vmap(lambda t: push(vals, t))(d1)
         second = tuple(f[:0] for f in first)
@@ -131,6 +152,9 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         second = torch.vmap(lambda a, b, h: torch.func.jvp(push, (vals, b), (a, h))[1])(
             left, right, d2
         )
+    if spec.extra:
+        more = torch.vmap(lambda t: push(vals, t))(tuple(s[1 + d : 1 + m].clone() for s in stacks))
+        first = tuple(torch.cat([f, e]) for f, e in zip(first, more))
     for n, i in enumerate(live):
         y = out_leaves[i]
         stack = torch.cat([y.unsqueeze(0), first[n].to(y.dtype), second[n].to(y.dtype)])

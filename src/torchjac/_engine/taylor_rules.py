@@ -40,12 +40,12 @@ def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
 def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
     """``φ(x)`` from ``y = φ(v)``, ``φ'(v)`` and ``φ''(v)`` (``None`` when zero)."""
     spec, s = x.spec, x.stack
-    d = spec.d
+    d, m = spec.d, spec.m
     d1 = s[1 : 1 + d]
     if torch.is_grad_enabled() and (s.requires_grad or dy.requires_grad):
         rest = dy * s[1:]
         if ddy is not None and spec.n_second:
-            rest[d:] += ddy * _second(spec, d1, d1)
+            rest[m:] += ddy * _second(spec, d1, d1)
         return Jet.of(torch.cat([y.unsqueeze(0), rest]), spec)
     # no graph to keep: write into one buffer, no concatenation (NOTE [taylor mode])
     out = torch.empty_like(s)
@@ -53,9 +53,9 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
     torch.mul(s[1:], dy, out=out[1:])
     if ddy is not None and spec.n_second:
         if spec.kind == "diag":
-            out[1 + d :].addcmul_(d1.square(), ddy)
+            out[1 + m :].addcmul_(d1 * d1, ddy)
         else:
-            out[1 + d :].add_(_second(spec, d1, d1).mul_(ddy))
+            out[1 + m :].add_(_second(spec, d1, d1).mul_(ddy))
     return Jet.of(out, spec)
 
 
@@ -142,14 +142,14 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         c = torch.as_tensor(b, dtype=a.dtype, device=a.device)
         nd = max(a.dim(), c.dim())
         return Jet.of(_lift(a.stack, nd) * c, a.spec)
-    spec, d = a.spec, a.spec.d
+    spec, d, m = a.spec, a.spec.d, a.spec.m
     nd = max(a.dim(), b.dim())
     sa, sb = _lift(a.stack, nd), _lift(b.stack, nd)
     va, vb = sa[0], sb[0]
     rest = va * sb[1:] + sa[1:] * vb
     if not spec.n_second:
         return Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec)
-    rest[d:] += (
+    rest[m:] += (
         2 * _second(spec, sa[1 : 1 + d], sb[1 : 1 + d])
         if spec.kind != "full"
         else (

@@ -1,105 +1,120 @@
-"""Running the Taylor mode on a function, checking it, and reading second derivatives out.
+"""Running the Taylor mode on a function: seeds, the checks it needs, reading results out.
 
-NOTE [taylor check]: the Taylor mode follows the torch calls the function makes; it cannot see
-inside a custom ``autograd.Function`` (whose forward it would differentiate instead of using the
-user's backward), through ``torch.no_grad()`` blocks or through tensors the function builds from
-Python numbers. Its first-order part is therefore checked against one reverse-mode pullback
-(``u^T J`` for a random ``u``, the pullback of the batch coupling check when there is one): any
-disagreement beyond rounding means the propagation missed something, and the call takes nested
-AD instead (``TaylorFailed``). A failure inside the propagation does the same.
+NOTE [taylor check]: the Taylor mode follows the torch calls the function makes. It cannot see
+inside a custom ``autograd.Function`` (it would differentiate the forward instead of using the
+user's backward) nor honour a ``torch.no_grad()`` block; both run with gradients disabled, so the
+pass runs with gradients enabled and any call on a Jet with gradients disabled stops it
+(``TaylorFailed``): the call then takes nested AD, with one ``FallbackWarning``. Any other failure
+inside the propagation does the same. With ``batch_dim``, one extra first-order direction carries
+a random tangent on a random half S of the samples (always sample 0, never all): any response of
+an output sample outside S means the samples are coupled (``BatchCouplingError``), as in
+NOTE [coupling check] but in forward mode, at the price of one coefficient.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
+from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.taylor import Jet, JetSpec, constant
+from torchjac._engine.structure import sample_mask
+from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
+from torchjac._errors import BatchCouplingError
 
-if TYPE_CHECKING:
-    from torchjac._engine.func_probes import Traced
-
-__all__ = ["TaylorFailed", "taylor"]
-
-
-class TaylorFailed(Exception):
-    """The Taylor mode could not follow the function (see NOTE [taylor check])."""
+__all__ = ["TaylorFailed", "TaylorResult", "taylor"]
 
 
-def taylor(p: FuncProblem, t: Traced, kind: str) -> Tensor:
-    """``[B, R, D]`` Jacobians (``kind="first"``), ``[B, R]`` traces, ``[B, R, D]`` diagonals
-    or ``[B, R, D, D]`` Hessians, see NOTE [taylor mode]."""
-    g_in, g_out = t.in_group, t.out_group
-    d = g_in.numel
+@dataclass(frozen=True)
+class TaylorResult:
+    """``result``: ``[B, R, D]`` Jacobians (``"first"``), ``[B, R]`` traces (``"trace"``),
+    ``[B, R, D]`` diagonals (``"diag"``) or ``[B, R, D, D]`` Hessians (``"full"``)."""
+
+    result: Tensor
+    outputs: tuple[Tensor, ...]
+    aux: Any
+    out_group: Group
+    in_group: Group
+
+
+def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
+    """One Taylor-mode pass of the function (NOTE [taylor mode], NOTE [taylor check])."""
+    g_in = Group.of(p.inputs, p.batch_dim)
+    d, bsz = g_in.numel, g_in.batch_size
     left = right = None
     if kind == "full":
         left, right = torch.triu_indices(d, d, device=p.device)
-    spec = JetSpec(d, kind, left, right)
-    seeds = g_in.one_hot(0, d, p.dtype, p.device)
+    extra = 1 if p.batch_dim is not None and bsz > 1 else 0
+    spec = JetSpec(d, kind, left, right, extra, p.create_graph)
+    mask = sample_mask(bsz, p.device) if extra else None
+    gen = torch.Generator().manual_seed(7)
     jets = []
-    for x, seed in zip(p.inputs, seeds):
+    for j, (x, seed) in enumerate(zip(p.inputs, g_in.one_hot(0, d, p.dtype, p.device))):
         assert seed is not None
-        zeros = x.new_zeros(spec.n_second, *x.shape)
-        jets.append(Jet.of(torch.cat([x.unsqueeze(0), seed.to(x.dtype), zeros]), spec))
-    try:
-        outs, _ = p.call(*jets)
-    except Exception as err:
-        raise TaylorFailed(err) from err
+        parts = [x.unsqueeze(0), seed.to(x.dtype)]
+        if mask is not None:
+            rand = torch.randn(1, bsz, g_in.sizes[j], generator=gen).to(x.device, x.dtype)
+            parts.append(g_in.expand(j, rand * mask.reshape(1, bsz, 1).to(x.dtype)))
+        parts.append(x.new_zeros(spec.n_second, *x.shape))
+        jets.append(Jet.of(torch.cat(parts), spec))
+    with torch.enable_grad():  # see NOTE [taylor check]
+        try:
+            raw = p.call_raw(*jets)
+        except TaylorFailed:
+            raise
+        except Exception as err:  # the nested path calls func again and shows user errors
+            raise TaylorFailed(f"{type(err).__name__}: {err}") from err
+        outs, aux = p.split(raw)
+    values = tuple(y.stack[0] if isinstance(y, Jet) else y for y in outs)
+    check_batch(values)
     stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
-    for y, s in zip(t.outputs, stacks):
-        if s.shape[1:] != y.shape:
-            raise TaylorFailed(f"an output has shape {list(s.shape[1:])}, expected {list(y.shape)}")
-    _check_first_order(p, t, [s[1 : 1 + d] for s in stacks])
+    g_out = Group.of(values, p.batch_dim)
+    if mask is not None:
+        _coupling(p, g_out, [s[1 + d] for s in stacks], mask)
+    aux = tree_map(lambda a: a.stack[0] if isinstance(a, Jet) else a, aux)
+    res = TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
+    return res
+
+
+def _read(
+    p: FuncProblem, kind: str, stacks: list[Tensor], g_in: Group, g_out: Group, spec: JetSpec
+) -> Tensor:
+    d, m = spec.d, spec.m
     if kind == "first":
         flat = [g_out.flatten(i, s[1 : 1 + d]) for i, s in enumerate(stacks)]  # [B, D, m_i]
         return torch.cat(flat, dim=2).transpose(1, 2).to(p.dtype)
-    second = torch.cat([g_out.flatten(i, s[1 + d :]) for i, s in enumerate(stacks)], dim=2).to(
-        p.dtype
-    )  # [B, S, R]
+    parts = [g_out.flatten(i, s[1 + m :]) for i, s in enumerate(stacks)]
+    second = torch.cat(parts, dim=2).to(p.dtype)  # [B, S, R]
     if kind == "trace":
         return second[:, 0]
     if kind == "diag":
         return second.transpose(1, 2)
-    assert left is not None and right is not None
+    assert spec.left is not None and spec.right is not None
     res = second.new_zeros(g_in.batch_size, g_out.numel, d, d)
-    res[:, :, left, right] = second.transpose(1, 2)
-    res[:, :, right, left] = second.transpose(1, 2)
+    res[:, :, spec.left, spec.right] = second.transpose(1, 2)
+    res[:, :, spec.right, spec.left] = second.transpose(1, 2)
     return res
 
 
-def _check_first_order(p: FuncProblem, t: Traced, firsts: list[Tensor]) -> None:
-    """See NOTE [taylor check]."""
-    if t.probe is None:
-        gen = torch.Generator().manual_seed(11)
-        cots = tuple(
-            torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device) for y in t.outputs
-        )
-        grads = t.pullback(cots)
-    else:
-        cots, grads = t.probe
-    g_in, g_out = t.in_group, t.out_group
-    from_jets = sum(
-        (g_out.flatten(i, f) * g_out.flatten(i, u.unsqueeze(0))).sum(-1).to(p.dtype)
-        for i, (f, u) in enumerate(zip(firsts, cots))
-    )  # [B, D]
-    pulled = torch.cat(
-        [g_in.flatten(j, g.unsqueeze(0))[:, 0].to(p.dtype) for j, g in enumerate(grads)], dim=1
-    )
-    magnitude = sum(
-        (g_out.flatten(i, f).abs() * g_out.flatten(i, u.unsqueeze(0)).abs()).sum(-1).to(p.dtype)
-        for i, (f, u) in enumerate(zip(firsts, cots))
-    )
-    assert isinstance(from_jets, Tensor) and isinstance(magnitude, Tensor)
-    if not pulled.numel():
-        return
-    err = float((from_jets - pulled).detach().abs().max())
-    scale = max(float(magnitude.detach().max()), float(pulled.detach().abs().max()), 1e-30)
-    tol = 10 * torch.finfo(p.dtype).eps ** 0.5
-    if not err <= tol * scale + 100 * torch.finfo(p.dtype).eps:
-        raise TaylorFailed(
-            f"its first derivatives disagree with reverse mode (max difference {err:.3g}); a "
-            "custom autograd.Function or a torch.no_grad() block inside func?"
-        )
+def _coupling(p: FuncProblem, g_out: Group, responses: list[Tensor], mask: Tensor) -> None:
+    """The forward-mode coupling check of NOTE [taylor check]."""
+    for i, r in enumerate(responses):
+        per_sample = g_out.flatten(i, r.detach().unsqueeze(0))[:, 0]  # [B, m_i]
+        leak = per_sample.nan_to_num(0.0).abs().amax(dim=-1) > 0
+        leak &= ~mask
+        if bool(leak.any()):
+            where = torch.nonzero(leak).flatten()[:5].tolist()
+            inside = torch.nonzero(mask).flatten()[:5].tolist()
+            name = "the output of func" + ("" if p.single else f"[{i}]")
+            raise BatchCouplingError(
+                f"{p.fn_name}: `batch_dim={p.batch_dim}` declares that output sample i depends "
+                f"only on input sample i, but {name} at samples {where} depends on the inputs of "
+                f"samples {inside}{'...' if int(mask.sum()) > 5 else ''}. Samples are coupled, "
+                "e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
+                "`x - x.mean(0)`, or attention across the batch. Drop `batch_dim` to get the "
+                "full Jacobian instead."
+            )
