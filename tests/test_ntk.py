@@ -346,6 +346,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_peak_memory_is_far_below_the_jacobian() -> None:
     """J is N·C·P float64 (~2.5 GB here); the kernel needs activations and δ only."""
     res = subprocess.run(
