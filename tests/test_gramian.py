@@ -109,7 +109,8 @@ def test_multi_task_losses_of_a_shared_trunk(gen: torch.Generator) -> None:
     assert torch.linalg.eigvalsh(got).min() > -1e-12  # positive semi-definite
 
 
-def test_create_graph_is_differentiable(gen: torch.Generator) -> None:
+@pytest.mark.parametrize("max_memory", [None, 40], ids=["whole", "streamed"])
+def test_create_graph_is_differentiable(max_memory: int | None, gen: torch.Generator) -> None:
     w = randn(3, 4, gen=gen, grad=True)
     x = randn(4, gen=gen)
 
@@ -117,7 +118,7 @@ def test_create_graph_is_differentiable(gen: torch.Generator) -> None:
         j = jacrev(lambda w: torch.tanh(w @ x) ** 2)(w).reshape(3, -1)
         return (j @ j.T).trace()
 
-    g = tj.gramian(torch.tanh(w @ x) ** 2, w, create_graph=True)
+    g = tj.gramian(torch.tanh(w @ x) ** 2, w, create_graph=True, max_memory=max_memory)
     (grad,) = torch.autograd.grad(g.trace(), w)
     torch.testing.assert_close(grad, jacrev(trace_gram)(w.detach()), rtol=1e-10, atol=1e-10)
 
