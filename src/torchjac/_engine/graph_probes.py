@@ -15,6 +15,7 @@ be freed with the outputs, like any tensor. Nothing is ever freed while ``retain
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +25,8 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
-from torchjac._engine.structure import check_independent
-from torchjac._errors import warn_fallback
+from torchjac._engine.structure import check_independent, reachable
+from torchjac._errors import FallbackWarning, warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
 
@@ -140,6 +141,9 @@ def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int)
             if mode == "fwd":
                 raise
             warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
+            with warnings.catch_warnings():  # one FallbackWarning per call: the one above
+                warnings.simplefilter("ignore", FallbackWarning)
+                return _rows(p, chunks(p.n_rows))
     return _rows(p, chunks(p.n_rows))
 
 
@@ -193,6 +197,7 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     for j, gj in trans.items():
         if not gj.requires_grad:
             raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
+    _check_reaches_dummies(p, trans, dummies)
     store = [
         (torch.empty if j in trans else torch.zeros)(
             (n, g_in.batch_size, p.n_rows), dtype=p.dtype, device=p.device
@@ -243,3 +248,25 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
 
     run_chunks(p.fn_name, g_in.numel, chunk_size, probe, write)
     return [s.permute(1, 2, 0) for s in store]
+
+
+def _check_reaches_dummies(
+    p: GraphProblem, trans: dict[int, Tensor], dummies: list[Tensor]
+) -> None:
+    """Raise if ``J^T u`` for input j misses the dummy ``u_i`` of an output i that depends on j.
+
+    A backward that cannot be differentiated (``@once_differentiable``) still returns a tensor
+    that requires grad, but its graph stops there: the columns would silently come back as zeros.
+    """
+    depends: list[list[bool]] | None = None  # [output][input], walked only when needed
+    for k, (j, gj) in enumerate(trans.items()):
+        reached = reachable([gj], dummies)
+        if all(reached):
+            continue
+        if depends is None:
+            depends = [reachable([y], [p.inputs[i] for i in trans]) for y in p.outputs]
+        if any(row[k] and not r for row, r in zip(depends, reached)):
+            raise RuntimeError(
+                f"the backward from outputs to {p.input_names[j]} is not differentiable "
+                "(e.g. @once_differentiable)"
+            )
