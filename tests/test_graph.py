@@ -140,3 +140,15 @@ def _diag(full: Tensor, n_row_dims: int, bd: int) -> Tensor:
     col_b = n_row_dims + bd % (full.dim() - n_row_dims)
     d = torch.diagonal(full, dim1=row_b, dim2=col_b)  # the batch goes last
     return d.movedim(-1, 0)
+
+
+def test_inputs_may_be_any_iterable_such_as_model_parameters(gen: torch.Generator) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh()).double()
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    y = model(x)
+    got = tj.jac(y, model.parameters(), retain_graph=True)  # a generator, consumed once
+    assert isinstance(got, tuple) and len(got) == 2
+    want = tj.jac(y, list(model.parameters()))
+    for g, w, p in zip(got, want, model.parameters()):
+        assert g.shape == (4, 2, *p.shape)
+        torch.testing.assert_close(g, w)
