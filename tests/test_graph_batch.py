@@ -54,11 +54,6 @@ def test_coupling_at_a_non_zero_batch_dim(gen: torch.Generator) -> None:
         tj.jac(y, x, batch_dim=-1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): one masked VJP only sees a coupling from a sample inside the random "
-    "half to one outside it; y[1] += x[0] with B=2 is silently summed into the result",
-)
 def test_coupling_of_one_pair_of_samples_is_caught(gen: torch.Generator) -> None:
     x = randn(2, 3, gen=gen, grad=True)
     y = x.sin() + torch.stack([torch.zeros_like(x[0]), x[0]])  # output 1 depends on input 0

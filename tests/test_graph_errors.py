@@ -154,11 +154,6 @@ def test_mismatched_batch_sizes(problem, gen) -> None:
     _graph_intact(y, x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): retain_graph/create_graph/allow_unused are not validated: "
-    "allow_unused='no' is taken as True, create_graph=None fails inside the engine",
-)
 @pytest.mark.parametrize("flag", ["retain_graph", "create_graph", "allow_unused"])
 def test_flags_must_be_bools(problem, flag: str) -> None:
     y, x = problem

@@ -89,20 +89,7 @@ def test_columns_then_loop_still_warns_once(gen) -> None:
     _one_fallback_warning(record, "")
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "auto",
-        pytest.param(
-            "fwd",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="REPORTED: a forced mode='fwd' re-raises a bare RuntimeError (not naming "
-                "jac) where DESIGN says forward -> reverse falls back with one warning",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("mode", ["auto", "fwd"])
 def test_once_differentiable_columns_fall_back_to_rows(mode: str, gen) -> None:
     y, x, expected = _problem(OnceSin, gen)
     with pytest.warns(tj.FallbackWarning) as record:

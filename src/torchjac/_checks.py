@@ -16,6 +16,7 @@ __all__ = [
     "Container",
     "check_batch_dim",
     "check_chunk_size",
+    "check_flag",
     "check_mode",
     "describe",
     "flatten_inputs",
@@ -107,6 +108,18 @@ def unflatten(container: Container, results: Sequence[Any]) -> Any:
     if kind == "dict":
         return dict(zip(keys, results))
     return tuple(results)
+
+
+def check_flag(fn: str, arg: str, value: Any, allow_none: bool = False) -> bool | None:
+    """A bool option (``None`` too where it means "the default")."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{fn}: `{arg}` must be True or False{' or None' if allow_none else ''}, "
+            f"got {value!r} ({type(value).__name__})."
+        )
+    return value
 
 
 def check_mode(fn: str, mode: Any) -> str:

@@ -10,6 +10,7 @@ from torch import Tensor
 from torchjac._checks import (
     check_batch_dim,
     check_chunk_size,
+    check_flag,
     check_mode,
     check_same_device,
     describe,
@@ -22,6 +23,7 @@ from torchjac._engine.basis import Group
 from torchjac._engine.graph_probes import GraphProblem, solve
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.structure import reachable
+from torchjac._errors import fallback_scope
 
 __all__ = ["jac"]
 
@@ -89,6 +91,9 @@ def jac(
     out_names = ("outputs",) if single else tuple(f"outputs[{i}]" for i in range(len(outs)))
     mode = check_mode(fn, mode)
     chunk_size = check_chunk_size(fn, chunk_size)
+    create_graph = bool(check_flag(fn, "create_graph", create_graph))
+    allow_unused = bool(check_flag(fn, "allow_unused", allow_unused))
+    retain_graph = check_flag(fn, "retain_graph", retain_graph, allow_none=True)
     named = list(zip(out_names, outs)) + list(zip(names, ins))
     device = check_same_device(fn, named)
     for name, t in named:
@@ -129,7 +134,8 @@ def jac(
         create_graph=create_graph,
         retain_graph=create_graph if retain_graph is None else bool(retain_graph),
     )
-    flat = solve(problem, mode, chunk_size, memory_budget(fn, max_memory, device))
+    with fallback_scope():
+        flat = solve(problem, mode, chunk_size, memory_budget(fn, max_memory, device))
     return unflatten(container, [_shape(problem, j, r, single) for j, r in enumerate(flat)])
 
 

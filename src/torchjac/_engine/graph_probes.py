@@ -25,7 +25,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
-from torchjac._engine.structure import check_independent, reachable
+from torchjac._engine.structure import check_independent, has_error_node, reachable
 from torchjac._errors import FallbackWarning, warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
@@ -138,8 +138,6 @@ def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int)
         try:
             return _columns(p, chunks(n_cols))
         except RuntimeError as err:
-            if mode == "fwd":
-                raise
             warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
             with warnings.catch_warnings():  # one FallbackWarning per call: the one above
                 warnings.simplefilter("ignore", FallbackWarning)
@@ -195,7 +193,7 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     )
     trans = {j: gj for j, gj in zip(live, g) if gj is not None}
     for j, gj in trans.items():
-        if not gj.requires_grad:
+        if not gj.requires_grad or has_error_node([gj]):
             raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
     _check_reaches_dummies(p, trans, dummies)
     store = [

@@ -1,11 +1,13 @@
 """Structure checks: is the declared batch really independent?
 
 NOTE [coupling check]: with ``batch_dim``, sample i of the outputs must depend only on sample i of
-the inputs. One vector-Jacobian product with a random cotangent on a random half S of the samples
+the inputs. A vector-Jacobian product with a random cotangent on a random half S of the samples
 (always containing sample 0, never all of them) must give exactly zero gradient outside S: any
 independent graph does, structurally, since zero cotangents multiply into exact zeros. A leak
-means coupling (BatchNorm in train mode, ``x - x.mean(0)``, attention over the batch). The check
-costs one backward pass and uses its own generator, so the user's RNG state is untouched.
+means coupling (BatchNorm in train mode, ``x - x.mean(0)``, attention over the batch). The same
+is checked for the complement of S, so every coupling between the two halves is caught (with
+two samples, every coupling); a coupling only inside one half can escape a single call. The check
+costs two backward passes and uses its own generator, so the user's RNG state is untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._errors import BatchCouplingError
 
-__all__ = ["check_independent", "sample_mask"]
+__all__ = ["check_independent", "has_error_node", "reachable", "sample_mask"]
 
 
 def sample_mask(batch_size: int, device: torch.device) -> Tensor:
@@ -49,8 +51,25 @@ def check_independent(
     bsz = outputs.batch_size
     if bsz <= 1:
         return
-    mask = sample_mask(bsz, device)
+    half = sample_mask(bsz, device)
     gen = torch.Generator().manual_seed(7)
+    for mask in (half, ~half):
+        _check_half(fn_name, batch_dim, outputs, inputs, input_names, dtype, device, vjp, mask, gen)
+
+
+def _check_half(
+    fn_name: str,
+    batch_dim: int,
+    outputs: Group,
+    inputs: Group,
+    input_names: Sequence[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    vjp: Callable[[list[Tensor]], Sequence[Tensor | None]],
+    mask: Tensor,
+    gen: torch.Generator,
+) -> None:
+    bsz = outputs.batch_size
     cotangents = []
     for i in range(len(outputs.shapes)):
         rand = torch.randn(1, bsz, outputs.sizes[i], generator=gen).to(device=device, dtype=dtype)
@@ -110,3 +129,19 @@ def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]
             if nxt is not None:
                 stack.append((nxt, nxt_nr))
     return found
+
+
+def has_error_node(tensors: Sequence[Tensor]) -> bool:
+    """Whether the graph of ``tensors`` contains an ``Error`` node: a backward that cannot be
+    differentiated (``once_differentiable``), so a double backward through it would be wrong."""
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "Error" in node.name():
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return False
