@@ -68,6 +68,17 @@ class Gated(nn.Module):
         return self.out(h * torch.sigmoid(self.gate(h, h)))
 
 
+class Branchy(nn.Module):
+    """An unknown module with data-dependent control flow (no vmap)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, d, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.w if bool((x.abs() < 1e6).all()) else x
+
+
 class Twice(nn.Module):
     """A Linear called twice (reuse: cross terms between the calls)."""
 
@@ -236,9 +247,9 @@ def test_self_kernel_is_symmetric_psd(case: Case, gen: torch.Generator) -> None:
 
 
 def test_general_path_falls_back_to_a_loop(gen: torch.Generator) -> None:
-    """PReLU's backward has no working batching rule when only its weight is differentiated."""
+    """Data-dependent control flow cannot run under vmap: a loop, with one FallbackWarning."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).to(DT)
+    model = nn.Sequential(nn.Linear(3, 4), Branchy(4), nn.Linear(4, 3)).to(DT)
     x1, x2 = torch.randn(4, 3, generator=gen, dtype=DT), torch.randn(3, 3, generator=gen, dtype=DT)
     with pytest.warns(tj.FallbackWarning, match="ntk: vectorised probing failed"):
         got = tj.ntk(model, x1, x2)
@@ -253,7 +264,7 @@ def test_general_path_falls_back_to_a_loop(gen: torch.Generator) -> None:
                 out.append(torch.cat([t.reshape(-1) for t in g]))
         return torch.stack(out)
 
-    want = (rows(x1) @ rows(x2).T).reshape(4, 2, 3, 2)
+    want = (rows(x1) @ rows(x2).T).reshape(4, 3, 3, 3)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert all(p.grad is None for p in params)
 

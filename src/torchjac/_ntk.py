@@ -22,7 +22,7 @@ from torchjac._engine.layers import (
 )
 from torchjac._engine.plan import choose_chunk_size, memory_budget
 from torchjac._engine.run import run_chunks
-from torchjac._engine.sample_jac import sample_jacobians
+from torchjac._engine.sample_vmap import SampleProblem
 
 __all__ = ["ntk"]
 
@@ -138,7 +138,7 @@ def _side(
     budget: int,
 ) -> _Side:
     leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
-    cap = capture(model, state, (leaf,), {}, batch_dim)
+    cap = capture(model, state, (leaf,), {}, batch_dim, fn_name=fn)
     out = cap.output
     if not out.is_floating_point() or out.dim() == 0 or not -out.dim() <= batch_dim < out.dim():
         raise ValueError(
@@ -212,18 +212,45 @@ def _kernel(
             if part is not None:
                 kernel += part
     if general:
-        j1 = sample_jacobians(fn, model, state, general, x1, batch_dim, side1.k, chunk_size, budget)
+        j1 = _general(fn, model, state, general, x1, side1, batch_dim, chunk_size, budget)
         j2 = (
             j1
             if x2 is None
-            else sample_jacobians(
-                fn, model, state, general, x2, batch_dim, side2.k, chunk_size, budget
-            )
+            else _general(fn, model, state, general, x2, side2, batch_dim, chunk_size, budget)
         )
-        for name in general:
-            left, right = j1[name].flatten(0, 1), j2[name].flatten(0, 1)
+        for left, right in zip(j1, j2):
             kernel += left @ right.T
     return kernel
+
+
+def _general(
+    fn: str,
+    model: nn.Module,
+    state: ModelState,
+    names: list[str],
+    x: Tensor,
+    side: _Side,
+    batch_dim: int,
+    chunk_size: int | None,
+    budget: int,
+) -> list[Tensor]:
+    """Per-sample Jacobians ``[N·k, P]`` of ``names`` on the general path (NOTE [general
+    per-sample path])."""
+    problem = SampleProblem(model, state, names, (x,), {}, batch_dim, side.cap.output)
+    out = side.cap.output
+    results = [
+        torch.empty(side.n, side.k, state.leaves[n].numel(), dtype=out.dtype, device=out.device)
+        for n in names
+    ]
+    per_probe = 3 * out.dtype.itemsize * side.n * sum(state.leaves[n].numel() for n in names)
+
+    def write(start: int, stop: int, rows: dict[str, Tensor]) -> None:
+        for name, res in zip(names, results):
+            res[:, start:stop] = rows[name].reshape(side.n, stop - start, -1)
+
+    chunk = choose_chunk_size(side.k, per_probe, budget, chunk_size)
+    run_chunks(fn, side.k, chunk, problem.rows, write)
+    return [r.reshape(side.n * side.k, -1) for r in results]
 
 
 def _ids(uses: list[UseD]) -> list[int]:
