@@ -54,45 +54,26 @@ def check_independent(
     half = sample_mask(bsz, device)
     gen = torch.Generator().manual_seed(7)
     for mask in (half, ~half):
-        _check_half(fn_name, batch_dim, outputs, inputs, input_names, dtype, device, vjp, mask, gen)
-
-
-def _check_half(
-    fn_name: str,
-    batch_dim: int,
-    outputs: Group,
-    inputs: Group,
-    input_names: Sequence[str],
-    dtype: torch.dtype,
-    device: torch.device,
-    vjp: Callable[[list[Tensor]], Sequence[Tensor | None]],
-    mask: Tensor,
-    gen: torch.Generator,
-) -> None:
-    bsz = outputs.batch_size
-    cotangents = []
-    for i in range(len(outputs.shapes)):
-        rand = torch.randn(1, bsz, outputs.sizes[i], generator=gen).to(device=device, dtype=dtype)
-        rand = rand * mask.reshape(1, bsz, 1).to(dtype)
-        cotangents.append(outputs.expand(i, rand)[0])
-    grads = vjp(cotangents)
-    for j, g in enumerate(grads):
-        if g is None:
-            continue
-        per_sample = inputs.probe_major(j, g.unsqueeze(0))[0]  # [B, rest]
-        outside = per_sample[~mask]
-        leak = outside.nan_to_num(0.0).abs().amax(dim=-1) if outside.numel() else outside
-        if leak.numel() and bool((leak > 0).any()):
-            where = torch.nonzero(~mask).flatten()[leak > 0][:5].tolist()
-            shown = torch.nonzero(mask).flatten()[:5].tolist()
-            raise BatchCouplingError(
-                f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only "
-                f"on input sample i, but the outputs of samples {shown}"
-                f"{'...' if int(mask.sum()) > 5 else ''} depend on {input_names[j]} at samples "
-                f"{where}. Samples are coupled, e.g. by BatchNorm in train mode (call "
-                f"model.eval()), batch statistics such as `x - x.mean(0)`, or attention across the "
-                f"batch. Drop `batch_dim` to get the full Jacobian instead."
-            )
+        cotangents = []
+        for i, size in enumerate(outputs.sizes):
+            rand = torch.randn(1, bsz, size, generator=gen).to(device=device, dtype=dtype)
+            cotangents.append(outputs.expand(i, rand * mask.reshape(1, bsz, 1).to(dtype))[0])
+        for j, g in enumerate(vjp(cotangents)):
+            if g is None:
+                continue
+            outside = inputs.probe_major(j, g.unsqueeze(0))[0][~mask]  # [B - |mask|, rest]
+            leak = outside.nan_to_num(0.0).abs().amax(dim=-1) if outside.numel() else outside
+            if leak.numel() and bool((leak > 0).any()):
+                where = torch.nonzero(~mask).flatten()[leak > 0][:5].tolist()
+                shown = torch.nonzero(mask).flatten()[:5].tolist()
+                raise BatchCouplingError(
+                    f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends "
+                    f"only on input sample i, but the outputs of samples {shown}"
+                    f"{'...' if int(mask.sum()) > 5 else ''} depend on {input_names[j]} at "
+                    f"samples {where}. Samples are coupled, e.g. by BatchNorm in train mode (call "
+                    f"model.eval()), batch statistics such as `x - x.mean(0)`, or attention "
+                    f"across the batch. Drop `batch_dim` to get the full Jacobian instead."
+                )
 
 
 def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
