@@ -233,6 +233,17 @@ def test_matches_explicit_kernel(case: Case, chunk_size: int | None, gen: torch.
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("same", [False, True], ids=["x1_x2", "x1_x1"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_tiny_memory_budget_builds_blocks(case: Case, same: bool, gen: torch.Generator) -> None:
+    """A 2 KB budget: per-sample Jacobians are formed in probe chunks (NOTE [blocked kernel])."""
+    model, x1, x2, names = _build(case, gen)
+    other = None if same else x2
+    got = tj.ntk(model, x1, other, batch_dim=case.batch_dim, params=case.params, max_memory=2000)
+    want = reference(model, x1, x1 if same else x2, names, case.batch_dim)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_self_kernel_is_symmetric_psd(case: Case, gen: torch.Generator) -> None:
     model, x1, _, names = _build(case, gen)

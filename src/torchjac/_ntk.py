@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
 from torchjac._engine.basis import Group
+from torchjac._engine.blocked import Make, blocked_kernel
+from torchjac._engine.func_call import one_fallback_warning
 from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
 from torchjac._engine.layers import (
     Capture,
@@ -94,7 +96,7 @@ def ntk(
     names = _resolve_params(fn, model, params)
     budget = memory_budget(fn, max_memory, x1.device)
     state = model_state(model, names)
-    with no_side_effects(x1.device):
+    with no_side_effects(x1.device), one_fallback_warning(fn):
         side1 = _side(fn, "x1", model, state, x1, batch_dim, chunk_size, budget)
         side2 = (
             side1
@@ -212,14 +214,19 @@ def _kernel(
             if part is not None:
                 kernel += part
     if general:
-        j1 = _general(fn, model, state, general, x1, side1, batch_dim, chunk_size, budget)
-        j2 = (
-            j1
-            if x2 is None
-            else _general(fn, model, state, general, x2, side2, batch_dim, chunk_size, budget)
+        make1 = _general(fn, model, state, general, x1, side1, batch_dim, chunk_size, budget)
+        make2 = None
+        if x2 is not None:
+            make2 = _general(fn, model, state, general, x2, side2, batch_dim, chunk_size, budget)
+        size = sum(state.leaves[n].numel() for n in general) * dtype.itemsize * 3
+        kernel += blocked_kernel(
+            (side1.n, side1.k, side2.n, side2.k),
+            make1,
+            make2,
+            (side1.n * size, side2.n * size),
+            budget,
+            kernel,
         )
-        for left, right in zip(j1, j2):
-            kernel += left @ right.T
     return kernel
 
 
@@ -233,24 +240,31 @@ def _general(
     batch_dim: int,
     chunk_size: int | None,
     budget: int,
-) -> list[Tensor]:
-    """Per-sample Jacobians ``[N·k, P]`` of ``names`` on the general path (NOTE [general
-    per-sample path])."""
+) -> Make:
+    """Per-sample Jacobians ``[N, c, P]`` of ``names`` (concatenated) for a chunk of probes, on
+    the general path (NOTE [general per-sample path])."""
     problem = SampleProblem(model, state, names, (x,), {}, batch_dim, side.cap.output)
     out = side.cap.output
-    results = [
-        torch.empty(side.n, side.k, state.leaves[n].numel(), dtype=out.dtype, device=out.device)
-        for n in names
-    ]
-    per_probe = 3 * out.dtype.itemsize * side.n * sum(state.leaves[n].numel() for n in names)
+    sizes = [state.leaves[n].numel() for n in names]
+    per_probe = 3 * out.dtype.itemsize * side.n * sum(sizes)
 
-    def write(start: int, stop: int, rows: dict[str, Tensor]) -> None:
-        for name, res in zip(names, results):
-            res[:, start:stop] = rows[name].reshape(side.n, stop - start, -1)
+    def make(start: int, stop: int) -> Tensor:
+        res = torch.empty(side.n, stop - start, sum(sizes), dtype=out.dtype, device=out.device)
 
-    chunk = choose_chunk_size(side.k, per_probe, budget, chunk_size)
-    run_chunks(fn, side.k, chunk, problem.rows, write)
-    return [r.reshape(side.n * side.k, -1) for r in results]
+        def rows(lo: int, hi: int, vectorised: bool) -> dict[str, Tensor]:
+            return problem.rows(start + lo, start + hi, vectorised)
+
+        def write(lo: int, hi: int, got: dict[str, Tensor]) -> None:
+            off = 0
+            for name, size in zip(names, sizes):
+                res[:, lo:hi, off : off + size] = got[name].reshape(side.n, hi - lo, size)
+                off += size
+
+        chunk = choose_chunk_size(stop - start, per_probe, budget, chunk_size)
+        run_chunks(fn, stop - start, chunk, rows, write)
+        return res
+
+    return make
 
 
 def _ids(uses: list[UseD]) -> list[int]:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchjac._engine.blocked import Make, blocked_kernel
 from torchjac._engine.closed_forms import Use, write_use
 
 __all__ = ["UseD", "layer_kernel", "param_kernel"]
@@ -46,9 +47,16 @@ def param_kernel(
             return _bias_ghost(side1, side2)
         if _ghost_is_cheaper(side1, side2, budget):
             return _weight_ghost(side1, side2, with_bias=False)
-    j1 = _materialise(name, side1, shape)
-    j2 = j1 if side2 is side1 else _materialise(name, side2, shape)
-    return j1 @ j2.T
+    d1, d2 = side1[0][1], side2[0][1]
+    per = (3 * d1.shape[0] * shape.numel() * d1.dtype.itemsize,) * 2
+    return blocked_kernel(
+        (d1.shape[0], d1.shape[1], d2.shape[0], d2.shape[1]),
+        _materialise(name, side1, shape),
+        None if side2 is side1 else _materialise(name, side2, shape),
+        (per[0], 3 * d2.shape[0] * shape.numel() * d2.dtype.itemsize),
+        budget,
+        d1,
+    )
 
 
 def layer_kernel(side1: Sequence[UseD], side2: Sequence[UseD]) -> Tensor | None:
@@ -125,12 +133,16 @@ def _weight_ghost(side1: Sequence[UseD], side2: Sequence[UseD], with_bias: bool)
     return (dd * aa).sum(dim=(0, 3, 6)).reshape(n1 * k1, n2 * k2)
 
 
-def _materialise(name: str, side: Sequence[UseD], shape: torch.Size) -> Tensor:
-    """Per-sample Jacobian of one parameter, ``[N·k, P]``, summed over its uses."""
-    d0 = side[0][1]
-    n, k = d0.shape[0], d0.shape[1]
-    target = torch.empty(n, k, *shape, dtype=d0.dtype, device=d0.device)
-    written: set[str] = set()
-    for use, d in side:
-        write_use(use, d, {name: target}, written)
-    return target.reshape(n * k, -1)
+def _materialise(name: str, side: Sequence[UseD], shape: torch.Size) -> Make:
+    """Per-sample Jacobian of one parameter for a chunk of probes, ``[N, c, P]``, all uses."""
+
+    def make(start: int, stop: int) -> Tensor:
+        d0 = side[0][1]
+        n = d0.shape[0]
+        target = torch.empty(n, stop - start, *shape, dtype=d0.dtype, device=d0.device)
+        written: set[str] = set()
+        for use, d in side:
+            write_use(use, d[:, start:stop], {name: target}, written)
+        return target.reshape(n, stop - start, -1)
+
+    return make

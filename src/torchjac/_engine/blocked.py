@@ -1,0 +1,52 @@
+"""``J₁ J₂ᵀ`` of per-sample Jacobians built in probe chunks, under a memory budget.
+
+NOTE [blocked kernel]: when a per-sample Jacobian must be formed (the general path, or a layer
+whose closed form is cheaper materialised), ``K[i, a, j, b] = <J₁[i, a], J₂[j, b]>`` is built from
+chunks of probes (output elements ``a``): ``make(start, stop)`` gives ``[N, c, P]`` for probes
+``start..stop-1``. If both sides fit in the budget they are formed once; otherwise each pair of
+chunks is formed and multiplied, and a side's chunk is recomputed for every chunk of the other
+(for ``K(x, x)`` only the upper blocks, mirrored). Only two chunks are alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["blocked_kernel"]
+
+Make = Callable[[int, int], Tensor]  # (start, stop) -> [N, c, P]
+
+
+def blocked_kernel(
+    shape: tuple[int, int, int, int],
+    make1: Make,
+    make2: Make | None,
+    bytes_per_probe: tuple[int, int],
+    budget: int,
+    like: Tensor,
+) -> Tensor:
+    """``[N₁·k₁, N₂·k₂]``; ``make2=None`` means side 2 is side 1 (a symmetric kernel)."""
+    n1, k1, n2, k2 = shape
+    b1, b2 = max(bytes_per_probe[0], 1), max(bytes_per_probe[1], 1)
+    if k1 * b1 + (0 if make2 is None else k2 * b2) <= budget:
+        j1 = make1(0, k1).reshape(n1 * k1, -1)
+        j2 = j1 if make2 is None else make2(0, k2).reshape(n2 * k2, -1)
+        return j1 @ j2.T
+    c1 = max(1, budget // 2 // b1)
+    c2 = c1 if make2 is None else max(1, budget // 2 // b2)
+    out = torch.empty(n1, k1, n2, k2, dtype=like.dtype, device=like.device)
+    for a0 in range(0, k1, c1):
+        a1 = min(k1, a0 + c1)
+        left = make1(a0, a1)
+        for b0 in range(a0 if make2 is None else 0, k2, c2):
+            b1_ = min(k2, b0 + c2)
+            other = make1 if make2 is None else make2
+            right = left if make2 is None and b0 == a0 else other(b0, b1_)
+            block = torch.einsum("iap,jbp->iajb", left, right)
+            out[:, a0:a1, :, b0:b1_] = block
+            if make2 is None and b0 != a0:
+                out[:, b0:b1_, :, a0:a1] = block.permute(2, 3, 0, 1)
+    return out.reshape(n1 * k1, n2 * k2)
