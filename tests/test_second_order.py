@@ -158,3 +158,29 @@ def test_chunked_and_looped_nested_ad_agree(gen: torch.Generator) -> None:
     h = vmap(hessian(f))(x)
     for chunk in (1, 4):
         torch.testing.assert_close(tj.hessian(f, x, batch_dim=0, mode="fwd", chunk_size=chunk), h)
+
+
+@pytest.mark.parametrize("fn", ["hessian", "hessian_diagonal", "laplacian", "jacobian"])
+def test_create_graph_parameter_gradients_every_front_door(gen: torch.Generator, fn: str) -> None:
+    net = mlp(gen, (3, 6, 2))
+    x = randn(4, 3, gen=gen)
+    params = list(net.parameters())[:-1]
+    got = getattr(tj, fn)(net, x, batch_dim=0, create_graph=True)
+    plain = getattr(tj, fn)(net, x, batch_dim=0)
+    assert not plain.requires_grad
+    h = vmap(hessian(net))(x)
+    ref = {
+        "hessian": h,
+        "hessian_diagonal": h.diagonal(dim1=-2, dim2=-1),
+        "laplacian": h.diagonal(dim1=-2, dim2=-1).sum(-1),
+        "jacobian": vmap(torch.func.jacrev(net))(x),
+    }[fn]
+    torch.testing.assert_close(got, ref)
+    w = torch.linspace(-1, 1, got.numel(), dtype=got.dtype).view_as(got)
+    grads = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
+    refs = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+    for g, r in zip(grads, refs):
+        if r is None:
+            assert g is None or bool((g == 0).all())
+        else:
+            torch.testing.assert_close(g, r)

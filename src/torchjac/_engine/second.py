@@ -24,7 +24,7 @@ from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
 from torchjac._engine.func_second import hessian_pairs
-from torchjac._engine.taylor_run import TaylorFailed, TaylorResult, taylor
+from torchjac._engine.taylor_run import NeedForward, TaylorFailed, TaylorResult, taylor
 from torchjac._errors import warn_fallback
 
 __all__ = ["second_derivatives"]
@@ -51,7 +51,10 @@ def second_derivatives(
             planned = 1 + d + d * (d + 1) // 2 <= PAIR_COST * t.out_group.numel * d
         if planned:
             try:
-                res = taylor(p, kind, check_batch)
+                try:  # NOTE [taylor tape]: a diagonal with second order in reverse, if it can
+                    res = taylor(p, "rdiag" if kind == "diag" else kind, check_batch)
+                except NeedForward:
+                    res = taylor(p, kind, check_batch)
                 return res.result, res
             except TaylorFailed as err:
                 warn_fallback(

@@ -45,6 +45,7 @@ class JetSpec:
     right: Tensor | None
     extra: int = 0
     grad: bool = False  # record the autograd graph of the coefficients (create_graph)
+    tape: Any = None  # a Tape: second order in reverse (NOTE [taylor tape])
 
     @property
     def m(self) -> int:
@@ -66,12 +67,16 @@ class Jet(Tensor):
 
     stack: Tensor
     spec: JetSpec
+    bdim: int | None  # where the batch dimension is, when a rule knows (NOTE [taylor tape])
+    live: Tensor | None  # the value on an autograd graph, with a tape (NOTE [taylor tape])
 
     @staticmethod
-    def of(stack: Tensor, spec: JetSpec) -> Jet:
+    def of(stack: Tensor, spec: JetSpec, bdim: int | None = None) -> Jet:
         jet = Tensor._make_subclass(Jet, stack[0].detach())
         jet.stack = stack
         jet.spec = spec
+        jet.bdim = bdim
+        jet.live = None
         return jet
 
     @classmethod
@@ -79,7 +84,7 @@ class Jet(Tensor):
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         from torchjac._engine.taylor_decomp import DECOMPOSITIONS
-        from torchjac._engine.taylor_rules import dispatch
+        from torchjac._engine.taylor_dispatch import dispatch
 
         if not torch.is_grad_enabled():  # NOTE [taylor check]: the pass runs with grad on
             raise TaylorFailed(
@@ -136,7 +141,11 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     d, m = spec.d, spec.m
     d1 = tuple(s[1 : 1 + d].clone() for s in stacks)
     d2 = tuple(s[1 + m :].clone() for s in stacks)
-    if spec.kind == "first":
+    sources = None
+    if spec.kind == "first" and spec.tape is not None:  # NOTE [taylor tape]
+        first, sources = torch.vmap(curve)(d1, tuple(torch.zeros_like(x) for x in d1))
+        second = tuple(f[:0] for f in first)
+    elif spec.kind == "first":
         first = torch.vmap(lambda t: push(vals, t))(d1)
         second = tuple(f[:0] for f in first)
     elif spec.kind == "trace":
@@ -159,4 +168,6 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         y = out_leaves[i]
         stack = torch.cat([y.unsqueeze(0), first[n].to(y.dtype), second[n].to(y.dtype)])
         out_leaves[i] = Jet.of(stack, spec)
+        if sources is not None:
+            spec.tape.entries.append((out_leaves[i], sources[n]))
     return tree_unflatten(out_leaves, out_tree)

@@ -1,7 +1,8 @@
 """Cheap Taylor-mode rules for the common ops; everything else takes the general rule.
 
 Rules see plain tensors only (``Jet.__torch_function__`` disables the subclass) and return Jets
-whose stacks follow NOTE [taylor mode]. A rule returns ``None`` to hand over to the general rule.
+whose stacks follow NOTE [taylor mode], with the batch dimension when they keep it (NOTE [taylor
+tape]). A rule returns ``None`` to hand over to the general rule (``taylor_dispatch``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from torchjac._engine.taylor import Jet, JetSpec, constant, general_rule
+from torchjac._engine.taylor import Jet, JetSpec, constant
+from torchjac._engine.taylor_tape import record
 
-__all__ = ["dispatch"]
+__all__ = ["RULES", "promote"]
 
 Rule = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 
@@ -25,6 +27,16 @@ def _lift(stack: Tensor, ndim: int) -> Tensor:
     """``[K, *s]`` -> ``[K, 1, ..., 1, *s]`` with ``ndim`` dims after ``K`` (for broadcasting)."""
     extra = ndim - (stack.dim() - 1)
     return stack.reshape(stack.shape[0], *([1] * extra), *stack.shape[1:]) if extra > 0 else stack
+
+
+def _bd(jet: Jet, ndim: int) -> int | None:
+    """The batch dimension of ``jet`` once broadcast to ``ndim`` dims (``None``: unknown)."""
+    return None if jet.bdim is None else jet.bdim + ndim - jet.dim()
+
+
+def _bd2(a: Jet, b: Jet, ndim: int) -> int | None:
+    ba, bb = _bd(a, ndim), _bd(b, ndim)
+    return ba if ba == bb else None
 
 
 def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
@@ -44,19 +56,21 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
     d1 = s[1 : 1 + d]
     if torch.is_grad_enabled() and (s.requires_grad or dy.requires_grad):
         rest = dy * s[1:]
-        if ddy is not None and spec.n_second:
+        if ddy is not None and spec.n_second > 0:
             rest[m:] += ddy * _second(spec, d1, d1)
-        return Jet.of(torch.cat([y.unsqueeze(0), rest]), spec)
-    # no graph to keep: write into one buffer, no concatenation (NOTE [taylor mode])
-    out = torch.empty_like(s)
-    out[0] = y
-    torch.mul(s[1:], dy, out=out[1:])
-    if ddy is not None and spec.n_second:
-        if spec.kind == "diag":
+        out = torch.cat([y.unsqueeze(0), rest])
+    else:  # no graph to keep: write into one buffer, no concatenation (NOTE [taylor mode])
+        out = torch.empty_like(s)
+        out[0] = y
+        torch.mul(s[1:], dy, out=out[1:])
+        if ddy is not None and spec.n_second > 0 and spec.kind == "diag":
             out[1 + m :].addcmul_(d1 * d1, ddy)
-        else:
+        elif ddy is not None and spec.n_second > 0:
             out[1 + m :].add_(_second(spec, d1, d1).mul_(ddy))
-    return Jet.of(out, spec)
+    jet = Jet.of(out, spec, x.bdim)
+    if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
+        record(jet, ddy * d1 * d1)
+    return jet
 
 
 def _tanh(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -109,7 +123,8 @@ def _unary_rule(name: str) -> Rule:
     return rule
 
 
-def _promote(a: Any, spec: JetSpec) -> Tensor:
+def promote(a: Any, spec: JetSpec) -> Tensor:
+    """The stack of a Jet, or of a constant (zero derivatives)."""
     return a.stack if isinstance(a, Jet) else constant(torch.as_tensor(a), spec)
 
 
@@ -120,14 +135,15 @@ def _add(sign: float, swap: bool = False) -> Rule:
         a, b = (args[1], args[0]) if swap else args
         if isinstance(a, Jet) and isinstance(b, Jet):
             nd = max(a.dim(), b.dim())
-            return Jet.of(_lift(a.stack, nd) + sign * _lift(b.stack, nd), a.spec)
+            stack = _lift(a.stack, nd) + sign * _lift(b.stack, nd)
+            return Jet.of(stack, a.spec, _bd2(a, b, nd))
         jet = a if isinstance(a, Jet) else b
         va = a.stack[0] if isinstance(a, Jet) else a
         vb = b.stack[0] if isinstance(b, Jet) else b
         value = torch.as_tensor(va + sign * vb)
         rest = -jet.stack[1:] if jet is b and sign < 0 else jet.stack[1:]
         rest = _lift(rest, value.dim()).expand(rest.shape[0], *value.shape)
-        return Jet.of(torch.cat([value.unsqueeze(0), rest]), jet.spec)
+        return Jet.of(torch.cat([value.unsqueeze(0), rest]), jet.spec, _bd(jet, value.dim()))
 
     return rule
 
@@ -141,14 +157,17 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not isinstance(b, Jet):
         c = torch.as_tensor(b, dtype=a.dtype, device=a.device)
         nd = max(a.dim(), c.dim())
-        return Jet.of(_lift(a.stack, nd) * c, a.spec)
+        return Jet.of(_lift(a.stack, nd) * c, a.spec, _bd(a, nd))
     spec, d, m = a.spec, a.spec.d, a.spec.m
     nd = max(a.dim(), b.dim())
     sa, sb = _lift(a.stack, nd), _lift(b.stack, nd)
     va, vb = sa[0], sb[0]
     rest = va * sb[1:] + sa[1:] * vb
     if not spec.n_second:
-        return Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec)
+        out = Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, _bd2(a, b, nd))
+        if spec.tape is not None:  # NOTE [taylor tape]
+            record(out, 2 * sa[1 : 1 + d] * sb[1 : 1 + d])
+        return out
     rest[m:] += (
         2 * _second(spec, sa[1 : 1 + d], sb[1 : 1 + d])
         if spec.kind != "full"
@@ -157,14 +176,15 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             + _second(spec, sb[1 : 1 + d], sa[1 : 1 + d])
         )
     )
-    return Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec)
+    return Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, _bd2(a, b, nd))
 
 
 def _div(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if len(args) != 2 or kwargs or isinstance(args[1], Jet):
         return None
     a, c = args[0], torch.as_tensor(args[1], dtype=args[0].dtype, device=args[0].device)
-    return Jet.of(_lift(a.stack, max(a.dim(), c.dim())) / c, a.spec)
+    nd = max(a.dim(), c.dim())
+    return Jet.of(_lift(a.stack, nd) / c, a.spec, _bd(a, nd))
 
 
 def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -175,7 +195,7 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     z = F.linear(x.stack, w)
     if b is not None:
         z[0] += b
-    return Jet.of(z, x.spec)
+    return Jet.of(z, x.spec, x.bdim if x.bdim is not None and x.bdim < x.dim() - 1 else None)
 
 
 def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -183,9 +203,11 @@ def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return None
     a, b = args
     if isinstance(a, Jet) and not isinstance(b, Jet) and a.dim() >= 2 and b.dim() <= 2:
-        return Jet.of(a.stack @ b, a.spec)
+        keep = a.bdim is not None and a.bdim < a.dim() - 1 and b.dim() == 2
+        return Jet.of(a.stack @ b, a.spec, a.bdim if keep else None)
     if isinstance(b, Jet) and not isinstance(a, Jet) and b.dim() >= 2 and a.dim() <= 2:
-        return Jet.of(a @ b.stack, b.spec)
+        keep = b.bdim is not None and b.bdim < b.dim() - 2
+        return Jet.of(a @ b.stack, b.spec, b.bdim if keep else None)
     return None
 
 
@@ -245,53 +267,3 @@ for _name in _LINEAR:
         _f = getattr(_ns, _name, None)
         if _f is not None:
             RULES[_f] = _linear_map(_f)
-
-
-def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Apply ``func`` to arguments containing Jets (see NOTE [taylor mode])."""
-    name = getattr(func, "__name__", "")
-    if name == "__setitem__":
-        return _setitem(args)
-    if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], Jet):
-        return _inplace(func, name, args, kwargs)
-    if name == "__iter__" and isinstance(args[0], Jet):
-        return iter(dispatch(Tensor.unbind, args, {}))
-    if kwargs.get("inplace") is True and args and isinstance(args[0], Jet):
-        kwargs["inplace"] = False
-        return _assign(args[0], dispatch(func, args, kwargs))
-    rule = RULES.get(func)
-    if rule is not None:
-        out = rule(args, dict(kwargs))
-        if out is not None:
-            return out
-    return general_rule(func, args, kwargs)
-
-
-def _assign(jet: Jet, new: Any) -> Jet:
-    stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
-    jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
-    return jet
-
-
-def _inplace(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    owner = torch if getattr(torch, name, None) is func else Tensor
-    outplace = getattr(owner, name[:-1], None)
-    if outplace is None:  # e.g. requires_grad_(): nothing to propagate
-        func(args[0].stack[0], *args[1:], **kwargs)
-        return args[0]
-    return _assign(args[0], dispatch(outplace, args, kwargs))
-
-
-def _setitem(args: tuple[Any, ...]) -> Any:
-    target, index, value = args
-    if not isinstance(target, Jet):
-        raise TypeError(
-            "torchjac Taylor mode: writing a derivative-carrying value into a plain tensor"
-        )
-    stack = target.stack.clone()
-    full = (slice(None), *(index if isinstance(index, tuple) else (index,)))
-    stack[full] = _promote(value, target.spec) if isinstance(value, Jet) else 0
-    if not isinstance(value, Jet):
-        stack[0][index] = value
-    target.stack = stack
-    return None

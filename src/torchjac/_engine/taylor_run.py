@@ -24,9 +24,10 @@ from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.structure import sample_mask
 from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
+from torchjac._engine.taylor_tape import NeedForward, Tape, contract
 from torchjac._errors import BatchCouplingError
 
-__all__ = ["TaylorFailed", "TaylorResult", "taylor"]
+__all__ = ["NeedForward", "TaylorFailed", "TaylorResult", "taylor"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     if kind == "full":
         left, right = torch.triu_indices(d, d, device=p.device)
     extra = 1 if p.batch_dim is not None and bsz > 1 else 0
-    spec = JetSpec(d, kind, left, right, extra, p.create_graph)
+    tape = Tape() if kind == "rdiag" else None
+    spec = JetSpec(d, "first" if tape else kind, left, right, extra, p.create_graph, tape)
     mask = sample_mask(bsz, p.device) if extra else None
     gen = torch.Generator().manual_seed(7)
     jets = []
@@ -60,7 +62,11 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
             rand = torch.randn(1, bsz, g_in.sizes[j], generator=gen).to(x.device, x.dtype)
             parts.append(g_in.expand(j, rand * mask.reshape(1, bsz, 1).to(x.dtype)))
         parts.append(x.new_zeros(spec.n_second, *x.shape))
-        jets.append(Jet.of(torch.cat(parts), spec))
+        jets.append(
+            Jet.of(torch.cat(parts), spec, None if p.batch_dim is None else p.batch_dim % x.dim())
+        )
+        if tape is not None:
+            jets[-1].live = x if x.requires_grad else x.detach().requires_grad_(True)
     with torch.enable_grad():  # see NOTE [taylor check]
         try:
             raw = p.call_raw(*jets)
@@ -76,8 +82,16 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     if mask is not None:
         _coupling(p, g_out, [s[1 + d] for s in stacks], mask)
     aux = tree_map(lambda a: a.stack[0] if isinstance(a, Jet) else a, aux)
-    res = TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
-    return res
+    if tape is not None:
+        onehot = g_out.one_hot(0, g_out.numel, p.dtype, p.device)
+        pairs = [(y, c) for y, c in zip(outs, onehot) if isinstance(y, Jet) and y.live is not None]
+        jet_outs = [y for y, _ in pairs]
+        cots = [c.to(y.stack.dtype) for y, c in pairs if c is not None]
+        with torch.set_grad_enabled(p.create_graph):
+            shape = (0 if p.batch_dim is None else bsz, g_out.numel, d)
+            result = contract(jet_outs, cots, tape, shape, values[0]).to(p.dtype)
+        return TaylorResult(result, values, aux, g_out, g_in)
+    return TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
 
 
 def _read(

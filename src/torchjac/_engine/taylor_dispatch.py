@@ -1,0 +1,73 @@
+"""Dispatching torch calls on Jets: in-place ops, item assignment, rules, the general rule.
+
+In-place ops are computed out of place and the Jet's stack is replaced (NOTE [taylor mode]);
+views of a Jet do not see such writes, which the coupling check and first-order agreement of the
+tests would expose, so functions should not rely on writing through views of their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from torchjac._engine.taylor import Jet, TaylorFailed, constant, general_rule
+from torchjac._engine.taylor_rules import RULES, promote
+from torchjac._engine.taylor_tape import attach_live
+
+__all__ = ["dispatch"]
+
+
+def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Apply ``func`` to arguments containing Jets (see NOTE [taylor mode])."""
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__":
+        return _setitem(args)
+    if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], Jet):
+        return _inplace(func, name, args, kwargs)
+    if name == "__iter__" and isinstance(args[0], Jet):
+        return iter(dispatch(Tensor.unbind, args, {}))
+    if kwargs.get("inplace") is True and args and isinstance(args[0], Jet):
+        kwargs["inplace"] = False
+        return _assign(args[0], dispatch(func, args, kwargs))
+    rule = RULES.get(func)
+    out = rule(args, dict(kwargs)) if rule is not None else None
+    if out is None:
+        out = general_rule(func, args, kwargs)
+    jets = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Jet)]
+    if jets and jets[0].spec.tape is not None:
+        attach_live(func, args, kwargs, out)  # NOTE [taylor tape]
+    return out
+
+
+def _assign(jet: Jet, new: Any) -> Jet:
+    stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
+    jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
+    if jet.spec.tape is not None:
+        jet.live = new.live if isinstance(new, Jet) else new
+        jet.bdim = new.bdim if isinstance(new, Jet) else None
+    return jet
+
+
+def _inplace(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    owner = torch if getattr(torch, name, None) is func else Tensor
+    outplace = getattr(owner, name[:-1], None)
+    if outplace is None:  # e.g. requires_grad_(): nothing to propagate
+        func(args[0].stack[0], *args[1:], **kwargs)
+        return args[0]
+    return _assign(args[0], dispatch(outplace, args, kwargs))
+
+
+def _setitem(args: tuple[Any, ...]) -> Any:
+    target, index, value = args
+    if not isinstance(target, Jet) or target.spec.tape is not None:
+        raise TaylorFailed("item assignment involving a derivative-carrying tensor")
+    stack = target.stack.clone()
+    full = (slice(None), *(index if isinstance(index, tuple) else (index,)))
+    stack[full] = promote(value, target.spec) if isinstance(value, Jet) else 0
+    if not isinstance(value, Jet):
+        stack[0][index] = value
+    target.stack = stack
+    return None

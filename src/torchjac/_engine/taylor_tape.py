@@ -1,0 +1,98 @@
+"""Hessian diagonals with second order in reverse: the Taylor tape.
+
+NOTE [taylor tape]: a forward diagonal carries ``D`` second-order coefficients through every
+later layer. But second-order terms are born only at nonlinear ops (``φ''(v)·(∂_a v)²`` at an
+activation, ``2 ∂_a u ∂_a v`` at a product, ``H_op[∂_a, ∂_a]`` through the general rule) and then
+travel linearly to the outputs, so their sum at output ``o`` is ``Σ_e <g_e, s_e[a]>`` with
+``g_e = ∂f_o/∂h_e`` the reverse-mode gradient at op ``e``. The pass carries first order only
+(``K = 1 + D``), records each source ``s_e`` on a tape, keeps the op's value ``h_e`` on an
+autograd graph (``Jet.live``, one extra value pass), and one backward pass per output row gives
+every ``g_e``. Per sample, the inner product runs over each sample's own elements, so the batch
+dimension of every taped tensor must be known: rules that keep it say where it is, any other op
+forgets it, and a forgotten one makes the call rerun the forward diagonal (``NeedForward``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from torchjac._engine.taylor import Jet, TaylorFailed
+
+__all__ = ["NeedForward", "Tape", "attach_live", "contract", "record"]
+
+
+class NeedForward(Exception):
+    """A taped tensor's batch dimension is unknown (see NOTE [taylor tape])."""
+
+
+@dataclass
+class Tape:
+    """Sources of second order: (op output, ``[D, *shape]`` source) pairs."""
+
+    entries: list[tuple[Jet, Tensor]] = field(default_factory=list)
+
+
+def record(out: Jet, source: Tensor) -> None:
+    """Put a second-order source on the tape of ``out``'s pass, if it keeps one."""
+    tape = out.spec.tape
+    if tape is not None:
+        tape.entries.append((out, source))
+
+
+def attach_live(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    """Recompute ``func`` on the live values of its Jet arguments; give each output Jet its own."""
+    leaves = [x for x in tree_flatten(out)[0] if isinstance(x, Tensor)]
+    if not any(isinstance(x, Jet) for x in leaves):
+        return
+    largs, lkwargs = tree_map(lambda a: a.live if isinstance(a, Jet) else a, (args, kwargs))
+    with torch.enable_grad():
+        live = func(*largs, **lkwargs)
+    lives = [x for x in tree_flatten(live)[0] if isinstance(x, Tensor)]
+    if len(lives) != len(leaves):
+        raise TaylorFailed(f"{getattr(func, '__name__', func)} gave different outputs on values")
+    for jet, value in zip(leaves, lives):
+        if isinstance(jet, Jet):
+            jet.live = value
+
+
+def contract(
+    outs: list[Jet], out_cots: list[Tensor], tape: Tape, shape: tuple[int, int, int], like: Tensor
+) -> Tensor:
+    """``[B, R, D]``: ``Σ_e <g_e, s_e[a]>`` per sample, output row and direction; ``B = 0``
+    for an unbatched call (one sample)."""
+    entries = [(e, e.live, s) for e, s in tape.entries if e.live is not None]
+    entries = [(e, h, s) for e, h, s in entries if h.requires_grad]
+    batched = shape[0] > 0
+    bsz, n_rows, d = max(shape[0], 1), shape[1], shape[2]
+    res = like.new_zeros(bsz, n_rows, d)
+    if not entries or not outs:
+        return res
+    for e, h, _ in entries:
+        if batched and (e.bdim is None or h.shape[e.bdim] != bsz):
+            raise NeedForward
+    create = torch.is_grad_enabled()
+    grads = torch.autograd.grad(
+        [y.live for y in outs if y.live is not None],
+        [h for _, h, _ in entries],
+        out_cots,
+        retain_graph=create,
+        create_graph=create,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    for (e, _, s), g in zip(entries, grads):
+        if g is None:
+            continue
+        if batched:
+            bd = 1 + e.bdim  # type: ignore[operator]
+            g2 = g.movedim(bd, 1).reshape(n_rows, bsz, -1)
+            s2 = s.movedim(bd, 1).reshape(d, bsz, -1)
+        else:
+            g2, s2 = g.reshape(n_rows, 1, -1), s.reshape(d, 1, -1)
+        res = res + torch.einsum("rbn,dbn->brd", g2, s2.to(g2.dtype))
+    return res
