@@ -188,3 +188,31 @@ def test_peak_memory_streams_an_input_larger_than_the_budget() -> None:
     assert res.returncode == 0, res.stderr
     growth, j_bytes = map(int, res.stdout.split())
     assert growth < j_bytes / 3, (growth, j_bytes)
+
+
+class ItemSin(torch.autograd.Function):
+    """``sin`` whose backward calls ``.item()`` (data-dependent control flow): no vmap."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if g.abs().sum().item() == 0:
+            return torch.zeros_like(g)
+        return g * x.cos()
+
+
+@pytest.mark.parametrize("max_memory", [None, 600], ids=["one_group", "two_groups"])
+def test_one_fallback_warning_per_call(max_memory: int | None, gen: torch.Generator) -> None:
+    w, x, z = randn(6, 2, gen=gen), randn(2, gen=gen, grad=True), randn(6, gen=gen, grad=True)
+    y = (w @ ItemSin.apply(x)) * ItemSin.apply(z)  # both inputs' blocks fall back
+    with pytest.warns(tj.FallbackWarning) as record:
+        got = tj.gramian(y, [x, z], mode="rev", chunk_size=3, max_memory=max_memory)
+    assert len(record) == 1 and str(record[0].message).startswith("gramian: ")
+    jx = (w * x.detach().cos()) * z.detach().sin()[:, None]
+    jz = torch.diag((w @ x.detach().sin()) * z.detach().cos())
+    torch.testing.assert_close(got, jx @ jx.T + jz @ jz.T, rtol=1e-12, atol=1e-12)

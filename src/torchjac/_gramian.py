@@ -17,6 +17,7 @@ from torchjac._checks import (
     input_names,
 )
 from torchjac._engine.basis import Group
+from torchjac._engine.func_call import one_fallback_warning
 from torchjac._engine.gram_graph import graph_gramian
 from torchjac._engine.graph_probes import GraphProblem
 from torchjac._engine.plan import memory_budget
@@ -128,7 +129,8 @@ def gramian(
         create_graph=create_graph,
         retain_graph=create_graph if retain_graph is None else bool(retain_graph),
     )
-    gram = graph_gramian(problem, mode, chunk_size, budget)  # [B, m, m]
+    with one_fallback_warning(fn):  # several blocks may each fall back: warn once
+        gram = graph_gramian(problem, mode, chunk_size, budget)  # [B, m, m]
     g_out = problem.out_group
     rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)
     if batch_dim is None:
