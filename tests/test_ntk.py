@@ -333,7 +333,7 @@ def test_argument_errors(gen: torch.Generator) -> None:
         tj.ntk(model, x, batch_dim=2)
     with pytest.raises(ValueError, match="ntk: `params` names 'nope'"):
         tj.ntk(model, x, params=["nope"])
-    with pytest.raises(ValueError, match="ntk: no parameter to differentiate"):
+    with pytest.raises(ValueError, match="ntk: no parameter of the model requires grad"):
         tj.ntk(nn.Linear(3, 2).requires_grad_(False), x.float())
     with pytest.raises(ValueError, match="ntk: the model maps x1 to per-sample outputs"):
         flat = nn.Sequential(nn.Linear(3, 2), nn.Flatten()).to(DT)

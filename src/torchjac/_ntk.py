@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
-from torchjac._engine.basis import Group
-from torchjac._engine.blocked import Make, blocked_kernel
 from torchjac._engine.func_call import one_fallback_warning
-from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
-from torchjac._engine.layers import (
-    Capture,
-    ModelState,
-    capture,
-    check_coupling,
-    deltas,
-    model_state,
-    no_side_effects,
-)
-from torchjac._engine.plan import choose_chunk_size, memory_budget
-from torchjac._engine.run import run_chunks
-from torchjac._engine.sample_vmap import SampleProblem
+from torchjac._engine.layers import model_state, no_side_effects
+from torchjac._engine.ntk_kernel import kernel_of, run_side
+from torchjac._engine.plan import memory_budget
+from torchjac._modules import _check_batchnorm, _select
 
 __all__ = ["ntk"]
 
@@ -93,186 +80,27 @@ def ntk(
         if x2.device != x1.device:
             raise ValueError(f"{fn}: x1 is on {x1.device} but x2 is on {x2.device}.")
     chunk_size = check_chunk_size(fn, chunk_size)
-    names = _resolve_params(fn, model, params)
+    names = _select(fn, model, params)
+    _check_batchnorm(fn, model, batch_dim)
     budget = memory_budget(fn, max_memory, x1.device)
     state = model_state(model, names)
     with no_side_effects(x1.device), one_fallback_warning(fn):
-        side1 = _side(fn, "x1", model, state, x1, batch_dim, chunk_size, budget)
+        side1 = run_side(fn, "x1", model, state, x1, batch_dim, chunk_size, budget)
         side2 = (
             side1
             if x2 is None
-            else _side(fn, "x2", model, state, x2, batch_dim, chunk_size, budget)
+            else run_side(fn, "x2", model, state, x2, batch_dim, chunk_size, budget)
         )
         if side2.out_rest != side1.out_rest:
             raise ValueError(
                 f"{fn}: the model maps x1 to per-sample outputs of shape {list(side1.out_rest)} "
                 f"but x2 to {list(side2.out_rest)}; the kernel needs one output shape."
             )
-        kernel = _kernel(fn, model, state, side1, side2, x1, x2, batch_dim, chunk_size, budget)
+        kernel = kernel_of(fn, model, state, side1, side2, x1, x2, batch_dim, chunk_size, budget)
     if x2 is None:
         kernel = (kernel + kernel.T) / 2  # exactly symmetric
     o = tuple(side1.out_rest)
     return kernel.reshape((side1.n, *o, side2.n, *o))
-
-
-@dataclass(frozen=True)
-class _Side:
-    """One batch through the model: its capture, the ``D`` of every use for all output elements."""
-
-    cap: Capture
-    uses: list[UseD]
-    n: int
-    out_rest: torch.Size
-
-    @property
-    def k(self) -> int:
-        return self.out_rest.numel()
-
-
-def _side(
-    fn: str,
-    arg: str,
-    model: nn.Module,
-    state: ModelState,
-    x: Tensor,
-    batch_dim: int,
-    chunk_size: int | None,
-    budget: int,
-) -> _Side:
-    leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
-    cap = capture(model, state, (leaf,), {}, batch_dim, fn_name=fn)
-    out = cap.output
-    if not out.is_floating_point() or out.dim() == 0 or not -out.dim() <= batch_dim < out.dim():
-        raise ValueError(
-            f"{fn}: the model must return a floating Tensor with the batch at dim {batch_dim}; "
-            f"for {arg} it returned {describe(out)}."
-        )
-    group = Group.of([out], batch_dim)
-    if group.batch_size != x.shape[batch_dim]:
-        raise ValueError(
-            f"{fn}: the model's output has {group.batch_size} samples at dim {batch_dim} but "
-            f"{arg} has {x.shape[batch_dim]}; the batch must be kept at `batch_dim`."
-        )
-    names = {m: n for n, m in model.named_modules()}
-    inputs = [(arg, leaf)] if leaf.requires_grad else []
-    check_coupling(fn, cap, batch_dim, inputs, lambda u: f"the layer {names.get(u.module, '?')!r}")
-    k = group.numel
-    ds: list[list[Tensor]] = [[] for _ in cap.uses]
-    per_probe = 2 * sum(u.e.numel() for u in cap.uses) * out.element_size()
-    chunk = choose_chunk_size(k, max(per_probe, 1), budget, chunk_size)
-
-    def probe(start: int, stop: int, batched: bool) -> list[Tensor | None]:
-        basis = group.one_hot(start, stop, out.dtype, out.device)[0]
-        assert basis is not None
-        return deltas(cap, basis, batched)
-
-    def write(start: int, stop: int, got: list[Tensor | None]) -> None:
-        for store, d in zip(ds, got):
-            if d is not None:
-                store.append(d)
-
-    run_chunks(fn, k, chunk, probe, write)
-    uses = [(u, torch.cat(d, dim=1)) for u, d in zip(cap.uses, ds) if len(d) > 0]
-    uses = [(u, d) for u, d in uses if d.shape[1] == k]
-    return _Side(cap, uses, group.batch_size, group.rest_shape(0))
-
-
-def _kernel(
-    fn: str,
-    model: nn.Module,
-    state: ModelState,
-    side1: _Side,
-    side2: _Side,
-    x1: Tensor,
-    x2: Tensor | None,
-    batch_dim: int,
-    chunk_size: int | None,
-    budget: int,
-) -> Tensor:
-    """``[N1·k, N2·k]``: closed forms per parameter, the general path for the rest."""
-    general = [n for n in state.names if n in side1.cap.general or n in side2.cap.general]
-    dtype = side1.cap.output.dtype
-    kernel = torch.zeros(
-        side1.n * side1.k, side2.n * side2.k, dtype=dtype, device=side1.cap.output.device
-    )
-    by1 = {n: _uses_of(side1, n) for n in state.names}
-    by2 = by1 if side2 is side1 else {n: _uses_of(side2, n) for n in state.names}
-    done: set[str] = set(general)
-    for u, _ in side1.uses:  # Linear layers with weight and bias: one shared δ product
-        w, b = u.weight, u.bias
-        if w is None or b is None or w in done or b in done:
-            continue
-        if _ids(by1[w]) != _ids(by1[b]) or _ids(by2[w]) != _ids(by2[b]):
-            continue
-        part = layer_kernel(by1[w], by2[w])
-        if part is not None:
-            kernel += part
-            done.update((w, b))
-    for name in state.names:
-        if name not in done:
-            part = param_kernel(name, by1[name], by2[name], state.leaves[name].shape, budget)
-            if part is not None:
-                kernel += part
-    if general:
-        make1 = _general(fn, model, state, general, x1, side1, batch_dim, chunk_size, budget)
-        make2 = None
-        if x2 is not None:
-            make2 = _general(fn, model, state, general, x2, side2, batch_dim, chunk_size, budget)
-        size = sum(state.leaves[n].numel() for n in general) * dtype.itemsize * 3
-        kernel += blocked_kernel(
-            (side1.n, side1.k, side2.n, side2.k),
-            make1,
-            make2,
-            (side1.n * size, side2.n * size),
-            budget,
-            kernel,
-        )
-    return kernel
-
-
-def _general(
-    fn: str,
-    model: nn.Module,
-    state: ModelState,
-    names: list[str],
-    x: Tensor,
-    side: _Side,
-    batch_dim: int,
-    chunk_size: int | None,
-    budget: int,
-) -> Make:
-    """Per-sample Jacobians ``[N, c, P]`` of ``names`` (concatenated) for a chunk of probes, on
-    the general path (NOTE [general per-sample path])."""
-    problem = SampleProblem(model, state, names, (x,), {}, batch_dim, side.cap.output)
-    out = side.cap.output
-    sizes = [state.leaves[n].numel() for n in names]
-    per_probe = 3 * out.dtype.itemsize * side.n * sum(sizes)
-
-    def make(start: int, stop: int) -> Tensor:
-        res = torch.empty(side.n, stop - start, sum(sizes), dtype=out.dtype, device=out.device)
-
-        def rows(lo: int, hi: int, vectorised: bool) -> dict[str, Tensor]:
-            return problem.rows(start + lo, start + hi, vectorised)
-
-        def write(lo: int, hi: int, got: dict[str, Tensor]) -> None:
-            off = 0
-            for name, size in zip(names, sizes):
-                res[:, lo:hi, off : off + size] = got[name].reshape(side.n, hi - lo, size)
-                off += size
-
-        chunk = choose_chunk_size(stop - start, per_probe, budget, chunk_size)
-        run_chunks(fn, stop - start, chunk, rows, write)
-        return res
-
-    return make
-
-
-def _ids(uses: list[UseD]) -> list[int]:
-    return [id(u) for u, _ in uses]
-
-
-def _uses_of(side: _Side, name: str) -> list[UseD]:
-    return [(u, d) for u, d in side.uses if name in (u.weight, u.bias)]
 
 
 def _check_x(fn: str, arg: str, x: object, batch_dim: int) -> None:
@@ -282,46 +110,3 @@ def _check_x(fn: str, arg: str, x: object, batch_dim: int) -> None:
         raise ValueError(
             f"{fn}: `batch_dim={batch_dim}` is out of range for {arg} with shape {list(x.shape)}."
         )
-
-
-def _resolve_params(
-    fn: str, model: nn.Module, params: Iterable[str | nn.Parameter] | None
-) -> list[str]:
-    """Canonical names (``named_parameters()`` order, tied once) of the parameters asked for."""
-    named = list(model.named_parameters())
-    if params is None:
-        names = [n for n, p in named if p.requires_grad]
-    else:
-        if isinstance(params, (str, nn.Parameter)):
-            params = [params]
-        by_id = {id(p): n for n, p in named}
-        all_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-        canonical = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            canonical[n] = by_id[id(p)]
-        wanted = set()
-        for item in params:
-            if isinstance(item, str):
-                if item not in all_names:
-                    raise ValueError(
-                        f"{fn}: `params` names {item!r}, which is not a parameter of the model "
-                        f"(see model.named_parameters())."
-                    )
-                wanted.add(canonical[item])
-            elif isinstance(item, Tensor) and id(item) in by_id:
-                wanted.add(by_id[id(item)])
-            else:
-                raise ValueError(
-                    f"{fn}: `params` must hold parameter names or the model's own nn.Parameter "
-                    f"objects, got {describe(item)}."
-                )
-        names = [n for n, _ in named if n in wanted]
-    if not names:
-        raise ValueError(
-            f"{fn}: no parameter to differentiate: the model has none that requires grad. Name "
-            "frozen ones in `params`."
-        )
-    bad = [n for n in names if not dict(named)[n].is_floating_point()]
-    if bad:
-        raise TypeError(f"{fn}: parameter {bad[0]!r} must have a floating dtype.")
-    return names

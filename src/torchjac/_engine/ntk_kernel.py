@@ -1,0 +1,189 @@
+"""The empirical NTK from one capture per batch: closed forms, ghost products, general path.
+
+NOTE [ntk plan]: each batch (``x1``, and ``x2`` when given) runs through the model once with
+layer capture (NOTE [layer capture]); one backward pass per output element, broadcast over the
+batch (samples are independent, which is checked), gives every layer's ``δ`` for every sample.
+The kernel is then summed parameter by parameter: Linear weight and bias together as
+``(δ₁δ₂ᵀ) ⊙ (a₁a₂ᵀ + 1)``, other closed forms by ghost products or their per-sample Jacobian
+(NOTE [ghost products]), and parameters no closed form covers (on either batch) on the general
+path, ``vmap`` over samples (NOTE [general per-sample path]), in probe chunks under the budget
+(NOTE [blocked kernel]). The result is ``[N₁·k, N₂·k]`` with ``k`` output elements per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torchjac._checks import describe
+from torchjac._engine.basis import Group
+from torchjac._engine.blocked import Make, blocked_kernel
+from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
+from torchjac._engine.layers import Capture, ModelState, capture, check_coupling, deltas
+from torchjac._engine.plan import choose_chunk_size
+from torchjac._engine.run import run_chunks
+from torchjac._engine.sample_vmap import SampleProblem
+
+__all__ = ["NtkSide", "kernel_of", "run_side"]
+
+
+@dataclass(frozen=True)
+class NtkSide:
+    """One batch through the model: its capture, the ``D`` of every use for all output elements."""
+
+    cap: Capture
+    uses: list[UseD]
+    n: int
+    out_rest: torch.Size
+
+    @property
+    def k(self) -> int:
+        return self.out_rest.numel()
+
+
+def run_side(
+    fn: str,
+    arg: str,
+    model: nn.Module,
+    state: ModelState,
+    x: Tensor,
+    batch_dim: int,
+    chunk_size: int | None,
+    budget: int,
+) -> NtkSide:
+    leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
+    cap = capture(model, state, (leaf,), {}, batch_dim, fn_name=fn)
+    out = cap.output
+    if not out.is_floating_point() or out.dim() == 0 or not -out.dim() <= batch_dim < out.dim():
+        raise ValueError(
+            f"{fn}: the model must return a floating Tensor with the batch at dim {batch_dim}; "
+            f"for {arg} it returned {describe(out)}."
+        )
+    group = Group.of([out], batch_dim)
+    if group.batch_size != x.shape[batch_dim]:
+        raise ValueError(
+            f"{fn}: the model's output has {group.batch_size} samples at dim {batch_dim} but "
+            f"{arg} has {x.shape[batch_dim]}; the batch must be kept at `batch_dim`."
+        )
+    names = {m: n for n, m in model.named_modules()}
+    inputs = [(arg, leaf)] if leaf.requires_grad else []
+    check_coupling(fn, cap, batch_dim, inputs, lambda u: f"the layer {names.get(u.module, '?')!r}")
+    k = group.numel
+    ds: list[list[Tensor]] = [[] for _ in cap.uses]
+    per_probe = 2 * sum(u.e.numel() for u in cap.uses) * out.element_size()
+    chunk = choose_chunk_size(k, max(per_probe, 1), budget, chunk_size)
+
+    def probe(start: int, stop: int, batched: bool) -> list[Tensor | None]:
+        basis = group.one_hot(start, stop, out.dtype, out.device)[0]
+        assert basis is not None
+        return deltas(cap, basis, batched)
+
+    def write(start: int, stop: int, got: list[Tensor | None]) -> None:
+        for store, d in zip(ds, got):
+            if d is not None:
+                store.append(d)
+
+    run_chunks(fn, k, chunk, probe, write)
+    uses = [(u, torch.cat(d, dim=1)) for u, d in zip(cap.uses, ds) if len(d) > 0]
+    uses = [(u, d) for u, d in uses if d.shape[1] == k]
+    return NtkSide(cap, uses, group.batch_size, group.rest_shape(0))
+
+
+def kernel_of(
+    fn: str,
+    model: nn.Module,
+    state: ModelState,
+    side1: NtkSide,
+    side2: NtkSide,
+    x1: Tensor,
+    x2: Tensor | None,
+    batch_dim: int,
+    chunk_size: int | None,
+    budget: int,
+) -> Tensor:
+    """``[N1·k, N2·k]``: closed forms per parameter, the general path for the rest."""
+    general = [n for n in state.names if n in side1.cap.general or n in side2.cap.general]
+    dtype = side1.cap.output.dtype
+    kernel = torch.zeros(
+        side1.n * side1.k, side2.n * side2.k, dtype=dtype, device=side1.cap.output.device
+    )
+    by1 = {n: _uses_of(side1, n) for n in state.names}
+    by2 = by1 if side2 is side1 else {n: _uses_of(side2, n) for n in state.names}
+    done: set[str] = set(general)
+    for u, _ in side1.uses:  # Linear layers with weight and bias: one shared δ product
+        w, b = u.weight, u.bias
+        if w is None or b is None or w in done or b in done:
+            continue
+        if _ids(by1[w]) != _ids(by1[b]) or _ids(by2[w]) != _ids(by2[b]):
+            continue
+        part = layer_kernel(by1[w], by2[w])
+        if part is not None:
+            kernel += part
+            done.update((w, b))
+    for name in state.names:
+        if name not in done:
+            part = param_kernel(name, by1[name], by2[name], state.leaves[name].shape, budget)
+            if part is not None:
+                kernel += part
+    if general:
+        make1 = _general(fn, model, state, general, x1, side1, batch_dim, chunk_size, budget)
+        make2 = None
+        if x2 is not None:
+            make2 = _general(fn, model, state, general, x2, side2, batch_dim, chunk_size, budget)
+        size = sum(state.leaves[n].numel() for n in general) * dtype.itemsize * 3
+        kernel += blocked_kernel(
+            (side1.n, side1.k, side2.n, side2.k),
+            make1,
+            make2,
+            (side1.n * size, side2.n * size),
+            budget,
+            kernel,
+        )
+    return kernel
+
+
+def _general(
+    fn: str,
+    model: nn.Module,
+    state: ModelState,
+    names: list[str],
+    x: Tensor,
+    side: NtkSide,
+    batch_dim: int,
+    chunk_size: int | None,
+    budget: int,
+) -> Make:
+    """Per-sample Jacobians ``[N, c, P]`` of ``names`` (concatenated) for a chunk of probes, on
+    the general path (NOTE [general per-sample path])."""
+    problem = SampleProblem(model, state, names, (x,), {}, batch_dim, side.cap.output)
+    out = side.cap.output
+    sizes = [state.leaves[n].numel() for n in names]
+    per_probe = 3 * out.dtype.itemsize * side.n * sum(sizes)
+
+    def make(start: int, stop: int) -> Tensor:
+        res = torch.empty(side.n, stop - start, sum(sizes), dtype=out.dtype, device=out.device)
+
+        def rows(lo: int, hi: int, vectorised: bool) -> dict[str, Tensor]:
+            return problem.rows(start + lo, start + hi, vectorised)
+
+        def write(lo: int, hi: int, got: dict[str, Tensor]) -> None:
+            off = 0
+            for name, size in zip(names, sizes):
+                res[:, lo:hi, off : off + size] = got[name].reshape(side.n, hi - lo, size)
+                off += size
+
+        chunk = choose_chunk_size(stop - start, per_probe, budget, chunk_size)
+        run_chunks(fn, stop - start, chunk, rows, write)
+        return res
+
+    return make
+
+
+def _ids(uses: list[UseD]) -> list[int]:
+    return [id(u) for u, _ in uses]
+
+
+def _uses_of(side: NtkSide, name: str) -> list[UseD]:
+    return [(u, d) for u, d in side.uses if name in (u.weight, u.bias)]
