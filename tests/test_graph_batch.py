@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import jacrev
 
 import torchjac as tj
+from torchjac._engine.structure import sample_mask
 
 MODES = ["auto", "rev", "fwd"]
 
@@ -59,6 +60,32 @@ def test_coupling_of_one_pair_of_samples_is_caught(gen: torch.Generator) -> None
     y = x.sin() + torch.stack([torch.zeros_like(x[0]), x[0]])  # output 1 depends on input 0
     with pytest.raises(tj.BatchCouplingError):
         tj.jac(y, x, batch_dim=0)
+
+
+def _pair_coupled(x: Tensor, i: int, j: int) -> Tensor:
+    """Independent samples, except that output sample i also depends on input sample j."""
+    onehot = torch.zeros(x.shape[0], 1, dtype=x.dtype)
+    onehot[i] = 1
+    return x.sin() + onehot * x[j : j + 1] ** 2
+
+
+@pytest.mark.parametrize(("i", "j"), [(0, 1), (1, 0)])
+def test_two_samples_every_coupling_is_caught(i: int, j: int, gen: torch.Generator) -> None:
+    x = randn(2, 3, gen=gen, grad=True)
+    with pytest.raises(tj.BatchCouplingError):
+        tj.jac(_pair_coupled(x, i, j), x, batch_dim=0)
+
+
+@pytest.mark.parametrize("bsz", [3, 6, 9])
+def test_every_coupling_across_the_checked_halves_is_caught(bsz: int, gen: torch.Generator) -> None:
+    """NOTE [coupling check]: a coupling between the two halves never escapes."""
+    half = sample_mask(bsz, torch.device("cpu"))
+    pairs = [(i, j) for i in range(bsz) for j in range(bsz) if bool(half[i] != half[j])]
+    assert pairs
+    for i, j in pairs:
+        x = randn(bsz, 2, gen=gen, grad=True)
+        with pytest.raises(tj.BatchCouplingError):
+            tj.jac(_pair_coupled(x, i, j), x, batch_dim=0)
 
 
 @pytest.mark.parametrize("mode", MODES)
