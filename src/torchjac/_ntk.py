@@ -31,10 +31,10 @@ def ntk(
     Math: :math:`K[i, a, j, b] = \sum_\theta \partial f(x_1)_{i,a} / \partial\theta \;
     \partial f(x_2)_{j,b} / \partial\theta` over the parameters ``θ`` (sample ``i`` of ``x1``,
     output element ``a``; sample ``j`` of ``x2``, element ``b``). ``J`` (``N·C·P`` numbers) is
-    never formed: Linear layers contribute ``(δ₁δ₂ᵀ) ⊙ (a₁a₂ᵀ)`` from their inputs ``a`` and
+    never formed: a Linear layer contributes ``(δ₁δ₂ᵀ) ⊙ (a₁a₂ᵀ + 1)`` from its inputs ``a`` and
     output sensitivities ``δ`` (one backward pass per output element, for the whole batch);
-    convolutions, embeddings and LayerNorm contribute through their per-sample Jacobians one
-    parameter at a time; any other parameter through ``vmap(jacrev)`` over samples.
+    convolutions, embeddings and LayerNorm contribute by ghost products or their per-sample
+    Jacobians, one parameter at a time; any other parameter by ``vmap`` over samples.
 
     Shapes: ``x1`` ``[N1, ...]`` and ``x2`` ``[N2, ...]`` (batch at ``batch_dim``); the model
     maps them to ``[N, *o]``; the result is ``[N1, *o, N2, *o]``. With ``x2=None`` it is
@@ -51,10 +51,12 @@ def ntk(
             default: every parameter that requires grad (tied parameters once).
         batch_dim: the batch dimension of the inputs and of the output. Samples must be
             independent (``BatchCouplingError`` otherwise, e.g. BatchNorm in train mode).
-        chunk_size: probes per vectorised pass (output elements in the backward passes, samples
-            on the general path); ``1`` is a plain loop. Default: chosen from ``max_memory``.
+        chunk_size: output elements per vectorised backward pass (for ``δ``, and on the
+            general path); ``1`` is a plain loop. Default: chosen from ``max_memory``.
         max_memory: bytes (int) or a string like ``"512MiB"``; default: a quarter of the free
-            memory of the device.
+            memory of the device. Per-sample Jacobians that must be formed (general path,
+            materialised closed forms) are built in chunks of output elements under it; the
+            ``δ`` of every layer for all output elements and the result are held whole.
 
     Example:
         >>> import torch, torchjac as tj
