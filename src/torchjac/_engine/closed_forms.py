@@ -230,7 +230,7 @@ def _outer(a: Tensor, d: Tensor, target: Tensor, role: str, first: bool, n: int,
         else:
             view.addcmul_(dv, av)
         return
-    prod = torch.matmul(d.permute(0, 1, 3, 4, 2), a.permute(0, 2, 1, 3).unsqueeze(1))
+    prod = torch.einsum("nktgo,ntgi->nkgoi", d, a)
     if first:
         view.copy_(prod)
     else:

@@ -121,6 +121,7 @@ class Capture:
     state: ModelState
     uses: list[Use] = field(default_factory=list)
     general: tuple[str, ...] = ()
+    vmap_backward: bool = True
 
 
 def capture(
@@ -161,6 +162,7 @@ def capture(
             "to return the Tensor to differentiate."
         )
     cap = Capture(output=output, state=state, uses=uses)
+    cap.vmap_backward = not _slow_under_vmap(output)
     if output.requires_grad:
         leaves = [state.leaves[n] for n in state.names]
         hit = reachable([output], leaves)
@@ -180,6 +182,28 @@ def _hookable(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+# NOTE [backward without batching rules]: a vectorised backward (``is_grads_batched``) runs
+# each node under vmap; ``convolution_backward`` has no batching rule and is run once per probe
+# inside vmap, with its overhead on top: ten plain backward passes are about three times
+# faster than one vectorised pass through a small CNN. Graphs with such nodes loop over probes.
+_UNBATCHED_BACKWARD = frozenset({"ConvolutionBackward0"})
+
+
+def _slow_under_vmap(output: Tensor) -> bool:
+    """Whether the graph of ``output`` has a node whose backward vmap cannot batch."""
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in _UNBATCHED_BACKWARD:
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return False
+
+
 def deltas(cap: Capture, cotangents: Tensor, batched: bool = True) -> list[Tensor | None]:
     """Canonical ``D`` for every use (see the module docstring), for ``cotangents`` ``[k, *out]``.
 
@@ -196,17 +220,22 @@ def _backward(
     targets = es + list(extra)
     if not targets:
         return [], []
-    cot = cotangents if batched else cotangents[0]
-    grads = torch.autograd.grad(
-        [cap.output],
-        targets,
-        [cot.to(cap.output.dtype)],
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
-    if not batched:
-        grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+    cot = cotangents.to(cap.output.dtype)
+    if batched and cap.vmap_backward:
+        grads: Sequence[Tensor | None] = torch.autograd.grad(
+            [cap.output],
+            targets,
+            [cot],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    else:  # one backward pass per probe (NOTE [backward without batching rules])
+        per_probe = [
+            torch.autograd.grad([cap.output], targets, [c], retain_graph=True, allow_unused=True)
+            for c in cot
+        ]
+        grads = [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_probe)]
     ds: list[Tensor | None] = [
         None if g is None else u.rows(g) for u, g in zip(cap.uses, grads[: len(es)])
     ]
