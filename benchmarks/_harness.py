@@ -241,8 +241,12 @@ def run_workloads(
     small: bool = False,
     timing: Timing | None = None,
     progress: bool = True,
+    on_workload: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """Build, check and time every strategy of every workload; one :class:`Row` per strategy."""
+    """Build, check and time every strategy of every workload; one :class:`Row` per strategy.
+
+    ``on_workload`` is called with each workload's rows as soon as it is done.
+    """
     from tqdm.auto import tqdm
 
     timing = timing or Timing()
@@ -284,5 +288,7 @@ def run_workloads(
             time_strategies(rows_, strategies_, firsts, timing)
             _ratios(mine)
             rows.extend(mine)
+            if on_workload is not None:
+                on_workload(mine)
             bar.update()
     return rows

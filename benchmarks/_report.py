@@ -76,16 +76,17 @@ def save_json(path: str | Path, rows: Sequence[Row], env: dict[str, Any]) -> Non
 
 
 def save_plot(path: str | Path, rows: Sequence[Row]) -> None:
-    """Horizontal bars of median time per strategy (log scale), one panel per workload."""
+    """Bars of each strategy's ratio to the best peer (log scale), one panel per workload."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     keys = list(dict.fromkeys(r.workload for r in rows))
-    timed = {k: [r for r in rows if r.workload == k and r.median_ms is not None] for k in keys}
+    timed = {k: [r for r in rows if r.workload == k and r.ratio is not None] for k in keys}
     keys = [k for k in keys if timed[k]] or keys[:1]
-    heights = [max(len(timed.get(k, [])), 1) * 0.35 + 0.8 for k in keys]
+    heights = [max(len(timed.get(k, [])), 1) * 0.3 + 0.7 for k in keys]
     fig, axes = plt.subplots(
         len(keys),
         1,
@@ -93,20 +94,25 @@ def save_plot(path: str | Path, rows: Sequence[Row]) -> None:
         squeeze=False,
         gridspec_kw={"height_ratios": heights},
     )
-    fig.subplots_adjust(hspace=0.6)
     for ax, key in zip(axes[:, 0], keys):
         mine = timed.get(key, [])
-        names = [r.strategy for r in mine]
-        values = [r.median_ms or 0.0 for r in mine]
-        colors = ["tab:orange" if r.torchjac else "tab:blue" for r in mine]
-        ax.barh(range(len(mine)), values, color=colors)
-        ax.set_yticks(range(len(mine)), names, fontsize=7)
+        ratios = [r.ratio or 1.0 for r in mine]
+        colors = ["tab:orange" if r.torchjac else "0.7" if r.floor else "tab:blue" for r in mine]
+        ax.barh(range(len(mine)), ratios, color=colors)
+        ax.set_yticks(range(len(mine)), [r.strategy for r in mine], fontsize=7)
         ax.invert_yaxis()
-        if values:
+        ax.axvline(1.0, color="black", lw=0.8)
+        for i, r in enumerate(mine):
+            ax.text(ratios[i], i, f" {r.median_ms:.3g} ms", va="center", fontsize=6)
+        if ratios:
             ax.set_xscale("log")
+            ax.set_xlim(min(0.5, min(ratios) / 2), max(2.0, max(ratios)) * 6)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         title = mine[0].title if mine else key
         ax.set_title(f"{key}: {title}", fontsize=9, loc="left")
         ax.tick_params(axis="x", labelsize=7)
-    axes[-1, 0].set_xlabel("median time per call (ms, log scale); orange: torchjac")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    axes[-1, 0].set_xlabel("time / fastest peer (log scale; orange: torchjac, grey: floor)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -42,6 +42,17 @@ def _import(name: str, root: Path) -> Any:
     return importlib.import_module(f"benchmarks.{name}")
 
 
+def _summary(rows: list[Any]) -> None:
+    """One line per finished workload on stderr (the table comes at the end, on stdout)."""
+    parts = []
+    for r in rows:
+        if r.torchjac:
+            ratio = "—" if r.ratio is None else f"{r.ratio:.2f}× the best peer"
+            parts.append(f"{r.strategy}: {ratio} ({r.status})")
+    if rows:
+        print(f"{rows[0].workload} done. " + "; ".join(parts), file=sys.stderr, flush=True)
+
+
 def run_bench(
     workloads: list[str] | None,
     *,
@@ -62,7 +73,9 @@ def run_bench(
     chosen = registry.select(registry.all_workloads(), workloads)
     timing = harness.Timing(repeats=5, min_repeats=1, budget_s=1.0) if quick else harness.Timing()
     env = report.environment()
-    rows = harness.run_workloads(chosen, small=small, timing=timing, progress=progress)
+    rows = harness.run_workloads(
+        chosen, small=small, timing=timing, progress=progress, on_workload=_summary
+    )
     mode = ", ".join(m for m, on in (("quick", quick), ("small sizes", small)) if on)
     print(
         f"torchjac bench: {env['utc']}, torch {env['torch']}, {env['threads']} thread(s), "
