@@ -101,5 +101,5 @@ class Group:
         """
         c, b = t.shape[0], self.batch_dims[i]
         if b is None:
-            return t.reshape(c, 1, -1)
-        return t.movedim(1 + b, 1).reshape(c, self.batch_size, -1)
+            return t.reshape(c, 1, self.sizes[i])
+        return t.movedim(1 + b, 1).reshape(c, self.batch_size, self.sizes[i])  # B may be 0

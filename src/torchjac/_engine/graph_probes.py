@@ -156,6 +156,8 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     outs, ins, g_in = p.outputs, p.inputs, p.in_group
     live = [j for j, u in enumerate(p.used) if u]
     store = [_storage(p, (p.n_rows, g_in.batch_size, n), j) for j, n in enumerate(g_in.sizes)]
+    if not live:  # allow_unused and nothing is used: all zeros, and autograd.grad needs inputs
+        return [s.permute(1, 0, 2) for s in store]
     release = Releaser(p.n_rows, p.retain_graph)
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
