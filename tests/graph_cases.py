@@ -95,6 +95,41 @@ def _unused(g: torch.Generator) -> Built:
     return f(a), [a, b], (j, torch.zeros(2, 2, 2, dtype=b.dtype))
 
 
+def _nothing_used(g: torch.Generator) -> Built:
+    a, c = randn(2, gen=g, grad=True), randn(3, gen=g, grad=True)
+    return c.exp(), [a], (torch.zeros(3, 2, dtype=a.dtype),)
+
+
+def _tied_outputs(g: torch.Generator) -> Built:
+    x = randn(3, gen=g, grad=True)
+
+    def f(x: Tensor) -> tuple[Tensor, Tensor]:
+        y = x.sin() * x.sum()
+        return y, y  # the same tensor twice: its rows twice
+
+    y, _ = f(x)
+    return [y, y], [x], oracle(f, [x])
+
+
+def _views(g: torch.Generator) -> Built:
+    leaf, w = randn(4, 3, gen=g, grad=True), randn(4, 2, gen=g)
+    h = leaf.t()  # a non-contiguous view as the input
+
+    def f(h: Tensor) -> Tensor:
+        return torch.tanh(h @ w).t()[::2]  # a non-contiguous output
+
+    return f(h), h, oracle(f, [h])[0]
+
+
+def _empty_batch(g: torch.Generator) -> Built:
+    x = randn(0, 3, gen=g, grad=True)
+
+    def f(x: Tensor) -> Tensor:
+        return torch.tanh(x) * 2
+
+    return f(x), x, oracle(f, [x])[0]
+
+
 def _scalar(g: torch.Generator) -> Built:
     x = randn(2, 3, gen=g, grad=True)
 
@@ -210,6 +245,10 @@ CASES = [
     Case("conv_per_sample", _conv_per_sample, batch_dim=0),
     Case("tied_inputs", _tied),
     Case("unused_input_allowed", _unused, {"allow_unused": True}),
+    Case("nothing_used", _nothing_used, {"allow_unused": True}),
+    Case("tied_outputs", _tied_outputs),
+    Case("non_contiguous_views", _views),
+    Case("empty_batch", _empty_batch, batch_dim=0),
     Case("scalar_0d_output", _scalar),
     Case("scalar_of_scalar", _scalar_of_scalar),
     Case("one_element_output", _one_element),

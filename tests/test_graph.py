@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -65,6 +66,13 @@ def test_result_dtype_and_device_follow_inputs(case: Case, gen: torch.Generator)
         assert r.device == ins[0].device
 
 
+def _rest(t: Tensor, bd: int) -> list[int]:
+    """``t.shape`` without the batch dimension (works for an empty batch too)."""
+    shape = list(t.shape)
+    del shape[bd]
+    return shape
+
+
 def per_sample_loop(outputs: Any, inputs: Any, bd: int) -> tuple[Tensor, ...]:
     """Oracle for ``batch_dim``: one ``autograd.grad`` per (sample, output element)."""
     single = isinstance(outputs, Tensor)
@@ -72,8 +80,8 @@ def per_sample_loop(outputs: Any, inputs: Any, bd: int) -> tuple[Tensor, ...]:
     ins = list(inputs.values()) if isinstance(inputs, dict) else inputs
     ins = [ins] if isinstance(ins, Tensor) else list(ins)
     bsz = outs[0].shape[bd]
-    rows = sum(y.select(bd, 0).numel() for y in outs)
-    res = [torch.zeros(bsz, rows, x.select(bd, 0).numel(), dtype=torch.float64) for x in ins]
+    rows = sum(math.prod(_rest(y, bd)) for y in outs)
+    res = [torch.zeros(bsz, rows, math.prod(_rest(x, bd)), dtype=torch.float64) for x in ins]
     for i in range(bsz):
         r = 0
         for y in outs:
@@ -84,8 +92,8 @@ def per_sample_loop(outputs: Any, inputs: Any, bd: int) -> tuple[Tensor, ...]:
                     if gx is not None:
                         res[j][i, r] = gx.select(bd, i).reshape(-1)
                 r += 1
-    row_shape = list(outs[0].select(bd, 0).shape) if single else [rows]
-    return tuple(res[j].reshape(bsz, *row_shape, *x.select(bd, 0).shape) for j, x in enumerate(ins))
+    row_shape = _rest(outs[0], bd) if single else [rows]
+    return tuple(res[j].reshape(bsz, *row_shape, *_rest(x, bd)) for j, x in enumerate(ins))
 
 
 @pytest.mark.parametrize("chunk_size", CHUNKS, ids=lambda c: f"chunk={c}")
@@ -123,7 +131,7 @@ def test_batch_dim_is_the_diagonal_of_the_full_jacobian(case: Case, gen: torch.G
             jf = torch.cat(
                 [
                     _diag(part.reshape(*y.shape, *x.shape), y.dim(), bd).reshape(
-                        x.shape[bd], -1, *x.select(bd, 0).shape
+                        x.shape[bd], math.prod(_rest(y, bd)), *_rest(x, bd)
                     )
                     for y, part in zip(outs, jf.split([y.numel() for y in outs]))
                 ],
