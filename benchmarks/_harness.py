@@ -242,15 +242,18 @@ def run_workloads(
     timing: Timing | None = None,
     progress: bool = True,
     on_workload: Callable[[list[Row]], None] | None = None,
+    warm_up: bool = True,
 ) -> list[Row]:
     """Build, check and time every strategy of every workload; one :class:`Row` per strategy.
 
-    ``on_workload`` is called with each workload's rows as soon as it is done.
+    ``on_workload`` is called with each workload's rows as soon as it is done; ``warm_up``
+    pays ``torch.func``'s first-call cost before any timing (see NOTE [repeats]).
     """
     from tqdm.auto import tqdm
 
     timing = timing or Timing()
-    _warm_up_torch_func()
+    if warm_up:
+        _warm_up_torch_func()
     rows: list[Row] = []
     bar = tqdm(
         total=len(workloads), disable=None if progress else True, unit="workload", leave=False

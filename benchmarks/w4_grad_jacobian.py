@@ -68,8 +68,8 @@ def _columns_double_backward(grads: tuple[Tensor, ...], out: Tensor) -> Tensor:
 
 
 def _build(small: bool) -> Case:
-    sizes = [32, 32, 32, 4] if small else [32, 128, 128, 4]
-    n = 8 if small else 16
+    sizes = [8, 16, 16, 4] if small else [32, 128, 128, 4]
+    n = 4 if small else 16
     model = mlp(sizes, nn.Tanh, seed=0)
     x, target = randn(n, sizes[0], seed=1), randn(n, sizes[-1], seed=2)
     params = list(model.parameters())
