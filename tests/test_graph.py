@@ -7,12 +7,14 @@ from typing import Any
 
 import pytest
 import torch
-from graph_cases import BATCHED, CASES, Case
+from graph_cases import BATCHED, CASES, EDGE_CASES, Case
 from torch import Tensor
 
 import torchjac as tj
 
 MODES = ["auto", "rev", "fwd"]
+ALL_CASES = CASES + EDGE_CASES
+ALL_BATCHED = BATCHED + [c for c in EDGE_CASES if c.batch_dim is not None]
 CHUNKS = [None, 1, 2, 10_000]
 
 
@@ -42,7 +44,7 @@ def tolerance(inputs: Any) -> float:
 
 @pytest.mark.parametrize("chunk_size", CHUNKS, ids=lambda c: f"chunk={c}")
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)
 def test_matches_oracle(
     case: Case, mode: str, chunk_size: int | None, gen: torch.Generator
 ) -> None:
@@ -51,7 +53,7 @@ def test_matches_oracle(
     assert_matches(result, expected, inputs, tolerance(inputs))
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)
 def test_result_dtype_and_device_follow_inputs(case: Case, gen: torch.Generator) -> None:
     outputs, inputs, _ = case.build(gen)
     result = tj.jac(outputs, inputs, **case.kwargs)
@@ -98,7 +100,7 @@ def per_sample_loop(outputs: Any, inputs: Any, bd: int) -> tuple[Tensor, ...]:
 
 @pytest.mark.parametrize("chunk_size", CHUNKS, ids=lambda c: f"chunk={c}")
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", BATCHED, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ALL_BATCHED, ids=lambda c: c.id)
 def test_batch_dim_matches_per_sample_loop(
     case: Case, mode: str, chunk_size: int | None, gen: torch.Generator
 ) -> None:
@@ -115,7 +117,7 @@ def test_batch_dim_matches_per_sample_loop(
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", BATCHED, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ALL_BATCHED, ids=lambda c: c.id)
 def test_batch_dim_is_the_diagonal_of_the_full_jacobian(case: Case, gen: torch.Generator) -> None:
     outputs, inputs, expected = case.build(gen)
     bd = case.batch_dim
