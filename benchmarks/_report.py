@@ -39,7 +39,7 @@ def environment() -> dict[str, Any]:
 def _ms(value: float | None) -> str:
     if value is None:
         return "—"
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
 
 
 def _ratio(row: Row) -> str:
@@ -103,7 +103,7 @@ def save_plot(path: str | Path, rows: Sequence[Row]) -> None:
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", lw=0.8)
         for i, r in enumerate(mine):
-            ax.text(ratios[i], i, f" {r.median_ms:.3g} ms", va="center", fontsize=6)
+            ax.text(ratios[i], i, f" {_ms(r.median_ms)} ms", va="center", fontsize=6)
         if ratios:
             ax.set_xscale("log")
             ax.set_xlim(min(0.5, min(ratios) / 2), max(2.0, max(ratios)) * 6)
