@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 from torch.func import jacrev
@@ -65,27 +65,32 @@ def test_random_shapes_match_jacrev(in_shapes, out_shapes, single, plan, seed) -
     batch=st.integers(1, 4),
     in_rest=shapes,
     out_rest=shapes,
+    batch_dim=st.sampled_from([0, 1, -1, -2]),
     k=st.one_of(st.none(), st.integers(1, 3)),
     plan=plans,
     seed=st.integers(0, 2**16),
 )
-def test_random_per_sample_shapes(batch, in_rest, out_rest, k, plan, seed) -> None:
-    """``batch_dim=0`` (optionally with ``jac_outputs``) equals the per-sample Jacobians."""
+def test_random_per_sample_shapes(batch, in_rest, out_rest, batch_dim, k, plan, seed) -> None:
+    """``batch_dim`` (optionally with ``jac_outputs``) equals the per-sample Jacobians."""
+    assume(all(-len(r) - 1 <= batch_dim <= len(r) for r in (in_rest, out_rest)))
+    pos_in, pos_out = batch_dim % (len(in_rest) + 1), batch_dim % (len(out_rest) + 1)
     f = _mixer([in_rest], [out_rest], seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, *in_rest, generator=gen, dtype=torch.float64).requires_grad_()
-    y = torch.stack([f(x[b])[0] for b in range(batch)])
+    x0 = torch.randn(batch, *in_rest, generator=gen, dtype=torch.float64)
+    x = x0.movedim(0, pos_in).contiguous().requires_grad_()  # the batch at `batch_dim`
+    y = torch.stack([f(x.select(pos_in, b))[0] for b in range(batch)], dim=pos_out)
     a = None if k is None else torch.randn(k, *y.shape, generator=gen, dtype=torch.float64)
     mode, chunk_size = plan
-    got = tj.jac(y, x, a, batch_dim=0, mode=mode, chunk_size=chunk_size)
-    per = [jacrev(lambda z: f(z)[0])(x[b].detach()) for b in range(batch)]
+    got = tj.jac(y, x, a, batch_dim=batch_dim, mode=mode, chunk_size=chunk_size)
+    per = [jacrev(lambda z: f(z)[0])(x0[b]) for b in range(batch)]
     if a is None:
         want = torch.stack(per)
     else:
         m, n = math.prod(out_rest), math.prod(in_rest)
+        a_per = a.movedim(1 + pos_out, 1)  # [k, B, *out_rest]
         want = torch.stack(
             [
-                (a[:, b].reshape(k, m) @ per[b].reshape(m, n)).reshape(k, *in_rest)
+                (a_per[:, b].reshape(k, m) @ per[b].reshape(m, n)).reshape(k, *in_rest)
                 for b in range(batch)
             ]
         )
