@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from torchjac._checks import (
@@ -134,9 +135,10 @@ def jac(
         create_graph=create_graph,
         retain_graph=create_graph if retain_graph is None else bool(retain_graph),
     )
-    with fallback_scope():
+    # create_graph=True under torch.no_grad(): differentiable, as with torch.autograd.grad
+    with fallback_scope(), torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
         flat = solve(problem, mode, chunk_size, memory_budget(fn, max_memory, device))
-    return unflatten(container, [_shape(problem, j, r, single) for j, r in enumerate(flat)])
+        return unflatten(container, [_shape(problem, j, r, single) for j, r in enumerate(flat)])
 
 
 def _check_jac_outputs(
