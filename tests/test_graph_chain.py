@@ -213,3 +213,16 @@ def test_retained_graph_can_be_used_again(mode: str, kwargs: dict, gen) -> None:
     (g,) = torch.autograd.grad(y.sum(), x, retain_graph=True)  # the graph is still there
     torch.testing.assert_close(g, first.sum(0))
     torch.testing.assert_close(tj.jac(y, x, mode=mode), first.detach())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_graph_under_no_grad_is_differentiable_like_autograd(mode: str, gen) -> None:
+    x = randn(3, gen=gen, grad=True)
+    y = _scalar_fn(x)
+    with torch.no_grad():
+        (ref,) = torch.autograd.grad(y, x, create_graph=True, retain_graph=True)
+        got = tj.jac(y, x, create_graph=True, mode=mode)
+        assert not torch.is_grad_enabled()  # the user's grad mode is kept
+    assert ref.requires_grad and got.requires_grad
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(tj.jac(got, x), jacrev(jacrev(_scalar_fn))(x.detach()))
