@@ -196,6 +196,15 @@ def _non_leaf(g: torch.Generator) -> Built:
     return f(h), h, oracle(f, [h])[0]
 
 
+def _non_leaf_and_its_leaf(g: torch.Generator) -> Built:
+    leaf = randn(3, gen=g, grad=True)
+    h = leaf * 2
+    y = h.sin() + leaf.exp()  # leaf reaches y directly and through h
+    hd, ld = h.detach(), leaf.detach()
+    # autograd's meaning: d/dh holds leaf fixed; d/dleaf takes both paths (closed form)
+    return y, [h, leaf], (torch.diag(hd.cos()), torch.diag(2 * hd.cos() + ld.exp()))
+
+
 def _mixed_dtypes(g: torch.Generator) -> Built:
     x32 = randn(3, gen=g, dtype=torch.float32, grad=True)
     w = randn(2, 3, gen=g, grad=True)
@@ -255,6 +264,7 @@ CASES = [
     Case("dict_inputs", _dict_inputs),
     Case("batch_of_one", _batch_of_one, batch_dim=0),
     Case("non_leaf_input", _non_leaf, batch_dim=0),
+    Case("non_leaf_and_its_leaf", _non_leaf_and_its_leaf),
     Case("mixed_float32_float64", _mixed_dtypes),
     Case("output_is_input", _output_is_input),
     Case("per_sample_mlp", _per_sample_mlp, batch_dim=0),

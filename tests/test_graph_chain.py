@@ -101,6 +101,25 @@ def test_jac_outputs_with_batch_dim(mode: str, chunk_size: int | None, gen) -> N
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_jac_outputs_sequence_with_batch_dim(mode: str, chunk_size: int | None, gen) -> None:
+    x, w = randn(3, 2, gen=gen, grad=True), randn(2, 2, gen=gen)
+
+    def f(x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(x @ w), (x**2).sum(-1)
+
+    y1, y2 = f(x)
+    a1, a2 = randn(4, 3, 2, gen=gen), randn(4, 3, gen=gen)
+    got = tj.jac([y1, y2], x, [a1, a2], batch_dim=0, mode=mode, chunk_size=chunk_size)
+    j1, j2 = jacrev(f)(x.detach())  # [3, 2, 3, 2], [3, 3, 2]
+    per1 = torch.stack([j1[b, :, b] for b in range(3)])
+    per2 = torch.stack([j2[b, b] for b in range(3)])
+    want = torch.einsum("kbo,boi->bki", a1, per1) + torch.einsum("kb,bi->bki", a2, per2)
+    assert got.shape == (3, 4, 2)
+    torch.testing.assert_close(got, want)
+
+
 # --- seed 000: Jacobian of the parameter gradients w.r.t. the model output -------------------
 
 
