@@ -15,7 +15,6 @@ be freed with the outputs, like any tensor. Nothing is ever freed while ``retain
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
 from torchjac._engine.structure import check_independent, has_error_node, reachable
-from torchjac._errors import FallbackWarning, warn_fallback
+from torchjac._errors import fallback_scope, warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
 
@@ -109,6 +108,11 @@ class GraphProblem:
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
+    with fallback_scope():  # NOTE [fallback]: one warning per call, however many paths fail
+        return _solve(problem, mode, chunk_size, budget)
+
+
+def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     p = problem
     if p.batch_dim is not None:
         check_independent(
@@ -138,10 +142,8 @@ def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int)
         try:
             return _columns(p, chunks(n_cols))
         except RuntimeError as err:
+            # one FallbackWarning per call: a later vmap -> loop one is dropped by fallback_scope
             warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
-            with warnings.catch_warnings():  # one FallbackWarning per call: the one above
-                warnings.simplefilter("ignore", FallbackWarning)
-                return _rows(p, chunks(p.n_rows))
     return _rows(p, chunks(p.n_rows))
 
 
