@@ -24,7 +24,6 @@ from torchjac._engine.basis import Group
 from torchjac._engine.graph_probes import GraphProblem, solve
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.structure import reachable
-from torchjac._errors import fallback_scope
 
 __all__ = ["jac"]
 
@@ -136,7 +135,7 @@ def jac(
         retain_graph=create_graph if retain_graph is None else bool(retain_graph),
     )
     # create_graph=True under torch.no_grad(): differentiable, as with torch.autograd.grad
-    with fallback_scope(), torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
+    with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
         flat = solve(problem, mode, chunk_size, memory_budget(fn, max_memory, device))
         return unflatten(container, [_shape(problem, j, r, single) for j, r in enumerate(flat)])
 
