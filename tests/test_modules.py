@@ -220,6 +220,23 @@ def test_general_path_falls_back_to_a_loop_with_one_warning() -> None:
     _assert_close(got, full_oracle(model, (x,), {}))
 
 
+class ReturnsParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(4, 2, dtype=DTYPE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.p * 1.0 if x.dim() else x
+
+
+def test_output_that_ignores_the_batch_is_an_error_per_sample() -> None:
+    model, x = ReturnsParameter(), torch.randn(4, 3, dtype=DTYPE)
+    full = tj.param_jacobian(model, x)["p"]
+    torch.testing.assert_close(full, torch.eye(8, dtype=DTYPE).reshape(4, 2, 4, 2))
+    with pytest.raises(ValueError, match="does not follow the batch of its inputs"):
+        tj.param_jacobian(model, x, batch_dim=0)
+
+
 def test_float32_follows_the_model_dtype() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(5, 3)

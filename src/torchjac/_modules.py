@@ -150,8 +150,11 @@ def _device(model: nn.Module, args: tuple, kwargs: dict) -> torch.device:
 
 def _check_batchnorm(fn: str, model: nn.Module, batch_dim: int) -> None:
     """BatchNorm in train mode normalises with batch statistics: samples are coupled."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+    coupled = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    for name, m in model.named_modules() if coupled else ():
+        if m is coupled[0]:
             where = f"module {name!r}" if name else "the model"
             raise BatchCouplingError(
                 f"{fn}: `batch_dim={batch_dim}` declares the samples independent, but "

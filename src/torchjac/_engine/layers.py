@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from torchjac._engine.closed_forms import KINDS, Use, build_use
-from torchjac._engine.structure import reachable, sample_mask
+from torchjac._engine.structure import sample_mask
 from torchjac._errors import BatchCouplingError
 
 __all__ = [
@@ -162,11 +162,9 @@ def capture(
             "to return the Tensor to differentiate."
         )
     cap = Capture(output=output, state=state, uses=uses)
-    cap.vmap_backward = not _slow_under_vmap(output)
-    if output.requires_grad:
-        leaves = [state.leaves[n] for n in state.names]
-        hit = reachable([output], leaves)
-        cap.general = tuple(n for n, h in zip(state.names, hit) if h)
+    hit, slow = _walk(output, [state.leaves[n] for n in state.names])
+    cap.general = tuple(n for n, h in zip(state.names, hit) if h)
+    cap.vmap_backward = not slow
     return cap
 
 
@@ -189,8 +187,13 @@ def _hookable(model: nn.Module) -> list[nn.Module]:
 _UNBATCHED_BACKWARD = frozenset({"ConvolutionBackward0"})
 
 
-def _slow_under_vmap(output: Tensor) -> bool:
-    """Whether the graph of ``output`` has a node whose backward vmap cannot batch."""
+def _walk(output: Tensor, leaves: Sequence[Tensor]) -> tuple[list[bool], bool]:
+    """One walk of the graph of ``output``: which ``leaves`` it reaches (``structure.reachable``
+    for leaves), and whether it has a node vmap cannot batch (NOTE [backward without batching
+    rules])."""
+    wanted = {id(t): k for k, t in enumerate(leaves)}
+    hit = [id(t) == id(output) for t in leaves]  # the output may be a leaf itself
+    slow = False
     stack = [output.grad_fn] if output.grad_fn is not None else []
     seen: set[int] = set()
     while stack:
@@ -198,10 +201,12 @@ def _slow_under_vmap(output: Tensor) -> bool:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ in _UNBATCHED_BACKWARD:
-            return True
+        slow = slow or type(node).__name__ in _UNBATCHED_BACKWARD
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in wanted:
+            hit[wanted[id(variable)]] = True
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return False
+    return hit, slow
 
 
 def deltas(cap: Capture, cotangents: Tensor, batched: bool = True) -> list[Tensor | None]:

@@ -66,6 +66,12 @@ class SampleProblem:
         """The model on one sample (batch of one), flattened to ``[n_out]``."""
         args, kwargs = tree_unflatten(list(flat), self.spec)
         out = call(self.model, {**self.base, **params}, args, kwargs)
+        if out.dim() <= self.out_dim or out.shape[self.out_dim] != 1:
+            raise ValueError(
+                f"on one sample (a batch of 1) the model returned shape {list(out.shape)}, "
+                f"without a batch of 1 at dim {self.out_dim}: its output does not follow the "
+                "batch of its inputs. Drop `batch_dim` to get the full Jacobian."
+            )
         return out.movedim(self.out_dim, 0).reshape(-1)
 
     def _basis(self, start: int, stop: int) -> Tensor:
