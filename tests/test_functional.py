@@ -229,3 +229,30 @@ def test_argument_errors(gen: torch.Generator) -> None:
         tj.jacobian(lambda x: x, x, mode="forward")
     with pytest.raises(TypeError, match="pair"):
         tj.jacobian(lambda x: x, x, has_aux=True)
+
+
+@pytest.mark.parametrize(("d_in", "d_out"), [(6, 2), (6, 9), (2, 5), (5, 5)])
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_plans_and_batch_sizes_agree_with_torch_func(
+    gen: torch.Generator, d_in: int, d_out: int, batch: int
+) -> None:
+    net = mlp(gen, (d_in, 7, d_out))
+    x = randn(batch, d_in, gen=gen)
+    ref = vmap(jacrev(net))(x) if batch else torch.zeros(0, d_out, d_in, dtype=x.dtype)
+    for mode in MODES:
+        torch.testing.assert_close(tj.jacobian(net, x, batch_dim=0, mode=mode), ref)
+
+
+def test_zero_dim_and_constant_outputs() -> None:
+    s = torch.tensor(0.7, dtype=torch.float64)
+    torch.testing.assert_close(tj.jacobian(torch.sin, s), s.cos())
+    torch.testing.assert_close(tj.hessian(torch.sin, s), -s.sin())
+    torch.testing.assert_close(tj.hessian_diagonal(torch.sin, s), -s.sin())
+    torch.testing.assert_close(tj.laplacian(torch.sin, s), -s.sin())
+    x = torch.ones(3, dtype=torch.float64)
+    const = torch.zeros(2, dtype=torch.float64)
+    for mode in MODES:
+        torch.testing.assert_close(
+            tj.jacobian(lambda x: const, x, mode=mode), torch.zeros(2, 3, dtype=x.dtype)
+        )
+        torch.testing.assert_close(tj.laplacian(lambda x: const, x, mode=mode), const)

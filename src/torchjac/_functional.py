@@ -155,7 +155,7 @@ def jacobian(
     with one_fallback_warning(fn), _grad_mode(p.create_graph):
         flat, t = solve_jacobian(p, mode, chunk_size, budget, _check_outputs(p))
     rows, lead = _rows(p, t), _lead(p, t)
-    res = [r.reshape(*lead, *rows, *_in_shape(p, t, j)) for j, r in enumerate(flat)]
+    res = [r.reshape((*lead, *rows, *_in_shape(p, t, j))) for j, r in enumerate(flat)]
     return _finish(p, t, unflatten(p.container, res))
 
 
@@ -201,7 +201,7 @@ def hessian(
                 :,
                 g.offsets[i] : g.offsets[i] + g.sizes[i],
                 g.offsets[j] : g.offsets[j] + g.sizes[j],
-            ].reshape(*lead, *rows, *_in_shape(p, t, i), *_in_shape(p, t, j))
+            ].reshape((*lead, *rows, *_in_shape(p, t, i), *_in_shape(p, t, j)))
             for j in range(len(g.shapes))
         ]
         for i in range(len(g.shapes))
@@ -288,10 +288,10 @@ def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
         flat, t = second_derivatives(p, kind, mode, chunk_size, budget, check)  # [B, R(, D)]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
     if kind == "trace":
-        return _finish(p, t, flat.reshape(*lead, *rows))
+        return _finish(p, t, flat.reshape((*lead, *rows)))
     res = [
         flat[:, :, g.offsets[j] : g.offsets[j] + g.sizes[j]].reshape(
-            *lead, *rows, *_in_shape(p, t, j)
+            (*lead, *rows, *_in_shape(p, t, j))
         )
         for j in range(len(g.shapes))
     ]

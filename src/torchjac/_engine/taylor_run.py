@@ -88,8 +88,9 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
         jet_outs = [y for y, _ in pairs]
         cots = [c.to(y.stack.dtype) for y, c in pairs if c is not None]
         with torch.set_grad_enabled(p.create_graph):
-            shape = (0 if p.batch_dim is None else bsz, g_out.numel, d)
-            result = contract(jet_outs, cots, tape, shape, values[0]).to(p.dtype)
+            shape = (bsz, g_out.numel, d)
+            result = contract(jet_outs, cots, tape, shape, p.batch_dim is not None, values[0])
+            result = result.to(p.dtype)
         return TaylorResult(result, values, aux, g_out, g_in)
     return TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
 

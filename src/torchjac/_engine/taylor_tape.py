@@ -61,16 +61,20 @@ def attach_live(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
 
 
 def contract(
-    outs: list[Jet], out_cots: list[Tensor], tape: Tape, shape: tuple[int, int, int], like: Tensor
+    outs: list[Jet],
+    out_cots: list[Tensor],
+    tape: Tape,
+    shape: tuple[int, int, int],
+    batched: bool,
+    like: Tensor,
 ) -> Tensor:
-    """``[B, R, D]``: ``Σ_e <g_e, s_e[a]>`` per sample, output row and direction; ``B = 0``
-    for an unbatched call (one sample)."""
+    """``[B, R, D]``: ``Σ_e <g_e, s_e[a]>`` per sample, output row and direction (``B = 1``
+    when unbatched)."""
     entries = [(e, e.live, s) for e, s in tape.entries if e.live is not None]
     entries = [(e, h, s) for e, h, s in entries if h.requires_grad]
-    batched = shape[0] > 0
-    bsz, n_rows, d = max(shape[0], 1), shape[1], shape[2]
+    bsz, n_rows, d = shape
     res = like.new_zeros(bsz, n_rows, d)
-    if not entries or not outs:
+    if not entries or not outs or bsz == 0:
         return res
     for e, h, _ in entries:
         if batched and (e.bdim is None or h.shape[e.bdim] != bsz):
