@@ -16,6 +16,9 @@ from torch import Tensor
 from torch.func import jacrev
 
 import torchjac as tj
+from torchjac._engine.basis import Group
+from torchjac._engine.graph_ghost import find_ghost_layers
+from torchjac._engine.graph_probes import GraphProblem
 
 
 def _tensors(x: Any) -> list[Tensor]:
@@ -216,3 +219,46 @@ def test_one_fallback_warning_per_call(max_memory: int | None, gen: torch.Genera
     jx = (w * x.detach().cos()) * z.detach().sin()[:, None]
     jz = torch.diag((w @ x.detach().sin()) * z.detach().cos())
     torch.testing.assert_close(got, jx @ jx.T + jz @ jz.T, rtol=1e-12, atol=1e-12)
+
+
+def _linear_losses(gen: torch.Generator) -> tuple[list[Tensor], Any]:
+    """3 task losses of a net whose weights are used once by ``F.linear`` (ghost products)."""
+    x, t = randn(4, 16, gen=gen), randn(4, 3, gen=gen)
+    w1, b1, w2 = randn(16, 16, gen=gen), randn(16, gen=gen), randn(16, 16, gen=gen)
+    w3, heads = randn(16, 16, gen=gen), randn(3, 16, gen=gen)
+    params = [p.requires_grad_() for p in (w1, b1, w2, w3, heads)]
+
+    def losses(w1: Tensor, b1: Tensor, w2: Tensor, w3: Tensor, heads: Tensor) -> Tensor:
+        h = torch.tanh(torch.nn.functional.linear(x, w1, b1))  # AddmmBackward0
+        h = torch.tanh(torch.nn.functional.linear(h, w2))  # MmBackward0
+        h = torch.tanh(h @ w3.T + h @ w3)  # w3 used twice: no ghost
+        return ((h @ heads.T - t) ** 2).mean(0)
+
+    return params, losses
+
+
+def test_linear_weights_as_ghost_products(gen: torch.Generator) -> None:
+    params, losses = _linear_losses(gen)
+    jacs = jacrev(losses, argnums=(0, 1, 2, 3, 4))(*[p.detach() for p in params])
+    j = torch.cat([a.reshape(3, -1) for a in jacs], dim=1)
+    ys = list(losses(*params).unbind())
+    problem = GraphProblem(
+        fn_name="gramian",
+        outputs=tuple(ys),
+        inputs=tuple(params),
+        input_names=tuple(f"inputs[{i}]" for i in range(5)),
+        used=(True,) * 5,
+        jac_outputs=None,
+        out_group=Group.of(ys, None),
+        in_group=Group.of(params, None),
+        batch_dim=None,
+        create_graph=False,
+        retain_graph=True,
+    )
+    assert [g.j for g in find_ghost_layers(problem)] == [0, 2]  # w1 (addmm), w2 (mm)
+    first = tj.gramian(ys, params, retain_graph=True)
+    torch.testing.assert_close(first, j @ j.T, rtol=1e-12, atol=1e-12)
+    again = tj.gramian(ys, params)  # the graph was kept
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    only_weight = tj.gramian(list(losses(*params).unbind()), params[0])  # nothing else to probe
+    torch.testing.assert_close(only_weight, jacs[0].reshape(3, -1) @ jacs[0].reshape(3, -1).T)

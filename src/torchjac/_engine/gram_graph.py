@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.basis import Group
+from torchjac._engine.graph_ghost import find_ghost_layers, ghost_gramian
 from torchjac._engine.graph_probes import GraphProblem, solve
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
@@ -43,6 +44,11 @@ def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budg
                 for g in p.grad(p.outputs, p.inputs, [c.unsqueeze(0) for c in cots], False, False)
             ],
         )
+    if p.batch_dim is None and not p.create_graph and mode != "fwd":
+        ghosts = find_ghost_layers(p)  # NOTE [graph ghost]
+        ghost = ghost_gramian(p, ghosts, budget) if ghosts else None
+        if ghost is not None:
+            return ghost
     bsz, m = p.in_group.batch_size, p.n_rows
     gram = torch.zeros(bsz, m, m, dtype=p.dtype, device=p.device)
     block_bytes = [bsz * m * n * p.dtype.itemsize for n in p.in_group.sizes]
