@@ -44,7 +44,9 @@ def gramian(
     \rangle`, the inner products of all pairs of gradients of the output elements (their squared
     norms on the diagonal, conflicts where negative). ``J`` is never held whole: ``G`` is summed
     over the inputs, one block ``J_j J_jᵀ`` at a time, under ``max_memory``; an input too large
-    for one block is streamed by row chunks.
+    for one block is streamed by row chunks. A weight used once by ``F.linear`` on a 2-d input
+    ``a`` adds ``<δ_r, (a aᵀ) δ_s>`` (``δ`` the gradient at the layer's output) when that is
+    cheaper than its rows, which are then never formed.
 
     Shapes: rows as in :func:`torchjac.jac`, twice: ``outputs.shape * 2`` for one Tensor,
     ``[m, m]`` for a sequence (``m`` elements in all, rows concatenated in order). With

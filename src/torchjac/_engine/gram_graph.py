@@ -8,6 +8,8 @@ memory budget. An input whose block alone does not fit is streamed by row chunks
 ``G[r, s] = J_r J_sᵀ`` for every pair of row chunks, recomputing ``J_s`` (``m·(1 + m/2c)`` row
 probes in all, but only two ``[B, c, n_j]`` chunks alive). With ``batch_dim`` the samples are
 independent, ``J`` is block-diagonal and only the per-sample Gramians ``[B, m, m]`` are formed.
+Without ``batch_dim``, weights used once by ``F.linear`` are first taken out as ghost products
+(NOTE [graph ghost]) when that is cheaper.
 """
 
 from __future__ import annotations

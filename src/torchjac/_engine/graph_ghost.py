@@ -27,6 +27,9 @@ from torchjac._engine.graph_probes import GraphProblem
 __all__ = ["GhostLayer", "find_ghost_layers", "ghost_gramian"]
 
 _LINEAR = {"AddmmBackward0": 2, "MmBackward0": 1}  # node name -> position of the weight edge
+# Rows are probed one backward pass at a time (hooks cannot read δ inside vmap); beyond this many
+# rows the vectorised ordinary path is preferred.
+GHOST_MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ def find_ghost_layers(p: GraphProblem) -> list[GhostLayer]:
             consumer[id(child)] = (node, pos)
             stack.append(child)
     m = p.n_rows
+    if m > GHOST_MAX_ROWS:
+        return []
     counts: dict[int, int] = {}
     for x in p.inputs:
         counts[id(x)] = counts.get(id(x), 0) + 1
