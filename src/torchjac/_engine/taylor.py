@@ -69,6 +69,7 @@ class Jet(Tensor):
     spec: JetSpec
     bdim: int | None  # where the batch dimension is, when a rule knows (NOTE [taylor tape])
     live: Tensor | None  # the value on an autograd graph, with a tape (NOTE [taylor tape])
+    seed: bool  # an input whose first order is the one-hot basis over its last dim
 
     @staticmethod
     def of(stack: Tensor, spec: JetSpec, bdim: int | None = None) -> Jet:
@@ -77,6 +78,7 @@ class Jet(Tensor):
         jet.spec = spec
         jet.bdim = bdim
         jet.live = None
+        jet.seed = False
         return jet
 
     @classmethod

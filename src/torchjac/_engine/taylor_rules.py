@@ -192,10 +192,27 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     w, b = kwargs.pop("weight", w), kwargs.pop("bias", b)
     if kwargs or not isinstance(x, Jet) or isinstance(w, Jet) or isinstance(b, Jet):
         return None
+    bdim = x.bdim if x.bdim is not None and x.bdim < x.dim() - 1 else None
+    if x.seed:
+        return Jet.of(_linear_seed(x, w, b), x.spec, bdim)
     z = F.linear(x.stack, w)
     if b is not None:
         z[0] += b
-    return Jet.of(z, x.spec, x.bdim if x.bdim is not None and x.bdim < x.dim() - 1 else None)
+    return Jet.of(z, x.spec, bdim)
+
+
+def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> Tensor:
+    """A Linear layer right on a seed input: its one-hot directions give columns of ``w``
+    broadcast over the batch, its second order is zero; no product over the directions."""
+    spec, v = x.spec, x.stack[0]
+    d, m = spec.d, spec.m
+    out = v.new_empty(spec.k, *v.shape[:-1], w.shape[0])
+    out[0] = F.linear(v, w, b)
+    out[1 : 1 + d] = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0])
+    if m > d:
+        out[1 + d : 1 + m] = F.linear(x.stack[1 + d : 1 + m], w)
+    out[1 + m :] = 0
+    return out
 
 
 def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -67,6 +67,10 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
         )
         if tape is not None:
             jets[-1].live = x if x.requires_grad else x.detach().requires_grad_(True)
+    rank = p.inputs[0].dim()
+    jets[0].seed = len(jets) == 1 and (
+        rank == 1 if p.batch_dim is None else rank == 2 and p.batch_dim % 2 == 0
+    )
     with torch.enable_grad():  # see NOTE [taylor check]
         try:
             raw = p.call_raw(*jets)
