@@ -101,7 +101,8 @@ def ghost_gramian(p: GraphProblem, ghosts: list[GhostLayer], budget: int) -> Ten
         return None
     m, dtype, device = p.n_rows, p.dtype, p.device
     held = m * sum(p.in_group.sizes[j] for j in rest)
-    held += sum(m * g.a.shape[0] * p.inputs[g.j].shape[0] for g in ghosts)
+    held += sum(m * g.a.shape[0] * p.inputs[g.j].shape[0] for g in ghosts)  # δ
+    held += max(n * n + m * n * p.inputs[g.j].shape[0] for g in ghosts for n in [g.a.shape[0]])
     if held * dtype.itemsize > budget // 2:
         return None
     rows = [torch.empty(m, p.in_group.sizes[j], dtype=dtype, device=device) for j in rest]
