@@ -70,6 +70,7 @@ class Jet(Tensor):
     bdim: int | None  # where the batch dimension is, when a rule knows (NOTE [taylor tape])
     live: Tensor | None  # the value on an autograd graph, with a tape (NOTE [taylor tape])
     seed: bool  # an input whose first order is the one-hot basis over its last dim
+    aliased: bool  # a view, or viewed (see ``taylor_dispatch``)
 
     @staticmethod
     def of(stack: Tensor, spec: JetSpec, bdim: int | None = None) -> Jet:
@@ -79,6 +80,7 @@ class Jet(Tensor):
         jet.bdim = bdim
         jet.live = None
         jet.seed = False
+        jet.aliased = False
         return jet
 
     @classmethod

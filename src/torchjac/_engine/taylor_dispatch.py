@@ -1,8 +1,8 @@
 """Dispatching torch calls on Jets: in-place ops, item assignment, rules, the general rule.
 
-In-place ops are computed out of place and the Jet's stack is replaced (NOTE [taylor mode]);
-views of a Jet do not see such writes, which the coupling check and first-order agreement of the
-tests would expose, so functions should not rely on writing through views of their inputs.
+In-place ops are computed out of place and the Jet's stack is replaced (NOTE [taylor mode]).
+Views of a Jet are copies here, so a write into a Jet that has views, or into a view, would not
+reach the others: such a write stops the Taylor mode (``TaylorFailed``, nested AD takes over).
 """
 
 from __future__ import annotations
@@ -15,9 +15,16 @@ from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.taylor import Jet, TaylorFailed, constant, general_rule
 from torchjac._engine.taylor_rules import RULES, promote
-from torchjac._engine.taylor_tape import attach_live
+from torchjac._engine.taylor_tape import NeedForward, attach_live
 
 __all__ = ["dispatch"]
+
+# Torch calls whose result is a view of their input (see the module docstring).
+_VIEWS = frozenset(
+    "view view_as reshape reshape_as flatten unflatten transpose swapaxes swapdims permute "
+    "squeeze unsqueeze narrow select expand expand_as movedim moveaxis __getitem__ t split "
+    "chunk unbind diagonal unfold as_strided tensor_split hsplit vsplit".split()
+)
 
 
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -26,10 +33,13 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if name == "__setitem__":
         return _setitem(args)
     if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], Jet):
+        if name != "requires_grad_":
+            _check_not_aliased(args[0])
         return _inplace(func, name, args, kwargs)
     if name == "__iter__" and isinstance(args[0], Jet):
         return iter(dispatch(Tensor.unbind, args, {}))
     if kwargs.get("inplace") is True and args and isinstance(args[0], Jet):
+        _check_not_aliased(args[0])
         kwargs["inplace"] = False
         return _assign(args[0], dispatch(func, args, kwargs))
     rule = RULES.get(func)
@@ -39,7 +49,15 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     jets = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Jet)]
     if jets and jets[0].spec.tape is not None:
         attach_live(func, args, kwargs, out)  # NOTE [taylor tape]
+    if name in _VIEWS:
+        for x in [*jets, *(y for y in tree_flatten(out)[0] if isinstance(y, Jet))]:
+            x.aliased = True
     return out
+
+
+def _check_not_aliased(jet: Jet) -> None:
+    if jet.aliased:
+        raise TaylorFailed("an in-place write into a tensor that shares memory with a view")
 
 
 def _assign(jet: Jet, new: Any) -> Jet:
@@ -62,8 +80,11 @@ def _inplace(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 def _setitem(args: tuple[Any, ...]) -> Any:
     target, index, value = args
-    if not isinstance(target, Jet) or target.spec.tape is not None:
-        raise TaylorFailed("item assignment involving a derivative-carrying tensor")
+    if not isinstance(target, Jet):
+        raise TaylorFailed("item assignment of a derivative-carrying value into a plain tensor")
+    if target.spec.tape is not None:
+        raise NeedForward
+    _check_not_aliased(target)
     stack = target.stack.clone()
     full = (slice(None), *(index if isinstance(index, tuple) else (index,)))
     stack[full] = promote(value, target.spec) if isinstance(value, Jet) else 0

@@ -74,7 +74,7 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     with torch.enable_grad():  # see NOTE [taylor check]
         try:
             raw = p.call_raw(*jets)
-        except TaylorFailed:
+        except (TaylorFailed, NeedForward):
             raise
         except Exception as err:  # the nested path calls func again and shows user errors
             raise TaylorFailed(f"{type(err).__name__}: {err}") from err
