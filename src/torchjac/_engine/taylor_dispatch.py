@@ -21,7 +21,12 @@ __all__ = ["dispatch"]
 
 # Torch calls whose result is a view of their input (see the module docstring).
 _VIEWS = frozenset(
-    ["view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "swapaxes", "swapdims", "permute", "squeeze", "unsqueeze", "narrow", "select", "expand", "expand_as", "movedim", "moveaxis", "__getitem__", "t", "split", "chunk", "unbind", "diagonal", "unfold", "as_strided", "tensor_split", "hsplit", "vsplit"]
+    [
+        *("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose"),
+        *("swapaxes", "swapdims", "permute", "squeeze", "unsqueeze", "narrow", "select"),
+        *("expand", "expand_as", "movedim", "moveaxis", "__getitem__", "t", "split", "chunk"),
+        *("unbind", "diagonal", "unfold", "as_strided", "tensor_split", "hsplit", "vsplit"),
+    ]
 )
 
 
