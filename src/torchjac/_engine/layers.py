@@ -39,6 +39,7 @@ parameter names in ``state.names`` (``None`` when that parameter is not asked fo
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -265,14 +266,8 @@ def check_coupling(
     bsz = out.shape[bd]
     if bsz <= 1:
         return
-    mask = sample_mask(bsz, out.device)
-    gen = torch.Generator().manual_seed(7)
-    cot = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
-    shape = [1] * out.dim()
-    shape[bd] = bsz
-    cot = (cot * mask.reshape(shape).to(out.dtype)).unsqueeze(0)
+    cot, outside = _check_cotangent(tuple(out.shape), bd, out.dtype, out.device)
     ds, gs = _backward(cap, cot, [t for _, t in inputs], batched=False)
-    outside = ~mask
     for use, d in zip(cap.uses, ds):
         if d is not None and bool((d[outside].nan_to_num(0.0) != 0).any()):
             _raise_coupled(fn_name, batch_dim, describe_use(use))
@@ -282,6 +277,19 @@ def check_coupling(
         per_sample = g[0].movedim(batch_dim % x.dim(), 0)[outside]  # drop the probe dim
         if bool((per_sample.nan_to_num(0.0) != 0).any()):
             _raise_coupled(fn_name, batch_dim, name)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_cotangent(
+    shape: tuple[int, ...], bd: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The check's cotangent ``[1, *shape]`` and the samples outside its half (never mutated)."""
+    mask = sample_mask(shape[bd], device)
+    gen = torch.Generator().manual_seed(7)
+    cot = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    view = [1] * len(shape)
+    view[bd] = shape[bd]
+    return (cot * mask.reshape(view).to(dtype)).unsqueeze(0), ~mask
 
 
 def _raise_coupled(fn_name: str, batch_dim: int, where: str) -> None:
