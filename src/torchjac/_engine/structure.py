@@ -1,14 +1,15 @@
 """Structure checks: is the declared batch really independent?
 
 NOTE [coupling check]: with ``batch_dim``, sample i of the outputs must depend only on sample i of
-the inputs. A vector-Jacobian product with a random cotangent on a random half S of the samples
-(always containing sample 0, never all of them) must give exactly zero gradient outside S: any
-independent graph does, structurally, since zero cotangents multiply into exact zeros. A leak
-means coupling (BatchNorm in train mode, ``x - x.mean(0)``, attention over the batch). The same
-is checked for the complement of S, so every coupling between the two halves is caught (with
-two samples, every coupling); a coupling only inside one half can escape a single call. The check
-costs two backward passes and uses its own generator, so the user's RNG state is untouched.
-"""
+the inputs. A vector-Jacobian product with a random cotangent on a set S of the samples must give
+exactly zero gradient outside S: any independent graph does, structurally, since zero cotangents
+multiply into exact zeros. A leak means coupling (BatchNorm in train mode, ``x - x.mean(0)``,
+attention over the batch). Each S is checked with its complement, so every coupling between S
+and the rest is caught. With at most 8 samples the sets are the bits of the sample index, which
+catches every coupled pair (two samples differ in some bit); with more, they are the two lowest
+bits (neighbours, as in ``roll`` or a convolution over the batch) and a random half, which
+catches every coupling through a batch statistic and most others. That is at most six backward
+passes, with their own generator, so the user's RNG state is untouched."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._errors import BatchCouplingError
 
-__all__ = ["check_independent", "has_error_node", "reachable", "sample_mask"]
+__all__ = ["check_independent", "has_error_node", "reachable", "sample_mask", "sample_masks"]
 
 
 def sample_mask(batch_size: int, device: torch.device) -> Tensor:
@@ -31,6 +32,21 @@ def sample_mask(batch_size: int, device: torch.device) -> Tensor:
     if bool(mask.all()):
         mask[-1] = False
     return mask.to(device)
+
+
+# Batches up to this size are checked on every bit of the sample index (every pair).
+ALL_PAIRS_MAX_BATCH = 8
+
+
+def sample_masks(batch_size: int, device: torch.device) -> list[Tensor]:
+    """The sets S of NOTE [coupling check] (each is checked with its complement too)."""
+    index = torch.arange(batch_size)
+    n_bits = max(1, (batch_size - 1).bit_length())
+    bits = range(n_bits) if batch_size <= ALL_PAIRS_MAX_BATCH else range(2)
+    masks = [((index >> k) & 1).bool().to(device) for k in bits]
+    if batch_size > ALL_PAIRS_MAX_BATCH:
+        masks.append(sample_mask(batch_size, device))
+    return masks
 
 
 def check_independent(
@@ -51,9 +67,8 @@ def check_independent(
     bsz = outputs.batch_size
     if bsz <= 1:
         return
-    half = sample_mask(bsz, device)
     gen = torch.Generator().manual_seed(7)
-    for mask in (half, ~half):
+    for mask in (m for s in sample_masks(bsz, device) for m in (s, ~s)):
         cotangents = []
         for i, size in enumerate(outputs.sizes):
             rand = torch.randn(1, bsz, size, generator=gen).to(device=device, dtype=dtype)
