@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["Jet", "JetSpec", "TaylorFailed", "constant", "general_rule"]
+__all__ = ["Jet", "JetSpec", "TaylorFailed", "constant", "general_rule", "jets_in"]
 
 
 class TaylorFailed(Exception):
@@ -98,9 +98,22 @@ class Jet(Tensor):
         decomposition = DECOMPOSITIONS.get(func)
         if decomposition is not None:
             return decomposition(*args, **(kwargs or {}))
-        spec = next(a.spec for a in tree_flatten((args, kwargs))[0] if isinstance(a, Jet))
+        spec = jets_in(args, kwargs or {})[0].spec
         with torch._C.DisableTorchFunctionSubclass(), torch.set_grad_enabled(spec.grad):
             return dispatch(func, tuple(args), dict(kwargs or {}))
+
+
+def jets_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Jet]:
+    """The Jets among the arguments (one level of lists and tuples, else a full pytree walk)."""
+    found: list[Jet] = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Jet):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(x for x in a if isinstance(x, Jet))
+    if not found:
+        found = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Jet)]
+    return found
 
 
 def constant(x: Tensor, spec: JetSpec) -> Tensor:

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
 
-from torchjac._engine.taylor import Jet, TaylorFailed, constant, general_rule
+from torchjac._engine.taylor import Jet, TaylorFailed, constant, general_rule, jets_in
 from torchjac._engine.taylor_rules import RULES, promote
 from torchjac._engine.taylor_tape import NeedForward, attach_live
 
@@ -49,11 +48,12 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     out = rule(args, dict(kwargs)) if rule is not None else None
     if out is None:
         out = general_rule(func, args, kwargs)
-    jets = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Jet)]
+    jets = jets_in(args, kwargs)
     if jets and jets[0].spec.tape is not None:
         attach_live(func, args, kwargs, out)  # NOTE [taylor tape]
     if name in _VIEWS:
-        for x in [*jets, *(y for y in tree_flatten(out)[0] if isinstance(y, Jet))]:
+        outs = out if isinstance(out, (list, tuple)) else (out,)
+        for x in [*jets, *(y for y in outs if isinstance(y, Jet))]:
             x.aliased = True
     return out
 
