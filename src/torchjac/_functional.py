@@ -130,10 +130,16 @@ def jacobian(
         func: the function.
         inputs: a Tensor, a sequence of Tensors or a mapping ``str -> Tensor`` (floating).
         batch_dim: the batch dimension of every input and output (default: none).
-        mode: ``"auto"`` (fewest probes: forward for tall Jacobians, reverse for wide ones),
-            ``"rev"`` (rows) or ``"fwd"`` (columns; falls back to rows, with one
-            ``FallbackWarning``, when forward-mode AD is missing for an op).
-        has_aux: ``func`` returns ``(output, aux)``.
+        mode: ``"auto"`` (fewest probes: forward for tall Jacobians, reverse for wide ones;
+            with at most 4 input elements per sample, forward without counting rows),
+            ``"rev"`` (rows: batched backward passes on the graph of one call) or ``"fwd"``
+            (columns: every column in one Taylor-mode pass, NOTE [taylor mode], or chunks of
+            ``jvp`` when ``chunk_size`` asks for fewer; falls back to rows, with one
+            ``FallbackWarning``, when forward mode cannot follow ``func``: a custom
+            ``autograd.Function``, a ``torch.no_grad()`` block, an op without forward AD).
+        has_aux: ``func`` returns ``(output, aux)``. The aux value is the one of the call the
+            result came from; it carries an autograd graph only with ``create_graph`` when
+            that call was the Taylor-mode pass.
         chunk_size: probes per vectorised pass; ``1`` is a plain loop. Default: from
             ``max_memory`` (bytes or a string like ``"512MiB"``; default a share of free memory).
         create_graph: make the result differentiable (w.r.t. the inputs and anything ``func``
@@ -230,10 +236,12 @@ def hessian_diagonal(
 
     Shapes: ``out.shape + x.shape`` for each input ``x`` (in the container of ``inputs``); per
     sample with ``batch_dim``: ``[B] + out_rest + in_rest``. ``mode="auto"`` propagates (value,
-    first derivatives, second-derivative diagonal) forward through ``func`` (the Taylor mode,
-    NOTE [taylor mode]): O(B·D) extra memory, never the full Hessian. ``"fwd"`` is forward over
-    forward, ``"rev"`` reverse over reverse (both nested AD). Other arguments as in
-    :func:`jacobian`.
+    first derivatives) forward through ``func`` and brings the second-order terms born at each
+    nonlinear op back to the outputs with one backward pass (NOTE [taylor tape]); where the
+    batch dimension of an intermediate is unknown it propagates the diagonal itself forward
+    (NOTE [taylor mode]). Either way O(B·D) extra memory per activation, never the full Hessian.
+    ``"fwd"`` is forward over reverse, ``"rev"`` reverse over reverse (both nested AD, one
+    probe per output row and input element). Other arguments as in :func:`jacobian`.
 
     Example:
         >>> import torch, torchjac as tj
@@ -260,7 +268,8 @@ def laplacian(
     Shape: ``out.shape`` (a sequence of outputs gives ``[m]``); per sample with ``batch_dim``:
     ``[B] + out_rest``. ``mode="auto"`` propagates (value, first derivatives, Laplacian)
     forward through ``func`` (the forward Laplacian, NOTE [taylor mode]): O(B·D) extra memory.
-    ``"fwd"``/``"rev"``: nested AD. Other arguments as in :func:`jacobian`.
+    ``"fwd"``/``"rev"``: nested AD (forward or reverse over reverse). Other arguments as in
+    :func:`jacobian`.
 
     Example:
         >>> import torch, torchjac as tj
