@@ -167,7 +167,8 @@ def save_figure(path: str, rows: Sequence[DemoRow]) -> None:
     timed = [r for r in rows if r.speedup is not None]
     labels = [f"{r.problem.seed} {r.problem.method}" for r in timed]
     speedups = [r.speedup or 1.0 for r in timed]
-    left.barh(range(len(timed)), speedups, color="tab:orange")
+    colors = ["tab:orange" if v >= 1 else "tab:gray" for v in speedups]
+    left.barh(range(len(timed)), speedups, color=colors)
     left.set_yticks(range(len(timed)), labels, fontsize=8)
     left.invert_yaxis()
     left.axvline(1.0, color="black", lw=0.8)
