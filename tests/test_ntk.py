@@ -79,6 +79,21 @@ class Branchy(nn.Module):
         return x * self.w if bool((x.abs() < 1e6).all()) else x
 
 
+class Heads(nn.Module):
+    """Two heads concatenated and a dead branch whose output is discarded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(3, 4, dtype=DT)
+        self.a, self.b = nn.Linear(4, 1, dtype=DT), nn.Linear(4, 2, dtype=DT)
+        self.dead = nn.Linear(4, 4, dtype=DT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.trunk(x))
+        self.dead(h)  # computed, never used
+        return torch.cat([self.a(h), self.b(h)], dim=1)
+
+
 class Twice(nn.Module):
     """A Linear called twice (reuse: cross terms between the calls)."""
 
@@ -167,6 +182,7 @@ CASES = [
         _randn(5, 3),
     ),
     Case("twice", Twice, _randn(4)),
+    Case("heads_and_dead_branch", Heads, _randn(3)),
     Case("twice_wide_ghost_positions", lambda: Twice(24), _randn(24)),
     Case(
         "tokens_wide_ghost_positions",

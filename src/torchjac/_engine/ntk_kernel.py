@@ -80,14 +80,19 @@ def run_side(
         assert basis is not None
         return deltas(cap, basis, batched)
 
+    hit = [False] * len(cap.uses)
+
     def write(start: int, stop: int, got: list[Tensor | None]) -> None:
-        for store, d in zip(ds, got):
-            if d is not None:
-                store.append(d)
+        for i, (use, store, d) in enumerate(zip(cap.uses, ds, got)):
+            if d is None:  # no gradient reached this use for these probes: zeros
+                z = torch.zeros(stop - start, *use.e.shape, dtype=out.dtype, device=out.device)
+                d = use.rows(z)
+            else:
+                hit[i] = True
+            store.append(d)
 
     run_chunks(fn, k, chunk, probe, write)
-    uses = [(u, torch.cat(d, dim=1)) for u, d in zip(cap.uses, ds) if len(d) > 0]
-    uses = [(u, d) for u, d in uses if d.shape[1] == k]
+    uses = [(u, torch.cat(d, dim=1)) for u, d, h in zip(cap.uses, ds, hit) if h]
     return NtkSide(cap, uses, group.batch_size, group.rest_shape(0))
 
 
