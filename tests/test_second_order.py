@@ -220,3 +220,38 @@ def test_in_place_writes_are_followed_or_handed_to_nested_ad(gen: torch.Generato
             got = fn(func, x, batch_dim=0)
         torch.testing.assert_close(got, ref)
     torch.testing.assert_close(tj.hessian(func, x, batch_dim=0, mode="rev"), h)
+
+
+ACTIVATIONS = {
+    "softplus_beta_threshold": lambda x: F.softplus(x, 2.0, 5.0).sum(-1),
+    "gelu": lambda x: F.gelu(x).sum(-1),
+    "gelu_tanh_general_rule": lambda x: F.gelu(x, approximate="tanh").sum(-1),
+    "pow_1.5": lambda x: (x.abs() + 1).pow(1.5).sum(-1),
+    "cube": lambda x: (x**3).sum(-1),
+    "square_times_sum": lambda x: torch.square(x).sum(-1) * x.sum(-1),
+    "silu_product": lambda x: F.silu(x).prod(-1),
+    "sigmoid_log_relu": lambda x: (x.sigmoid() + F.relu(x) + 1).log().cos().sum(-1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_rules_match_torch_func(gen: torch.Generator, name: str) -> None:
+    f = ACTIVATIONS[name]
+    x = 4 * randn(6, 3, gen=gen)
+    h = torch.stack([hessian(lambda r: f(r.unsqueeze(0))[0])(x[b]) for b in range(6)])
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(tj.hessian_diagonal(f, x, batch_dim=0), diag)
+    torch.testing.assert_close(tj.laplacian(f, x, batch_dim=0), diag.sum(-1))
+    rest = x[:, 2:]
+    got = tj.hessian(lambda r: f(torch.cat([r, rest], dim=-1)), x[:, :2], batch_dim=0)
+    torch.testing.assert_close(got, _h2(f, x))
+
+
+def _h2(f, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+    """Hessians in the first two coordinates (a two-input problem: full Taylor jets)."""
+    rest = x[:, 2:]
+
+    def g(r: Tensor, b: int) -> Tensor:
+        return f(torch.cat([r, rest[b]]).unsqueeze(0))[0]
+
+    return torch.stack([hessian(lambda r, b=b: g(r, b))(x[b, :2]) for b in range(x.shape[0])])

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.taylor import Jet, JetSpec, constant
+from torchjac._engine.taylor_activations import ACTIVATIONS
 from torchjac._engine.taylor_tape import record
 
 __all__ = ["RULES", "promote"]
@@ -73,52 +74,13 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
     return jet
 
 
-def _tanh(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    y = torch.tanh(v)
-    dy = 1 - y * y
-    return y, dy, -2 * y * dy
-
-
-def _sigmoid(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    y = torch.sigmoid(v)
-    dy = y * (1 - y)
-    return y, dy, dy * (1 - 2 * y)
-
-
-def _exp(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    y = torch.exp(v)
-    return y, y, y
-
-
-def _sin(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    y = torch.sin(v)
-    return y, torch.cos(v), -y
-
-
-def _cos(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    y = torch.cos(v)
-    return y, -torch.sin(v), -y
-
-
-def _relu(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    return torch.relu(v), (v > 0).to(v.dtype), None
-
-
-def _log(v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    inv = 1 / v
-    return torch.log(v), inv, -inv * inv
-
-
-_UNARY = {"tanh": _tanh, "sigmoid": _sigmoid, "exp": _exp, "sin": _sin, "cos": _cos}
-_UNARY.update(relu=_relu, log=_log)
-
-
 def _unary_rule(name: str) -> Rule:
     def rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         kwargs.pop("inplace", None)
-        if len(args) != 1 or kwargs or not isinstance(args[0], Jet):
+        if not args or not isinstance(args[0], Jet):
             return None
-        return _unary(args[0], *_UNARY[name](args[0].stack[0]))
+        parts = ACTIVATIONS[name](args[0].stack[0], *args[1:], **kwargs)
+        return None if parts is None else _unary(args[0], *parts)
 
     return rule
 
@@ -259,7 +221,7 @@ def _swap(args: tuple[Any, ...], stacks: tuple[Tensor, ...]) -> tuple[Any, ...]:
 
 
 RULES: dict[Any, Rule] = {}
-for _name in _UNARY:
+for _name in ACTIVATIONS:
     for _ns in (torch, Tensor, F, torch.special):
         _f = getattr(_ns, _name, None)
         if _f is not None:
