@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -39,11 +40,11 @@ class Group:
         shape, b = self.shapes[i], self.batch_dims[i]
         return shape if b is None else shape[:b] + shape[b + 1 :]
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(self.rest_shape(i)) for i in range(len(self.shapes)))
 
-    @property
+    @cached_property
     def offsets(self) -> tuple[int, ...]:
         out, acc = [], 0
         for s in self.sizes:
@@ -51,7 +52,7 @@ class Group:
             acc += s
         return tuple(out)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(self.sizes)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
-from torchjac._engine.structure import check_independent, has_error_node, reachable
+from torchjac._engine.structure import check_independent, reachable, walk
 from torchjac._errors import fallback_scope, warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
@@ -90,20 +90,38 @@ class GraphProblem:
         create_graph: bool | None = None,
         retain_graph: bool = True,
     ) -> tuple[Tensor | None, ...]:
-        """``autograd.grad`` with a leading probe dimension on cotangents and results."""
+        """``autograd.grad`` with a leading probe dimension on cotangents and results.
+
+        NOTE [vmap over the graph]: batched probes run ``torch.func.vmap`` over
+        ``torch.autograd.grad`` on the existing graph, not ``is_grads_batched`` (the legacy vmap):
+        its batching rules are complete where the legacy ones loop inside (a matrix-vector
+        backward ran 14x slower), and it is never slower on the workloads measured.
+        """
         cg = self.create_graph if create_graph is None else create_graph
-        if not batched:
-            cotangents = [c[0] for c in cotangents]
+        outs, ins, retain = list(outputs), list(inputs), retain_graph or cg
+        if batched:  # vmapped outputs must be tensors: unused inputs come back as zeros
+
+            def one(*cots: Tensor) -> tuple[Tensor, ...]:
+                return torch.autograd.grad(
+                    outs,
+                    ins,
+                    list(cots),
+                    retain_graph=retain,
+                    create_graph=cg,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+
+            return tuple(torch.func.vmap(one)(*cotangents))
         grads = torch.autograd.grad(
-            list(outputs),
-            list(inputs),
-            list(cotangents),
-            retain_graph=retain_graph or cg,
+            outs,
+            ins,
+            [c[0] for c in cotangents],
+            retain_graph=retain,
             create_graph=cg,
             allow_unused=True,
-            is_grads_batched=batched,
         )
-        return tuple(g if g is None or batched else g.unsqueeze(0) for g in grads)
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
 
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
@@ -196,10 +214,7 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         outs, [p.inputs[j] for j in live], dummies, create_graph=True, allow_unused=True
     )
     trans = {j: gj for j, gj in zip(live, g) if gj is not None}
-    for j, gj in trans.items():
-        if not gj.requires_grad or has_error_node([gj]):
-            raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
-    _check_reaches_dummies(p, trans, dummies)
+    _check_differentiable(p, trans, dummies)
     store = [
         (torch.empty if j in trans else torch.zeros)(
             (n, g_in.batch_size, p.n_rows), dtype=p.dtype, device=p.device
@@ -252,17 +267,18 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     return [s.permute(1, 2, 0) for s in store]
 
 
-def _check_reaches_dummies(
-    p: GraphProblem, trans: dict[int, Tensor], dummies: list[Tensor]
-) -> None:
-    """Raise if ``J^T u`` for input j misses the dummy ``u_i`` of an output i that depends on j.
+def _check_differentiable(p: GraphProblem, trans: dict[int, Tensor], dummies: list[Tensor]) -> None:
+    """Raise unless ``J^T u`` for each input j is a differentiable function of the dummies.
 
     A backward that cannot be differentiated (``@once_differentiable``) still returns a tensor
-    that requires grad, but its graph stops there: the columns would silently come back as zeros.
+    that requires grad, but its graph holds an ``Error`` node or stops short of the dummy ``u_i``
+    of an output i that depends on j: the columns would silently come back wrong.
     """
     depends: list[list[bool]] | None = None  # [output][input], walked only when needed
     for k, (j, gj) in enumerate(trans.items()):
-        reached = reachable([gj], dummies)
+        reached, error = walk([gj], dummies)
+        if error or not gj.requires_grad:
+            raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
         if all(reached):
             continue
         if depends is None:

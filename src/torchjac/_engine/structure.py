@@ -21,7 +21,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._errors import BatchCouplingError
 
-__all__ = ["check_independent", "has_error_node", "reachable", "sample_mask", "sample_masks"]
+__all__ = ["check_independent", "reachable", "sample_mask", "sample_masks", "walk"]
 
 
 def sample_mask(batch_size: int, device: torch.device) -> Tensor:
@@ -92,10 +92,17 @@ def check_independent(
 
 
 def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
-    """For each input, whether some output depends on it through the autograd graph.
+    """For each input, whether some output depends on it through the autograd graph."""
+    return walk(outputs, inputs)[0]
 
-    Walks ``grad_fn.next_functions`` once; leaves are matched through their ``AccumulateGrad``
-    node, non-leaves by ``(grad_fn, output_nr)``.
+
+def walk(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple[list[bool], bool]:
+    """One walk of the graph of ``outputs``: which ``inputs`` it reaches, and whether it holds an
+    ``Error`` node (a backward that cannot be differentiated, e.g. ``@once_differentiable``: a
+    double backward through it would be wrong).
+
+    Follows ``grad_fn.next_functions``; leaves are matched through their ``AccumulateGrad`` node,
+    non-leaves by ``(grad_fn, output_nr)``.
     """
     # lists, not single indices: the same tensor may be passed twice (tied inputs)
     wanted_leaf: dict[int, list[int]] = {}
@@ -111,6 +118,7 @@ def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]
             found[k] = True
     stack = [(y.grad_fn, y.output_nr) for y in outputs if y.grad_fn is not None]
     seen_nodes: set[int] = set()
+    error = False
     while stack:
         node, nr = stack.pop()
         for k in wanted_node.get((node, nr), ()):
@@ -118,26 +126,9 @@ def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]
         if id(node) in seen_nodes:
             continue
         seen_nodes.add(id(node))
+        error = error or type(node).__name__ == "Error"
         variable = getattr(node, "variable", None)
         for k in wanted_leaf.get(id(variable), ()) if variable is not None else ():
             found[k] = True
-        for nxt, nxt_nr in node.next_functions:
-            if nxt is not None:
-                stack.append((nxt, nxt_nr))
-    return found
-
-
-def has_error_node(tensors: Sequence[Tensor]) -> bool:
-    """Whether the graph of ``tensors`` contains an ``Error`` node: a backward that cannot be
-    differentiated (``once_differentiable``), so a double backward through it would be wrong."""
-    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if "Error" in node.name():
-            return True
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return False
+        stack.extend((nxt, nxt_nr) for nxt, nxt_nr in node.next_functions if nxt is not None)
+    return found, error
