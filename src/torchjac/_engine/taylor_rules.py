@@ -70,7 +70,7 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
             out[1 + m :].add_(_second(spec, d1, d1).mul_(ddy))
     jet = Jet.of(out, spec, x.bdim)
     if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
-        record(jet, ddy * d1 * d1)
+        record(jet, (d1 * d1).mul_(ddy) if not torch.is_grad_enabled() else ddy * d1 * d1)
     return jet
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.taylor import Jet, TaylorFailed
 
@@ -49,7 +49,8 @@ def attach_live(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
     leaves = [x for x in tree_flatten(out)[0] if isinstance(x, Tensor)]
     if not any(isinstance(x, Jet) for x in leaves):
         return
-    largs, lkwargs = tree_map(lambda a: a.live if isinstance(a, Jet) else a, (args, kwargs))
+    largs = tuple(_live(a) for a in args)
+    lkwargs = {k: _live(v) for k, v in kwargs.items()}
     with torch.enable_grad():
         live = func(*largs, **lkwargs)
     lives = [x for x in tree_flatten(live)[0] if isinstance(x, Tensor)]
@@ -58,6 +59,16 @@ def attach_live(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
     for jet, value in zip(leaves, lives):
         if isinstance(jet, Jet):
             jet.live = value
+
+
+def _live(a: Any) -> Any:
+    if isinstance(a, Jet):
+        return a.live
+    if isinstance(a, (list, tuple)):
+        return type(a)(_live(x) for x in a)
+    if isinstance(a, dict):
+        return {k: _live(v) for k, v in a.items()}
+    return a
 
 
 def contract(
@@ -80,15 +91,18 @@ def contract(
         if batched and (e.bdim is None or h.shape[e.bdim] != bsz):
             raise NeedForward
     create = torch.is_grad_enabled()
+    one = n_rows == 1  # a plain backward pass, no vectorisation over rows
     grads = torch.autograd.grad(
         [y.live for y in outs if y.live is not None],
         [h for _, h, _ in entries],
-        out_cots,
+        [c[0] for c in out_cots] if one else out_cots,
         retain_graph=create,
         create_graph=create,
         allow_unused=True,
-        is_grads_batched=True,
+        is_grads_batched=not one,
     )
+    if one:
+        grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
     for (e, _, s), g in zip(entries, grads):
         if g is None:
             continue
