@@ -102,6 +102,7 @@ class Row:
     max_diff: float | None = None
     ratio: float | None = None
     warnings: list[str] = field(default_factory=list)
+    peak_mib: float | None = None
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -243,11 +244,13 @@ def run_workloads(
     progress: bool = True,
     on_workload: Callable[[list[Row]], None] | None = None,
     warm_up: bool = True,
+    memory: bool = False,
 ) -> list[Row]:
     """Build, check and time every strategy of every workload; one :class:`Row` per strategy.
 
     ``on_workload`` is called with each workload's rows as soon as it is done; ``warm_up``
-    pays ``torch.func``'s first-call cost before any timing (see NOTE [repeats]).
+    pays ``torch.func``'s first-call cost before any timing (see NOTE [repeats]); ``memory``
+    also measures each checked strategy's peak memory in a subprocess (NOTE [peak memory]).
     """
     from tqdm.auto import tqdm
 
@@ -290,6 +293,14 @@ def run_workloads(
             rows_, strategies_, firsts = zip(*checked) if checked else ((), (), ())
             time_strategies(rows_, strategies_, firsts, timing)
             _ratios(mine)
+            if memory:
+                from benchmarks._memory import peak_mib
+
+                for index, row in enumerate(mine):
+                    if row.median_ms is not None:
+                        bar.set_postfix_str(f"memory of {row.strategy[:40]}")
+                        threads = torch.get_num_threads()
+                        row.peak_mib = peak_mib(wl.key, index, small, threads)
             rows.extend(mine)
             if on_workload is not None:
                 on_workload(mine)

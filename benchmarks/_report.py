@@ -50,14 +50,22 @@ def _ratio(row: Row) -> str:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    """One line per strategy: workload, strategy, median ms, ratio to the best peer, check."""
-    lines = [
-        "| workload | strategy | median ms | ratio to best peer | check |",
-        "|---|---|---:|---:|---|",
-    ]
+    """One line per strategy: workload, strategy, median ms, ratio to the best peer, check.
+
+    A "peak MiB" column is added when peak memory was measured (``--memory``).
+    """
+    memory = any(r.peak_mib is not None for r in rows)
+    head = "| workload | strategy | median ms | ratio to best peer | check |"
+    rule = "|---|---|---:|---:|---|"
+    if memory:
+        head, rule = head + " peak MiB |", rule + "---:|"
+    lines = [head, rule]
     for r in rows:
         name = f"**{r.strategy}**" if r.torchjac else r.strategy
-        lines.append(f"| {r.workload} | {name} | {_ms(r.median_ms)} | {_ratio(r)} | {r.status} |")
+        line = f"| {r.workload} | {name} | {_ms(r.median_ms)} | {_ratio(r)} | {r.status} |"
+        if memory:
+            line += " — |" if r.peak_mib is None else f" {r.peak_mib:.1f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

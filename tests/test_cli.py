@@ -131,3 +131,16 @@ def test_harness_rows_for_missing_peers_placeholders_and_wrong_results() -> None
     best = min(rows[k].median_ms for k in ("peer ok", "peer slower"))
     assert rows["tj ok"].ratio == pytest.approx(rows["tj ok"].median_ms / best)
     assert all(r.median_ms is None for r in rows.values() if r.status != "ok")
+
+
+@pytest.mark.slow
+def test_peak_memory_of_one_strategy_in_a_subprocess() -> None:
+    from torchjac._bench import _import, find_benchmarks
+
+    memory = _import("_memory", find_benchmarks())
+    registry = _import("registry", find_benchmarks())
+    (w4,) = registry.select(registry.all_workloads(), ["W4"])
+    names = [s.name for s in w4.build(True).strategies]
+    peak = memory.peak_mib("W4", names.index("seed 000: is_grads_batched, eye(P)"), True, 1)
+    # eye(P) alone: P = 484 rows -> 0.9 MiB; far below the 100 MiB a leak or a mix-up would show.
+    assert peak is not None and 0.5 < peak < 100

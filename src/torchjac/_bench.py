@@ -61,6 +61,7 @@ def run_bench(
     json_path: str | None,
     plot_path: str | None,
     progress: bool,
+    memory: bool = False,
 ) -> int:
     """Run the selected workloads and print the Markdown table.
 
@@ -74,9 +75,10 @@ def run_bench(
     timing = harness.Timing(repeats=5, min_repeats=1, budget_s=1.0) if quick else harness.Timing()
     env = report.environment()
     rows = harness.run_workloads(
-        chosen, small=small, timing=timing, progress=progress, on_workload=_summary
+        chosen, small=small, timing=timing, progress=progress, on_workload=_summary, memory=memory
     )
-    mode = ", ".join(m for m, on in (("quick", quick), ("small sizes", small)) if on)
+    flags = (("quick", quick), ("small sizes", small), ("peak memory", memory))
+    mode = ", ".join(m for m, on in flags if on)
     print(
         f"torchjac bench: {env['utc']}, torch {env['torch']}, {env['threads']} thread(s), "
         f"{env['cpu']}, Python {env['python']}" + (f" ({mode})" if mode else "")
@@ -89,6 +91,12 @@ def run_bench(
     print(
         "Median wall time per call after one untimed checked call; ratio = median / fastest "
         "peer (torchjac in bold, < 1 means faster)."
+        + (
+            " Peak MiB: memory a call needs on top of what existed before it, its result "
+            "included (a fresh process per strategy, peak RSS)."
+            if memory
+            else ""
+        )
     )
     if json_path:
         report.save_json(json_path, rows, env)

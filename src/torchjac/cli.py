@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="reduced problem sizes (for tests)")
     bench.add_argument("--json", metavar="PATH", help="write every row and timing as JSON")
     bench.add_argument("--plot", metavar="PATH", help="save a bar chart (PNG, matplotlib Agg)")
+    bench.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each strategy's peak memory (a subprocess each; Linux)",
+    )
     bench.add_argument("--threads", type=_threads, help="torch threads (default: torch's)")
     bench.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
@@ -101,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json_path=args.json,
             plot_path=args.plot,
             progress=not args.no_progress,
+            memory=args.memory,
         )
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"{exc}\n")
