@@ -343,8 +343,14 @@ def test_argument_errors(gen: torch.Generator) -> None:
     x = torch.randn(4, 3, generator=gen, dtype=DT)
     with pytest.raises(TypeError, match=r"ntk: `model` must be a torch\.nn\.Module"):
         tj.ntk(lambda t: t, x)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"ntk: `x1` must be a torch\.Tensor"):
-        tj.ntk(model, [1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"ntk: `x1` must be a torch\.Tensor or a tuple"):
+        tj.ntk(model, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"ntk: `x1\[1\]` must be a torch\.Tensor"):
+        tj.ntk(model, [x, 2.0])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"ntk: every Tensor of `x1` needs the same batch size"):
+        tj.ntk(model, (x, x[:2]))
+    with pytest.raises(ValueError, match=r"ntk: x2 must be like x1: 1 Tensor\(s\)"):
+        tj.ntk(model, x, (x, x))
     with pytest.raises(ValueError, match=r"ntk: `batch_dim=2` is out of range for x1"):
         tj.ntk(model, x, batch_dim=2)
     with pytest.raises(ValueError, match="ntk: `params` names 'nope'"):
@@ -394,3 +400,50 @@ def test_peak_memory_is_far_below_the_jacobian() -> None:
     growth, j_bytes = map(int, res.stdout.split())
     assert j_bytes > 300 * 2**20
     assert growth < j_bytes / 10, (growth, j_bytes)
+
+
+class TwoInputs(nn.Module):
+    """``model(x, z)``: a Linear of each input, gated, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fx, self.fz = nn.Linear(3, 4, dtype=DT), nn.Linear(2, 4, dtype=DT)
+        self.head = nn.Linear(4, 2, dtype=DT)
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.fx(x)) * torch.sigmoid(self.fz(z)))
+
+
+class TwoInputsBare(TwoInputs):
+    """The same with ``z`` through a bare parameter: the general path gets both inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Parameter(torch.linspace(-1.0, 1.0, 8, dtype=DT).reshape(2, 4))
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.fx(x)) * torch.sigmoid(self.fz(z) + z @ self.mix))
+
+
+@pytest.mark.parametrize("cls", [TwoInputs, TwoInputsBare])
+def test_model_of_several_inputs(cls: type[nn.Module], gen: torch.Generator) -> None:
+    torch.manual_seed(1)
+    model = cls()
+    x1, z1 = torch.randn(4, 3, generator=gen, dtype=DT), torch.randn(4, 2, generator=gen, dtype=DT)
+    x2, z2 = torch.randn(3, 3, generator=gen, dtype=DT), torch.randn(3, 2, generator=gen, dtype=DT)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def f(p: dict[str, Tensor], x: Tensor, z: Tensor) -> Tensor:
+        return functional_call(model, p, (x.unsqueeze(0), z.unsqueeze(0))).squeeze(0)
+
+    j1 = vmap(jacrev(f), in_dims=(None, 0, 0))(params, x1, z1)
+    j2 = vmap(jacrev(f), in_dims=(None, 0, 0))(params, x2, z2)
+    want = sum(torch.einsum("iap,jbp->iajb", j1[n].flatten(2), j2[n].flatten(2)) for n in params)
+    got = tj.ntk(model, (x1, z1), (x2, z2))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    frozen_fx = tj.ntk(model, [x1, z1], params=["fz.weight", "fz.bias", "head.weight"])
+    want_11 = sum(
+        torch.einsum("iap,jbp->iajb", j1[n].flatten(2), j1[n].flatten(2))
+        for n in ("fz.weight", "fz.bias", "head.weight")
+    )
+    torch.testing.assert_close(frozen_fx, want_11, rtol=1e-10, atol=1e-10)

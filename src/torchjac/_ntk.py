@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
@@ -18,8 +18,8 @@ __all__ = ["ntk"]
 
 def ntk(
     model: nn.Module,
-    x1: Tensor,
-    x2: Tensor | None = None,
+    x1: Tensor | Sequence[Tensor],
+    x2: Tensor | Sequence[Tensor] | None = None,
     *,
     params: Iterable[str | nn.Parameter] | None = None,
     batch_dim: int = 0,
@@ -38,15 +38,16 @@ def ntk(
 
     Shapes: ``x1`` ``[N1, ...]`` and ``x2`` ``[N2, ...]`` (batch at ``batch_dim``); the model
     maps them to ``[N, *o]``; the result is ``[N1, *o, N2, *o]``. With ``x2=None`` it is
-    ``K(x1, x1)``, symmetric and positive semi-definite.
+    ``K(x1, x1)``, symmetric and positive semi-definite. A model of several inputs takes a tuple
+    of Tensors, called as ``model(*x1)``, each with the batch at ``batch_dim``.
 
     The model is never changed: parameters, ``.grad``, buffers, hooks, train/eval mode and the
     global RNG state are as before the call.
 
     Args:
-        model: an ``nn.Module`` called as ``model(x)``, returning a Tensor.
-        x1: the first batch of inputs.
-        x2: the second batch (default: ``x1``).
+        model: an ``nn.Module`` called as ``model(x)`` (or ``model(*x)``), returning a Tensor.
+        x1: the first batch of inputs: a Tensor or a tuple of Tensors.
+        x2: the second batch, like ``x1`` (default: ``x1``).
         params: parameter names (as in ``named_parameters()``) or ``nn.Parameter`` objects;
             default: every parameter that requires grad (tied parameters once).
         batch_dim: the batch dimension of the inputs and of the output. Samples must be
@@ -76,39 +77,63 @@ def ntk(
         raise TypeError(f"{fn}: `model` must be a torch.nn.Module, got {describe(model)}.")
     if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
         raise TypeError(f"{fn}: `batch_dim` must be an int, got {describe(batch_dim)}.")
-    _check_x(fn, "x1", x1, batch_dim)
-    if x2 is not None:
-        _check_x(fn, "x2", x2, batch_dim)
-        if x2.device != x1.device:
-            raise ValueError(f"{fn}: x1 is on {x1.device} but x2 is on {x2.device}.")
+    xs1 = _check_x(fn, "x1", x1, batch_dim)
+    xs2 = None if x2 is None else _check_x(fn, "x2", x2, batch_dim)
+    if xs2 is not None and (len(xs2) != len(xs1) or xs2[0].device != xs1[0].device):
+        raise ValueError(
+            f"{fn}: x2 must be like x1: {len(xs1)} Tensor(s) on {xs1[0].device}; got "
+            f"{len(xs2)} on {xs2[0].device}."
+        )
     chunk_size = check_chunk_size(fn, chunk_size)
     names = _select(fn, model, params)
     _check_batchnorm(fn, model, batch_dim)
-    budget = memory_budget(fn, max_memory, x1.device)
+    device = xs1[0].device
+    budget = memory_budget(fn, max_memory, device)
     state = model_state(model, names)
-    with no_side_effects(x1.device), one_fallback_warning(fn):
-        side1 = run_side(fn, "x1", model, state, x1, batch_dim, chunk_size, budget)
+    with no_side_effects(device), one_fallback_warning(fn):
+        side1 = run_side(fn, "x1", model, state, xs1, batch_dim, chunk_size, budget)
         side2 = (
             side1
-            if x2 is None
-            else run_side(fn, "x2", model, state, x2, batch_dim, chunk_size, budget)
+            if xs2 is None
+            else run_side(fn, "x2", model, state, xs2, batch_dim, chunk_size, budget)
         )
         if side2.out_rest != side1.out_rest:
             raise ValueError(
                 f"{fn}: the model maps x1 to per-sample outputs of shape {list(side1.out_rest)} "
                 f"but x2 to {list(side2.out_rest)}; the kernel needs one output shape."
             )
-        kernel = kernel_of(fn, model, state, side1, side2, x1, x2, batch_dim, chunk_size, budget)
-    if x2 is None:
+        kernel = kernel_of(fn, model, state, side1, side2, batch_dim, chunk_size, budget)
+    if xs2 is None:
         kernel = (kernel + kernel.T) / 2  # exactly symmetric
     o = tuple(side1.out_rest)
     return kernel.reshape((side1.n, *o, side2.n, *o))
 
 
-def _check_x(fn: str, arg: str, x: object, batch_dim: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: `{arg}` must be a torch.Tensor, got {describe(x)}.")
-    if not -x.dim() <= batch_dim < x.dim():
-        raise ValueError(
-            f"{fn}: `batch_dim={batch_dim}` is out of range for {arg} with shape {list(x.shape)}."
+def _check_x(fn: str, arg: str, x: object, batch_dim: int) -> tuple[Tensor, ...]:
+    """A Tensor or a non-empty tuple/list of Tensors, all with one batch size at ``batch_dim``."""
+    if isinstance(x, Tensor):
+        xs: tuple[object, ...] = (x,)
+    elif isinstance(x, (tuple, list)) and x:
+        xs = tuple(x)
+    else:
+        raise TypeError(
+            f"{fn}: `{arg}` must be a torch.Tensor or a tuple of Tensors, got {describe(x)}."
         )
+    for i, t in enumerate(xs):
+        name = arg if isinstance(x, Tensor) else f"{arg}[{i}]"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {describe(t)}.")
+        if not -t.dim() <= batch_dim < t.dim():
+            raise ValueError(
+                f"{fn}: `batch_dim={batch_dim}` is out of range for {name} with shape "
+                f"{list(t.shape)}."
+            )
+        first = xs[0]
+        assert isinstance(first, Tensor)
+        if t.shape[batch_dim] != first.shape[batch_dim] or t.device != first.device:
+            raise ValueError(
+                f"{fn}: every Tensor of `{arg}` needs the same batch size at `batch_dim="
+                f"{batch_dim}` and one device; {name} has shape {list(t.shape)} on {t.device}, "
+                f"{arg}[0] has {list(first.shape)} on {first.device}."
+            )
+    return tuple(t for t in xs if isinstance(t, Tensor))

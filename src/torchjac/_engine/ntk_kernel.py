@@ -37,6 +37,7 @@ class NtkSide:
     uses: list[UseD]
     n: int
     out_rest: torch.Size
+    args: tuple[Tensor, ...]
 
     @property
     def k(self) -> int:
@@ -48,13 +49,14 @@ def run_side(
     arg: str,
     model: nn.Module,
     state: ModelState,
-    x: Tensor,
+    xs: tuple[Tensor, ...],
     batch_dim: int,
     chunk_size: int | None,
     budget: int,
 ) -> NtkSide:
-    leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
-    cap = capture(model, state, (leaf,), {}, batch_dim, fn_name=fn)
+    """``model(*xs)`` captured, checked for coupling, and its ``δ`` for every output element."""
+    leaves = tuple(x.detach().requires_grad_(True) if x.is_floating_point() else x for x in xs)
+    cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn)
     out = cap.output
     if not out.is_floating_point() or out.dim() == 0 or not -out.dim() <= batch_dim < out.dim():
         raise ValueError(
@@ -62,13 +64,14 @@ def run_side(
             f"for {arg} it returned {describe(out)}."
         )
     group = Group.of([out], batch_dim)
-    if group.batch_size != x.shape[batch_dim]:
+    if group.batch_size != xs[0].shape[batch_dim]:
         raise ValueError(
             f"{fn}: the model's output has {group.batch_size} samples at dim {batch_dim} but "
-            f"{arg} has {x.shape[batch_dim]}; the batch must be kept at `batch_dim`."
+            f"{arg} has {xs[0].shape[batch_dim]}; the batch must be kept at `batch_dim`."
         )
     names = {m: n for n, m in model.named_modules()}
-    inputs = [(arg, leaf)] if leaf.requires_grad else []
+    tags = [arg] if len(xs) == 1 else [f"{arg}[{i}]" for i in range(len(xs))]
+    inputs = [(tag, t) for tag, t in zip(tags, leaves) if t.requires_grad]
     check_coupling(fn, cap, batch_dim, inputs, lambda u: f"the layer {names.get(u.module, '?')!r}")
     k = group.numel
     ds: list[list[Tensor]] = [[] for _ in cap.uses]
@@ -93,7 +96,7 @@ def run_side(
 
     run_chunks(fn, k, chunk, probe, write)
     uses = [(u, torch.cat(d, dim=1)) for u, d, h in zip(cap.uses, ds, hit) if h]
-    return NtkSide(cap, uses, group.batch_size, group.rest_shape(0))
+    return NtkSide(cap, uses, group.batch_size, group.rest_shape(0), tuple(xs))
 
 
 def kernel_of(
@@ -102,13 +105,14 @@ def kernel_of(
     state: ModelState,
     side1: NtkSide,
     side2: NtkSide,
-    x1: Tensor,
-    x2: Tensor | None,
     batch_dim: int,
     chunk_size: int | None,
     budget: int,
 ) -> Tensor:
-    """``[N1·k, N2·k]``: closed forms per parameter, the general path for the rest."""
+    """``[N1·k, N2·k]``: closed forms per parameter, the general path for the rest.
+
+    ``side2 is side1`` means ``K(x1, x1)``: shared products are formed once.
+    """
     general = [n for n in state.names if n in side1.cap.general or n in side2.cap.general]
     dtype = side1.cap.output.dtype
     kernel = torch.zeros(
@@ -133,10 +137,10 @@ def kernel_of(
             if part is not None:
                 kernel += part
     if general:
-        make1 = _general(fn, model, state, general, x1, side1, batch_dim, chunk_size, budget)
+        make1 = _general(fn, model, state, general, side1, batch_dim, chunk_size, budget)
         make2 = None
-        if x2 is not None:
-            make2 = _general(fn, model, state, general, x2, side2, batch_dim, chunk_size, budget)
+        if side2 is not side1:
+            make2 = _general(fn, model, state, general, side2, batch_dim, chunk_size, budget)
         size = sum(state.leaves[n].numel() for n in general) * dtype.itemsize * 3
         kernel += blocked_kernel(
             (side1.n, side1.k, side2.n, side2.k),
@@ -154,7 +158,6 @@ def _general(
     model: nn.Module,
     state: ModelState,
     names: list[str],
-    x: Tensor,
     side: NtkSide,
     batch_dim: int,
     chunk_size: int | None,
@@ -162,7 +165,7 @@ def _general(
 ) -> Make:
     """Per-sample Jacobians ``[N, c, P]`` of ``names`` (concatenated) for a chunk of probes, on
     the general path (NOTE [general per-sample path])."""
-    problem = SampleProblem(model, state, names, (x,), {}, batch_dim, side.cap.output)
+    problem = SampleProblem(model, state, names, side.args, {}, batch_dim, side.cap.output)
     out = side.cap.output
     sizes = [state.leaves[n].numel() for n in names]
     per_probe = 3 * out.dtype.itemsize * side.n * sum(sizes)
