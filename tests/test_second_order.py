@@ -281,3 +281,48 @@ def test_peak_memory_is_linear_in_the_input_size(fn: str) -> None:
         [sys.executable, "-c", _MEMORY_SCRIPT, fn], capture_output=True, text=True, check=True
     )
     assert int(out.stdout.strip()) < 600, out.stdout  # MiB
+
+
+def _affine(n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return torch.linspace(0.5, 1.5, n, dtype=dtype), torch.linspace(-0.3, 0.3, n, dtype=dtype)
+
+
+NORMS = {
+    "F.layer_norm": lambda x: F.layer_norm(x, (8,), *_affine(8, x.dtype)).exp().sum(-1),
+    "torch.layer_norm": lambda x: torch.layer_norm(x, (8,)).tanh().sum(-1),
+    "F.instance_norm": lambda x: (
+        F.instance_norm(
+            x.view(-1, 2, 4), weight=_affine(2, x.dtype)[0], bias=_affine(2, x.dtype)[1]
+        )
+        .sin()
+        .flatten(1)
+        .sum(-1)
+    ),
+    "torch.batch_norm_eval": lambda x: (
+        torch.batch_norm(
+            x.view(-1, 2, 4),
+            *_affine(2, x.dtype),
+            *_affine(2, x.dtype)[::-1],
+            False,
+            0.1,
+            1e-5,
+            False,
+        )
+        .sin()
+        .flatten(1)
+        .sum(-1)
+    ),
+    "group_norm": lambda x: F.group_norm(x.view(-1, 4, 2), 2).tanh().flatten(1).sum(-1),
+    "rms_norm": lambda x: F.rms_norm(x, (8,)).exp().sum(-1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_normalisations_match_torch_func(gen: torch.Generator, name: str) -> None:
+    """PyTorch's nested forward mode is wrong for some norms (pytorch#196700): decomposed."""
+    f = NORMS[name]
+    x = randn(5, 8, gen=gen)
+    h = torch.stack([hessian(lambda r: f(r.unsqueeze(0))[0])(x[b]) for b in range(5)])
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(tj.hessian_diagonal(f, x, batch_dim=0), diag)
+    torch.testing.assert_close(tj.laplacian(f, x, batch_dim=0), diag.sum(-1))

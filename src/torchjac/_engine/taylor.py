@@ -8,7 +8,11 @@ every pair ``∂_a ∂_b, a ≤ b`` (``K = 1 + D + D(D+1)/2``, full second-order
 call that meets a Jet goes through ``Jet.__torch_function__``: a cheap rule when there is one
 (``taylor_rules``: Linear, matmul, add, mul, views, reductions, elementwise activations), else
 the general rule below — nested ``torch.func.jvp`` vmapped over the directions — so any
-differentiable op works, mixed with the cheap ones in one pass. Extra memory is O(K) per
+differentiable op works, mixed with the cheap ones in one pass (normalisation layers, whose
+nested forward mode PyTorch gets wrong, are written out in elementary ops: ``taylor_decomp``).
+With ``batch_dim``, one more first-order direction probes the batch coupling (NOTE [taylor
+check]); a Hessian diagonal may carry its second order in reverse instead (NOTE [taylor tape]).
+Extra memory is O(K) per
 activation: O(B·D) for a trace or a diagonal, never the ``D × D`` Hessian per sample (unless
 asked for). Values are computed on plain tensors, so ``create_graph`` keeps the autograd graph of
 parameters the function closes over.
