@@ -271,13 +271,14 @@ def _check_differentiable(p: GraphProblem, trans: dict[int, Tensor], dummies: li
     """Raise unless ``J^T u`` for each input j is a differentiable function of the dummies.
 
     A backward that cannot be differentiated (``@once_differentiable``) still returns a tensor
-    that requires grad, but its graph holds an ``Error`` node or stops short of the dummy ``u_i``
-    of an output i that depends on j: the columns would silently come back wrong.
+    that requires grad, but its graph stops short of the dummy ``u_i`` of an output i that depends
+    on j: the columns would silently come back wrong. (An ``Error`` node on a path to a dummy
+    raises when the columns run, and that is caught as well.)
     """
     depends: list[list[bool]] | None = None  # [output][input], walked only when needed
     for k, (j, gj) in enumerate(trans.items()):
-        reached, error = walk([gj], dummies)
-        if error or not gj.requires_grad:
+        reached, _ = walk([gj], dummies, until_found=True)
+        if not gj.requires_grad:
             raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
         if all(reached):
             continue

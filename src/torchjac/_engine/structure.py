@@ -96,13 +96,16 @@ def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]
     return walk(outputs, inputs)[0]
 
 
-def walk(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple[list[bool], bool]:
+def walk(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], until_found: bool = False
+) -> tuple[list[bool], bool]:
     """One walk of the graph of ``outputs``: which ``inputs`` it reaches, and whether it holds an
     ``Error`` node (a backward that cannot be differentiated, e.g. ``@once_differentiable``: a
     double backward through it would be wrong).
 
     Follows ``grad_fn.next_functions``; leaves are matched through their ``AccumulateGrad`` node,
-    non-leaves by ``(grad_fn, output_nr)``.
+    non-leaves by ``(grad_fn, output_nr)``. ``until_found`` stops as soon as every input is
+    reached (then ``Error`` nodes not yet seen are not reported).
     """
     # lists, not single indices: the same tensor may be passed twice (tied inputs)
     wanted_leaf: dict[int, list[int]] = {}
@@ -120,6 +123,8 @@ def walk(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple[list[bool
     seen_nodes: set[int] = set()
     error = False
     while stack:
+        if until_found and all(found):
+            break
         node, nr = stack.pop()
         for k in wanted_node.get((node, nr), ()):
             found[k] = True
