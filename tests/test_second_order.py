@@ -326,3 +326,22 @@ def test_normalisations_match_torch_func(gen: torch.Generator, name: str) -> Non
     diag = h.diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(tj.hessian_diagonal(f, x, batch_dim=0), diag)
     torch.testing.assert_close(tj.laplacian(f, x, batch_dim=0), diag.sum(-1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fn", ["jacobian", "hessian", "hessian_diagonal", "laplacian"])
+def test_create_graph_input_gradients(gen: torch.Generator, fn: str, mode: str) -> None:
+    net = mlp(gen, (3, 6, 2))
+    x = randn(4, 3, gen=gen, grad=True)
+    h = vmap(hessian(net))(x)
+    ref = {
+        "hessian": h,
+        "hessian_diagonal": h.diagonal(dim1=-2, dim2=-1),
+        "laplacian": h.diagonal(dim1=-2, dim2=-1).sum(-1),
+        "jacobian": vmap(torch.func.jacrev(net))(x),
+    }[fn]
+    got = getattr(tj, fn)(net, x, batch_dim=0, mode=mode, create_graph=True)
+    (g,) = torch.autograd.grad((got**2).sum(), x)
+    (r,) = torch.autograd.grad((ref**2).sum(), x)
+    torch.testing.assert_close(g, r)
+    assert x.grad is None
