@@ -9,6 +9,7 @@ from torch import Tensor
 from torchjac._checks import (
     check_batch_dim,
     check_chunk_size,
+    check_flag,
     check_mode,
     check_same_device,
     describe,
@@ -91,6 +92,9 @@ def gramian(
     out_names = ("outputs",) if single else tuple(f"outputs[{i}]" for i in range(len(outs)))
     mode = check_mode(fn, mode)
     chunk_size = check_chunk_size(fn, chunk_size)
+    create_graph = bool(check_flag(fn, "create_graph", create_graph))
+    allow_unused = bool(check_flag(fn, "allow_unused", allow_unused))
+    retain_graph = check_flag(fn, "retain_graph", retain_graph, allow_none=True)
     named = list(zip(out_names, outs)) + list(zip(names, ins))
     device = check_same_device(fn, named)
     for name, t in named:
