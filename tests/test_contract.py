@@ -629,3 +629,130 @@ def test_gramian_batch_dim(gen: torch.Generator) -> None:
 def test_fwd_jacobian_matches_jacfwd(gen: torch.Generator) -> None:
     x = randn(3, gen=gen)
     torch.testing.assert_close(tj.jacobian(_h, x, mode="fwd"), jacfwd(_h)(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge layouts: 0-d tensors, sequences of outputs per sample, retained graphs, params choices
+
+
+def test_zero_dim_inputs_and_outputs() -> None:
+    x = torch.tensor(0.7, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    j = tj.jac(xr.sin(), xr)
+    assert j.shape == () and torch.allclose(j, x.cos())
+    assert tj.jacobian(torch.sin, x).shape == ()
+    for name in ("hessian", "hessian_diagonal", "laplacian"):
+        got = getattr(tj, name)(torch.sin, x)
+        assert got.shape == (), name
+        torch.testing.assert_close(got, -x.sin())
+    # a 0-d output of a vector input: rows are empty, columns the input's
+    v = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    assert tj.hessian(lambda v: (v**3).sum(), v).shape == (3, 3)
+    assert tj.hessian_diagonal(lambda v: (v**3).sum(), v).shape == (3,)
+    assert tj.laplacian(lambda v: (v**3).sum(), v).shape == ()
+
+
+def _two_outputs(x: Tensor) -> list[Tensor]:
+    return [x.sin() * x[..., :1], (x**2).sum(-1)]
+
+
+def _cat_sample(s: Tensor) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in _two_outputs(s)])
+
+
+@pytest.mark.parametrize("name", ["jac", "jacobian", "hessian", "hessian_diagonal", "laplacian"])
+def test_sequence_outputs_with_batch_dim(gen: torch.Generator, name: str) -> None:
+    x = randn(4, 3, gen=gen)
+    if name == "jac":
+        xr = x.clone().requires_grad_(True)
+        got = tj.jac(_two_outputs(xr), xr, batch_dim=0)
+    else:
+        got = getattr(tj, name)(_two_outputs, x, batch_dim=0)
+    jac = vmap(jacrev(_cat_sample))(x)  # [B, m=4, 3]
+    hes = vmap(hessian(_cat_sample))(x)  # [B, 4, 3, 3]
+    want = {
+        "jac": jac,
+        "jacobian": jac,
+        "hessian": hes,
+        "hessian_diagonal": hes.diagonal(dim1=-2, dim2=-1),
+        "laplacian": hes.diagonal(dim1=-2, dim2=-1).sum(-1),
+    }[name]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["jac", "gramian"])
+def test_retain_graph_keeps_the_graph(gen: torch.Generator, name: str) -> None:
+    x = randn(3, gen=gen, grad=True)
+    y = x.sin() * x.sum()
+    getattr(tj, name)(y, x, retain_graph=True)
+    (g,) = torch.autograd.grad(y.sum(), x)  # the graph is still there
+    torch.testing.assert_close(g, jacrev(lambda x: (x.sin() * x.sum()).sum())(x.detach()))
+
+
+@pytest.mark.parametrize("name", ["jacobian", "hessian", "hessian_diagonal", "laplacian"])
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+def test_functional_create_graph_reaches_closed_over_params(
+    gen: torch.Generator, name: str, mode: str
+) -> None:
+    w = randn(3, 3, gen=gen, grad=True)
+    x = randn(5, 3, gen=gen)
+
+    def reduce(w: Tensor) -> Tensor:
+        def g(s: Tensor) -> Tensor:
+            return torch.tanh(s @ w)
+
+        if name == "jacobian":
+            return vmap(jacrev(g))(x).pow(2).sum()
+        h = vmap(hessian(g))(x)
+        d = h.diagonal(dim1=-2, dim2=-1)
+        return {"hessian": h, "hessian_diagonal": d, "laplacian": d.sum(-1)}[name].pow(2).sum()
+
+    got = getattr(tj, name)(
+        lambda x: torch.tanh(x @ w), x, batch_dim=0, mode=mode, create_graph=True
+    )
+    assert got.requires_grad
+    (g,) = torch.autograd.grad(got.pow(2).sum(), w)
+    torch.testing.assert_close(g, torch.func.grad(reduce)(w.detach()))
+
+
+def test_params_forms_and_ntk_subset(gen: torch.Generator) -> None:
+    model = _model()
+    x1, x2 = randn(3, 3, gen=gen), randn(2, 3, gen=gen)
+    forms: list[Any] = [
+        ["out.weight", "frozen.bias"],
+        [model.out.weight, model.frozen.bias],
+        (p for p in (model.frozen.bias, model.out.weight)),
+    ]
+    for params in forms:
+        assert list(tj.param_jacobian(model, x1, params=params)) == ["frozen.bias", "out.weight"]
+    assert list(tj.param_jacobian(model, x1, params=model.parameters())) == [
+        "scale",
+        "inp.weight",
+        "inp.bias",
+        "frozen.weight",
+        "frozen.bias",
+        "out.weight",
+    ]
+    names = ["frozen.bias", "out.weight"]
+
+    def flat(x: Tensor) -> Tensor:
+        j = _oracle_param_jac(model, x, names)
+        return torch.cat([j[n].reshape(*j[n].shape[:3], -1) for n in names], -1)
+
+    got = tj.ntk(model, x1, x2, params=["out.weight", model.frozen.bias])
+    torch.testing.assert_close(got, torch.einsum("iabp,jcdp->iabjcd", flat(x1), flat(x2)))
+
+
+def test_ntk_vector_output(gen: torch.Generator) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0)).double()
+    x1, x2 = randn(5, 3, gen=gen), randn(2, 3, gen=gen)
+    ps = {n: p.detach() for n, p in model.named_parameters()}
+
+    def flat(x: Tensor) -> Tensor:
+        j = jacrev(lambda ps: functional_call(model, ps, (x,)))(ps)
+        return torch.cat([j[n].reshape(x.shape[0], -1) for n in ps], 1)
+
+    got = tj.ntk(model, x1, x2)
+    assert got.shape == (5, 2)
+    torch.testing.assert_close(got, flat(x1) @ flat(x2).T)
