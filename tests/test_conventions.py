@@ -528,3 +528,96 @@ def test_classic_autograd_function_is_differentiated(name: str, mode: str) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tj.FallbackWarning)  # a fallback is allowed here
         _run_custom(_OldExp, name, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference mode: a grad-mode setting like no_grad; torch.func accepts inference tensors
+
+
+def _inference_call(name: str) -> Any:
+    x = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3)
+    if name in ("jac", "gramian"):
+        xr = x.clone().requires_grad_(True)
+        y = _poly(xr)
+        with torch.inference_mode():
+            return getattr(tj, name)(y, xr, batch_dim=0)
+    with torch.inference_mode():
+        if name in FUNCTIONAL:
+            return getattr(tj, name)(_poly, x, batch_dim=0)
+        return getattr(tj, name)(_net(), x, batch_dim=0)
+
+
+_NTK_INFERENCE = (
+    "BUG: ntk under torch.inference_mode() raises RuntimeError ('element 0 of tensors does not "
+    "require grad') although it works under no_grad and param_jacobian works in inference mode"
+)
+
+
+_INFERENCE_BUGS = {
+    "ntk": _NTK_INFERENCE,
+    "hessian_diagonal": "BUG: hessian_diagonal(f, x, batch_dim=0) (mode='auto') under "
+    "torch.inference_mode() silently returns zeros (correct under no_grad and in rev/fwd)",
+    "param_jacobian": "BUG: param_jacobian(model, x) under torch.inference_mode() silently "
+    "returns zeros, with or without batch_dim (correct under no_grad)",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_INFERENCE_BUGS[n]))
+        if n in _INFERENCE_BUGS
+        else n
+        for n in ALL
+    ],
+)
+def test_works_under_inference_mode(name: str) -> None:
+    got = _inference_call(name)
+    with torch.no_grad():
+        if name in ("jac", "gramian"):
+            x = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3).requires_grad_()
+            with torch.enable_grad():
+                y = _poly(x)
+            want = getattr(tj, name)(y, x, batch_dim=0)
+        elif name in FUNCTIONAL:
+            want = getattr(tj, name)(
+                _poly, torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3), batch_dim=0
+            )
+        else:
+            x = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3)
+            want = getattr(tj, name)(_net(), x, batch_dim=0)
+    for a, b in zip(_tensors(got), _tensors(want)):
+        torch.testing.assert_close(a, b)
+
+
+def _inference_input_case(name: str, mode: str) -> Any:
+    works = {("jacobian", "auto"), ("jacobian", "fwd"), ("laplacian", "auto")}
+    if (name, mode) in works:
+        return pytest.param(name, mode, id=f"{name}-{mode}")
+    reason = (
+        f"BUG: {name}(f, x, mode={mode!r}) with x created under torch.inference_mode() raises "
+        "'Setting requires_grad=True on inference tensor' (jacobian/laplacian mode='auto' and "
+        "torch.func accept it)"
+    )
+    return pytest.param(
+        name, mode, id=f"{name}-{mode}", marks=pytest.mark.xfail(strict=True, reason=reason)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [_inference_input_case(n, m) for n in FUNCTIONAL for m in ("auto", "rev", "fwd")],
+)
+def test_inference_tensor_inputs(name: str, mode: str) -> None:
+    with torch.inference_mode():
+        x = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3)
+    got = getattr(tj, name)(torch.sin, x, batch_dim=0, mode=mode)
+    s, c = x.clone().sin(), x.clone().cos()
+    eye = torch.eye(3, dtype=x.dtype)
+    want = {
+        "jacobian": c[:, :, None] * eye,
+        "hessian": -s[:, :, None, None] * eye[:, :, None] * eye[:, None, :],
+        "hessian_diagonal": -s[:, :, None] * eye,
+        "laplacian": -s,
+    }[name]
+    torch.testing.assert_close(got, want)
