@@ -756,3 +756,34 @@ def test_ntk_vector_output(gen: torch.Generator) -> None:
     got = tj.ntk(model, x1, x2)
     assert got.shape == (5, 2)
     torch.testing.assert_close(got, flat(x1) @ flat(x2).T)
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_module_hooks_are_part_of_the_model(gen: torch.Generator, batch_dim: int | None) -> None:
+    """The model is differentiated as the user calls it: its own hooks run, and stay."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[0].register_forward_hook(lambda mod, inp, out: out * 2 + 1)
+    model[2].register_forward_pre_hook(lambda mod, inp: (inp[0] ** 2,))
+    x = randn(4, 3, gen=gen)
+    ps = {n: p.detach() for n, p in model.named_parameters()}
+    want = jacrev(lambda ps: functional_call(model, ps, (x,)))(ps)
+    got = tj.param_jacobian(model, x, batch_dim=batch_dim)
+    for n in ps:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+    flat = torch.cat([want[n].reshape(4, 2, -1) for n in ps], -1)
+    torch.testing.assert_close(tj.ntk(model, x), torch.einsum("iap,jbp->iajb", flat, flat))
+    assert len(model[0]._forward_hooks) == 1 and len(model[2]._forward_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+def test_gramian_sequence_per_sample(gen: torch.Generator, mode: str) -> None:
+    x = randn(4, 3, gen=gen, grad=True)
+    w = randn(3, 3, gen=gen)
+    got = tj.gramian([torch.tanh(x @ w), (x**2).sum(-1)], x, batch_dim=0, mode=mode)
+
+    def per(s: Tensor) -> Tensor:
+        return torch.cat([torch.tanh(s @ w), (s**2).sum().reshape(1)])
+
+    j = vmap(jacrev(per))(x.detach())  # [B, m=4, 3]
+    assert got.shape == (4, 4, 4)
+    torch.testing.assert_close(got, j @ j.transpose(1, 2))

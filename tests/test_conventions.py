@@ -621,3 +621,15 @@ def test_inference_tensor_inputs(name: str, mode: str) -> None:
         "laplacian": -s,
     }[name]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("params", [None, ["lin1.weight"]])
+def test_full_jacobian_of_a_training_model_keeps_buffers_and_flags(params: Any) -> None:
+    """Without batch_dim a BatchNorm in train mode is fine, but its running stats stay put."""
+    net = _net(train=True)
+    net.lin1.requires_grad_(False)
+    x = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).reshape(4, 3)
+    with _unchanged((x,), net):
+        got = tj.param_jacobian(net, x, params=params)
+    names = ["lin1.weight"] if params else [n for n, p in net.named_parameters() if p.requires_grad]
+    assert list(got) == names
