@@ -554,7 +554,6 @@ _NTK_INFERENCE = (
 
 
 _INFERENCE_BUGS = {
-    "ntk": _NTK_INFERENCE,
     "hessian_diagonal": "BUG: hessian_diagonal(f, x, batch_dim=0) (mode='auto') under "
     "torch.inference_mode() silently returns zeros (correct under no_grad and in rev/fwd)",
     "param_jacobian": "BUG: param_jacobian(model, x) under torch.inference_mode() silently "
