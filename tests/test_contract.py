@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -188,6 +189,21 @@ def test_docstring_with_runnable_example(name: str) -> None:
     examples = inspect.getdoc(getattr(tj, name))
     parsed = __import__("doctest").DocTestParser().get_examples(examples)
     assert parsed and any(e.want.strip() for e in parsed), f"{name}: example shows no output"
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_docstring_states_math_shapes_and_every_argument(name: str) -> None:
+    fn = getattr(tj, name)
+    doc = inspect.getdoc(fn) or ""
+    assert ":math:" in doc, f"{name}: no math"
+    assert "shape" in doc.lower(), f"{name}: no shapes"
+    # every argument is documented here, or in a sibling the docstring points to
+    pointed = [getattr(tj, m) for m in re.findall(r":func:`(?:torchjac\.)?(\w+)`", doc)]
+    docs = [doc] + [inspect.getdoc(f) or "" for f in pointed if callable(f)]
+    for arg in inspect.signature(fn).parameters:
+        assert any(f"``{arg}``" in d or f"{arg}:" in d or f"*{arg}" in d for d in docs), (
+            f"{name}: `{arg}` is documented nowhere"
+        )
 
 
 @pytest.mark.parametrize("name", ["BatchCouplingError", "FallbackWarning"])
