@@ -447,3 +447,18 @@ def test_model_of_several_inputs(cls: type[nn.Module], gen: torch.Generator) -> 
         for n in ("fz.weight", "fz.bias", "head.weight")
     )
     torch.testing.assert_close(frozen_fx, want_11, rtol=1e-10, atol=1e-10)
+
+
+def test_inference_mode_and_inference_tensors(gen: torch.Generator) -> None:
+    """A model and inputs made under ``torch.inference_mode()``, called there too."""
+    x = torch.randn(4, 3, generator=gen, dtype=DT)
+    torch.manual_seed(1)
+    plain = nn.Sequential(nn.Linear(3, 4), Scaled(4), nn.Linear(4, 2)).to(DT)
+    want = tj.ntk(plain, x)
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 4), Scaled(4), nn.Linear(4, 2)).to(DT)
+        xi = x.clone()
+        got = tj.ntk(model, xi)
+    assert model[0].weight.is_inference() and xi.is_inference()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
