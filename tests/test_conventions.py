@@ -632,3 +632,114 @@ def test_full_jacobian_of_a_training_model_keeps_buffers_and_flags(params: Any) 
         got = tj.param_jacobian(net, x, params=params)
     names = ["lin1.weight"] if params else [n for n, p in net.named_parameters() if p.requires_grad]
     assert list(got) == names
+
+
+# ---------------------------------------------------------------------------------------------
+# Results are exact: functions using torch.func inside, and linear-algebra ops
+
+_W = torch.tensor([[0.3, -0.2, 0.5], [0.1, 0.4, -0.6], [-0.7, 0.2, 0.9]], dtype=torch.float64)
+_X = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]], dtype=torch.float64)
+
+
+def _single(s: Tensor) -> Tensor:
+    return torch.tanh(s @ _W) * s[0]
+
+
+def _energy(s: Tensor) -> Tensor:
+    return (torch.tanh(s @ _W) ** 2).sum()
+
+
+def _xfail(cond: bool, reason: str) -> list[Any]:
+    return [pytest.mark.xfail(strict=True, reason=reason)] if cond else []
+
+
+_TAYLOR_FUNC = (
+    "BUG: {}(f, x, batch_dim=0, mode={!r}) with f = torch.func.vmap(per_sample) is silently wrong "
+    "(jacobian gives zeros): the Taylor-mode pass does not see through torch.func transforms"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [
+        pytest.param(
+            n,
+            m,
+            id=f"{n}-{m}",
+            marks=_xfail(m == "auto" or (n, m) == ("jacobian", "fwd"), _TAYLOR_FUNC.format(n, m)),
+        )
+        for n in FUNCTIONAL
+        for m in ("auto", "rev", "fwd")
+    ],
+)
+def test_user_function_vmapped_by_the_user(name: str, mode: str) -> None:
+    h = torch.func.vmap(torch.func.hessian(_single))(_X)
+    want = {
+        "jacobian": torch.func.vmap(torch.func.jacrev(_single))(_X),
+        "hessian": h,
+        "hessian_diagonal": h.diagonal(dim1=-2, dim2=-1),
+        "laplacian": h.diagonal(dim1=-2, dim2=-1).sum(-1),
+    }[name]
+    got = getattr(tj, name)(torch.func.vmap(_single), _X, batch_dim=0, mode=mode)
+    torch.testing.assert_close(got, want)
+
+
+_GRAD_BUG = (
+    "BUG: jacobian(torch.func.grad(energy), x, mode={!r}) is silently wrong (the Taylor-mode "
+    "pass does not see through torch.func.grad); mode='rev' is right"
+)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param(m, marks=_xfail(m != "rev", _GRAD_BUG.format(m)))
+        for m in ("auto", "rev", "fwd")
+    ],
+)
+def test_jacobian_of_a_torch_func_gradient(mode: str) -> None:
+    want = torch.func.jacrev(torch.func.grad(_energy))(_X[0])
+    torch.testing.assert_close(tj.jacobian(torch.func.grad(_energy), _X[0], mode=mode), want)
+
+
+_LINALG = {
+    "det": lambda s: torch.linalg.det(s.reshape(2, 2)),
+    "logdet": lambda s: torch.logdet(
+        s.reshape(2, 2) @ s.reshape(2, 2).T + torch.eye(2, dtype=s.dtype)
+    ),
+    "solve": lambda s: torch.linalg.solve(s.reshape(2, 2), torch.ones(2, dtype=s.dtype)).sum(),
+    "inv": lambda s: torch.linalg.inv(s.reshape(2, 2)).sum(),
+    "cholesky": lambda s: torch.linalg.cholesky(
+        s.reshape(2, 2) @ s.reshape(2, 2).T + torch.eye(2, dtype=s.dtype)
+    ).sum(),
+}
+_LINALG_BUG = (
+    "BUG: {}(f, x, mode={!r}) with f using torch.linalg {} returns wrong second derivatives "
+    "(e.g. the Hessian of det of a 2x2 matrix is not the constant permutation matrix); "
+    "mode='rev' is right"
+)
+
+
+@pytest.mark.parametrize(
+    ("op", "name", "mode"),
+    [
+        pytest.param(
+            op,
+            n,
+            m,
+            id=f"{op}-{n}-{m}",
+            marks=_xfail(
+                op in ("det", "logdet", "solve") and m != "rev", _LINALG_BUG.format(n, m, op)
+            ),
+        )
+        for op in _LINALG
+        for n in ("hessian", "hessian_diagonal", "laplacian")
+        for m in ("auto", "rev", "fwd")
+    ],
+)
+def test_second_order_through_linalg(op: str, name: str, mode: str) -> None:
+    s = torch.tensor([0.5, -1.0, 2.0, 0.7], dtype=torch.float64)
+    f = _LINALG[op]
+    h = torch.autograd.functional.hessian(f, s)  # reverse over reverse, no torchjac
+    want = {"hessian": h, "hessian_diagonal": h.diagonal(), "laplacian": h.diagonal().sum()}[name]
+    torch.testing.assert_close(getattr(tj, name)(f, s, mode=mode), want)
