@@ -6,23 +6,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from torch import Tensor
 
-from torchjac._checks import (
-    check_batch_dim,
-    check_chunk_size,
-    check_flag,
-    check_mode,
-    check_same_device,
-    describe,
-    flatten_inputs,
-    flatten_outputs,
-    input_names,
-)
-from torchjac._engine.basis import Group
-from torchjac._engine.func_call import one_fallback_warning
 from torchjac._engine.gram_graph import graph_gramian
-from torchjac._engine.graph_probes import GraphProblem
-from torchjac._engine.plan import memory_budget
-from torchjac._engine.structure import reachable
+from torchjac._errors import fallback_scope
+from torchjac._graph_args import graph_call
 
 __all__ = ["gramian"]
 
@@ -85,60 +71,25 @@ def gramian(
         >>> tj.gramian(x.sin(), x, batch_dim=0).shape  # per sample: [B, out, out]
         torch.Size([5, 3, 3])
     """
-    fn = "gramian"
-    outs, single = flatten_outputs(fn, outputs)
-    ins, container = flatten_inputs(fn, inputs)
-    names = input_names(container, len(ins))
-    out_names = ("outputs",) if single else tuple(f"outputs[{i}]" for i in range(len(outs)))
-    mode = check_mode(fn, mode)
-    chunk_size = check_chunk_size(fn, chunk_size)
-    create_graph = bool(check_flag(fn, "create_graph", create_graph))
-    allow_unused = bool(check_flag(fn, "allow_unused", allow_unused))
-    retain_graph = check_flag(fn, "retain_graph", retain_graph, allow_none=True)
-    named = list(zip(out_names, outs)) + list(zip(names, ins))
-    device = check_same_device(fn, named)
-    for name, t in named:
-        if not t.is_floating_point():
-            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(t)}.")
-    for name, y in zip(out_names, outs):
-        if not y.requires_grad:
-            raise ValueError(
-                f"{fn}: {name} is not on the autograd graph (requires_grad=False). Compute it "
-                "from tensors that require grad, outside torch.no_grad()."
-            )
-    for name, x in zip(names, ins):
-        if not x.requires_grad:
-            raise ValueError(
-                f"{fn}: {name} does not require grad. Call x.requires_grad_() before computing "
-                "the outputs from it."
-            )
-    batch_dim, _ = check_batch_dim(fn, batch_dim, named)
-    budget = memory_budget(fn, max_memory, device)
-    used = reachable(outs, ins)
-    if not allow_unused:
-        for name, u in zip(names, used):
-            if not u:
-                raise ValueError(
-                    f"{fn}: the outputs do not depend on {name}. Pass allow_unused=True to let it "
-                    "add nothing, or remove it from `inputs`."
-                )
-    problem = GraphProblem(
-        fn_name=fn,
-        outputs=outs,
-        inputs=ins,
-        input_names=names,
-        used=tuple(used),
-        jac_outputs=None,
-        out_group=Group.of(outs, batch_dim),
-        in_group=Group.of(ins, batch_dim),
+    call = graph_call(
+        "gramian",
+        outputs,
+        inputs,
+        None,
         batch_dim=batch_dim,
+        mode=mode,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+        retain_graph=retain_graph,
         create_graph=create_graph,
-        retain_graph=create_graph if retain_graph is None else bool(retain_graph),
+        allow_unused=allow_unused,
+        unused_means="to let it add nothing",
     )
-    with one_fallback_warning(fn):  # several blocks may each fall back: warn once
-        gram = graph_gramian(problem, mode, chunk_size, budget)  # [B, m, m]
+    problem, single = call.problem, call.single
+    with fallback_scope():  # several blocks may each fall back: warn once
+        gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
     g_out = problem.out_group
     rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)
-    if batch_dim is None:
+    if problem.batch_dim is None:
         return gram.reshape((*rows, *rows))
     return gram.reshape((g_out.batch_size, *rows, *rows))

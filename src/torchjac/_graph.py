@@ -8,22 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjac._checks import (
-    check_batch_dim,
-    check_chunk_size,
-    check_flag,
-    check_mode,
-    check_same_device,
-    describe,
-    flatten_inputs,
-    flatten_outputs,
-    input_names,
-    unflatten,
-)
-from torchjac._engine.basis import Group
+from torchjac._checks import unflatten
 from torchjac._engine.graph_probes import GraphProblem, solve
-from torchjac._engine.plan import memory_budget
-from torchjac._engine.structure import reachable
+from torchjac._graph_args import graph_call
 
 __all__ = ["jac"]
 
@@ -84,93 +71,26 @@ def jac(
         >>> tj.jac(x.sin(), x, batch_dim=0).shape  # per sample: [B, out, in]
         torch.Size([5, 3, 3])
     """
-    fn = "jac"
-    outs, single = flatten_outputs(fn, outputs)
-    ins, container = flatten_inputs(fn, inputs)
-    names = input_names(container, len(ins))
-    out_names = ("outputs",) if single else tuple(f"outputs[{i}]" for i in range(len(outs)))
-    mode = check_mode(fn, mode)
-    chunk_size = check_chunk_size(fn, chunk_size)
-    create_graph = bool(check_flag(fn, "create_graph", create_graph))
-    allow_unused = bool(check_flag(fn, "allow_unused", allow_unused))
-    retain_graph = check_flag(fn, "retain_graph", retain_graph, allow_none=True)
-    named = list(zip(out_names, outs)) + list(zip(names, ins))
-    device = check_same_device(fn, named)
-    for name, t in named:
-        if not (t.is_floating_point() or t.is_complex()) or t.is_complex():
-            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(t)}.")
-    for name, y in zip(out_names, outs):
-        if not y.requires_grad:
-            raise ValueError(
-                f"{fn}: {name} is not on the autograd graph (requires_grad=False). Compute it "
-                "from tensors that require grad, outside torch.no_grad()."
-            )
-    for name, x in zip(names, ins):
-        if not x.requires_grad:
-            raise ValueError(
-                f"{fn}: {name} does not require grad. Call x.requires_grad_() before computing "
-                "the outputs from it."
-            )
-    batch_dim, _ = check_batch_dim(fn, batch_dim, named)
-    jos = _check_jac_outputs(fn, jac_outputs, outs, single)
-    used = reachable(outs, ins)
-    if not allow_unused:
-        for name, u in zip(names, used):
-            if not u:
-                raise ValueError(
-                    f"{fn}: the outputs do not depend on {name}. Pass allow_unused=True to get "
-                    "zeros for it, or remove it from `inputs`."
-                )
-    problem = GraphProblem(
-        fn_name=fn,
-        outputs=outs,
-        inputs=ins,
-        input_names=names,
-        used=tuple(used),
-        jac_outputs=jos,
-        out_group=Group.of(outs, batch_dim),
-        in_group=Group.of(ins, batch_dim),
+    call = graph_call(
+        "jac",
+        outputs,
+        inputs,
+        jac_outputs,
         batch_dim=batch_dim,
+        mode=mode,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+        retain_graph=retain_graph,
         create_graph=create_graph,
-        retain_graph=create_graph if retain_graph is None else bool(retain_graph),
+        allow_unused=allow_unused,
+        unused_means="to get zeros for it",
     )
+    problem = call.problem
     # create_graph=True under torch.no_grad(): differentiable, as with torch.autograd.grad
-    with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
-        flat = solve(problem, mode, chunk_size, memory_budget(fn, max_memory, device))
-        return unflatten(container, [_shape(problem, j, r, single) for j, r in enumerate(flat)])
-
-
-def _check_jac_outputs(
-    fn: str, jac_outputs: Any, outs: tuple[Tensor, ...], single: bool
-) -> tuple[Tensor, ...] | None:
-    if jac_outputs is None:
-        return None
-    if isinstance(jac_outputs, Tensor):
-        jos: tuple[Any, ...] = (jac_outputs,)
-    elif isinstance(jac_outputs, Sequence) and not isinstance(jac_outputs, str):
-        jos = tuple(jac_outputs)
-    else:
-        raise TypeError(
-            f"{fn}: `jac_outputs` must be a Tensor or a sequence of Tensors like `outputs`, got "
-            f"{describe(jac_outputs)}."
-        )
-    if len(jos) != len(outs):
-        raise ValueError(
-            f"{fn}: `jac_outputs` must have one Tensor per output ({len(outs)}), got {len(jos)}."
-        )
-    k = None
-    for i, (a, y) in enumerate(zip(jos, outs)):
-        if not isinstance(a, Tensor):
-            raise TypeError(f"{fn}: `jac_outputs[{i}]` must be a Tensor, got {describe(a)}.")
-        if a.dim() != y.dim() + 1 or a.shape[1:] != y.shape or (k is not None and a.shape[0] != k):
-            want = f"[k, {', '.join(map(str, y.shape))}]" if y.dim() else "[k]"
-            raise ValueError(
-                f"{fn}: `jac_outputs` {'' if single else f'[{i}] '}must have shape {want} "
-                f"(k rows, then the shape of the output), with the same k for every output; "
-                f"got {list(a.shape)}."
-            )
-        k = a.shape[0]
-    return tuple(a.to(device=y.device) for a, y in zip(jos, outs))
+    with torch.set_grad_enabled(problem.create_graph or torch.is_grad_enabled()):
+        flat = solve(problem, call.mode, call.chunk_size, call.budget)
+        shaped = [_shape(problem, j, r, call.single) for j, r in enumerate(flat)]
+        return unflatten(call.container, shaped)
 
 
 def _shape(problem: GraphProblem, j: int, res: Tensor, single: bool) -> Tensor:

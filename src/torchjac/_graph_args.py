@@ -1,0 +1,146 @@
+"""Validation shared by the front doors on the autograd graph (``jac``, ``gramian``).
+
+One place turns ``outputs``/``inputs`` and the options into a validated ``GraphProblem``, so
+both doors reject the same bad arguments with the same messages (naming the door).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from torchjac._checks import (
+    Container,
+    check_batch_dim,
+    check_chunk_size,
+    check_flag,
+    check_mode,
+    check_same_device,
+    describe,
+    flatten_inputs,
+    flatten_outputs,
+    input_names,
+)
+from torchjac._engine.basis import Group
+from torchjac._engine.graph_probes import GraphProblem
+from torchjac._engine.plan import memory_budget
+from torchjac._engine.structure import reachable
+
+__all__ = ["GraphCall", "graph_call"]
+
+
+@dataclass(frozen=True)
+class GraphCall:
+    """A validated call: the problem, how to shape the answer, and the plan's inputs."""
+
+    problem: GraphProblem
+    container: Container
+    single: bool
+    mode: str
+    chunk_size: int | None
+    budget: int
+
+
+def graph_call(
+    fn: str,
+    outputs: Any,
+    inputs: Any,
+    jac_outputs: Any,
+    *,
+    batch_dim: Any,
+    mode: Any,
+    chunk_size: Any,
+    max_memory: Any,
+    retain_graph: Any,
+    create_graph: Any,
+    allow_unused: Any,
+    unused_means: str,
+) -> GraphCall:
+    """Validate every argument before any work; ``unused_means`` completes the unused-input fix."""
+    outs, single = flatten_outputs(fn, outputs)
+    ins, container = flatten_inputs(fn, inputs)
+    names = input_names(container, len(ins))
+    out_names = ("outputs",) if single else tuple(f"outputs[{i}]" for i in range(len(outs)))
+    mode = check_mode(fn, mode)
+    chunk_size = check_chunk_size(fn, chunk_size)
+    create_graph = bool(check_flag(fn, "create_graph", create_graph))
+    allow_unused = bool(check_flag(fn, "allow_unused", allow_unused))
+    retain_graph = check_flag(fn, "retain_graph", retain_graph, allow_none=True)
+    named = list(zip(out_names, outs)) + list(zip(names, ins))
+    device = check_same_device(fn, named)
+    for name, t in named:
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(t)}.")
+    for name, y in zip(out_names, outs):
+        if not y.requires_grad:
+            raise ValueError(
+                f"{fn}: {name} is not on the autograd graph (requires_grad=False). Compute it "
+                "from tensors that require grad, outside torch.no_grad()."
+            )
+    for name, x in zip(names, ins):
+        if not x.requires_grad:
+            raise ValueError(
+                f"{fn}: {name} does not require grad. Call x.requires_grad_() before computing "
+                "the outputs from it."
+            )
+    batch_dim, _ = check_batch_dim(fn, batch_dim, named)
+    jos = _check_jac_outputs(fn, jac_outputs, outs, single)
+    budget = memory_budget(fn, max_memory, device)
+    used = reachable(outs, ins)
+    if not allow_unused:
+        for name, u in zip(names, used):
+            if not u:
+                raise ValueError(
+                    f"{fn}: the outputs do not depend on {name}. Pass allow_unused=True "
+                    f"{unused_means}, or remove it from `inputs`."
+                )
+    problem = GraphProblem(
+        fn_name=fn,
+        outputs=outs,
+        inputs=ins,
+        input_names=names,
+        used=tuple(used),
+        jac_outputs=jos,
+        out_group=Group.of(outs, batch_dim),
+        in_group=Group.of(ins, batch_dim),
+        batch_dim=batch_dim,
+        create_graph=create_graph,
+        retain_graph=create_graph if retain_graph is None else bool(retain_graph),
+    )
+    return GraphCall(problem, container, single, mode, chunk_size, budget)
+
+
+def _check_jac_outputs(
+    fn: str, jac_outputs: Any, outs: tuple[Tensor, ...], single: bool
+) -> tuple[Tensor, ...] | None:
+    if jac_outputs is None:
+        return None
+    if isinstance(jac_outputs, Tensor):
+        jos: tuple[Any, ...] = (jac_outputs,)
+    elif isinstance(jac_outputs, Sequence) and not isinstance(jac_outputs, str):
+        jos = tuple(jac_outputs)
+    else:
+        raise TypeError(
+            f"{fn}: `jac_outputs` must be a Tensor or a sequence of Tensors like `outputs`, got "
+            f"{describe(jac_outputs)}."
+        )
+    if len(jos) != len(outs):
+        raise ValueError(
+            f"{fn}: `jac_outputs` must have one Tensor per output ({len(outs)}), got {len(jos)}."
+        )
+    k = None
+    for i, (a, y) in enumerate(zip(jos, outs)):
+        if not isinstance(a, Tensor):
+            raise TypeError(f"{fn}: `jac_outputs[{i}]` must be a Tensor, got {describe(a)}.")
+        if a.dim() != y.dim() + 1 or a.shape[1:] != y.shape or (k is not None and a.shape[0] != k):
+            want = f"[k, {', '.join(map(str, y.shape))}]" if y.dim() else "[k]"
+            raise ValueError(
+                f"{fn}: `jac_outputs` {'' if single else f'[{i}] '}must have shape {want} "
+                f"(k rows, then the shape of the output), with the same k for every output; "
+                f"got {list(a.shape)}."
+            )
+        k = a.shape[0]
+    return tuple(a.to(device=y.device) for a, y in zip(jos, outs))
