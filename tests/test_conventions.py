@@ -743,3 +743,53 @@ def test_second_order_through_linalg(op: str, name: str, mode: str) -> None:
     h = torch.autograd.functional.hessian(f, s)  # reverse over reverse, no torchjac
     want = {"hessian": h, "hessian_diagonal": h.diagonal(), "laplacian": h.diagonal().sum()}[name]
     torch.testing.assert_close(getattr(tj, name)(f, s, mode=mode), want)
+
+
+class _VmapBreaker(torch.autograd.Function):
+    """sin, whose backward reads a value (``float``): vmapped backward passes cannot run it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if float(g.detach().abs().sum()) >= 0:
+            return g * x.cos()
+        return g
+
+
+class _Breaks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.a = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(_VmapBreaker.apply(x * self.a))
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+@pytest.mark.parametrize("name", ["jac", "gramian", "param_jacobian", "ntk"])
+def test_graph_and_module_fallbacks_warn_at_most_once(name: str, batch_dim: Any) -> None:
+    x = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).reshape(4, 3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        if name in ("jac", "gramian"):
+            xr = x.clone().requires_grad_(True)
+            got = getattr(tj, name)(_VmapBreaker.apply(xr), xr, batch_dim=batch_dim, mode="rev")
+            j = torch.diag_embed(x.cos()) if batch_dim == 0 else torch.diag(x.cos().flatten())
+            j = j if batch_dim == 0 else j.reshape(4, 3, 4, 3)
+            want = j if name == "jac" else (j * j if batch_dim == 0 else j.pow(2))
+            torch.testing.assert_close(got, want)
+        elif name == "param_jacobian":
+            got = tj.param_jacobian(_Breaks().double(), x, batch_dim=batch_dim)
+            assert list(got) == ["a", "lin.weight", "lin.bias"]
+        else:
+            tj.ntk(_Breaks().double(), x, batch_dim=0 if batch_dim is None else batch_dim)
+    assert len(record) <= 1, [str(w.message) for w in record]
+    for w in record:
+        assert issubclass(w.category, tj.FallbackWarning)
+        assert re.match(rf"{name}\b", str(w.message)), str(w.message)
