@@ -803,3 +803,20 @@ def test_gramian_sequence_per_sample(gen: torch.Generator, mode: str) -> None:
     j = vmap(jacrev(per))(x.detach())  # [B, m=4, 3]
     assert got.shape == (4, 4, 4)
     torch.testing.assert_close(got, j @ j.transpose(1, 2))
+
+
+@pytest.mark.parametrize("name", ["jacobian", "hessian", "hessian_diagonal", "laplacian"])
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_has_aux_returns_result_and_aux(name: str, batch_dim: int | None) -> None:
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]], dtype=torch.float64)
+
+    def f(x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        y = (x**3).sum(-1) * x[:, 0]
+        return y, {"y": y.detach()}
+
+    got = getattr(tj, name)(f, x, has_aux=True, batch_dim=batch_dim)
+    assert type(got) is tuple and len(got) == 2
+    result, aux = got
+    assert type(aux) is dict and list(aux) == ["y"]
+    torch.testing.assert_close(aux["y"], f(x)[0])
+    torch.testing.assert_close(result, getattr(tj, name)(lambda x: f(x)[0], x, batch_dim=batch_dim))
