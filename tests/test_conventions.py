@@ -338,7 +338,10 @@ def test_bad_option(name: str, arg: str, value: Any, exc: type[Exception]) -> No
     args, kwargs, work = _valid(name)
     with pytest.raises(exc) as info:
         getattr(tj, name)(*args, **kwargs, **{arg: value})
-    _names_both(str(info.value), name, arg)
+    message = str(info.value)
+    _names_both(message, name, arg)
+    received = (repr(value), str(value), type(value).__name__)
+    assert any(r in message for r in received), f"message does not say what was received: {message}"
     if not (name == "param_jacobian" and arg == "batch_dim"):  # needs the output's shape
         assert work() == 0, "work was done before the argument was checked"
 
