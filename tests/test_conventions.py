@@ -656,12 +656,6 @@ def _xfail(cond: bool, reason: str) -> list[Any]:
     return [pytest.mark.xfail(strict=True, reason=reason)] if cond else []
 
 
-_TAYLOR_FUNC = (
-    "BUG: {}(f, x, batch_dim=0, mode={!r}) with f = torch.func.vmap(per_sample) is silently wrong "
-    "(jacobian gives zeros): the Taylor-mode pass does not see through torch.func transforms"
-)
-
-
 @pytest.mark.parametrize(
     ("name", "mode"),
     [
@@ -669,7 +663,6 @@ _TAYLOR_FUNC = (
             n,
             m,
             id=f"{n}-{m}",
-            marks=_xfail(m == "auto" or (n, m) == ("jacobian", "fwd"), _TAYLOR_FUNC.format(n, m)),
         )
         for n in FUNCTIONAL
         for m in ("auto", "rev", "fwd")
@@ -683,26 +676,22 @@ def test_user_function_vmapped_by_the_user(name: str, mode: str) -> None:
         "hessian_diagonal": h.diagonal(dim1=-2, dim2=-1),
         "laplacian": h.diagonal(dim1=-2, dim2=-1).sum(-1),
     }[name]
-    got = getattr(tj, name)(torch.func.vmap(_single), _X, batch_dim=0, mode=mode)
+    with warnings.catch_warnings():  # the Taylor mode cannot see through vmap: nested AD, warned
+        warnings.simplefilter("ignore", tj.FallbackWarning)
+        got = getattr(tj, name)(torch.func.vmap(_single), _X, batch_dim=0, mode=mode)
     torch.testing.assert_close(got, want)
-
-
-_GRAD_BUG = (
-    "BUG: jacobian(torch.func.grad(energy), x, mode={!r}) is silently wrong (the Taylor-mode "
-    "pass does not see through torch.func.grad); mode='rev' is right"
-)
 
 
 @pytest.mark.parametrize(
     "mode",
-    [
-        pytest.param(m, marks=_xfail(m != "rev", _GRAD_BUG.format(m)))
-        for m in ("auto", "rev", "fwd")
-    ],
+    [pytest.param(m) for m in ("auto", "rev", "fwd")],
 )
 def test_jacobian_of_a_torch_func_gradient(mode: str) -> None:
     want = torch.func.jacrev(torch.func.grad(_energy))(_X[0])
-    torch.testing.assert_close(tj.jacobian(torch.func.grad(_energy), _X[0], mode=mode), want)
+    with warnings.catch_warnings():  # the Taylor mode cannot see through grad: nested AD, warned
+        warnings.simplefilter("ignore", tj.FallbackWarning)
+        got = tj.jacobian(torch.func.grad(_energy), _X[0], mode=mode)
+    torch.testing.assert_close(got, want)
 
 
 _LINALG = {
@@ -732,7 +721,7 @@ _LINALG_BUG = (
             m,
             id=f"{op}-{n}-{m}",
             marks=_xfail(
-                op in ("det", "logdet", "solve") and m != "rev", _LINALG_BUG.format(n, m, op)
+                op in ("det", "logdet", "solve") and m == "fwd", _LINALG_BUG.format(n, m, op)
             ),
         )
         for op in _LINALG
@@ -745,7 +734,15 @@ def test_second_order_through_linalg(op: str, name: str, mode: str) -> None:
     f = _LINALG[op]
     h = torch.autograd.functional.hessian(f, s)  # reverse over reverse, no torchjac
     want = {"hessian": h, "hessian_diagonal": h.diagonal(), "laplacian": h.diagonal().sum()}[name]
-    torch.testing.assert_close(getattr(tj, name)(f, s, mode=mode), want)
+    taylor = name != "hessian"  # a full Hessian of 4 inputs is planned as nested AD here
+    if (
+        op in ("det", "logdet", "solve") and mode == "auto" and taylor
+    ):  # NOTE [unreliable nested forward]
+        with pytest.warns(tj.FallbackWarning, match="unreliable"):
+            got = getattr(tj, name)(f, s, mode=mode)
+    else:
+        got = getattr(tj, name)(f, s, mode=mode)
+    torch.testing.assert_close(got, want)
 
 
 class _VmapBreaker(torch.autograd.Function):

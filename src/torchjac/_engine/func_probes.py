@@ -156,7 +156,8 @@ def solve_jacobian(
             res = taylor(p, "first", check_batch)  # [B, R, D]: every column in one pass
             return [res.result[:, :, o : o + n] for o, n in zip(g_in.offsets, g_in.sizes)], res
         except TaylorFailed as err:
-            warn_fallback(p.fn_name, "Taylor-mode propagation could not follow func", err)
+            if not err.quiet:
+                warn_fallback(p.fn_name, "Taylor-mode propagation could not follow func", err)
     if t is None:
         t = autograd_trace(p, check_batch)
     return _probes_on_trace(p, t, "fwd" if mode != "rev" else "rev", chunk_size, budget), t

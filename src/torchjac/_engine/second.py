@@ -57,12 +57,16 @@ def second_derivatives(
                     res = taylor(p, kind, check_batch)
                 return res.result, res
             except TaylorFailed as err:
-                warn_fallback(
-                    p.fn_name, "Taylor-mode propagation could not follow func, used nested AD", err
-                )
+                if not err.quiet:
+                    warn_fallback(
+                        p.fn_name,
+                        "Taylor-mode propagation could not follow func, used nested AD",
+                        err,
+                    )
     if t is None:
         t = autograd_trace(p, check_batch)
-    return _nested(p, t, kind, "fwd" if mode == "auto" else mode, chunk_size, budget), t
+    # auto: reverse over reverse, which is right where forward over reverse is not (det, solve)
+    return _nested(p, t, kind, "rev" if mode == "auto" else mode, chunk_size, budget), t
 
 
 def _nested(

@@ -31,7 +31,14 @@ __all__ = ["Jet", "JetSpec", "TaylorFailed", "constant", "general_rule", "jets_i
 
 
 class TaylorFailed(Exception):
-    """The Taylor mode could not follow the function (see NOTE [taylor check])."""
+    """The Taylor mode could not follow the function (see NOTE [taylor check]).
+
+    ``quiet``: nothing for the user to know (e.g. a constant function): no ``FallbackWarning``.
+    """
+
+    def __init__(self, message: str, *, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 @dataclass(frozen=True)

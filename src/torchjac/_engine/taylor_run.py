@@ -79,6 +79,10 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
         except Exception as err:  # the nested path calls func again and shows user errors
             raise TaylorFailed(f"{type(err).__name__}: {err}") from err
         outs, aux = p.split(raw)
+    if not any(isinstance(y, Jet) for y in outs):
+        # No output carries coefficients: func hid them (a torch.func transform inside it) or is
+        # constant. Nested AD is exact in both cases, and which one it was cannot be told here.
+        raise TaylorFailed("no output of func carries the Taylor coefficients", quiet=True)
     values = tuple(y.stack[0] if isinstance(y, Jet) else y for y in outs)
     check_batch(values)
     stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
