@@ -303,20 +303,7 @@ BAD = [
     ("has_aux", "yes", TypeError),
 ]
 # Known bugs in the front doors (strict: these tests fail loudly once fixed).
-BUGS = {
-    **{
-        f"{fn}-create_graph='no'": f"BUG: {fn}(..., create_graph='no') is accepted silently "
-        "(create_graph not validated as a bool)"
-        for fn in FUNCTIONAL
-    },
-    **{
-        f"{fn}-has_aux='yes'": f"BUG: {fn}(..., has_aux='yes') is taken as True and calls func "
-        "before failing (has_aux not validated as a bool)"
-        for fn in FUNCTIONAL
-    },
-    "param_jacobian-batch_dim=7": "BUG: param_jacobian(model, x, batch_dim=7) raises IndexError "
-    "from layers.check_coupling instead of a ValueError naming batch_dim",
-}
+BUGS: dict[str, str] = {}
 
 
 def _case(name: str, arg: str, value: Any, exc: type[Exception]) -> Any:
@@ -556,12 +543,7 @@ _NTK_INFERENCE = (
 )
 
 
-_INFERENCE_BUGS = {
-    "hessian_diagonal": "BUG: hessian_diagonal(f, x, batch_dim=0) (mode='auto') under "
-    "torch.inference_mode() silently returns zeros (correct under no_grad and in rev/fwd)",
-    "param_jacobian": "BUG: param_jacobian(model, x) under torch.inference_mode() silently "
-    "returns zeros, with or without batch_dim (correct under no_grad)",
-}
+_INFERENCE_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
@@ -593,17 +575,7 @@ def test_works_under_inference_mode(name: str) -> None:
 
 
 def _inference_input_case(name: str, mode: str) -> Any:
-    works = {("jacobian", "auto"), ("jacobian", "fwd"), ("laplacian", "auto")}
-    if (name, mode) in works:
-        return pytest.param(name, mode, id=f"{name}-{mode}")
-    reason = (
-        f"BUG: {name}(f, x, mode={mode!r}) with x created under torch.inference_mode() raises "
-        "'Setting requires_grad=True on inference tensor' (jacobian/laplacian mode='auto' and "
-        "torch.func accept it)"
-    )
-    return pytest.param(
-        name, mode, id=f"{name}-{mode}", marks=pytest.mark.xfail(strict=True, reason=reason)
-    )
+    return pytest.param(name, mode, id=f"{name}-{mode}")
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ propagation when it is the cheaper plan (NOTE [taylor mode]) and through nested 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 from torchjac._checks import (
     check_batch_dim,
     check_chunk_size,
+    check_flag,
     check_mode,
     check_same_device,
     describe,
@@ -58,7 +59,12 @@ def _setup(
         if not x.is_floating_point():
             raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(x)}.")
     batch_dim, _ = check_batch_dim(fn, batch_dim, named)
+    has_aux = check_flag(fn, "has_aux", has_aux)
+    create_graph = check_flag(fn, "create_graph", create_graph)
     budget = memory_budget(fn, max_memory, device)
+    if any(x.is_inference() for x in ins):  # inference tensors cannot join a graph: copy them
+        with torch.inference_mode(False):
+            ins = tuple(x.clone() if x.is_inference() else x for x in ins)
     problem = FuncProblem(
         fn, func, container, ins, names, bool(has_aux), batch_dim, bool(create_graph)
     )
@@ -80,8 +86,12 @@ def _check_outputs(p: FuncProblem) -> Callable[[tuple[Tensor, ...]], None]:
     return check
 
 
-def _grad_mode(create_graph: bool) -> Any:
-    return nullcontext() if create_graph else torch.no_grad()
+@contextmanager
+def _grad_mode(create_graph: bool) -> Iterator[None]:
+    """Derivatives need autograd even under ``torch.inference_mode()``; the result needs a graph
+    only with ``create_graph``."""
+    with torch.inference_mode(False), nullcontext() if create_graph else torch.no_grad():
+        yield
 
 
 def _rows(p: FuncProblem, t: Traced | TaylorResult) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchjac._checks import check_chunk_size, describe
+from torchjac._checks import check_batch_dim, check_chunk_size, describe
 from torchjac._engine.layers import model_state, no_side_effects
 from torchjac._engine.param_probes import full_jacobian, per_sample_jacobian
 from torchjac._engine.plan import memory_budget
@@ -85,7 +85,32 @@ def param_jacobian(
     device = _device(model, args, kwargs)
     budget = memory_budget(fn, max_memory, device)
     if batch_dim is not None:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if first is not None:  # the first tensor argument carries the batch
+            check_batch_dim(fn, batch_dim, [("the first tensor argument", first)])
         _check_batchnorm(fn, model, batch_dim)
+    # Derivatives need autograd even under torch.inference_mode(); inference tensors are copied.
+    with torch.inference_mode(False):
+        args = tuple(_usable(a) for a in args)
+        kwargs = {k: _usable(v) for k, v in kwargs.items()}
+        return _run(fn, model, names, args, kwargs, batch_dim, chunk_size, budget, device)
+
+
+def _usable(a: Any) -> Any:
+    return a.clone() if isinstance(a, Tensor) and a.is_inference() else a
+
+
+def _run(
+    fn: str,
+    model: nn.Module,
+    names: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch_dim: int | None,
+    chunk_size: int | None,
+    budget: int,
+    device: torch.device,
+) -> dict[str, Tensor]:
     with no_side_effects(device):
         state = model_state(model, names)
         if batch_dim is None:

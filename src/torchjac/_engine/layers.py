@@ -89,7 +89,7 @@ def model_state(model: nn.Module, names: Sequence[str]) -> ModelState:
     fixed: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         if name in wanted:
-            leaves[name] = p.detach().requires_grad_(True)
+            leaves[name] = (p.clone() if p.is_inference() else p).detach().requires_grad_(True)
         else:
             fixed[name] = p.detach()
     for name, buf in model.named_buffers():
