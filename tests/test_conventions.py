@@ -394,17 +394,8 @@ class _OneWay(nn.Module):
         return torch.cat([h[:1] * h[1:2], h[1:]])
 
 
-_TAYLOR_BUG = (
-    "BUG: the Taylor-mode coupling check (taylor_run._coupling) seeds one random half S that "
-    "always holds sample 0 and never checks its complement, so output 0 reading input 1 passes"
-)
-
-
 def _coupling_case(name: str, mode: str) -> Any:
-    missed = {("jacobian", "auto"), ("jacobian", "fwd"), ("hessian_diagonal", "auto")}
-    missed |= {("laplacian", "auto")}
-    marks = [pytest.mark.xfail(strict=True, reason=_TAYLOR_BUG)] if (name, mode) in missed else []
-    return pytest.param(name, mode, id=f"{name}-{mode}", marks=marks)
+    return pytest.param(name, mode, id=f"{name}-{mode}")
 
 
 @pytest.mark.parametrize(

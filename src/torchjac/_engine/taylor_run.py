@@ -49,16 +49,18 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     left = right = None
     if kind == "full":
         left, right = torch.triu_indices(d, d, device=p.device)
-    extra = 1 if p.batch_dim is not None and bsz > 1 else 0
+    # NOTE [coupling check]: a random half and its complement, one direction each
+    masks = [] if p.batch_dim is None or bsz <= 1 else [sample_mask(bsz, p.device)]
+    masks += [~m for m in masks]
+    extra = len(masks)
     tape = Tape() if kind == "rdiag" else None
     spec = JetSpec(d, "first" if tape else kind, left, right, extra, p.create_graph, tape)
-    mask = sample_mask(bsz, p.device) if extra else None
     gen = torch.Generator().manual_seed(7)
     jets = []
     for j, (x, seed) in enumerate(zip(p.inputs, g_in.one_hot(0, d, p.dtype, p.device))):
         assert seed is not None
         parts = [x.unsqueeze(0), seed.to(x.dtype)]
-        if mask is not None:
+        for mask in masks:
             rand = torch.randn(1, bsz, g_in.sizes[j], generator=gen).to(x.device, x.dtype)
             parts.append(g_in.expand(j, rand * mask.reshape(1, bsz, 1).to(x.dtype)))
         parts.append(x.new_zeros(spec.n_second, *x.shape))
@@ -87,8 +89,8 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     check_batch(values)
     stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
     g_out = Group.of(values, p.batch_dim)
-    if mask is not None:
-        _coupling(p, g_out, [s[1 + d] for s in stacks], mask)
+    for k, mask in enumerate(masks):
+        _coupling(p, g_out, [s[1 + d + k] for s in stacks], mask)
     aux = tree_map(lambda a: a.stack[0] if isinstance(a, Jet) else a, aux)
     if tape is not None:
         onehot = g_out.one_hot(0, g_out.numel, p.dtype, p.device)
