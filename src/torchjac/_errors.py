@@ -27,18 +27,22 @@ _WARNED: ContextVar[list[str] | None] = ContextVar("torchjac_fallbacks", default
 
 @contextmanager
 def fallback_scope() -> Iterator[None]:
-    """One public call: at most one ``FallbackWarning`` is issued inside it (the first).
+    """One public call: at most one ``FallbackWarning`` comes out of it (the first), when it
+    returns; a call that raises warns nothing, its error says enough.
 
     Nested scopes (a front door calling another) share the outermost one.
     """
     if _WARNED.get() is not None:
         yield
         return
-    token = _WARNED.set([])
+    warned: list[str] = []
+    token = _WARNED.set(warned)
     try:
         yield
     finally:
         _WARNED.reset(token)
+    if warned:  # reached only when the call succeeded
+        warnings.warn(warned[0], FallbackWarning, stacklevel=4)
 
 
 def warn_fallback(fn_name: str, what: str, why: BaseException | str) -> None:
@@ -46,8 +50,7 @@ def warn_fallback(fn_name: str, what: str, why: BaseException | str) -> None:
     cause = why if isinstance(why, str) else f"{type(why).__name__}: {str(why).splitlines()[0]}"
     message = f"{fn_name}: {what} ({cause})"
     warned = _WARNED.get()
-    if warned is not None:
+    if warned is not None:  # issued when the call returns, see fallback_scope
         warned.append(message)
-        if len(warned) > 1:
-            return
+        return
     warnings.warn(message, FallbackWarning, stacklevel=4)

@@ -25,11 +25,12 @@ from torchjac._checks import (
     input_names,
     unflatten,
 )
-from torchjac._engine.func_call import FuncProblem, one_fallback_warning
+from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import Traced, solve_jacobian
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.second import second_derivatives
 from torchjac._engine.taylor_run import TaylorResult
+from torchjac._errors import fallback_scope
 
 __all__ = ["hessian", "hessian_diagonal", "jacobian", "laplacian"]
 
@@ -168,7 +169,7 @@ def jacobian(
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with one_fallback_warning(fn), _grad_mode(p.create_graph):
+    with fallback_scope(), _grad_mode(p.create_graph):
         flat, t = solve_jacobian(p, mode, chunk_size, budget, _check_outputs(p))
     rows, lead = _rows(p, t), _lead(p, t)
     res = [r.reshape((*lead, *rows, *_in_shape(p, t, j))) for j, r in enumerate(flat)]
@@ -206,7 +207,7 @@ def hessian(
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with one_fallback_warning(fn), _grad_mode(p.create_graph):
+    with fallback_scope(), _grad_mode(p.create_graph):
         check = _check_outputs(p)
         flat, t = second_derivatives(p, "full", mode, chunk_size, budget, check)  # [B, R, D, D]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
@@ -302,7 +303,7 @@ def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
         a["max_memory"],
         a["create_graph"],
     )
-    with one_fallback_warning(fn), _grad_mode(p.create_graph):
+    with fallback_scope(), _grad_mode(p.create_graph):
         check = _check_outputs(p)
         flat, t = second_derivatives(p, kind, mode, chunk_size, budget, check)  # [B, R(, D)]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
-from torchjac._engine.func_call import one_fallback_warning
 from torchjac._engine.layers import ModelState, model_state, no_side_effects
 from torchjac._engine.ntk_kernel import kernel_of, run_side
 from torchjac._engine.plan import memory_budget
+from torchjac._errors import fallback_scope
 from torchjac._modules import _check_batchnorm, _select
 
 __all__ = ["ntk"]
@@ -90,7 +90,7 @@ def ntk(
     _check_batchnorm(fn, model, batch_dim)
     device = xs1[0].device
     budget = memory_budget(fn, max_memory, device)
-    with torch.inference_mode(False), no_side_effects(device), one_fallback_warning(fn):
+    with torch.inference_mode(False), no_side_effects(device), fallback_scope():
         state = _state(model, names)  # NOTE [inference tensors]
         xs1 = tuple(x.clone() if x.is_inference() else x for x in xs1)
         if xs2 is not None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +17,8 @@ import torch
 from torch import Tensor
 
 from torchjac._checks import Container, describe
-from torchjac._errors import FallbackWarning
 
-__all__ = ["FuncProblem", "load_forward_ad", "one_fallback_warning"]
+__all__ = ["FuncProblem", "load_forward_ad"]
 
 
 @functools.cache
@@ -109,19 +107,3 @@ class FuncProblem:
     def outputs_only(self, *xs: Tensor) -> tuple[Tensor, ...]:
         """The function's outputs as a tuple of Tensors (aux dropped)."""
         return self.call(*xs)[0]
-
-
-@contextmanager
-def one_fallback_warning(fn_name: str) -> Iterator[None]:
-    """Let at most one ``FallbackWarning`` out of a call (the first); other warnings pass as is."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FallbackWarning)
-        yield
-    first = True
-    for w in caught:
-        if issubclass(w.category, FallbackWarning):
-            if first:
-                warnings.warn(str(w.message), FallbackWarning, stacklevel=4)
-            first = False
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
