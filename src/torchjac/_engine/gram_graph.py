@@ -24,7 +24,6 @@ from torchjac._engine.graph_ghost import find_ghost_layers, ghost_gramian
 from torchjac._engine.graph_probes import GraphProblem, solve
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
-from torchjac._engine.structure import check_independent
 
 __all__ = ["graph_gramian"]
 
@@ -32,20 +31,7 @@ __all__ = ["graph_gramian"]
 def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> Tensor:
     """Per-sample Gramian ``[B, m, m]`` (``B = 1`` without ``batch_dim``) of ``problem``."""
     p = problem
-    if p.batch_dim is not None:
-        check_independent(
-            p.fn_name,
-            p.batch_dim,
-            p.out_group,
-            p.in_group,
-            p.input_names,
-            p.dtype,
-            p.device,
-            lambda cots: [  # full input shapes: drop the probe dimension p.grad adds
-                None if g is None else g[0]
-                for g in p.grad(p.outputs, p.inputs, [c.unsqueeze(0) for c in cots], False, False)
-            ],
-        )
+    p.check_coupling()
     if p.batch_dim is None and not p.create_graph and mode != "fwd":
         ghosts = find_ghost_layers(p)  # NOTE [graph ghost]
         ghost = ghost_gramian(p, ghosts, budget) if ghosts else None

@@ -81,6 +81,26 @@ class GraphProblem:
     def device(self) -> torch.device:
         return self.outputs[0].device
 
+    def check_coupling(self) -> None:
+        """With ``batch_dim``: raise ``BatchCouplingError`` unless samples are independent."""
+        if self.batch_dim is None:
+            return
+        check_independent(
+            self.fn_name,
+            self.batch_dim,
+            self.out_group,
+            self.in_group,
+            self.input_names,
+            self.dtype,
+            self.device,
+            lambda cots: [  # full input shapes: drop the probe dimension grad adds
+                None if g is None else g[0]
+                for g in self.grad(
+                    self.outputs, self.inputs, [c.unsqueeze(0) for c in cots], False, False
+                )
+            ],
+        )
+
     def grad(
         self,
         outputs: Sequence[Tensor],
@@ -132,20 +152,7 @@ def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int)
 
 def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     p = problem
-    if p.batch_dim is not None:
-        check_independent(
-            p.fn_name,
-            p.batch_dim,
-            p.out_group,
-            p.in_group,
-            p.input_names,
-            p.dtype,
-            p.device,
-            lambda cots: [  # full input shapes: drop the probe dimension p.grad adds
-                None if g is None else g[0]
-                for g in p.grad(p.outputs, p.inputs, [c.unsqueeze(0) for c in cots], False, False)
-            ],
-        )
+    p.check_coupling()
     n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
     chosen = choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST)
     full = sum(t.numel() for t in (*p.outputs, *p.inputs))
