@@ -668,25 +668,12 @@ _LINALG = {
         s.reshape(2, 2) @ s.reshape(2, 2).T + torch.eye(2, dtype=s.dtype)
     ).sum(),
 }
-_LINALG_BUG = (
-    "BUG: {}(f, x, mode={!r}) with f using torch.linalg {} returns wrong second derivatives "
-    "(e.g. the Hessian of det of a 2x2 matrix is not the constant permutation matrix); "
-    "mode='rev' is right"
-)
 
 
 @pytest.mark.parametrize(
     ("op", "name", "mode"),
     [
-        pytest.param(
-            op,
-            n,
-            m,
-            id=f"{op}-{n}-{m}",
-            marks=_xfail(
-                op in ("det", "logdet", "solve") and m == "fwd", _LINALG_BUG.format(n, m, op)
-            ),
-        )
+        pytest.param(op, n, m, id=f"{op}-{n}-{m}")
         for op in _LINALG
         for n in ("hessian", "hessian_diagonal", "laplacian")
         for m in ("auto", "rev", "fwd")

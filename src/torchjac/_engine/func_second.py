@@ -52,7 +52,11 @@ def hessian_pairs(
             return tuple(torch.func.vjp(p.outputs_only, *xs)[1](cots))
 
         if mode == "fwd":
-            return tuple(torch.func.jvp(grad, ins, tans)[1])
+            # NOTE [grad mode in nested AD]: some backward formulas (det, solve) take a faster,
+            # non-differentiable branch when grad mode is off; forward over reverse needs the
+            # differentiable one, whatever the caller's grad mode.
+            with torch.enable_grad():
+                return tuple(torch.func.jvp(grad, ins, tans)[1])
         return tuple(torch.func.vjp(grad, *ins)[1](tans))
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
