@@ -489,22 +489,8 @@ def test_fallback_warns_at_most_once(name: str, mode: str) -> None:
         assert re.match(rf"{name}\b", str(w.message)), str(w.message)
 
 
-_OLD_BUG = (
-    "BUG: {} on a classic autograd.Function (forward(ctx, x), no setup_context) raises "
-    "torch.func's RuntimeError in every mode instead of falling back to nested autograd.grad"
-)
-
-
 @pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_OLD_BUG.format(n)))
-        if n != "jacobian"
-        else n
-        for n in FUNCTIONAL
-    ],
-)
+@pytest.mark.parametrize("name", FUNCTIONAL)
 def test_classic_autograd_function_is_differentiated(name: str, mode: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tj.FallbackWarning)  # a fallback is allowed here

@@ -9,7 +9,7 @@ Hessian). A probe is a pair ``(o, a)``; pairs are vmapped in chunks; a diagonal 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from torchjac._engine.func_probes import Traced, bytes_per_probe
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 
-__all__ = ["hessian_pairs", "one_hot_at"]
+__all__ = ["graph_pairs", "hessian_pairs", "one_hot_at"]
 
 Sink = Callable[[Tensor, Tensor, Tensor], None]  # (rows o [c], cols a [c], block [B, c, D])
 
@@ -80,3 +80,37 @@ def hessian_pairs(
 
 def _first(probes: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(x[0] for x in probes)
+
+
+def graph_pairs(t: Traced, sink: Sink) -> None:
+    """Every pair by reverse over reverse on the autograd graph of ``t``, as a loop over rows.
+
+    The path for functions torch.func cannot transform (an ``autograd.Function`` without
+    ``setup_context``): one differentiable pullback per output row, then one backward pass per
+    column of it (NOTE [nested second derivatives]).
+    """
+    outs, xs = t.outputs, t.graph_inputs
+    n_cols = t.in_group.numel
+    with torch.enable_grad():  # NOTE [grad mode in nested AD]
+        for o in range(t.out_group.numel):
+            row = torch.tensor([o], device=xs[0].device)
+            cots = one_hot_at(t.out_group, row, outs)
+            grads = t.pullback([c[0] for c in cots], create_graph=True)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]  # else: linear in x
+            for a in range(n_cols):
+                col = torch.tensor([a], device=xs[0].device)
+                tans = one_hot_at(t.in_group, col, xs)
+                hs: Sequence[Tensor | None] = [None] * len(xs)
+                if live:
+                    hs = torch.autograd.grad(
+                        [grads[i] for i in live],
+                        xs,
+                        [tans[i][0].to(grads[i].dtype) for i in live],
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
+                flat = [
+                    t.in_group.flatten(j, (x.new_zeros(x.shape) if h is None else h).unsqueeze(0))
+                    for j, (h, x) in enumerate(zip(hs, xs))
+                ]
+                sink(row, col, torch.cat(flat, dim=2).detach())

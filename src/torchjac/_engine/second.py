@@ -23,7 +23,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
-from torchjac._engine.func_second import hessian_pairs
+from torchjac._engine.func_second import graph_pairs, hessian_pairs
 from torchjac._engine.taylor_run import NeedForward, TaylorFailed, TaylorResult, taylor
 from torchjac._errors import warn_fallback
 
@@ -91,5 +91,10 @@ def _nested(
         except (RuntimeError, NotImplementedError) as err:
             warn_fallback(p.fn_name, "forward-mode AD failed, used reverse over reverse", err)
             res.zero_()
-    hessian_pairs(p, t, "rev", chunk_size, budget, sink)
+    try:
+        hessian_pairs(p, t, "rev", chunk_size, budget, sink)
+    except (RuntimeError, NotImplementedError) as err:  # torch.func cannot transform func
+        warn_fallback(p.fn_name, "torch.func failed, used autograd.grad on the graph", err)
+        res.zero_()
+        graph_pairs(t, sink)
     return res.sum(dim=2) if kind == "trace" else res
