@@ -302,14 +302,10 @@ BAD = [
     ("create_graph", "no", TypeError),
     ("has_aux", "yes", TypeError),
 ]
-# Known bugs in the front doors (strict: these tests fail loudly once fixed).
-BUGS: dict[str, str] = {}
 
 
 def _case(name: str, arg: str, value: Any, exc: type[Exception]) -> Any:
-    case_id = f"{name}-{arg}={value!r}"
-    marks = [pytest.mark.xfail(strict=True, reason=BUGS[case_id])] if case_id in BUGS else []
-    return pytest.param(name, arg, value, exc, id=case_id, marks=marks)
+    return pytest.param(name, arg, value, exc, id=f"{name}-{arg}={value!r}")
 
 
 CASES = [_case(name, arg, value, exc) for arg, value, exc in BAD for name in OPTIONS[arg]]
@@ -394,13 +390,9 @@ class _OneWay(nn.Module):
         return torch.cat([h[:1] * h[1:2], h[1:]])
 
 
-def _coupling_case(name: str, mode: str) -> Any:
-    return pytest.param(name, mode, id=f"{name}-{mode}")
-
-
 @pytest.mark.parametrize(
     ("name", "mode"),
-    [_coupling_case(n, m) for n in FUNCTIONAL for m in ("auto", "rev", "fwd")]
+    [pytest.param(n, m, id=f"{n}-{m}") for n in FUNCTIONAL for m in ("auto", "rev", "fwd")]
     + [pytest.param(n, "", id=n) for n in ("jac", "gramian", "param_jacobian", "ntk")],
 )
 def test_one_way_coupling_is_detected(name: str, mode: str) -> None:
@@ -520,18 +512,7 @@ _NTK_INFERENCE = (
 )
 
 
-_INFERENCE_BUGS: dict[str, str] = {}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_INFERENCE_BUGS[n]))
-        if n in _INFERENCE_BUGS
-        else n
-        for n in ALL
-    ],
-)
+@pytest.mark.parametrize("name", ALL)
 def test_works_under_inference_mode(name: str) -> None:
     got = _inference_call(name)
     with torch.no_grad():
@@ -551,13 +532,9 @@ def test_works_under_inference_mode(name: str) -> None:
         torch.testing.assert_close(a, b)
 
 
-def _inference_input_case(name: str, mode: str) -> Any:
-    return pytest.param(name, mode, id=f"{name}-{mode}")
-
-
 @pytest.mark.parametrize(
     ("name", "mode"),
-    [_inference_input_case(n, m) for n in FUNCTIONAL for m in ("auto", "rev", "fwd")],
+    [pytest.param(n, m, id=f"{n}-{m}") for n in FUNCTIONAL for m in ("auto", "rev", "fwd")],
 )
 def test_inference_tensor_inputs(name: str, mode: str) -> None:
     with torch.inference_mode():
@@ -599,10 +576,6 @@ def _single(s: Tensor) -> Tensor:
 
 def _energy(s: Tensor) -> Tensor:
     return (torch.tanh(s @ _W) ** 2).sum()
-
-
-def _xfail(cond: bool, reason: str) -> list[Any]:
-    return [pytest.mark.xfail(strict=True, reason=reason)] if cond else []
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ double backward (``d/du <J^T u, v>``), which costs about two backward passes plu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -114,13 +115,10 @@ def _read_free(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:  # Linux; else sysconf below
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
     return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages > 0 else 4 * 2**30
 
