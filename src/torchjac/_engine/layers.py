@@ -257,34 +257,36 @@ def check_coupling(
 ) -> None:
     """Raise ``BatchCouplingError`` when an output sample depends on another sample.
 
-    One backward pass with a random cotangent on a random half of the samples (NOTE [coupling
-    check] in ``structure``): the ``δ`` of every use, and the gradient of every given batched
-    input (leaves requiring grad), must vanish outside that half.
+    A backward pass with a random cotangent on a random half of the samples, and one on the
+    other half (NOTE [coupling check] in ``structure``): the ``δ`` of every use, and the gradient
+    of every given batched input (leaves requiring grad), must vanish outside the half.
     """
     out = cap.output
     bd = batch_dim % out.dim()
     bsz = out.shape[bd]
     if bsz <= 1:
         return
-    cot, outside = _check_cotangent(tuple(out.shape), bd, out.dtype, out.device)
-    ds, gs = _backward(cap, cot, [t for _, t in inputs], batched=False)
-    for use, d in zip(cap.uses, ds):
-        if d is not None and bool((d[outside].nan_to_num(0.0) != 0).any()):
-            _raise_coupled(fn_name, batch_dim, describe_use(use))
-    for (name, x), g in zip(inputs, gs):
-        if g is None:
-            continue
-        per_sample = g[0].movedim(batch_dim % x.dim(), 0)[outside]  # drop the probe dim
-        if bool((per_sample.nan_to_num(0.0) != 0).any()):
-            _raise_coupled(fn_name, batch_dim, name)
+    for other_half in (False, True):
+        cot, outside = _check_cotangent(tuple(out.shape), bd, out.dtype, out.device, other_half)
+        ds, gs = _backward(cap, cot, [t for _, t in inputs], batched=False)
+        for use, d in zip(cap.uses, ds):
+            if d is not None and bool((d[outside].nan_to_num(0.0) != 0).any()):
+                _raise_coupled(fn_name, batch_dim, describe_use(use))
+        for (name, x), g in zip(inputs, gs):
+            if g is None:
+                continue
+            per_sample = g[0].movedim(batch_dim % x.dim(), 0)[outside]  # drop the probe dim
+            if bool((per_sample.nan_to_num(0.0) != 0).any()):
+                _raise_coupled(fn_name, batch_dim, name)
 
 
 @functools.lru_cache(maxsize=16)
 def _check_cotangent(
-    shape: tuple[int, ...], bd: int, dtype: torch.dtype, device: torch.device
+    shape: tuple[int, ...], bd: int, dtype: torch.dtype, device: torch.device, other_half: bool
 ) -> tuple[Tensor, Tensor]:
     """The check's cotangent ``[1, *shape]`` and the samples outside its half (never mutated)."""
     mask = sample_mask(shape[bd], device)
+    mask = ~mask if other_half else mask
     gen = torch.Generator().manual_seed(7)
     cot = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     view = [1] * len(shape)
