@@ -21,6 +21,25 @@ from torch.func import jacrev
 Built = tuple[Any, Any, Any]  # (outputs, inputs, expected)
 
 
+class ItemSin(torch.autograd.Function):
+    """``sin`` whose backward calls ``.item()`` (data-dependent control flow): no vmap.
+
+    Shared by the fallback tests of every front door.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if g.abs().sum().item() == 0:
+            return torch.zeros_like(g)
+        return g * x.cos()
+
+
 @dataclass(frozen=True)
 class Case:
     id: str

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from graph_cases import ItemSin
 from torch import Tensor, nn
 
 import torchjac as tj
@@ -654,22 +655,6 @@ def test_second_order_through_linalg(op: str, name: str, mode: str) -> None:
     torch.testing.assert_close(got, want)
 
 
-class _VmapBreaker(torch.autograd.Function):
-    """sin, whose backward reads a value (``float``): vmapped backward passes cannot run it."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return x.sin()
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        if float(g.detach().abs().sum()) >= 0:
-            return g * x.cos()
-        return g
-
-
 class _Breaks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -677,7 +662,7 @@ class _Breaks(nn.Module):
         self.a = nn.Parameter(torch.ones(3))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.lin(_VmapBreaker.apply(x * self.a))
+        return self.lin(ItemSin.apply(x * self.a))
 
 
 @pytest.mark.parametrize("batch_dim", [None, 0])
@@ -688,7 +673,7 @@ def test_graph_and_module_fallbacks_warn_at_most_once(name: str, batch_dim: Any)
         warnings.simplefilter("always")
         if name in ("jac", "gramian"):
             xr = x.clone().requires_grad_(True)
-            got = getattr(tj, name)(_VmapBreaker.apply(xr), xr, batch_dim=batch_dim, mode="rev")
+            got = getattr(tj, name)(ItemSin.apply(xr), xr, batch_dim=batch_dim, mode="rev")
             j = torch.diag_embed(x.cos()) if batch_dim == 0 else torch.diag(x.cos().flatten())
             j = j if batch_dim == 0 else j.reshape(4, 3, 4, 3)
             want = j if name == "jac" else (j * j if batch_dim == 0 else j.pow(2))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import randn
-from graph_cases import BATCHED, CASES, Case
+from graph_cases import BATCHED, CASES, Case, ItemSin
 from torch import Tensor
 from torch.func import jacrev
 
@@ -191,22 +191,6 @@ def test_peak_memory_streams_an_input_larger_than_the_budget() -> None:
     assert res.returncode == 0, res.stderr
     growth, j_bytes = map(int, res.stdout.split())
     assert growth < j_bytes / 3, (growth, j_bytes)
-
-
-class ItemSin(torch.autograd.Function):
-    """``sin`` whose backward calls ``.item()`` (data-dependent control flow): no vmap."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return x.sin()
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        if g.abs().sum().item() == 0:
-            return torch.zeros_like(g)
-        return g * x.cos()
 
 
 @pytest.mark.parametrize("max_memory", [None, 600], ids=["one_group", "two_groups"])

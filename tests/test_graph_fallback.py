@@ -7,26 +7,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import randn
+from graph_cases import ItemSin
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 import torchjac as tj
-
-
-class ItemSin(torch.autograd.Function):
-    """``sin`` whose backward calls ``.item()`` (data-dependent control flow): no vmap."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return x.sin()
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        if g.abs().sum().item() == 0:
-            return torch.zeros_like(g)
-        return g * x.cos()
 
 
 class OnceSin(torch.autograd.Function):
