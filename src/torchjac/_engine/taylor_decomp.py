@@ -51,17 +51,9 @@ def _batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    if training or running_mean is None or running_var is None:
-        # running statistics were updated by the call that traced the function; not again
-        y = _normalise(input, (0, *range(2, input.dim())), eps)
-    else:
-        y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+    # in training, running statistics were updated by the call that traced the function; not again
+    dims = (0, *range(2, input.dim()))
+    return _channel_norm(input, dims, training, running_mean, running_var, weight, bias, eps)
 
 
 def _instance_norm(
@@ -74,9 +66,24 @@ def _instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
+    dims = tuple(range(2, input.dim()))
+    return _channel_norm(input, dims, use_input_stats, running_mean, running_var, weight, bias, eps)
+
+
+def _channel_norm(
+    input: Tensor,
+    dims: tuple[int, ...],
+    input_stats: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Batch and instance norm: statistics over ``dims`` (or the running ones), then affine."""
     shape = [1, -1] + [1] * (input.dim() - 2)
-    if use_input_stats or running_mean is None or running_var is None:
-        y = _normalise(input, tuple(range(2, input.dim())), eps)
+    if input_stats or running_mean is None or running_var is None:
+        y = _normalise(input, dims, eps)
     else:
         y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
     if weight is not None:
