@@ -83,6 +83,34 @@ def test_once_differentiable_columns_fall_back_to_rows(mode: str, gen) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+class CutSin(torch.autograd.Function):
+    """``sin`` whose backward leaves autograd (``detach``): its graph never reaches the cotangent."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return g.detach() * x.cos()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_a_backward_cut_from_its_cotangent_is_not_read_as_zero_columns(
+    chunk_size: int | None, gen
+) -> None:
+    # J^T u still requires grad (through the second output), but not through the first one's u
+    x = randn(3, gen=gen, grad=True)
+    ys = [CutSin.apply(x) * 2, x**2]
+    expected = torch.cat([torch.diag(2 * x.detach().cos()), torch.diag(2 * x.detach())])
+    with pytest.warns(tj.FallbackWarning) as record:
+        got = tj.jac(ys, x, mode="fwd", chunk_size=chunk_size)
+    _one_fallback_warning(record, "not differentiable")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_once_differentiable_rows_need_no_fallback(gen) -> None:
     y, x, expected = _problem(OnceSin, gen)
     torch.testing.assert_close(tj.jac(y, x, mode="rev"), expected, rtol=1e-12, atol=1e-12)

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
-from torchjac._engine.structure import check_independent, reachable, walk
+from torchjac._engine.structure import check_independent, reachable
 from torchjac._errors import fallback_scope, warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
@@ -116,32 +116,25 @@ class GraphProblem:
         ``torch.autograd.grad`` on the existing graph, not ``is_grads_batched`` (the legacy vmap):
         its batching rules are complete where the legacy ones loop inside (a matrix-vector
         backward ran 14x slower), and it is never slower on the workloads measured.
+
+        An input the outputs do not reach gets ``None`` on both paths.
         """
         cg = self.create_graph if create_graph is None else create_graph
         outs, ins, retain = list(outputs), list(inputs), retain_graph or cg
-        if batched:  # vmapped outputs must be tensors: unused inputs come back as zeros
+        if not batched:
+            grads = torch.autograd.grad(
+                outs, ins, [c[0] for c in cotangents], retain, cg, allow_unused=True
+            )
+            return tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        unused: list[bool] = []  # vmapped outputs must be tensors: zeros stand in for None
 
-            def one(*cots: Tensor) -> tuple[Tensor, ...]:
-                return torch.autograd.grad(
-                    outs,
-                    ins,
-                    list(cots),
-                    retain_graph=retain,
-                    create_graph=cg,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
+        def one(*cots: Tensor) -> tuple[Tensor, ...]:
+            grads = torch.autograd.grad(outs, ins, list(cots), retain, cg, allow_unused=True)
+            unused[:] = [g is None for g in grads]
+            return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins))
 
-            return tuple(torch.func.vmap(one)(*cotangents))
-        grads = torch.autograd.grad(
-            outs,
-            ins,
-            [c[0] for c in cotangents],
-            retain_graph=retain,
-            create_graph=cg,
-            allow_unused=True,
-        )
-        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        batched_grads = torch.func.vmap(one)(*cotangents)
+        return tuple(None if u else g for g, u in zip(batched_grads, unused))
 
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
@@ -221,7 +214,10 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         outs, [p.inputs[j] for j in live], dummies, create_graph=True, allow_unused=True
     )
     trans = {j: gj for j, gj in zip(live, g) if gj is not None}
-    _check_differentiable(p, trans, dummies)
+    for j, gj in trans.items():
+        if not gj.requires_grad:
+            raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
+    check = _DifferentiableCheck(p, list(trans))
     store = [
         (torch.empty if j in trans else torch.zeros)(
             (n, g_in.batch_size, p.n_rows), dtype=p.dtype, device=p.device
@@ -241,6 +237,7 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         tangents = [basis[j].to(p.inputs[j].dtype) for j in sel]  # type: ignore[union-attr]
         retain = release.retain(stop, batched)
         jv = p.grad([trans[j] for j in sel], dummies, tangents, batched, None, retain)
+        check(sel, jv)
         release.succeeded(batched)
         return jv
 
@@ -274,25 +271,32 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     return [s.permute(1, 2, 0) for s in store]
 
 
-def _check_differentiable(p: GraphProblem, trans: dict[int, Tensor], dummies: list[Tensor]) -> None:
-    """Raise unless ``J^T u`` for each input j is a differentiable function of the dummies.
+class _DifferentiableCheck:
+    """Raise unless ``J^T u`` for the probed inputs is a differentiable function of the dummies.
 
-    A backward that cannot be differentiated (``@once_differentiable``) still returns a tensor
-    that requires grad, but its graph stops short of the dummy ``u_i`` of an output i that depends
-    on j: the columns would silently come back wrong. (An ``Error`` node on a path to a dummy
-    raises when the columns run, and that is caught as well.)
+    A backward that cannot be differentiated (``@once_differentiable``, or one computed outside
+    autograd) still returns a tensor that requires grad, but its graph stops short of the dummy
+    ``u_i`` of an output i that depends on the input: that column comes back as ``None``, and
+    would silently be zero. An ``Error`` node on the path raises by itself. Which output depends
+    on which input is walked only when a ``None`` comes back.
     """
-    depends: list[list[bool]] | None = None  # [output][input], walked only when needed
-    for k, (j, gj) in enumerate(trans.items()):
-        reached, _ = walk([gj], dummies, until_found=True)
-        if not gj.requires_grad:
-            raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
-        if all(reached):
-            continue
-        if depends is None:
-            depends = [reachable([y], [p.inputs[i] for i in trans]) for y in p.outputs]
-        if any(row[k] and not r for row, r in zip(depends, reached)):
-            raise RuntimeError(
-                f"the backward from outputs to {p.input_names[j]} is not differentiable "
-                "(e.g. @once_differentiable)"
-            )
+
+    def __init__(self, p: GraphProblem, inputs: list[int]) -> None:
+        self.p, self.inputs = p, inputs
+        self.depends: list[list[bool]] | None = None  # [output][k] for input inputs[k]
+
+    def __call__(self, sel: list[int], jv: tuple[Tensor | None, ...]) -> None:
+        missing = [i for i, t in enumerate(jv) if t is None]
+        if not missing:
+            return
+        p = self.p
+        if self.depends is None:
+            ins = [p.inputs[j] for j in self.inputs]
+            self.depends = [reachable([y], ins) for y in p.outputs]
+        for i in missing:
+            for k, j in enumerate(self.inputs):
+                if j in sel and self.depends[i][k]:
+                    raise RuntimeError(
+                        f"the backward from outputs to {p.input_names[j]} is not "
+                        "differentiable (e.g. @once_differentiable)"
+                    )

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from torchjac._engine.closed_forms import KINDS, Use, build_use
-from torchjac._engine.structure import sample_mask
+from torchjac._engine.structure import sample_mask, walk
 from torchjac._errors import BatchCouplingError
 
 __all__ = [
@@ -163,7 +163,7 @@ def capture(
             "to return the Tensor to differentiate."
         )
     cap = Capture(output=output, state=state, uses=uses)
-    hit, slow = _walk(output, [state.leaves[n] for n in state.names])
+    hit, slow = walk([output], [state.leaves[n] for n in state.names], _UNBATCHED_BACKWARD)
     cap.general = tuple(n for n, h in zip(state.names, hit) if h)
     cap.vmap_backward = not slow
     return cap
@@ -186,28 +186,6 @@ def _hookable(model: nn.Module) -> list[nn.Module]:
 # inside vmap, with its overhead on top: ten plain backward passes are about three times
 # faster than one vectorised pass through a small CNN. Graphs with such nodes loop over probes.
 _UNBATCHED_BACKWARD = frozenset({"ConvolutionBackward0"})
-
-
-def _walk(output: Tensor, leaves: Sequence[Tensor]) -> tuple[list[bool], bool]:
-    """One walk of the graph of ``output``: which ``leaves`` it reaches (``structure.reachable``
-    for leaves), and whether it has a node vmap cannot batch (NOTE [backward without batching
-    rules])."""
-    wanted = {id(t): k for k, t in enumerate(leaves)}
-    hit = [id(t) == id(output) for t in leaves]  # the output may be a leaf itself
-    slow = False
-    stack = [output.grad_fn] if output.grad_fn is not None else []
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        slow = slow or type(node).__name__ in _UNBATCHED_BACKWARD
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in wanted:
-            hit[wanted[id(variable)]] = True
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return hit, slow
 
 
 def deltas(cap: Capture, cotangents: Tensor, batched: bool = True) -> list[Tensor | None]:

@@ -97,15 +97,14 @@ def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]
 
 
 def walk(
-    outputs: Sequence[Tensor], inputs: Sequence[Tensor], until_found: bool = False
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], flag: frozenset[str] = frozenset()
 ) -> tuple[list[bool], bool]:
-    """One walk of the graph of ``outputs``: which ``inputs`` it reaches, and whether it holds an
-    ``Error`` node (a backward that cannot be differentiated, e.g. ``@once_differentiable``: a
-    double backward through it would be wrong).
+    """One walk of the graph of ``outputs``: which ``inputs`` it reaches, and whether it holds a
+    node whose type is named in ``flag`` (e.g. a backward vmap cannot batch).
 
     Follows ``grad_fn.next_functions``; leaves are matched through their ``AccumulateGrad`` node,
-    non-leaves by ``(grad_fn, output_nr)``. ``until_found`` stops as soon as every input is
-    reached (then ``Error`` nodes not yet seen are not reported).
+    non-leaves by ``(grad_fn, output_nr)``. Without ``flag`` the walk stops as soon as every
+    input is reached.
     """
     # lists, not single indices: the same tensor may be passed twice (tied inputs)
     wanted_leaf: dict[int, list[int]] = {}
@@ -119,21 +118,21 @@ def walk(
     for y in outputs:  # an output that is itself an input
         for k in wanted_leaf.get(id(y), ()):
             found[k] = True
+    missing = found.count(False)
     stack = [(y.grad_fn, y.output_nr) for y in outputs if y.grad_fn is not None]
-    seen_nodes: set[int] = set()
-    error = False
-    while stack:
-        if until_found and all(found):
-            break
+    seen: set[int] = set()
+    flagged = False
+    while stack and (missing or (flag and not flagged)):
         node, nr = stack.pop()
-        for k in wanted_node.get((node, nr), ()):
+        hits = wanted_node.get((node, nr), [])
+        if id(node) not in seen:
+            seen.add(id(node))
+            flagged = flagged or type(node).__name__ in flag
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                hits = hits + wanted_leaf.get(id(variable), [])
+            stack.extend([(n, i) for n, i in node.next_functions if n is not None])
+        for k in hits:
+            missing -= not found[k]
             found[k] = True
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
-        error = error or type(node).__name__ == "Error"
-        variable = getattr(node, "variable", None)
-        for k in wanted_leaf.get(id(variable), ()) if variable is not None else ():
-            found[k] = True
-        stack.extend((nxt, nxt_nr) for nxt, nxt_nr in node.next_functions if nxt is not None)
-    return found, error
+    return found, flagged
