@@ -256,3 +256,21 @@ def test_zero_dim_and_constant_outputs() -> None:
             tj.jacobian(lambda x: const, x, mode=mode), torch.zeros(2, 3, dtype=x.dtype)
         )
         torch.testing.assert_close(tj.laplacian(lambda x: const, x, mode=mode), const)
+
+
+@pytest.mark.parametrize("out_features", [2, 40])
+def test_a_function_that_needs_the_whole_batch(gen: torch.Generator, out_features: int) -> None:
+    # mode="auto" counts the rows on one sample first; a fixed view fails there, and the whole
+    # batch is used instead. Both plans (2 rows: reverse, 40 rows: forward) come out right.
+    w = randn(8, out_features, gen=gen)
+    calls: list[int] = []
+
+    def f(x: Tensor) -> Tensor:
+        calls.append(x.shape[0])
+        return torch.tanh(x.view(6, 8) @ w)
+
+    x = randn(6, 8, gen=gen)
+    got = tj.jacobian(f, x, batch_dim=0)
+    expected = vmap(jacrev(lambda xi: torch.tanh(xi @ w)))(x)
+    torch.testing.assert_close(got, expected)
+    assert 1 not in calls[1:] and calls[0] == 1  # one try on a single sample, then the batch

@@ -146,11 +146,8 @@ def solve_jacobian(
     d = g_in.numel
     in_bytes = 16 * sum(x.numel() for x in p.inputs) * p.dtype.itemsize
     t: Traced | None = None
-    if mode == "auto" and d > BLIND_COLUMNS:  # count the rows: one plain forward pass
-        with torch.no_grad():
-            outs, _ = p.call(*p.inputs)
-        check_batch(outs)
-        mode = choose_mode(mode, Group.of(outs, p.batch_dim).numel, d, TAYLOR_COLUMN_COST)
+    if mode == "auto" and d > BLIND_COLUMNS:
+        mode = choose_mode(mode, _count_rows(p, check_batch), d, TAYLOR_COLUMN_COST)
     if mode != "rev" and (chunk_size or d) >= d and in_bytes * (d + 2) <= budget:
         try:
             res = taylor(p, "first", check_batch)  # [B, R, D]: every column in one pass
@@ -161,6 +158,24 @@ def solve_jacobian(
     if t is None:
         t = autograd_trace(p, check_batch)
     return _probes_on_trace(p, t, "fwd" if mode != "rev" else "rev", chunk_size, budget), t
+
+
+def _count_rows(p: FuncProblem, check_batch: CheckBatch) -> int:
+    """Output elements per sample: one plain forward pass, of the first sample alone when that
+    gives outputs of one sample (samples are independent; a function that needs the whole
+    batch, e.g. a fixed ``view``, is run on all of it)."""
+    with torch.no_grad():
+        bd = p.batch_dim
+        if bd is not None and p.inputs[0].shape[bd] > 1:
+            try:
+                outs, _ = p.call(*(x.narrow(bd, 0, 1) for x in p.inputs))
+                if all(y.dim() > 0 and y.shape[bd] == 1 for y in outs):
+                    return Group.of(outs, bd).numel
+            except Exception:  # the whole batch, below, shows the user its own errors
+                pass
+        outs, _ = p.call(*p.inputs)
+    check_batch(outs)
+    return Group.of(outs, p.batch_dim).numel
 
 
 def _probes_on_trace(

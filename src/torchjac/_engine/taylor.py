@@ -76,12 +76,13 @@ class JetSpec:
 class Jet(Tensor):
     """A tensor standing for ``stack[0]`` while carrying its Taylor coefficients ``stack``."""
 
-    stack: Tensor
     spec: JetSpec
     bdim: int | None  # where the batch dimension is, when a rule knows (NOTE [taylor tape])
     live: Tensor | None  # the value on an autograd graph, with a tape (NOTE [taylor tape])
     seed: bool  # an input whose first order is the one-hot basis over its last dim
     aliased: bool  # a view, or viewed (see ``taylor_dispatch``)
+    first: Tensor | None  # NOTE [lazy first order]: the unwritten ``stack[1 : 1 + d]``
+    _stack: Tensor
 
     @staticmethod
     def of(stack: Tensor, spec: JetSpec, bdim: int | None = None) -> Jet:
@@ -92,6 +93,32 @@ class Jet(Tensor):
         jet.live = None
         jet.seed = False
         jet.aliased = False
+        return jet
+
+    @property
+    def stack(self) -> Tensor:
+        """``[K, *shape]``, see NOTE [taylor mode]."""
+        if self.first is not None:  # NOTE [lazy first order]: written on first use
+            self._stack[1 : 1 + self.spec.d] = self.first
+            self.first = None
+        return self._stack
+
+    @stack.setter
+    def stack(self, value: Tensor) -> None:
+        self._stack, self.first = value, None
+
+    @staticmethod
+    def lazy(stack: Tensor, first: Tensor, spec: JetSpec, bdim: int | None) -> Jet:
+        """A Jet whose ``stack[1 : 1 + d]`` is left unwritten: it is ``first`` broadcast.
+
+        NOTE [lazy first order]: a Linear layer right on the inputs has first derivatives that
+        are columns of its weight, the same for every sample (``[d, 1, ..., out]``). Writing them
+        out for the whole batch costs a pass over ``[d, B, out]`` and the next rule reads it
+        again; an elementwise rule (``taylor_rules._unary``) multiplies ``first`` by ``φ'``
+        directly instead, and any other reader of ``stack`` gets it written on first use.
+        """
+        jet = Jet.of(stack, spec, bdim)
+        jet.first = first
         return jet
 
     @classmethod

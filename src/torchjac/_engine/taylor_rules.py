@@ -52,25 +52,29 @@ def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
 
 def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
     """``φ(x)`` from ``y = φ(v)``, ``φ'(v)`` and ``φ''(v)`` (``None`` when zero)."""
-    spec, s = x.spec, x.stack
+    spec = x.spec
     d, m = spec.d, spec.m
-    d1 = s[1 : 1 + d]
-    if torch.is_grad_enabled() and (s.requires_grad or dy.requires_grad):
+    if torch.is_grad_enabled() and (x.stack.requires_grad or dy.requires_grad):
+        s = x.stack
+        d1 = s[1 : 1 + d]
         rest = dy * s[1:]
         if ddy is not None and spec.n_second > 0:
             rest[m:] += ddy * _second(spec, d1, d1)
         out = torch.cat([y.unsqueeze(0), rest])
     else:  # no graph to keep: write into one buffer, no concatenation (NOTE [taylor mode])
+        # NOTE [lazy first order]: a broadcast first order is read as it is, never written out
+        s, d1 = x._stack, x.first if x.first is not None else x.stack[1 : 1 + d]
         out = torch.empty_like(s)
         out[0] = y
-        torch.mul(s[1:], dy, out=out[1:])
+        torch.mul(d1, dy, out=out[1 : 1 + d])
+        torch.mul(s[1 + d :], dy, out=out[1 + d :])
         if ddy is not None and spec.n_second > 0 and spec.kind == "diag":
             out[1 + m :].addcmul_(d1 * d1, ddy)
         elif ddy is not None and spec.n_second > 0:
-            out[1 + m :].add_(_second(spec, d1, d1).mul_(ddy))
+            out[1 + m :].add_(_second(spec, d1, d1) * ddy)
     jet = Jet.of(out, spec, x.bdim)
     if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
-        record(jet, (d1 * d1).mul_(ddy) if not torch.is_grad_enabled() else ddy * d1 * d1)
+        record(jet, ddy * (d1 * d1))
     return jet
 
 
@@ -156,25 +160,27 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return None
     bdim = x.bdim if x.bdim is not None and x.bdim < x.dim() - 1 else None
     if x.seed:
-        return Jet.of(_linear_seed(x, w, b), x.spec, bdim)
+        stack, first = _linear_seed(x, w, b)
+        return Jet.lazy(stack, first, x.spec, bdim)
     z = F.linear(x.stack, w)
     if b is not None:
         z[0] += b
     return Jet.of(z, x.spec, bdim)
 
 
-def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> Tensor:
+def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     """A Linear layer right on a seed input: its one-hot directions give columns of ``w``
-    broadcast over the batch, its second order is zero; no product over the directions."""
+    broadcast over the batch (returned apart, NOTE [lazy first order]), its second order is
+    zero; no product over the directions."""
     spec, v = x.spec, x.stack[0]
     d, m = spec.d, spec.m
     out = v.new_empty(spec.k, *v.shape[:-1], w.shape[0])
     out[0] = F.linear(v, w, b)
-    out[1 : 1 + d] = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0])
+    first = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0])
     if m > d:
         out[1 + d : 1 + m] = F.linear(x.stack[1 + d : 1 + m], w)
     out[1 + m :] = 0
-    return out
+    return out, first
 
 
 def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
