@@ -161,18 +161,9 @@ def solve_jacobian(
 
 
 def _count_rows(p: FuncProblem, check_batch: CheckBatch) -> int:
-    """Output elements per sample: one plain forward pass, of the first sample alone when that
-    gives outputs of one sample (samples are independent; a function that needs the whole
-    batch, e.g. a fixed ``view``, is run on all of it)."""
+    """Output elements per sample: one plain forward pass, on the whole batch (DESIGN: ``func``
+    always sees the batch exactly as the user would pass it)."""
     with torch.no_grad():
-        bd = p.batch_dim
-        if bd is not None and p.inputs[0].shape[bd] > 1:
-            try:
-                outs, _ = p.call(*(x.narrow(bd, 0, 1) for x in p.inputs))
-                if all(y.dim() > 0 and y.shape[bd] == 1 for y in outs):
-                    return Group.of(outs, bd).numel
-            except Exception:  # the whole batch, below, shows the user its own errors
-                pass
         outs, _ = p.call(*p.inputs)
     check_batch(outs)
     return Group.of(outs, p.batch_dim).numel
