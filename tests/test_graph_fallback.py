@@ -84,7 +84,7 @@ def test_once_differentiable_columns_fall_back_to_rows(mode: str, gen) -> None:
 
 
 class CutSin(torch.autograd.Function):
-    """``sin`` whose backward leaves autograd (``detach``): its graph never reaches the cotangent."""
+    """``sin`` whose backward leaves autograd (``detach``): its graph misses the cotangent."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
