@@ -255,3 +255,44 @@ def test_run_chunks_silences_only_vmap_performance_warnings() -> None:
     with pytest.warns(RuntimeWarning, match="the user's own warning") as record:
         run_chunks("f", 4, 2, probe, lambda *_: None)
     assert [r.category for r in record] == [RuntimeWarning]
+
+
+def _huge_pages_of(t: torch.Tensor) -> int | None:
+    """AnonHugePages (kB) of the mappings over ``t``'s memory; None without /proc."""
+    try:
+        with open("/proc/self/smaps") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    start, stop = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    total, inside = 0, False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping: "start-end perms ..."
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo < stop and start < hi
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            text = fh.read()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def test_result_buffers_large_ones_on_huge_pages() -> None:
+    from torchjac._engine import memory
+
+    small = memory.zeros((3, 4), torch.float64, torch.device("cpu"))
+    assert small.shape == (3, 4) and small.dtype == torch.float64 and not small.any()
+    big = memory.empty((64, 1 << 18), torch.float32, torch.device("cpu"))  # 64 MiB
+    big.fill_(1.0)  # the first touch faults the pages in
+    assert big.shape == (64, 1 << 18) and bool((big == 1).all())
+    huge = _huge_pages_of(big)
+    if _thp_mode() in ("madvise", "always") and huge is not None:
+        assert huge >= 2048, f"{huge} kB on huge pages"  # NOTE [huge pages]
