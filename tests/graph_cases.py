@@ -21,16 +21,20 @@ from torch.func import jacrev
 Built = tuple[Any, Any, Any]  # (outputs, inputs, expected)
 
 
-class ItemSin(torch.autograd.Function):
-    """``sin`` whose backward calls ``.item()`` (data-dependent control flow): no vmap.
-
-    Shared by the fallback tests of every front door.
-    """
+class SavedSin(torch.autograd.Function):
+    """``sin`` saving its input; subclasses give the backward under test."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
         return x.sin()
+
+
+class ItemSin(SavedSin):
+    """``sin`` whose backward calls ``.item()`` (data-dependent control flow): no vmap.
+
+    Shared by the fallback tests of every front door.
+    """
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:

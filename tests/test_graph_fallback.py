@@ -7,20 +7,15 @@ from typing import Any
 import pytest
 import torch
 from conftest import randn
-from graph_cases import ItemSin
+from graph_cases import ItemSin, SavedSin
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 import torchjac as tj
 
 
-class OnceSin(torch.autograd.Function):
+class OnceSin(SavedSin):
     """``sin`` whose backward cannot be differentiated: no columns by double backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return x.sin()
 
     @staticmethod
     @once_differentiable
@@ -83,13 +78,8 @@ def test_once_differentiable_columns_fall_back_to_rows(mode: str, gen) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-class CutSin(torch.autograd.Function):
+class CutSin(SavedSin):
     """``sin`` whose backward leaves autograd (``detach``): its graph misses the cotangent."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return x.sin()
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
