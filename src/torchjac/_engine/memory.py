@@ -5,7 +5,9 @@ that first touch is the kernel's page faults, one per 4 KiB page: writing 84 MiB
 Jacobians (W3) took 40-50 ms in page faults against 6 ms for the same copy into memory already
 touched. Buffers of at least 32 MiB (which glibc always maps afresh, so no heap memory is
 involved) are advised ``MADV_HUGEPAGE`` before their first write: 2 MiB pages, 512 times fewer
-faults. It is a hint on memory torchjac has just allocated and hands to the caller; it changes
+faults. Not below 32 MiB: smaller buffers come from glibc's heap, where the advice measured 5x
+slower (a 10 MiB buffer, W3b), the kernel compacting memory for every reuse. It is a hint on
+memory torchjac has just allocated and hands to the caller; it changes
 no global setting, and when it is unavailable (another OS, a kernel with transparent huge pages
 off, no libc) nothing happens. ``TORCHJAC_HUGE_PAGES=0`` turns it off. (PyTorch's own
 ``THP_MEM_ALLOC_ENABLE=1`` does the same for every allocation of the process.)

@@ -21,7 +21,7 @@ from torchjac._checks import describe
 from torchjac._engine.basis import Group
 from torchjac._engine.blocked import Make, blocked_kernel
 from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
-from torchjac._engine.layers import Capture, ModelState, capture, check_coupling, deltas
+from torchjac._engine.layers import Capture, CouplingCheck, ModelState, capture, deltas
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
@@ -72,7 +72,9 @@ def run_side(
     names = {m: n for n, m in model.named_modules()}
     tags = [arg] if len(xs) == 1 else [f"{arg}[{i}]" for i in range(len(xs))]
     inputs = [(tag, t) for tag, t in zip(tags, leaves) if t.requires_grad]
-    check_coupling(fn, cap, batch_dim, inputs, lambda u: f"the layer {names.get(u.module, '?')!r}")
+    check = CouplingCheck(
+        fn, cap, batch_dim, inputs, lambda u: f"the layer {names.get(u.module, '?')!r}"
+    )
     k = group.numel
     ds: list[list[Tensor]] = [[] for _ in cap.uses]
     per_probe = 2 * sum(u.e.numel() for u in cap.uses) * out.element_size()
@@ -81,7 +83,7 @@ def run_side(
     def probe(start: int, stop: int, batched: bool) -> list[Tensor | None]:
         basis = group.one_hot(start, stop, out.dtype, out.device)[0]
         assert basis is not None
-        return deltas(cap, basis, batched)
+        return deltas(cap, basis, batched, check)
 
     hit = [False] * len(cap.uses)
 
@@ -94,6 +96,8 @@ def run_side(
                 hit[i] = True
             store.append(d)
 
+    if not cap.uses or not k:  # nothing to carry the check's probes: it runs alone, first
+        check.run()
     run_chunks(fn, k, chunk, probe, write)
     uses = [(u, torch.cat(d, dim=1)) for u, d, h in zip(cap.uses, ds, hit) if h]
     return NtkSide(cap, uses, group.batch_size, group.rest_shape(0), tuple(xs))

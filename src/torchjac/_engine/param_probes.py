@@ -19,7 +19,7 @@ from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.closed_forms import Use, write_use
 from torchjac._engine.graph_probes import GraphProblem, solve
-from torchjac._engine.layers import Capture, ModelState, call, capture, check_coupling, deltas
+from torchjac._engine.layers import Capture, CouplingCheck, ModelState, call, capture, deltas
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
@@ -99,8 +99,8 @@ def per_sample_jacobian(
         for name, t in state.leaves.items()
     }
     if out.requires_grad and n_out and n:
-        check_coupling(fn_name, cap, batch_dim, checked, _describe)
-        _fill(fn_name, model, state, cap, args, kwargs, batch_dim, targets, chunk_size, budget)
+        check = CouplingCheck(fn_name, cap, batch_dim, checked, _describe)
+        _fill(model, state, cap, args, kwargs, batch_dim, targets, chunk_size, budget, check)
     else:
         for t in targets.values():
             t.zero_()
@@ -111,7 +111,6 @@ def per_sample_jacobian(
 
 
 def _fill(
-    fn_name: str,
     model: nn.Module,
     state: ModelState,
     cap: Capture,
@@ -121,6 +120,7 @@ def _fill(
     targets: dict[str, Tensor],
     chunk_size: int | None,
     budget: int,
+    check: CouplingCheck,
 ) -> None:
     out = cap.output
     general = [name for name in state.names if name in cap.general]
@@ -142,7 +142,7 @@ def _fill(
         if uses:
             cot = group.one_hot(start, stop, out.dtype, out.device)[0]
             assert cot is not None
-            ds = deltas(cap, cot, vectorised)
+            ds = deltas(cap, cot, vectorised, check)
         rows = sample.rows(start, stop, vectorised) if sample is not None else {}
         return ds, rows
 
@@ -159,7 +159,9 @@ def _fill(
         for g, r in rows.items():
             targets[g][:, start:stop] = r
 
-    run_chunks(fn_name, n_out, size, probe, write)
+    if not uses:  # nothing to carry the check's probes: it runs alone, first
+        check.run()
+    run_chunks(check.fn_name, n_out, size, probe, write)
 
 
 def _describe(use: Use) -> str:

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
-from torchjac._errors import warn_fallback
+from torchjac._errors import BatchCouplingError, warn_fallback
 
 __all__ = ["quiet_vmap", "run_chunks"]
 
@@ -50,6 +50,8 @@ def run_chunks(
             try:
                 with quiet_vmap():
                     result = probe(start, stop, True)
+            except BatchCouplingError:  # the user's graph, not the vectorisation
+                raise
             except Exception as err:  # retried below; re-raised there if the loop fails too
                 first = probe(start, start + 1, False)
                 warn_fallback(

@@ -21,7 +21,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._errors import BatchCouplingError
 
-__all__ = ["check_independent", "reachable", "sample_mask", "sample_masks", "walk"]
+__all__ = ["check_independent", "reachable", "sample_mask", "sample_masks"]
 
 
 def sample_mask(batch_size: int, device: torch.device) -> Tensor:
@@ -92,19 +92,10 @@ def check_independent(
 
 
 def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
-    """For each input, whether some output depends on it through the autograd graph."""
-    return walk(outputs, inputs)[0]
+    """For each input, whether some output depends on it through the autograd graph.
 
-
-def walk(
-    outputs: Sequence[Tensor], inputs: Sequence[Tensor], flag: frozenset[str] = frozenset()
-) -> tuple[list[bool], bool]:
-    """One walk of the graph of ``outputs``: which ``inputs`` it reaches, and whether it holds a
-    node whose type is named in ``flag`` (e.g. a backward vmap cannot batch).
-
-    Follows ``grad_fn.next_functions``; leaves are matched through their ``AccumulateGrad`` node,
-    non-leaves by ``(grad_fn, output_nr)``. Without ``flag`` the walk stops as soon as every
-    input is reached.
+    One walk of ``grad_fn.next_functions``, stopped as soon as every input is reached; leaves are
+    matched through their ``AccumulateGrad`` node, non-leaves by ``(grad_fn, output_nr)``.
     """
     # lists, not single indices: the same tensor may be passed twice (tied inputs)
     wanted_leaf: dict[int, list[int]] = {}
@@ -121,13 +112,11 @@ def walk(
     missing = found.count(False)
     stack = [(y.grad_fn, y.output_nr) for y in outputs if y.grad_fn is not None]
     seen: set[int] = set()
-    flagged = False
-    while stack and (missing or (flag and not flagged)):
+    while stack and missing:
         node, nr = stack.pop()
         hits = wanted_node.get((node, nr), [])
         if id(node) not in seen:
             seen.add(id(node))
-            flagged = flagged or type(node).__name__ in flag
             variable = getattr(node, "variable", None)
             if variable is not None:
                 hits = hits + wanted_leaf.get(id(variable), [])
@@ -135,4 +124,4 @@ def walk(
         for k in hits:
             missing -= not found[k]
             found[k] = True
-    return found, flagged
+    return found
