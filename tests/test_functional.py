@@ -274,3 +274,33 @@ def test_func_always_sees_the_whole_batch(gen: torch.Generator, out_features: in
     expected = vmap(jacrev(lambda xi: torch.tanh(xi @ w)))(x)
     torch.testing.assert_close(got, expected)
     assert calls and set(calls) == {6}
+
+
+def test_taylor_mode_follows_in_place_changes_of_inputs_and_weights(gen: torch.Generator) -> None:
+    # an input changed in place is no longer the one-hot seed; a weight changed in place after a
+    # Linear layer does not change the derivatives that layer already produced
+    w = randn(3, 5, gen=gen)
+
+    def scaled(x: Tensor) -> Tensor:
+        x.mul_(2.0)
+        return torch.tanh(torch.nn.functional.linear(x, w))
+
+    def weight_zeroed(x: Tensor) -> Tensor:
+        v = w.clone()
+        h = torch.nn.functional.linear(x, v)
+        v.mul_(0.0)
+        return torch.tanh(h)
+
+    def scaled_ref(x: Tensor) -> Tensor:
+        return torch.tanh(torch.nn.functional.linear(2 * x, w))
+
+    def plain_ref(x: Tensor) -> Tensor:
+        return torch.tanh(torch.nn.functional.linear(x, w))
+
+    x = randn(4, 5, gen=gen)
+    for f, ref in ((scaled, scaled_ref), (weight_zeroed, plain_ref)):
+        torch.testing.assert_close(
+            tj.jacobian(f, x.clone(), batch_dim=0, mode="fwd"), vmap(jacrev(ref))(x)
+        )
+        diag = torch.diagonal(vmap(torch.func.hessian(ref))(x), dim1=-2, dim2=-1)
+        torch.testing.assert_close(tj.hessian_diagonal(f, x.clone(), batch_dim=0), diag)

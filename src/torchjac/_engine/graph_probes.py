@@ -24,7 +24,7 @@ from torch import Tensor
 from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
-from torchjac._engine.run import run_chunks
+from torchjac._engine.run import FinalError, run_chunks
 from torchjac._engine.structure import check_independent, reachable
 from torchjac._errors import fallback_scope, warn_fallback
 
@@ -216,8 +216,8 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     trans = {j: gj for j, gj in zip(live, g) if gj is not None}
     for j, gj in trans.items():
         if not gj.requires_grad:
-            raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
-    check = _DifferentiableCheck(p, list(trans))
+            raise FinalError(f"the backward of {p.input_names[j]} is not differentiable")
+    check = _DifferentiableCheck(p, trans, dummies)
     store = [
         (memory.empty if j in trans else memory.zeros)(
             (n, g_in.batch_size, p.n_rows), p.dtype, p.device
@@ -272,31 +272,37 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
 
 
 class _DifferentiableCheck:
-    """Raise unless ``J^T u`` for the probed inputs is a differentiable function of the dummies.
+    """Raise unless ``J^T u`` for each input is a differentiable function of the dummies.
 
     A backward that cannot be differentiated (``@once_differentiable``, or one computed outside
     autograd) still returns a tensor that requires grad, but its graph stops short of the dummy
-    ``u_i`` of an output i that depends on the input: that column comes back as ``None``, and
-    would silently be zero. An ``Error`` node on the path raises by itself. Which output depends
-    on which input is walked only when a ``None`` comes back.
+    ``u_i`` of an output i that depends on the input: those columns would silently be zero. An
+    ``Error`` node on the path raises by itself. With one input, the probes tell: such a column
+    comes back as ``None``. With several, a probe chunk may span them and another input may
+    reach ``u_i``, so each input's graph is walked once, up front. (Reachability is all that is
+    checked: a second path that does reach ``u_i`` hides a cut one.)
     """
 
-    def __init__(self, p: GraphProblem, inputs: list[int]) -> None:
-        self.p, self.inputs = p, inputs
+    def __init__(self, p: GraphProblem, trans: dict[int, Tensor], dummies: list[Tensor]) -> None:
+        self.p, self.inputs = p, list(trans)
         self.depends: list[list[bool]] | None = None  # [output][k] for input inputs[k]
+        if len(trans) > 1:
+            for k, gj in enumerate(trans.values()):
+                self._verify(k, reachable([gj], dummies))
 
     def __call__(self, sel: list[int], jv: tuple[Tensor | None, ...]) -> None:
-        missing = [i for i, t in enumerate(jv) if t is None]
-        if not missing:
+        if len(self.inputs) == 1:
+            self._verify(0, [t is not None for t in jv])
+
+    def _verify(self, k: int, reached: list[bool]) -> None:
+        if all(reached):
             return
         p = self.p
         if self.depends is None:
             ins = [p.inputs[j] for j in self.inputs]
             self.depends = [reachable([y], ins) for y in p.outputs]
-        for i in missing:
-            for k, j in enumerate(self.inputs):
-                if j in sel and self.depends[i][k]:
-                    raise RuntimeError(
-                        f"the backward from outputs to {p.input_names[j]} is not "
-                        "differentiable (e.g. @once_differentiable)"
-                    )
+        if any(row[k] and not r for row, r in zip(self.depends, reached)):
+            raise FinalError(
+                f"the backward from outputs to {p.input_names[self.inputs[k]]} is not "
+                "differentiable (e.g. @once_differentiable)"
+            )

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from torchjac._errors import BatchCouplingError, warn_fallback
 
-__all__ = ["quiet_vmap", "run_chunks"]
+__all__ = ["FinalError", "quiet_vmap", "run_chunks"]
 
 R = TypeVar("R")
 
@@ -29,6 +29,11 @@ class quiet_vmap(warnings.catch_warnings):
     def __enter__(self) -> None:
         super().__enter__()
         warnings.filterwarnings("ignore", message=_VMAP_PERF, category=UserWarning)
+
+
+class FinalError(RuntimeError):
+    """A probe failure that is not the vectorisation's (a loop would fail the same way): it is
+    raised as it is, never retried as a loop (NOTE [fallback])."""
 
 
 def run_chunks(
@@ -50,7 +55,7 @@ def run_chunks(
             try:
                 with quiet_vmap():
                     result = probe(start, stop, True)
-            except BatchCouplingError:  # the user's graph, not the vectorisation
+            except (BatchCouplingError, FinalError):  # a loop would fail the same way
                 raise
             except Exception as err:  # retried below; re-raised there if the loop fails too
                 first = probe(start, start + 1, False)

@@ -81,6 +81,7 @@ def _check_not_aliased(jet: Jet) -> None:
 def _assign(jet: Jet, new: Any) -> Jet:
     stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
     jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
+    jet.seed = False  # its first order is no longer the one-hot basis
     if jet.spec.tape is not None:
         jet.live = new.live if isinstance(new, Jet) else new
         jet.bdim = new.bdim if isinstance(new, Jet) else None
@@ -109,4 +110,5 @@ def _setitem(args: tuple[Any, ...]) -> Any:
     if not isinstance(value, Jet):
         stack[0][index] = value
     target.stack = stack
+    target.seed = False
     return None

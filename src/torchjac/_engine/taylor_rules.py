@@ -83,7 +83,8 @@ def _unary_rule(name: str) -> Rule:
         kwargs.pop("inplace", None)
         if not args or not isinstance(args[0], Jet):
             return None
-        parts = ACTIVATIONS[name](args[0].stack[0], *args[1:], **kwargs)
+        # the value row: always written, so a lazy first order stays unwritten (_unary)
+        parts = ACTIVATIONS[name](args[0]._stack[0], *args[1:], **kwargs)
         return None if parts is None else _unary(args[0], *parts)
 
     return rule
@@ -176,7 +177,8 @@ def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     d, m = spec.d, spec.m
     out = v.new_empty(spec.k, *v.shape[:-1], w.shape[0])
     out[0] = F.linear(v, w, b)
-    first = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0])
+    # a copy: the caller may change w in place before the next rule reads it
+    first = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0]).clone()
     if m > d:
         out[1 + d : 1 + m] = F.linear(x.stack[1 + d : 1 + m], w)
     out[1 + m :] = 0
