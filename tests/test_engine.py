@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -239,22 +237,6 @@ def test_run_chunks_falls_back_to_a_loop_with_one_warning() -> None:
 def test_run_chunks_raises_when_the_loop_fails_too() -> None:
     with pytest.raises(ZeroDivisionError, match="loop failed too"):
         _record(10, 4, fail_batched=True, fail_loop=True)
-
-
-def test_run_chunks_silences_only_vmap_performance_warnings() -> None:
-    def probe(start: int, stop: int, batched: bool) -> None:
-        warnings.warn(
-            "There is a performance drop because we have not yet implemented the "
-            "batching rule for aten::foo",
-            UserWarning,
-            stacklevel=1,
-        )
-        if start == 0:
-            warnings.warn("the user's own warning", RuntimeWarning, stacklevel=1)
-
-    with pytest.warns(RuntimeWarning, match="the user's own warning") as record:
-        run_chunks("f", 4, 2, probe, lambda *_: None)
-    assert [r.category for r in record] == [RuntimeWarning]
 
 
 def _huge_pages_of(t: torch.Tensor) -> int | None:

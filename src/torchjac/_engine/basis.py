@@ -84,9 +84,12 @@ class Group:
         c = stop - start
         out: list[Tensor | None] = [None] * len(self.shapes)
         for i, lo, hi in self.touched(start, stop):
-            flat = torch.zeros(c, self.sizes[i], dtype=dtype, device=device)
             skip = self.offsets[i] + lo - start
-            flat[skip : skip + hi - lo].diagonal(offset=lo).fill_(1)
+            if skip == 0 and lo == 0:  # the member starts the chunk: rows past its end are zero
+                flat = torch.eye(c, self.sizes[i], dtype=dtype, device=device)
+            else:
+                flat = torch.zeros(c, self.sizes[i], dtype=dtype, device=device)
+                flat[skip : skip + hi - lo].diagonal(offset=lo).fill_(1)
             out[i] = self.expand(i, flat)
         return out
 

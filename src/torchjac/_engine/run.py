@@ -8,27 +8,14 @@ is the user's and is raised as it is.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
 from torchjac._errors import BatchCouplingError, warn_fallback
 
-__all__ = ["FinalError", "quiet_vmap", "run_chunks"]
+__all__ = ["FinalError", "run_chunks"]
 
 R = TypeVar("R")
-
-# vmap's own "performance drop" warnings are about speed, not correctness; the plan already
-# accounts for that choice.
-_VMAP_PERF = r".*(performance drop|falling back to a slow|batching rule).*"
-
-
-class quiet_vmap(warnings.catch_warnings):
-    """Silence vmap's performance warnings inside a vectorised probe."""
-
-    def __enter__(self) -> None:
-        super().__enter__()
-        warnings.filterwarnings("ignore", message=_VMAP_PERF, category=UserWarning)
 
 
 class FinalError(RuntimeError):
@@ -53,8 +40,7 @@ def run_chunks(
         stop = min(n_probes, start + max(chunk_size, 1))
         if not looping:
             try:
-                with quiet_vmap():
-                    result = probe(start, stop, True)
+                result = probe(start, stop, True)
             except (BatchCouplingError, FinalError):  # a loop would fail the same way
                 raise
             except Exception as err:  # retried below; re-raised there if the loop fails too
