@@ -1,8 +1,8 @@
 """Closed forms of per-sample parameter Jacobians for common layers (see NOTE [layer capture]).
 
 ``build_use`` turns one hooked call of a supported layer into a ``Use`` (its input factor ``A``,
-the zero leaf ``e`` whose gradient is ``δ``, and how ``δ`` is laid out) and the recomputed
-output; ``write_use`` writes ``J = δ ⊗ A`` (or its embedding / elementwise analogue) for a chunk
+the zero leaf ``e`` whose gradient is ``δ``, and how ``δ`` is laid out) and the
+output plus ``e``; ``write_use`` writes ``J = δ ⊗ A`` (or its embedding / elementwise analogue) for a chunk
 of probes into preallocated ``[N, k, *p.shape]`` views. Exact types only: a subclass may
 override ``forward``.
 """
@@ -74,16 +74,14 @@ def build_use(
         made = _norm(module, x, w, b, batch_dim)
     if made is None:
         return None
-    z, a, rows = made
-    if z.shape != output.shape:
-        return None
-    e = torch.zeros_like(z, requires_grad=True)
+    a, rows = made
+    e = torch.zeros_like(output, requires_grad=True)
     padding_idx = getattr(module, "padding_idx", None) if kind == "index" else None
     use = Use(kind, module, wn, bn, a, e, rows, padding_idx)
-    return use, z + e
+    return use, output + e
 
 
-Made = tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]
+Made = tuple[Tensor, Callable[[Tensor], Tensor]]  # the input factor A, and δ -> D
 
 
 def _axis(t: Tensor, batch_dim: int | None) -> int | None:
@@ -106,12 +104,11 @@ def _linear(x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None
     ax = _axis(x, batch_dim)
     if ax == x.dim() - 1:
         return None
-    z = F.linear(x, w, b)
     d_in, d_out = w.shape[1], w.shape[0]
     xa = _first(x.detach(), ax)
     n = xa.shape[0]
     a = xa.reshape(n, -1, 1, d_in).clone()
-    return z, a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, 1, d_out)
+    return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, 1, d_out)
 
 
 def _conv(
@@ -123,7 +120,6 @@ def _conv(
     unbatched = x.dim() == nd + 1
     if batch_dim is not None and (unbatched or batch_dim % x.dim() != 0):
         return None
-    z = m._conv_forward(x, w, b)
     xb = x.detach().unsqueeze(0) if unbatched else x.detach()
     ks, st, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
     pad: tuple[int, ...]
@@ -151,7 +147,7 @@ def _conv(
             return dd.transpose(0, 1).reshape(1, k, -1, groups, o_g)
         return dd
 
-    return z, a, rows
+    return a, rows
 
 
 def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
@@ -160,11 +156,10 @@ def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | No
     if batch_dim is not None and x.dim() < 1:
         return None
     ax = _axis(x, batch_dim) if x.dim() else None
-    z = F.embedding(x, w, m.padding_idx, None, 2.0, False, m.sparse)
     xa = _first(x.detach(), ax)
     n, dim = xa.shape[0], w.shape[1]
     a = xa.reshape(n, -1).clone()
-    return z, a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+    return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
 
 
 def _norm(
@@ -178,11 +173,9 @@ def _norm(
         return None
     xd = x.detach()
     if isinstance(m, nn.LayerNorm):
-        z = F.layer_norm(x, shape, w, b, m.eps)
         xhat = F.layer_norm(xd, shape, None, None, m.eps)
     else:
         eps: float | None = m.eps  # type: ignore[assignment]
-        z = F.rms_norm(x, shape, w, eps)
         xhat = F.rms_norm(xd, shape, None, eps)
     dim = 1
     for s in shape:
@@ -190,7 +183,7 @@ def _norm(
     xa = _first(xhat, ax)
     n = xa.shape[0]
     a = xa.reshape(n, -1, dim)
-    return z, a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+    return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
 
 
 def write_use(use: Use, d: Tensor, targets: dict[str, Tensor], written: set[str]) -> None:

@@ -7,16 +7,17 @@ convolutions (unfolded input), embeddings (one-hot input) and the affine part of
 ``torch.func.functional_call`` on detached aliases of its parameters (the user's module,
 parameters, ``.grad`` and buffers are never touched; buffers are cloned so BatchNorm statistics
 stay bitwise equal) with temporary forward hooks on every supported layer (exact types, see
-``closed_forms.KINDS``), removed in a ``finally``. Each hooked call is recomputed from the layer
-input with its parameters *detached* and a zero leaf ``e`` added to its output:
+``closed_forms.KINDS``), removed in a ``finally``. Each hooked call gets a zero leaf ``e`` added
+to its output:
 
-    z = layer(x; W.detach(), b.detach()) + e          grad of the output w.r.t. e = δ
+    z = layer(x; W, b) + e          grad of the output w.r.t. e = δ
 
-so the shared parameter leaf only receives gradient from uses no hook covered (a bare
-``nn.Parameter`` used in a custom ``forward``, ``h @ emb.weight.T``, an unsupported layer).
-A parameter whose leaf is still reachable from the output goes to the general path (``general``);
-the others are covered exactly by the closed forms of their uses (a module called twice, or tied
-weights, give several uses of one name: their contributions add up).
+and the graph walk that finds the parameters no hook covered (a bare ``nn.Parameter`` used in a
+custom ``forward``, ``h @ emb.weight.T``, an unsupported layer) does not follow the edges from a
+hooked call's own nodes to its parameters (the layer is not computed twice). A parameter still
+reachable from the output goes to the general path (``general``); the others are covered
+exactly by the closed forms of their uses (a module called twice, or tied weights, give several
+uses of one name: their contributions add up). Only ``δ`` is ever asked of this graph.
 
 Reuse (issue 5, Gramians): ``cap = capture(model, state, args, kwargs, batch_dim)``, then
 ``deltas(cap, cotangents, batched)`` gives one canonical ``D`` per use for a batch of output
@@ -140,6 +141,7 @@ def capture(
     """
     by_id = {id(t): n for n, t in state.leaves.items()}
     uses: list[Use] = []
+    covered: list[tuple[Any, set[int]]] = []  # (node, ids of the leaves it covers) per use
 
     def hook(module: nn.Module, h_args: tuple, h_kwargs: dict, output: Any) -> Any:
         built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim)
@@ -147,6 +149,9 @@ def capture(
             return None
         use, new_output = built
         uses.append(use)
+        x = h_args[0] if h_args else h_kwargs.get("input")
+        leaves = {id(state.leaves[n]) for n in (use.weight, use.bias) if n is not None}
+        covered.extend((node, leaves) for node in _layer_nodes(output, x))
         return new_output
 
     handles = []
@@ -163,9 +168,26 @@ def capture(
             "to return the Tensor to differentiate."
         )
     cap = Capture(output=output, state=state, uses=uses)
-    hit = reachable([output], [state.leaves[n] for n in state.names])
+    blocked: dict[int, set[int]] = {}
+    for node, leaves in covered:
+        blocked.setdefault(id(node), set()).update(leaves)
+    hit = reachable([output], [state.leaves[n] for n in state.names], blocked)
     cap.general = tuple(n for n, h in zip(state.names, hit) if h)
     return cap
+
+
+def _layer_nodes(output: Tensor, x: Any) -> list[Any]:
+    """The autograd nodes of one layer call: from its output down to (not into) its input."""
+    stop = x.grad_fn if isinstance(x, Tensor) else None
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    found: dict[int, Any] = {}
+    while stack:
+        node = stack.pop()
+        if node is stop or id(node) in found or hasattr(node, "variable"):
+            continue
+        found[id(node)] = node
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return list(found.values())
 
 
 def _hookable(model: nn.Module) -> list[nn.Module]:

@@ -13,7 +13,7 @@ passes, with their own generator, so the user's RNG state is untouched."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -91,11 +91,17 @@ def check_independent(
                 )
 
 
-def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
+def reachable(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    blocked: Mapping[int, Collection[int]] | None = None,
+) -> list[bool]:
     """For each input, whether some output depends on it through the autograd graph.
 
     One walk of ``grad_fn.next_functions``, stopped as soon as every input is reached; leaves are
     matched through their ``AccumulateGrad`` node, non-leaves by ``(grad_fn, output_nr)``.
+    ``blocked`` maps ``id(node)`` to the ``id``s of leaves whose edges from that node are not
+    followed (the node objects must be kept alive by the caller).
     """
     # lists, not single indices: the same tensor may be passed twice (tied inputs)
     wanted_leaf: dict[int, list[int]] = {}
@@ -120,7 +126,11 @@ def reachable(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]
             variable = getattr(node, "variable", None)
             if variable is not None:
                 hits = hits + wanted_leaf.get(id(variable), [])
-            stack.extend([(n, i) for n, i in node.next_functions if n is not None])
+            nexts = [(n, i) for n, i in node.next_functions if n is not None]
+            cut = blocked.get(id(node)) if blocked else None
+            if cut:
+                nexts = [(n, i) for n, i in nexts if id(getattr(n, "variable", None)) not in cut]
+            stack.extend(nexts)
         for k in hits:
             missing -= not found[k]
             found[k] = True
