@@ -1,8 +1,8 @@
 """Closed forms of per-sample parameter Jacobians for common layers (see NOTE [layer capture]).
 
 ``build_use`` turns one hooked call of a supported layer into a ``Use`` (its input factor ``A``,
-the zero leaf ``e`` whose gradient is ``δ``, and how ``δ`` is laid out) and the
-output plus ``e``; ``write_use`` writes ``J = δ ⊗ A`` (or its embedding / elementwise analogue) for a chunk
+the zero leaf ``e`` whose gradient is ``δ``, and how ``δ`` is laid out) and the output plus
+``e``; ``write_use`` writes ``J = δ ⊗ A`` (or its embedding / elementwise analogue) for a chunk
 of probes into preallocated ``[N, k, *p.shape]`` views. Exact types only: a subclass may
 override ``forward``.
 """
