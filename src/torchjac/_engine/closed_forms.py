@@ -61,17 +61,16 @@ def build_use(
     bn = by_id.get(id(bias)) if isinstance(bias, Tensor) else None
     if wn is None and bn is None:
         return None
-    w = weight.detach() if isinstance(weight, Tensor) else None
-    b = bias.detach() if isinstance(bias, Tensor) else None
+    w = weight.detach() if isinstance(weight, Tensor) else None  # for its shape
     kind = KINDS[type(module)]
     if isinstance(module, nn.Linear):
-        made = _linear(x, w, b, batch_dim)
+        made = _linear(x, w, batch_dim)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        made = _conv(module, x, w, b, batch_dim)
+        made = _conv(module, x, w, batch_dim)
     elif isinstance(module, nn.Embedding):
         made = _embedding(module, x, w, batch_dim)
     else:
-        made = _norm(module, x, w, b, batch_dim)
+        made = _norm(module, x, batch_dim)
     if made is None:
         return None
     a, rows = made
@@ -98,7 +97,7 @@ def _first_k(d: Tensor, ax: int | None) -> Tensor:
     return d.unsqueeze(0) if ax is None else d.movedim(1 + ax, 0)
 
 
-def _linear(x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None) -> Made | None:
+def _linear(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
     if w is None or x.dim() < 1 or (batch_dim is not None and x.dim() < 2):
         return None
     ax = _axis(x, batch_dim)
@@ -112,7 +111,7 @@ def _linear(x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None
 
 
 def _conv(
-    m: nn.Conv1d | nn.Conv2d, x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None
+    m: nn.Conv1d | nn.Conv2d, x: Tensor, w: Tensor | None, batch_dim: int | None
 ) -> Made | None:
     nd = 1 if isinstance(m, nn.Conv1d) else 2
     if w is None or m.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2):
@@ -162,9 +161,7 @@ def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | No
     return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
 
 
-def _norm(
-    m: nn.Module, x: Tensor, w: Tensor | None, b: Tensor | None, batch_dim: int | None
-) -> Made | None:
+def _norm(m: nn.Module, x: Tensor, batch_dim: int | None) -> Made | None:
     shape = tuple(m.normalized_shape)  # type: ignore[arg-type]
     ax = _axis(x, batch_dim) if x.dim() else None
     if x.dim() < len(shape) + (batch_dim is not None) or (
