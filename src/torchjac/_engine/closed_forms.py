@@ -220,7 +220,17 @@ def _outer(a: Tensor, d: Tensor, target: Tensor, role: str, first: bool, n: int,
         else:
             view.addcmul_(dv, av)
         return
-    prod = torch.einsum("nktgo,ntgi->nkgoi", d, a)
+    if groups == 1:  # Σ_t D[n, k, t] ⊗ A[n, t] as one batched product over the samples
+        t_len = d.shape[2]
+        dd, aa = d[:, :, :, 0, :], a[:, :, 0, :]  # [N, k, T, o], [N, T, i]
+        if i_g < 32:  # few columns: multiply the transposes, the kernel's better shape
+            r = torch.bmm(aa.transpose(1, 2), dd.transpose(1, 2).reshape(n, t_len, k * o_g))
+            prod = r.view(n, i_g, k, 1, o_g).permute(0, 2, 3, 4, 1)
+        else:
+            left = dd.permute(0, 1, 3, 2).reshape(n, k * o_g, t_len)
+            prod = torch.bmm(left, aa).view(n, k, 1, o_g, i_g)
+    else:
+        prod = torch.einsum("nktgo,ntgi->nkgoi", d, a)
     if first:
         view.copy_(prod)
     else:
