@@ -20,9 +20,9 @@ exactly by the closed forms of their uses (a module called twice, or tied weight
 uses of one name: their contributions add up). Only ``δ`` is ever asked of this graph.
 
 Reuse (issue 5, Gramians): ``cap = capture(model, state, args, kwargs, batch_dim)``, then
-``deltas(cap, cotangents, batched)`` gives one canonical ``D`` per use for a batch of output
-cotangents ``[k, *out.shape]``. Per use, with ``N`` samples, ``k`` probes and ``T`` positions
-(all non-batch, non-feature dims flattened; batch first in every factor):
+``layer_deltas.deltas(cap, cotangents, batched)`` gives one canonical ``D`` per use for a batch
+of output cotangents ``[k, *out.shape]``. Per use, with ``N`` samples, ``k`` probes and ``T``
+positions (all non-batch, non-feature dims flattened; batch first in every factor):
 
     kind "outer" (Linear, Conv):  A [N, T, G, i]   D [N, k, T, G, o]   (G groups; Linear G = 1)
         J_weight[n, k] = Σ_t D[n, k, t] ⊗ A[n, t]   viewed as weight [G*o, i]
@@ -34,15 +34,14 @@ cotangents ``[k, *out.shape]``. Per use, with ``N`` samples, ``k`` probes and ``
 
 Without ``batch_dim`` the whole batch is one sample (N = 1). ``Use.weight`` / ``Use.bias`` are
 parameter names in ``state.names`` (``None`` when that parameter is not asked for, e.g. frozen).
-``capture`` never checks batch independence; ``CouplingCheck`` does (two probes, carried by
-the first ``deltas`` pass).
+``capture`` never checks batch independence; ``layer_deltas.CouplingCheck`` does (two probes,
+carried by the first ``deltas`` pass).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,17 +50,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from torchjac._engine.closed_forms import KINDS, Use, build_use
-from torchjac._engine.structure import reachable, sample_mask
-from torchjac._errors import BatchCouplingError
+from torchjac._engine.structure import reachable
 
 __all__ = [
     "Capture",
-    "CouplingCheck",
     "ModelState",
     "Use",
     "call",
     "capture",
-    "deltas",
     "model_state",
     "no_side_effects",
 ]
@@ -200,131 +196,3 @@ def _hookable(model: nn.Module) -> list[nn.Module]:
             continue
         out.append(module)
     return out
-
-
-def deltas(
-    cap: Capture, cotangents: Tensor, batched: bool = True, check: CouplingCheck | None = None
-) -> list[Tensor | None]:
-    """Canonical ``D`` for every use (see the module docstring), for ``cotangents`` ``[k, *out]``.
-
-    One backward pass (vectorised over the ``k`` probes when ``batched``, else one pass per
-    probe). A use the output does not reach gets ``None``. A pending ``check`` rides along: its
-    two probes are added to this pass (NOTE [coupling check] in ``structure``).
-    """
-    if check is None or not check.pending:
-        return _backward(cap, cotangents, (), batched)[0]
-    k = cotangents.shape[0]
-    cots = torch.cat([cotangents.to(check.cotangents.dtype), check.cotangents])
-    ds, gs = _backward(cap, cots, check.extra, batched)
-    check.verify(ds, gs, k)
-    return [None if d is None else d[:, :k] for d in ds]
-
-
-def _backward(
-    cap: Capture, cotangents: Tensor, extra: Sequence[Tensor], batched: bool
-) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    """One backward pass over the probes of ``cotangents``: ``δ`` per use, gradient per extra.
-
-    Vectorised by ``is_grads_batched``: ``convolution_backward`` has no batching rule there and
-    runs once per probe inside the pass, which still measured faster than a loop of plain passes
-    (4.3 against 5.0 ms for ten probes through a small CNN).
-    """
-    es = [u.e for u in cap.uses]
-    targets = es + list(extra)
-    if not targets:
-        return [], []
-    cot = cotangents.to(cap.output.dtype)
-    if batched:
-        grads: Sequence[Tensor | None] = torch.autograd.grad(
-            [cap.output],
-            targets,
-            [cot],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-    else:
-        per_probe = [
-            torch.autograd.grad([cap.output], targets, [c], retain_graph=True, allow_unused=True)
-            for c in cot
-        ]
-        grads = [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_probe)]
-    ds: list[Tensor | None] = [
-        None if g is None else u.rows(g) for u, g in zip(cap.uses, grads[: len(es)])
-    ]
-    return ds, list(grads[len(es) :])
-
-
-class CouplingCheck:
-    """Raise ``BatchCouplingError`` when an output sample depends on another sample.
-
-    Two probes: a random cotangent on a random half of the samples, and one on the other half
-    (NOTE [coupling check] in ``structure``); the ``δ`` of every use, and the gradient of every
-    given batched input (leaves requiring grad), must vanish outside the half. The probes ride
-    along with the first ``deltas`` pass (``pending`` until then), or run alone (``run``).
-    """
-
-    def __init__(
-        self,
-        fn_name: str,
-        cap: Capture,
-        batch_dim: int,
-        inputs: Sequence[tuple[str, Tensor]],
-        describe_use: Callable[[Use], str],
-    ) -> None:
-        out = cap.output
-        self.fn_name, self.cap, self.batch_dim = fn_name, cap, batch_dim
-        self.inputs, self.describe_use = list(inputs), describe_use
-        self.extra = [t for _, t in inputs]
-        bd = batch_dim % out.dim()
-        self.pending = out.shape[bd] > 1
-        halves = [
-            _check_cotangent(tuple(out.shape), bd, out.dtype, out.device, other)
-            for other in ((False, True) if self.pending else ())
-        ]
-        self.outside = [o for _, o in halves]
-        self.cotangents = torch.cat([c for c, _ in halves]) if halves else out.new_empty(0)
-
-    def run(self) -> None:
-        """The check on its own (one backward pass per half), unless already done."""
-        if self.pending:
-            ds, gs = _backward(self.cap, self.cotangents, self.extra, batched=False)
-            self.verify(ds, gs, 0)
-
-    def verify(self, ds: list[Tensor | None], gs: list[Tensor | None], first: int) -> None:
-        """Check a pass whose probes ``first`` and ``first + 1`` were this check's."""
-        for h, outside in enumerate(self.outside):
-            for use, d in zip(self.cap.uses, ds):
-                if d is not None and bool((d[:, first + h][outside].nan_to_num(0.0) != 0).any()):
-                    _raise_coupled(self.fn_name, self.batch_dim, self.describe_use(use))
-            for (name, x), g in zip(self.inputs, gs):
-                if g is None:
-                    continue
-                per_sample = g[first + h].movedim(self.batch_dim % x.dim(), 0)[outside]
-                if bool((per_sample.nan_to_num(0.0) != 0).any()):
-                    _raise_coupled(self.fn_name, self.batch_dim, name)
-        self.pending = False
-
-
-@functools.lru_cache(maxsize=16)
-def _check_cotangent(
-    shape: tuple[int, ...], bd: int, dtype: torch.dtype, device: torch.device, other_half: bool
-) -> tuple[Tensor, Tensor]:
-    """The check's cotangent ``[1, *shape]`` and the samples outside its half (never mutated)."""
-    mask = sample_mask(shape[bd], device)
-    mask = ~mask if other_half else mask
-    gen = torch.Generator().manual_seed(7)
-    cot = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    view = [1] * len(shape)
-    view[bd] = shape[bd]
-    return (cot * mask.reshape(view).to(dtype)).unsqueeze(0), ~mask
-
-
-def _raise_coupled(fn_name: str, batch_dim: int, where: str) -> None:
-    raise BatchCouplingError(
-        f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only on "
-        f"sample i, but the outputs depend on other samples through {where}. Samples are "
-        "coupled, e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
-        "`x - x.mean(0)`, or attention across the batch. Drop `batch_dim` to get the full "
-        "Jacobian instead."
-    )

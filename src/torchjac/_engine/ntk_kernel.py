@@ -21,7 +21,8 @@ from torchjac._checks import describe
 from torchjac._engine.basis import Group
 from torchjac._engine.blocked import Make, blocked_kernel
 from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
-from torchjac._engine.layers import Capture, CouplingCheck, ModelState, capture, deltas
+from torchjac._engine.layer_deltas import CouplingCheck, deltas
+from torchjac._engine.layers import Capture, ModelState, capture
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem

@@ -19,7 +19,8 @@ from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.closed_forms import Use, write_use
 from torchjac._engine.graph_probes import GraphProblem, solve
-from torchjac._engine.layers import Capture, CouplingCheck, ModelState, call, capture, deltas
+from torchjac._engine.layer_deltas import CouplingCheck, deltas
+from torchjac._engine.layers import Capture, ModelState, call, capture
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
