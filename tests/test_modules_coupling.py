@@ -1,0 +1,74 @@
+"""``tj.param_jacobian`` per sample: coupled samples raise, upstream coupling is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from param_jacobian_checks import _assert_close, _built
+from registry import CASES, DTYPE, full_oracle
+from torch import Tensor, nn
+
+import torchjac as tj
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
+
+
+class BatchCentered(nn.Module):
+    """Couples samples after its Linear (``where="after"``) or before a bare parameter."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).to(DTYPE)
+        self.scale = nn.Parameter(torch.ones(2, dtype=DTYPE))
+        self.where = where
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.where == "before":  # upstream of every parameter: per-sample rows are exact
+            x = x - x.mean(0)
+        h = self.lin(x)
+        if self.where == "after":
+            h = h - h.mean(0)
+        if self.where == "bare":
+            h = (h - h.mean(0)) * self.scale
+        return h * self.scale
+
+
+@pytest.mark.parametrize("where", ["after", "bare"])
+def test_coupled_samples_raise(where: str) -> None:
+    model = BatchCentered(where)
+    with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+        tj.param_jacobian(model, torch.randn(5, 3, dtype=DTYPE), batch_dim=0)
+
+
+def test_coupling_upstream_of_the_closed_forms_is_exact() -> None:
+    model, x = BatchCentered("before"), torch.randn(5, 3, dtype=DTYPE)
+    got = tj.param_jacobian(model, x, params=["lin.weight", "lin.bias"], batch_dim=0)
+    want = full_oracle(model, (x,), {})
+    _assert_close(got, {n: want[n] for n in ("lin.weight", "lin.bias")})
+    with pytest.raises(tj.BatchCouplingError, match="input 0"):  # the general path would be wrong
+        tj.param_jacobian(model, x, batch_dim=0)
+
+
+def test_batchnorm_train_raises_and_keeps_statistics() -> None:
+    model, args, _ = _built(next(c for c in CASES if c.id == "batchnorm_train"))
+    stats = [b.clone() for b in model.buffers()]
+    with pytest.raises(tj.BatchCouplingError, match=r"module '1' \(BatchNorm2d\) is in train"):
+        tj.param_jacobian(model, *args, batch_dim=0)
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
+
+
+class ReturnsParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(4, 2, dtype=DTYPE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.p * 1.0 if x.dim() else x
+
+
+def test_output_that_ignores_the_batch_is_an_error_per_sample() -> None:
+    model, x = ReturnsParameter(), torch.randn(4, 3, dtype=DTYPE)
+    full = tj.param_jacobian(model, x)["p"]
+    torch.testing.assert_close(full, torch.eye(8, dtype=DTYPE).reshape(4, 2, 4, 2))
+    with pytest.raises(ValueError, match="does not follow the batch of its inputs"):
+        tj.param_jacobian(model, x, batch_dim=0)

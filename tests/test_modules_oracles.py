@@ -1,0 +1,87 @@
+"""``tj.param_jacobian`` against float64 oracles across the model registry, chunked or not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from param_jacobian_checks import _assert_close, _built
+from registry import (
+    CASES,
+    DTYPE,
+    PER_SAMPLE,
+    BareParameter,
+    ModelCase,
+    double_loop,
+    full_oracle,
+    per_sample_oracle,
+)
+from torch import Tensor, nn
+
+import torchjac as tj
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_full_jacobian_matches_jacrev(case: ModelCase) -> None:
+    model, args, kwargs = _built(case)
+    _assert_close(tj.param_jacobian(model, *args, **kwargs), full_oracle(model, args, kwargs))
+
+
+@pytest.mark.parametrize("case", PER_SAMPLE, ids=lambda c: c.id)
+def test_per_sample_matches_vmap_jacrev(case: ModelCase) -> None:
+    model, args, kwargs = _built(case)
+    bd = case.batch_dim
+    assert bd is not None
+    got = tj.param_jacobian(model, *args, batch_dim=bd, **kwargs)
+    _assert_close(got, full_oracle(model, args, kwargs))
+    rows = {n: j.movedim(bd, 0) for n, j in got.items()}
+    _assert_close(rows, per_sample_oracle(model, args, kwargs, bd))
+
+
+@pytest.mark.parametrize("case_id", ["mlp", "bare_parameter", "tied_embedding_direct_use"])
+def test_matches_seed_003_double_loop(case_id: str) -> None:
+    model, args, kwargs = _built(next(c for c in CASES if c.id == case_id))
+    want = double_loop(model, args, kwargs)
+    _assert_close(tj.param_jacobian(model, *args, batch_dim=0, **kwargs), want)
+    _assert_close(tj.param_jacobian(model, *args, **kwargs), want)
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "max_memory"), [(1, None), (2, None), (None, "1KiB"), (None, None)]
+)
+@pytest.mark.parametrize("case_id", ["layernorm_twice", "bare_parameter", "cnn"])
+def test_chunking_gives_the_same_result(
+    case_id: str, chunk_size: int | None, max_memory: str | None
+) -> None:
+    model, args, kwargs = _built(next(c for c in CASES if c.id == case_id))
+    want = full_oracle(model, args, kwargs)
+    for bd in (None, 0):
+        got = tj.param_jacobian(
+            model, *args, batch_dim=bd, chunk_size=chunk_size, max_memory=max_memory, **kwargs
+        )
+        _assert_close(got, want)
+
+
+class ItemInForward(BareParameter):
+    """Data-dependent control flow: ``vmap`` cannot run it, the loop can."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y * 2 if float(x.detach().sum()) > 0 else y
+
+
+def test_general_path_falls_back_to_a_loop_with_one_warning() -> None:
+    model = ItemInForward().to(DTYPE)
+    x = torch.randn(4, 3, dtype=DTYPE).abs()
+    with pytest.warns(tj.FallbackWarning, match="param_jacobian: vectorised probing failed"):
+        got = tj.param_jacobian(model, x, batch_dim=0)
+    _assert_close(got, full_oracle(model, (x,), {}))
+
+
+def test_float32_follows_the_model_dtype() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    got = tj.param_jacobian(model, x, batch_dim=0)
+    assert all(j.dtype == torch.float32 for j in got.values())
+    torch.testing.assert_close(got, tj.param_jacobian(model, x))
