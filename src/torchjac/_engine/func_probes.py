@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.plan import choose_chunk_size, choose_mode
@@ -176,7 +175,7 @@ def _probes_on_trace(
     n_rows, n_cols = t.out_group.numel, t.in_group.numel
     per_probe = bytes_per_probe(p, t.outputs)
     results = [
-        memory.zeros((t.in_group.batch_size, n_rows, s), p.dtype, p.device)
+        torch.zeros(t.in_group.batch_size, n_rows, s, dtype=p.dtype, device=p.device)
         for s in t.in_group.sizes
     ]
     if chosen == "fwd":

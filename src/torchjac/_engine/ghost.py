@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjac._engine import memory
 from torchjac._engine.blocked import Make, blocked_kernel
 from torchjac._engine.closed_forms import Use, write_use
 
@@ -140,7 +139,7 @@ def _materialise(name: str, side: Sequence[UseD], shape: torch.Size) -> Make:
     def make(start: int, stop: int) -> Tensor:
         d0 = side[0][1]
         n = d0.shape[0]
-        target = memory.empty((n, stop - start, *shape), d0.dtype, d0.device)
+        target = torch.empty(n, stop - start, *shape, dtype=d0.dtype, device=d0.device)
         written: set[str] = set()
         for use, d in side:
             write_use(use, d[:, start:stop], {name: target}, written)

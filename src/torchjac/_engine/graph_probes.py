@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import FinalError, run_chunks
@@ -168,7 +167,8 @@ def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int
 
 def _storage(p: GraphProblem, dims: tuple[int, int, int], j: int) -> Tensor:
     """Uninitialised storage for input ``j``; zeros for an input the outputs do not use."""
-    return (memory.empty if p.used[j] else memory.zeros)(dims, p.dtype, p.device)
+    alloc = torch.empty if p.used[j] else torch.zeros
+    return alloc(dims, dtype=p.dtype, device=p.device)
 
 
 def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
@@ -219,8 +219,8 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
             raise FinalError(f"the backward of {p.input_names[j]} is not differentiable")
     check = _DifferentiableCheck(p, trans, dummies)
     store = [
-        (memory.empty if j in trans else memory.zeros)(
-            (n, g_in.batch_size, p.n_rows), p.dtype, p.device
+        (torch.empty if j in trans else torch.zeros)(
+            (n, g_in.batch_size, p.n_rows), dtype=p.dtype, device=p.device
         )
         for j, n in enumerate(g_in.sizes)
     ]

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.closed_forms import Use, write_use
 from torchjac._engine.graph_probes import GraphProblem, solve
@@ -94,8 +93,8 @@ def per_sample_jacobian(
     n_out = out.numel() // n if n else 0
     rest = out.shape[:bd] + out.shape[bd + 1 :]
     targets = {
-        name: memory.empty(
-            (n, n_out, *t.shape), torch.promote_types(out.dtype, t.dtype), out.device
+        name: torch.empty(
+            n, n_out, *t.shape, dtype=torch.promote_types(out.dtype, t.dtype), device=out.device
         )
         for name, t in state.leaves.items()
     }

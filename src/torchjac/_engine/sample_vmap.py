@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from torchjac._engine import memory
 from torchjac._engine.layers import ModelState, call
 
 __all__ = ["SampleProblem"]
@@ -96,7 +95,7 @@ class SampleProblem:
     def _loop(self, start: int, stop: int) -> dict[str, Tensor]:
         c = stop - start
         res = {
-            n: memory.zeros((self.n, c, *p.shape), self.dtype, self.device)
+            n: torch.zeros(self.n, c, *p.shape, dtype=self.dtype, device=self.device)
             for n, p in self.params.items()
         }
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}

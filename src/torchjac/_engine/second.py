@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
-from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
@@ -74,7 +74,7 @@ def _nested(
 ) -> Tensor:
     b, r, d = t.in_group.batch_size, t.out_group.numel, t.in_group.numel
     shape = (b, r, d, d) if kind == "full" else (b, r, d)
-    res = memory.zeros(shape, p.dtype, p.device)
+    res = torch.zeros(shape, dtype=p.dtype, device=p.device)
 
     def full_sink(o: Tensor, a: Tensor, block: Tensor) -> None:
         res[:, o, a] = block.to(p.dtype)

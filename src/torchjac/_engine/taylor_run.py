@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from torchjac._engine import memory
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.structure import sample_mask
@@ -120,7 +119,7 @@ def _read(
     if kind == "diag":
         return second.transpose(1, 2)
     assert spec.left is not None and spec.right is not None
-    res = memory.zeros((g_in.batch_size, g_out.numel, d, d), second.dtype, second.device)
+    res = second.new_zeros(g_in.batch_size, g_out.numel, d, d)
     res[:, :, spec.left, spec.right] = second.transpose(1, 2)
     res[:, :, spec.right, spec.left] = second.transpose(1, 2)
     return res

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from torchjac._engine import memory
 from torchjac._engine.taylor import Jet, TaylorFailed
 
 __all__ = ["NeedForward", "Tape", "attach_live", "contract", "record"]
@@ -85,7 +84,7 @@ def contract(
     entries = [(e, e.live, s) for e, s in tape.entries if e.live is not None]
     entries = [(e, h, s) for e, h, s in entries if h.requires_grad]
     bsz, n_rows, d = shape
-    res = memory.zeros((bsz, n_rows, d), like.dtype, like.device)
+    res = like.new_zeros(bsz, n_rows, d)
     if not entries or not outs or bsz == 0:
         return res
     for e, h, _ in entries:
