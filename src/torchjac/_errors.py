@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 __all__ = ["BatchCouplingError", "FallbackWarning", "fallback_scope", "warn_fallback"]
@@ -25,24 +23,23 @@ class FallbackWarning(UserWarning):
 _WARNED: ContextVar[list[str] | None] = ContextVar("torchjac_fallbacks", default=None)
 
 
-@contextmanager
-def fallback_scope() -> Iterator[None]:
+class fallback_scope:
     """One public call: at most one ``FallbackWarning`` comes out of it (the first), when it
     returns; a call that raises warns nothing, its error says enough.
 
     Nested scopes (a front door calling another) share the outermost one.
     """
-    if _WARNED.get() is not None:
-        yield
-        return
-    warned: list[str] = []
-    token = _WARNED.set(warned)
-    try:
-        yield
-    finally:
-        _WARNED.reset(token)
-    if warned:  # reached only when the call succeeded
-        warnings.warn(warned[0], FallbackWarning, stacklevel=4)
+
+    def __enter__(self) -> None:
+        self.token = None if _WARNED.get() is not None else _WARNED.set([])
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if self.token is None:
+            return
+        warned = _WARNED.get()
+        _WARNED.reset(self.token)
+        if warned and kind is None:  # only when the call succeeded
+            warnings.warn(warned[0], FallbackWarning, stacklevel=3)
 
 
 def warn_fallback(fn_name: str, what: str, why: BaseException | str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -87,7 +88,8 @@ def jac(
     )
     problem = call.problem
     # create_graph=True under torch.no_grad(): differentiable, as with torch.autograd.grad
-    with torch.set_grad_enabled(problem.create_graph or torch.is_grad_enabled()):
+    enable = problem.create_graph and not torch.is_grad_enabled()
+    with torch.enable_grad() if enable else contextlib.nullcontext():
         flat = solve(problem, call.mode, call.chunk_size, call.budget)
         shaped = [_shape(problem, j, r, call.single) for j, r in enumerate(flat)]
         return unflatten(call.container, shaped)
