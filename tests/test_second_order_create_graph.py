@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from conftest import randn
 from test_functional import MODES, mlp
+from torch import Tensor
 from torch.func import hessian, vmap
 
 import torchjac as tj
@@ -32,6 +35,17 @@ def test_pinn_residual_loss_parameter_gradient(gen: torch.Generator) -> None:
     assert all(p.grad is None for p in net.parameters())
 
 
+def _oracle(fn: str, net: Any, x: Tensor) -> Tensor:
+    """``fn``'s per-sample result by torch.func (differentiable, like the input and net)."""
+    h = vmap(hessian(net))(x)
+    return {
+        "hessian": h,
+        "hessian_diagonal": h.diagonal(dim1=-2, dim2=-1),
+        "laplacian": h.diagonal(dim1=-2, dim2=-1).sum(-1),
+        "jacobian": vmap(torch.func.jacrev(net))(x),
+    }[fn]
+
+
 @pytest.mark.parametrize("fn", ["hessian", "hessian_diagonal", "laplacian", "jacobian"])
 def test_create_graph_parameter_gradients_every_front_door(gen: torch.Generator, fn: str) -> None:
     net = mlp(gen, (3, 6, 2))
@@ -40,13 +54,7 @@ def test_create_graph_parameter_gradients_every_front_door(gen: torch.Generator,
     got = getattr(tj, fn)(net, x, batch_dim=0, create_graph=True)
     plain = getattr(tj, fn)(net, x, batch_dim=0)
     assert not plain.requires_grad
-    h = vmap(hessian(net))(x)
-    ref = {
-        "hessian": h,
-        "hessian_diagonal": h.diagonal(dim1=-2, dim2=-1),
-        "laplacian": h.diagonal(dim1=-2, dim2=-1).sum(-1),
-        "jacobian": vmap(torch.func.jacrev(net))(x),
-    }[fn]
+    ref = _oracle(fn, net, x)
     torch.testing.assert_close(got, ref)
     w = torch.linspace(-1, 1, got.numel(), dtype=got.dtype).view_as(got)
     grads = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
@@ -63,13 +71,7 @@ def test_create_graph_parameter_gradients_every_front_door(gen: torch.Generator,
 def test_create_graph_input_gradients(gen: torch.Generator, fn: str, mode: str) -> None:
     net = mlp(gen, (3, 6, 2))
     x = randn(4, 3, gen=gen, grad=True)
-    h = vmap(hessian(net))(x)
-    ref = {
-        "hessian": h,
-        "hessian_diagonal": h.diagonal(dim1=-2, dim2=-1),
-        "laplacian": h.diagonal(dim1=-2, dim2=-1).sum(-1),
-        "jacobian": vmap(torch.func.jacrev(net))(x),
-    }[fn]
+    ref = _oracle(fn, net, x)
     got = getattr(tj, fn)(net, x, batch_dim=0, mode=mode, create_graph=True)
     (g,) = torch.autograd.grad((got**2).sum(), x)
     (r,) = torch.autograd.grad((ref**2).sum(), x)
