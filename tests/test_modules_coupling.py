@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from param_jacobian_checks import _assert_close, _built
-from registry import CASES, DTYPE, full_oracle
+from registry import CASES, DTYPE, full_oracle, per_sample_oracle
 from torch import Tensor, nn
 
 import torchjac as tj
@@ -72,3 +72,67 @@ def test_output_that_ignores_the_batch_is_an_error_per_sample() -> None:
     torch.testing.assert_close(full, torch.eye(8, dtype=DTYPE).reshape(4, 2, 4, 2))
     with pytest.raises(ValueError, match="does not follow the batch of its inputs"):
         tj.param_jacobian(model, x, batch_dim=0)
+
+
+class OneWayPair(nn.Module):
+    """Sample 3's output reads sample 2's: one coupled pair, in one direction only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).to(DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.lin(x)
+        coupled = out.clone()
+        coupled[3] = coupled[3] + out[2]
+        return coupled
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_one_coupled_pair_in_a_small_batch_raises(gen: torch.Generator, chunk_size: int | None):
+    # up to 8 samples every pair is checked, whatever random half the check would draw
+    model, x = OneWayPair(), torch.randn(4, 3, generator=gen, dtype=DTYPE)
+    with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+        tj.param_jacobian(model, x, batch_dim=0, chunk_size=chunk_size)
+    with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+        tj.ntk(model, x)
+
+
+class ProjectedPositions(nn.Module):
+    """A Linear applied to a parameter without the batch, added to every sample."""
+
+    def __init__(self, positions: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(positions, 3, dtype=DTYPE))
+        self.proj = nn.Linear(3, 3).to(DTYPE)
+        self.out = nn.Linear(3, 2).to(DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(x + self.proj(self.pos)).flatten(1)
+
+
+def test_a_layer_on_a_tensor_without_the_batch_is_exact(gen: torch.Generator) -> None:
+    model, x = ProjectedPositions(5), torch.randn(4, 5, 3, generator=gen, dtype=DTYPE)
+    _assert_close(tj.param_jacobian(model, x, batch_dim=0), per_sample_oracle(model, (x,), {}, 0))
+
+
+class FedItsOwnWeight(nn.Module):
+    """A Linear called on the batch and on its own weight: the weight is also an input there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4).to(DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) + self.lin(self.lin.weight)
+
+
+def test_a_weight_fed_to_its_own_layer_is_never_half_counted(gen: torch.Generator) -> None:
+    model, x = FedItsOwnWeight(), torch.randn(4, 4, generator=gen, dtype=DTYPE)
+    _assert_close(tj.param_jacobian(model, x), full_oracle(model, (x,), {}))
+    try:  # per sample, the general path may refuse the broadcast; it must not be wrong
+        got = tj.param_jacobian(model, x, batch_dim=0)
+    except ValueError as err:
+        assert "batch" in str(err)
+    else:
+        _assert_close(got, per_sample_oracle(model, (x,), {}, 0))

@@ -50,10 +50,16 @@ def build_use(
     output: Any,
     by_id: dict[int, str],
     batch_dim: int | None,
+    batch_size: int | None = None,
 ) -> tuple[Use, Tensor] | None:
-    """A ``Use`` and the output to return from the hook, or ``None`` (leave the call alone)."""
+    """A ``Use`` and the output to return from the hook, or ``None`` (leave the call alone: the
+    general path takes it). With ``batch_dim``, a call on a tensor without the batch (e.g. a
+    parameter, or a fixed table) is left alone too."""
     x = args[0] if args else kwargs.get("input")
     if not isinstance(x, Tensor) or not isinstance(output, Tensor) or len(args) > 1:
+        return None
+    unbatched = x.dim() == 0 or x.shape[(batch_dim or 0) % max(x.dim(), 1)] != batch_size
+    if batch_dim is not None and batch_size is not None and unbatched:
         return None
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)

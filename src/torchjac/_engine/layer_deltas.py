@@ -3,7 +3,6 @@ rides along with the first of them (see NOTE [layer capture] in ``layers``)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from torchjac._engine.closed_forms import Use
 from torchjac._engine.layers import Capture
-from torchjac._engine.structure import sample_mask
+from torchjac._engine.structure import sample_masks
 from torchjac._errors import BatchCouplingError
 
 __all__ = ["CouplingCheck", "deltas"]
@@ -73,9 +72,9 @@ def _backward(
 class CouplingCheck:
     """Raise ``BatchCouplingError`` when an output sample depends on another sample.
 
-    Two probes: a random cotangent on a random half of the samples, and one on the other half
-    (NOTE [coupling check] in ``structure``); the ``δ`` of every use, and the gradient of every
-    given batched input (leaves requiring grad), must vanish outside the half. The probes ride
+    One probe per set S of ``structure.sample_masks`` and one per complement (NOTE [coupling
+    check] in ``structure``): a random cotangent on S; the ``δ`` of every use, and the gradient of
+    every given batched input (leaves requiring grad), must vanish outside S. The probes ride
     along with the first ``deltas`` pass (``pending`` until then), or run alone (``run``).
     """
 
@@ -92,22 +91,33 @@ class CouplingCheck:
         self.inputs, self.describe_use = list(inputs), describe_use
         self.extra = [t for _, t in inputs]
         bd = batch_dim % out.dim()
-        self.pending = out.shape[bd] > 1
-        halves = [
-            _check_cotangent(tuple(out.shape), bd, out.dtype, out.device, other)
-            for other in ((False, True) if self.pending else ())
-        ]
-        self.outside = [o for _, o in halves]
-        self.cotangents = torch.cat([c for c, _ in halves]) if halves else out.new_empty(0)
+        bsz = out.shape[bd]
+        self.pending = bsz > 1
+        sets = (
+            [m for s in sample_masks(bsz, out.device, rows=True) for m in (s, ~s)]
+            if self.pending
+            else []
+        )
+        gen = torch.Generator().manual_seed(7)
+        cot = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        cot = cot.to(device=out.device, dtype=out.dtype)
+        view = [1] * out.dim()
+        view[bd] = bsz
+        self.outside = [~m for m in sets]
+        self.cotangents = (
+            torch.stack([cot * m.reshape(view).to(out.dtype) for m in sets])
+            if sets
+            else out.new_empty(0)
+        )
 
     def run(self) -> None:
-        """The check on its own (one backward pass per half), unless already done."""
+        """The check on its own (one backward pass per probe), unless already done."""
         if self.pending:
             ds, gs = _backward(self.cap, self.cotangents, self.extra, batched=False)
             self.verify(ds, gs, 0)
 
     def verify(self, ds: list[Tensor | None], gs: list[Tensor | None], first: int) -> None:
-        """Check a pass whose probes ``first`` and ``first + 1`` were this check's."""
+        """Check a pass whose probes from ``first`` on were this check's."""
         for h, outside in enumerate(self.outside):
             for use, d in zip(self.cap.uses, ds):
                 if d is not None and bool((d[:, first + h][outside].nan_to_num(0.0) != 0).any()):
@@ -119,20 +129,6 @@ class CouplingCheck:
                 if bool((per_sample.nan_to_num(0.0) != 0).any()):
                     _raise_coupled(self.fn_name, self.batch_dim, name)
         self.pending = False
-
-
-@functools.lru_cache(maxsize=16)
-def _check_cotangent(
-    shape: tuple[int, ...], bd: int, dtype: torch.dtype, device: torch.device, other_half: bool
-) -> tuple[Tensor, Tensor]:
-    """The check's cotangent ``[1, *shape]`` and the samples outside its half (never mutated)."""
-    mask = sample_mask(shape[bd], device)
-    mask = ~mask if other_half else mask
-    gen = torch.Generator().manual_seed(7)
-    cot = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    view = [1] * len(shape)
-    view[bd] = shape[bd]
-    return (cot * mask.reshape(view).to(dtype)).unsqueeze(0), ~mask
 
 
 def _raise_coupled(fn_name: str, batch_dim: int, where: str) -> None:

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.closed_forms import KINDS, Use, build_use
 from torchjac._engine.structure import reachable
@@ -136,17 +137,19 @@ def capture(
     Raises ``TypeError`` when the model does not return a Tensor. Hooks never outlive the call.
     """
     by_id = {id(t): n for n, t in state.leaves.items()}
+    batch_size = _batch_size(args, kwargs, batch_dim)
     uses: list[Use] = []
     covered: list[tuple[Any, set[int]]] = []  # (node, ids of the leaves it covers) per use
 
     def hook(module: nn.Module, h_args: tuple, h_kwargs: dict, output: Any) -> Any:
-        built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim)
+        built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim, batch_size)
         if built is None:
             return None
         use, new_output = built
         uses.append(use)
         x = h_args[0] if h_args else h_kwargs.get("input")
         leaves = {id(state.leaves[n]) for n in (use.weight, use.bias) if n is not None}
+        leaves.discard(id(x))  # a parameter fed in as the layer's input is not covered there
         covered.extend((node, leaves) for node in _layer_nodes(output, x))
         return new_output
 
@@ -170,6 +173,16 @@ def capture(
     hit = reachable([output], [state.leaves[n] for n in state.names], blocked)
     cap.general = tuple(n for n, h in zip(state.names, hit) if h)
     return cap
+
+
+def _batch_size(args: tuple, kwargs: dict, batch_dim: int | None) -> int | None:
+    """The batch size of the first tensor argument (the model's batch), if any."""
+    if batch_dim is None:
+        return None
+    for t in tree_flatten((args, kwargs))[0]:
+        if isinstance(t, Tensor) and t.dim() > 0:
+            return int(t.shape[batch_dim % t.dim()])
+    return None
 
 
 def _layer_nodes(output: Tensor, x: Any) -> list[Any]:

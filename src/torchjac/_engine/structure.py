@@ -9,7 +9,9 @@ and the rest is caught. With at most 8 samples the sets are the bits of the samp
 catches every coupled pair (two samples differ in some bit); with more, they are the two lowest
 bits (neighbours, as in ``roll`` or a convolution over the batch) and a random half, which
 catches every coupling through a batch statistic and most others. That is at most six backward
-passes, with their own generator, so the user's RNG state is untouched."""
+passes, with their own generator, so the user's RNG state is untouched. Where the check rides in
+the result's own pass (Taylor rows, layer probes) each set costs a column of the result, and a
+large batch gets the random half alone (``sample_masks(rows=True)``)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ __all__ = ["check_independent", "reachable", "sample_mask", "sample_masks"]
 def sample_mask(batch_size: int, device: torch.device) -> Tensor:
     """Boolean mask of a random half of the samples, containing 0 and missing at least one."""
     gen = torch.Generator().manual_seed(20240917)
-    mask = torch.rand(batch_size, generator=gen) < 0.5
+    mask = torch.rand(batch_size, generator=gen, dtype=torch.float64) < 0.5  # any default dtype
     mask[0] = True
     if bool(mask.all()):
         mask[-1] = False
@@ -38,11 +40,17 @@ def sample_mask(batch_size: int, device: torch.device) -> Tensor:
 ALL_PAIRS_MAX_BATCH = 8
 
 
-def sample_masks(batch_size: int, device: torch.device) -> list[Tensor]:
-    """The sets S of NOTE [coupling check] (each is checked with its complement too)."""
+def sample_masks(batch_size: int, device: torch.device, *, rows: bool = False) -> list[Tensor]:
+    """The sets S of NOTE [coupling check] (each is checked with its complement too).
+
+    ``rows``: the check rides in the same pass as the result (extra coefficient rows of the
+    Taylor mode, extra probes of a layer backward), where each set costs as much as a column of
+    the result: beyond ``ALL_PAIRS_MAX_BATCH`` samples, the random half alone.
+    """
     index = torch.arange(batch_size)
     n_bits = max(1, (batch_size - 1).bit_length())
-    bits = range(n_bits) if batch_size <= ALL_PAIRS_MAX_BATCH else range(2)
+    small = batch_size <= ALL_PAIRS_MAX_BATCH
+    bits = range(n_bits) if small else range(0 if rows else 2)
     masks = [((index >> k) & 1).bool().to(device) for k in bits]
     if batch_size > ALL_PAIRS_MAX_BATCH:
         masks.append(sample_mask(batch_size, device))

@@ -5,10 +5,11 @@ inside a custom ``autograd.Function`` (it would differentiate the forward instea
 user's backward) nor honour a ``torch.no_grad()`` block; both run with gradients disabled, so the
 pass runs with gradients enabled and any call on a Jet with gradients disabled stops it
 (``TaylorFailed``): the call then takes nested AD, with one ``FallbackWarning``. Any other failure
-inside the propagation does the same. With ``batch_dim``, one extra first-order direction carries
-a random tangent on a random half S of the samples (always sample 0, never all): any response of
-an output sample outside S means the samples are coupled (``BatchCouplingError``), as in
-NOTE [coupling check] but in forward mode, at the price of one coefficient.
+inside the propagation does the same. With ``batch_dim``, extra first-order directions carry a
+random tangent on a set S of the samples, one per set of ``sample_masks(rows=True)`` and one per
+complement (two for a large batch: a random half and the rest): any response of an output sample
+outside S means the samples are coupled (``BatchCouplingError``), as in NOTE [coupling check]
+but in forward mode, at the price of one coefficient each.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_map
 
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.structure import sample_mask
+from torchjac._engine.structure import sample_masks
 from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
 from torchjac._engine.taylor_tape import NeedForward, Tape, contract
 from torchjac._errors import BatchCouplingError
@@ -49,9 +50,9 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     left = right = None
     if kind == "full":
         left, right = torch.triu_indices(d, d, device=p.device)
-    # NOTE [coupling check]: a random half and its complement, one direction each
-    masks = [] if p.batch_dim is None or bsz <= 1 else [sample_mask(bsz, p.device)]
-    masks += [~m for m in masks]
+    # NOTE [coupling check]: each set and its complement, one direction each
+    sets = [] if p.batch_dim is None or bsz <= 1 else sample_masks(bsz, p.device, rows=True)
+    masks = [m for s in sets for m in (s, ~s)]
     extra = len(masks)
     tape = Tape() if kind == "rdiag" else None
     spec = JetSpec(d, "first" if tape else kind, left, right, extra, p.create_graph, tape)
