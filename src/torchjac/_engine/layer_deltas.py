@@ -3,6 +3,7 @@ rides along with the first of them (see NOTE [layer capture] in ``layers``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -91,24 +92,9 @@ class CouplingCheck:
         self.inputs, self.describe_use = list(inputs), describe_use
         self.extra = [t for _, t in inputs]
         bd = batch_dim % out.dim()
-        bsz = out.shape[bd]
-        self.pending = bsz > 1
-        sets = (
-            [m for s in sample_masks(bsz, out.device, rows=True) for m in (s, ~s)]
-            if self.pending
-            else []
-        )
-        gen = torch.Generator().manual_seed(7)
-        cot = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-        cot = cot.to(device=out.device, dtype=out.dtype)
-        view = [1] * out.dim()
-        view[bd] = bsz
-        self.outside = [~m for m in sets]
-        self.cotangents = (
-            torch.stack([cot * m.reshape(view).to(out.dtype) for m in sets])
-            if sets
-            else out.new_empty(0)
-        )
+        self.pending = out.shape[bd] > 1
+        probes = _cached_probes if out.numel() <= 1 << 16 else _probes  # never hold large ones
+        self.cotangents, self.outside = probes(tuple(out.shape), bd, out.dtype, out.device)
 
     def run(self) -> None:
         """The check on its own (one backward pass per probe), unless already done."""
@@ -129,6 +115,24 @@ class CouplingCheck:
                 if bool((per_sample.nan_to_num(0.0) != 0).any()):
                     _raise_coupled(self.fn_name, self.batch_dim, name)
         self.pending = False
+
+
+def _probes(
+    shape: tuple[int, ...], bd: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, list[Tensor]]:
+    """The check's cotangents ``[M, *shape]`` and the samples outside each set (never mutated)."""
+    bsz = shape[bd]
+    sets = [m for s in sample_masks(bsz, device, rows=True) for m in (s, ~s)] if bsz > 1 else []
+    gen = torch.Generator().manual_seed(7)
+    cot = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    view = [1] * len(shape)
+    view[bd] = bsz
+    if not sets:
+        return cot.new_empty(0), []
+    return torch.stack([cot * m.reshape(view).to(dtype) for m in sets]), [~m for m in sets]
+
+
+_cached_probes = functools.lru_cache(maxsize=16)(_probes)
 
 
 def _raise_coupled(fn_name: str, batch_dim: int, where: str) -> None:
