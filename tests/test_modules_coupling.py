@@ -136,3 +136,26 @@ def test_a_weight_fed_to_its_own_layer_is_never_half_counted(gen: torch.Generato
         assert "batch" in str(err)
     else:
         _assert_close(got, per_sample_oracle(model, (x,), {}, 0))
+
+
+class Table(nn.Module):
+    """A bare table indexed by integer inputs: no float input, no covered layer to probe."""
+
+    def __init__(self, centred: bool) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(6, 2, dtype=DTYPE))
+        self.centred = centred
+
+    def forward(self, idx: Tensor) -> Tensor:
+        rows = self.table[idx]
+        return rows - rows.mean(0) if self.centred else rows * rows
+
+
+def test_coupling_only_through_an_indexed_table_raises() -> None:
+    idx = torch.tensor([0, 2, 3, 5])
+    with pytest.raises(tj.BatchCouplingError, match="table"):
+        tj.param_jacobian(Table(centred=True), idx, batch_dim=0)
+    model = Table(centred=False)
+    _assert_close(
+        tj.param_jacobian(model, idx, batch_dim=0), per_sample_oracle(model, (idx,), {}, 0)
+    )

@@ -162,6 +162,8 @@ def _fill(
     if not uses:  # nothing to carry the check's probes: it runs alone, first
         check.run()
     run_chunks(check.fn_name, n_out, size, probe, write)
+    if sample is not None:  # couplings the check's probes may not reach (after theirs)
+        sample.check_alone(out, check.fn_name, batch_dim)
 
 
 def _describe(use: Use) -> str:

@@ -21,6 +21,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchjac._engine.layers import ModelState, call
+from torchjac._errors import BatchCouplingError
 
 __all__ = ["SampleProblem"]
 
@@ -73,6 +74,49 @@ class SampleProblem:
                 "batch of its inputs. Drop `batch_dim` to get the full Jacobian."
             )
         return out.movedim(self.out_dim, 0).reshape(-1)
+
+    def check_alone(self, out: Tensor, fn_name: str, batch_dim: int) -> None:
+        """Raise ``BatchCouplingError`` unless each sample alone gives its row of ``out``.
+
+        NOTE [general per-sample path]: these rows are computed one sample at a time, so a
+        coupling only through the parameters of this path (e.g. ``table[idx] - mean``, with
+        integer inputs and no covered layer for the probes of ``CouplingCheck``) would silently
+        give the rows of the samples alone. Their values, against the batch's, tell: equal up to
+        rounding when the samples are independent (a random model, e.g. dropout in train mode,
+        fails this too).
+        """
+
+        def one(*flat: Any) -> Tensor:
+            flat1 = [t if d is None else t.unsqueeze(d) for t, d in zip(flat, self.dims)]
+            return self._row(self.params, flat1)
+
+        with torch.no_grad():
+            try:
+                alone = vmap(one, in_dims=tuple(self.dims))(*self.flat)
+            except Exception:  # not vectorisable: one sample at a time, errors as they are
+                alone = torch.stack(
+                    [
+                        self._row(
+                            self.params,
+                            [
+                                t if d is None else t.narrow(d, s, 1)
+                                for t, d in zip(self.flat, self.dims)
+                            ],
+                        )
+                        for s in range(self.n)
+                    ]
+                )
+        together = out.detach().movedim(self.out_dim, 0).reshape(self.n, -1)
+        tol = 1000 * torch.finfo(together.dtype).eps * max(1.0, float(together.abs().max()))
+        if not bool(((alone.to(together.dtype) - together).abs() <= tol).all()):
+            raise BatchCouplingError(
+                f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only "
+                f"on sample i, but the model's output for a sample alone differs from its row "
+                f"in the batch: samples are coupled through the parameters "
+                f"{', '.join(self.names)} (e.g. a batch statistic), or the model is random (e.g. "
+                "dropout in train mode: call model.eval()). Drop `batch_dim` to get the full "
+                "Jacobian instead."
+            )
 
     def _basis(self, start: int, stop: int) -> Tensor:
         c = stop - start
