@@ -159,3 +159,8 @@ def test_coupling_only_through_an_indexed_table_raises() -> None:
     _assert_close(
         tj.param_jacobian(model, idx, batch_dim=0), per_sample_oracle(model, (idx,), {}, 0)
     )
+
+
+def test_ntk_coupling_only_through_an_indexed_table_raises() -> None:
+    with pytest.raises(tj.BatchCouplingError, match="table"):
+        tj.ntk(Table(centred=True), torch.tensor([0, 2, 3, 5]))

@@ -172,6 +172,7 @@ def _general(
     the general path (NOTE [general per-sample path])."""
     problem = SampleProblem(model, state, names, side.args, {}, batch_dim, side.cap.output)
     out = side.cap.output
+    problem.check_alone(out, fn, batch_dim)  # couplings only through these parameters
     sizes = [state.leaves[n].numel() for n in names]
     per_probe = 3 * out.dtype.itemsize * side.n * sum(sizes)
 
