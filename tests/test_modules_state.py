@@ -87,3 +87,15 @@ def test_dropout_in_train_mode_leaves_the_rng_state() -> None:
     got = tj.param_jacobian(model, x)
     assert torch.equal(state, torch.get_rng_state())
     assert got["0.weight"].shape == (5, 2, 4, 3)
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_an_embedding_with_max_norm_does_not_renormalise_the_users_weight(
+    batch_dim: int | None,
+) -> None:
+    model = nn.Sequential(nn.Embedding(5, 3, max_norm=0.5), nn.Flatten(), nn.Linear(6, 2))
+    model = model.to(DTYPE)
+    before = _snapshot(model)
+    got = tj.param_jacobian(model, torch.tensor([[0, 1], [2, 3], [1, 4]]), batch_dim=batch_dim)
+    assert got["0.weight"].shape == (3, 2, 5, 3)
+    _assert_same(before, _snapshot(model))

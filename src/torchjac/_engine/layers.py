@@ -84,13 +84,20 @@ class ModelState:
 def model_state(model: nn.Module, names: Sequence[str]) -> ModelState:
     """Leaves for ``names`` (canonical names of ``named_parameters()``), the rest fixed."""
     wanted = set(names)
+    # an embedding with max_norm renormalises its weight in place when called: a copy takes it
+    renormed = {
+        f"{prefix}.weight" if prefix else "weight"
+        for prefix, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    }
     leaves: dict[str, Tensor] = {}
     fixed: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
+        own = p.clone() if p.is_inference() or name in renormed else p
         if name in wanted:
-            leaves[name] = (p.clone() if p.is_inference() else p).detach().requires_grad_(True)
+            leaves[name] = own.detach().requires_grad_(True)
         else:
-            fixed[name] = p.detach()
+            fixed[name] = own.detach()
     for name, buf in model.named_buffers():
         fixed[name] = buf.detach().clone()
     return ModelState(tuple(names), {n: leaves[n] for n in names}, fixed)
