@@ -164,3 +164,22 @@ def test_coupling_only_through_an_indexed_table_raises() -> None:
 def test_ntk_coupling_only_through_an_indexed_table_raises() -> None:
     with pytest.raises(tj.BatchCouplingError, match="table"):
         tj.ntk(Table(centred=True), torch.tensor([0, 2, 3, 5]))
+
+
+class LogScaled(nn.Module):
+    """A bare parameter (general path) on an output that is NaN for a negative input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([2.0, 3.0], dtype=DTYPE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log(x) * self.scale
+
+
+def test_nan_outputs_are_not_taken_for_a_coupling() -> None:
+    x = torch.tensor([[1.0, 2.0], [-1.0, 3.0], [4.0, 0.5]], dtype=DTYPE)
+    got = tj.param_jacobian(LogScaled(), x, batch_dim=0)["scale"]  # [3, 2, 2]; no error
+    finite = [0, 2]  # sample 1's rows carry its NaN (0 * NaN in a vector-Jacobian product)
+    torch.testing.assert_close(got[finite], torch.diag_embed(torch.log(x[finite])))
+    assert bool(got[1].isnan().any())

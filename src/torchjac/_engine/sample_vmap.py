@@ -95,20 +95,13 @@ class SampleProblem:
                 alone = vmap(one, in_dims=tuple(self.dims))(*self.flat)
             except Exception:  # not vectorisable: one sample at a time, errors as they are
                 alone = torch.stack(
-                    [
-                        self._row(
-                            self.params,
-                            [
-                                t if d is None else t.narrow(d, s, 1)
-                                for t, d in zip(self.flat, self.dims)
-                            ],
-                        )
-                        for s in range(self.n)
-                    ]
+                    [self._row(self.params, self._sample(s)) for s in range(self.n)]
                 )
         together = out.detach().movedim(self.out_dim, 0).reshape(self.n, -1)
-        tol = 1000 * torch.finfo(together.dtype).eps * max(1.0, float(together.abs().max()))
-        if not bool(((alone.to(together.dtype) - together).abs() <= tol).all()):
+        scale = float(together.nan_to_num(0.0, 0.0, 0.0).abs().max()) if together.numel() else 0.0
+        tol = 1000 * torch.finfo(together.dtype).eps * max(1.0, scale)
+        same = torch.isclose(alone.to(together.dtype), together, rtol=0.0, atol=tol, equal_nan=True)
+        if not bool(same.all()):
             raise BatchCouplingError(
                 f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only "
                 f"on sample i, but the model's output for a sample alone differs from its row "
@@ -117,6 +110,10 @@ class SampleProblem:
                 "dropout in train mode: call model.eval()). Drop `batch_dim` to get the full "
                 "Jacobian instead."
             )
+
+    def _sample(self, s: int) -> list[Any]:
+        """The flat arguments of sample ``s`` alone (a batch of one)."""
+        return [t if d is None else t.narrow(d, s, 1) for t, d in zip(self.flat, self.dims)]
 
     def _basis(self, start: int, stop: int) -> Tensor:
         c = stop - start
@@ -144,8 +141,7 @@ class SampleProblem:
         }
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
         for s in range(self.n):
-            flat = [t if d is None else t.narrow(d, s, 1) for t, d in zip(self.flat, self.dims)]
-            row = self._row(leaves, flat)
+            row = self._row(leaves, self._sample(s))
             for i in range(c):
                 if not row.requires_grad:
                     break
