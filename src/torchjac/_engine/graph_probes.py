@@ -237,7 +237,7 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         tangents = [basis[j].to(p.inputs[j].dtype) for j in sel]  # type: ignore[union-attr]
         retain = release.retain(stop, batched)
         jv = p.grad([trans[j] for j in sel], dummies, tangents, batched, None, retain)
-        check(sel, jv)
+        check(jv)
         release.succeeded(batched)
         return jv
 
@@ -290,7 +290,7 @@ class _DifferentiableCheck:
             for k, gj in enumerate(trans.values()):
                 self._verify(k, reachable([gj], dummies))
 
-    def __call__(self, sel: list[int], jv: tuple[Tensor | None, ...]) -> None:
+    def __call__(self, jv: tuple[Tensor | None, ...]) -> None:
         if len(self.inputs) == 1:
             self._verify(0, [t is not None for t in jv])
 
