@@ -34,8 +34,8 @@ positions (all non-batch, non-feature dims flattened; batch first in every facto
 
 Without ``batch_dim`` the whole batch is one sample (N = 1). ``Use.weight`` / ``Use.bias`` are
 parameter names in ``state.names`` (``None`` when that parameter is not asked for, e.g. frozen).
-``capture`` never checks batch independence; ``layer_deltas.CouplingCheck`` does (two probes,
-carried by the first ``deltas`` pass).
+``capture`` never checks batch independence; ``layer_deltas.CouplingCheck`` does (its probes
+are carried by the first ``deltas`` pass).
 """
 
 from __future__ import annotations
