@@ -10,7 +10,7 @@ call that meets a Jet goes through ``Jet.__torch_function__``: a cheap rule when
 the general rule below — nested ``torch.func.jvp`` vmapped over the directions — so any
 differentiable op works, mixed with the cheap ones in one pass (normalisation layers, whose
 nested forward mode PyTorch gets wrong, are written out in elementary ops: ``taylor_decomp``).
-With ``batch_dim``, one more first-order direction probes the batch coupling (NOTE [taylor
+With ``batch_dim``, the batch coupling is proven absent or checked (NOTE [taylor
 check]); a Hessian diagonal may carry its second order in reverse instead (NOTE [taylor tape]).
 Extra memory is O(K) per
 activation: O(B·D) for a trace or a diagonal, never the ``D × D`` Hessian per sample (unless
@@ -45,26 +45,19 @@ class TaylorFailed(Exception):
 class JetSpec:
     """How the ``K`` coefficients of a stack are laid out (see NOTE [taylor mode]).
 
-    Layout: ``[value, first-order (m = d + extra), second-order (n_second)]``. The ``extra``
-    first-order directions take no part in second order (the batch coupling probe,
-    NOTE [taylor check]).
+    Layout: ``[value, first-order (d), second-order (n_second)]``.
     """
 
     d: int  # number of second-order directions (the inputs' elements per sample)
     kind: str  # "first", "trace", "diag" or "full"
     left: Tensor | None  # "full": pair p is (left[p], right[p])
     right: Tensor | None
-    extra: int = 0
     grad: bool = False  # record the autograd graph of the coefficients (create_graph)
     tape: Any = None  # a Tape: second order in reverse (NOTE [taylor tape])
 
     @property
-    def m(self) -> int:
-        return self.d + self.extra
-
-    @property
     def k(self) -> int:
-        return 1 + self.m + self.n_second
+        return 1 + self.d + self.n_second
 
     @property
     def n_second(self) -> int:
@@ -193,9 +186,9 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     def curve(t1: tuple[Tensor, ...], t2: tuple[Tensor, ...]) -> Any:
         return torch.func.jvp(push, (vals, t1), (t1, t2))
 
-    d, m = spec.d, spec.m
+    d = spec.d
     d1 = tuple(s[1 : 1 + d].clone() for s in stacks)
-    d2 = tuple(s[1 + m :].clone() for s in stacks)
+    d2 = tuple(s[1 + d :].clone() for s in stacks)
     sources = None
     if spec.kind == "first" and spec.tape is not None:  # NOTE [taylor tape]
         first, sources = torch.vmap(curve)(d1, tuple(torch.zeros_like(x) for x in d1))
@@ -216,9 +209,6 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         second = torch.vmap(lambda a, b, h: torch.func.jvp(push, (vals, b), (a, h))[1])(
             left, right, d2
         )
-    if spec.extra:
-        more = torch.vmap(lambda t: push(vals, t))(tuple(s[1 + d : 1 + m].clone() for s in stacks))
-        first = tuple(torch.cat([f, e]) for f, e in zip(first, more))
     for n, i in enumerate(live):
         y = out_leaves[i]
         stack = torch.cat([y.unsqueeze(0), first[n].to(y.dtype), second[n].to(y.dtype)])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.taylor import Jet, TaylorFailed, constant, general_rule, jets_in
+from torchjac._engine.taylor_batch import POINTWISE, agreed_bdim
 from torchjac._engine.taylor_rules import RULES, promote
 from torchjac._engine.taylor_tape import NeedForward, attach_live
 
@@ -61,9 +62,11 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return _assign(args[0], dispatch(func, args, kwargs))
     rule = RULES.get(func)
     out = rule(args, dict(kwargs)) if rule is not None else None
+    jets = jets_in(args, kwargs)
     if out is None:
         out = general_rule(func, args, kwargs)
-    jets = jets_in(args, kwargs)
+        if name in POINTWISE and isinstance(out, Jet):  # NOTE [batch proof]
+            out.bdim = agreed_bdim(jets, out.dim())
     if jets and jets[0].spec.tape is not None:
         attach_live(func, args, kwargs, out)  # NOTE [taylor tape]
     if name in _VIEWS:
@@ -82,9 +85,10 @@ def _assign(jet: Jet, new: Any) -> Jet:
     stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
     jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
     jet.seed = False  # its first order is no longer the one-hot basis
+    # NOTE [batch proof]: the batch of what was written, if it kept the same layout
+    jet.bdim = new.bdim if isinstance(new, Jet) and new.dim() == jet.dim() else None
     if jet.spec.tape is not None:
         jet.live = new.live if isinstance(new, Jet) else new
-        jet.bdim = new.bdim if isinstance(new, Jet) else None
     return jet
 
 
@@ -109,6 +113,8 @@ def _setitem(args: tuple[Any, ...]) -> Any:
     stack[full] = promote(value, target.spec) if isinstance(value, Jet) else 0
     if not isinstance(value, Jet):
         stack[0][index] = value
+    else:  # NOTE [batch proof]: a derivative-carrying value from anywhere: no longer proven
+        target.bdim = None
     target.stack = stack
     target.seed = False
     return None

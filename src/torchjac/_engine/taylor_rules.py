@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.taylor import Jet, JetSpec, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
+from torchjac._engine.taylor_batch import structural_bdim
 from torchjac._engine.taylor_tape import record
 
 __all__ = ["RULES", "promote"]
@@ -53,13 +54,13 @@ def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
 def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
     """``φ(x)`` from ``y = φ(v)``, ``φ'(v)`` and ``φ''(v)`` (``None`` when zero)."""
     spec = x.spec
-    d, m = spec.d, spec.m
+    d = spec.d
     if torch.is_grad_enabled() and (x.stack.requires_grad or dy.requires_grad):
         s = x.stack
         d1 = s[1 : 1 + d]
         rest = dy * s[1:]
         if ddy is not None and spec.n_second > 0:
-            rest[m:] += ddy * _second(spec, d1, d1)
+            rest[d:] += ddy * _second(spec, d1, d1)
         out = torch.cat([y.unsqueeze(0), rest])
     else:  # no graph to keep: write into one buffer, no concatenation (NOTE [taylor mode])
         # NOTE [lazy first order]: a broadcast first order is read as it is, never written out
@@ -69,9 +70,9 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
         torch.mul(d1, dy, out=out[1 : 1 + d])
         torch.mul(s[1 + d :], dy, out=out[1 + d :])
         if ddy is not None and spec.n_second > 0 and spec.kind == "diag":
-            out[1 + m :].addcmul_(d1 * d1, ddy)
+            out[1 + d :].addcmul_(d1 * d1, ddy)
         elif ddy is not None and spec.n_second > 0:
-            out[1 + m :].add_(_second(spec, d1, d1) * ddy)
+            out[1 + d :].add_(_second(spec, d1, d1) * ddy)
     jet = Jet.of(out, spec, x.bdim)
     if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
         sq = d1 * d1  # a fresh product: scaled in place unless d1 is the broadcast first order
@@ -126,7 +127,7 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         c = torch.as_tensor(b, dtype=a.dtype, device=a.device)
         nd = max(a.dim(), c.dim())
         return Jet.of(_lift(a.stack, nd) * c, a.spec, _bd(a, nd))
-    spec, d, m = a.spec, a.spec.d, a.spec.m
+    spec, d = a.spec, a.spec.d
     nd = max(a.dim(), b.dim())
     sa, sb = _lift(a.stack, nd), _lift(b.stack, nd)
     va, vb = sa[0], sb[0]
@@ -136,7 +137,7 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if spec.tape is not None:  # NOTE [taylor tape]
             record(out, 2 * sa[1 : 1 + d] * sb[1 : 1 + d])
         return out
-    rest[m:] += (
+    rest[d:] += (
         2 * _second(spec, sa[1 : 1 + d], sb[1 : 1 + d])
         if spec.kind != "full"
         else (
@@ -175,14 +176,12 @@ def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     broadcast over the batch (returned apart, NOTE [lazy first order]), its second order is
     zero; no product over the directions."""
     spec, v = x.spec, x.stack[0]
-    d, m = spec.d, spec.m
+    d = spec.d
     out = v.new_empty(spec.k, *v.shape[:-1], w.shape[0])
     out[0] = F.linear(v, w, b)
     # a copy: the caller may change w in place before the next rule reads it
     first = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0]).clone()
-    if m > d:
-        out[1 + d : 1 + m] = F.linear(x.stack[1 + d : 1 + m], w)
-    out[1 + m :] = 0
+    out[1 + d :] = 0
     return out, first
 
 
@@ -209,9 +208,11 @@ def _linear_map(func: Any) -> Rule:
             return None  # e.g. a tensor index or a constant operand: the general rule
         spec = jets[0].spec
         out = torch.vmap(lambda *ss: func(*_swap(args, ss), **kwargs))(*(j.stack for j in jets))
+        value = out[0] if isinstance(out, Tensor) else out  # shapes for NOTE [batch proof]
+        bdim = structural_bdim(func.__name__, args, kwargs, jets, value)
         if not isinstance(out, Tensor):
-            return type(out)(Jet.of(o, spec) for o in out)
-        return Jet.of(out, spec)
+            return type(out)(Jet.of(o, spec, bdim) for o in out)
+        return Jet.of(out, spec, bdim)
 
     return rule
 

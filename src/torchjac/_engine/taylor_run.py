@@ -5,11 +5,11 @@ inside a custom ``autograd.Function`` (it would differentiate the forward instea
 user's backward) nor honour a ``torch.no_grad()`` block; both run with gradients disabled, so the
 pass runs with gradients enabled and any call on a Jet with gradients disabled stops it
 (``TaylorFailed``): the call then takes nested AD, with one ``FallbackWarning``. Any other failure
-inside the propagation does the same. With ``batch_dim``, extra first-order directions carry a
-random tangent on a set S of the samples, one per set of ``sample_masks(rows=True)`` and one per
-complement (two for a large batch: a random half and the rest): any response of an output sample
-outside S means the samples are coupled (``BatchCouplingError``), as in NOTE [coupling check]
-but in forward mode, at the price of one coefficient each.
+inside the propagation does the same. With ``batch_dim``, a function whose every op keeps the
+batch provably apart (NOTE [batch proof]) needs no check. Otherwise one more first-order pass
+carries a random tangent on each set S of ``sample_masks`` and on its complement: any response of
+an output sample outside S means the samples are coupled (``BatchCouplingError``), as in NOTE
+[coupling check] but in forward mode.
 """
 
 from __future__ import annotations
@@ -50,48 +50,27 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     left = right = None
     if kind == "full":
         left, right = torch.triu_indices(d, d, device=p.device)
-    # NOTE [coupling check]: each set and its complement, one direction each
-    sets = [] if p.batch_dim is None or bsz <= 1 else sample_masks(bsz, p.device, rows=True)
-    masks = [m for s in sets for m in (s, ~s)]
-    extra = len(masks)
     tape = Tape() if kind == "rdiag" else None
-    spec = JetSpec(d, "first" if tape else kind, left, right, extra, p.create_graph, tape)
-    gen = torch.Generator().manual_seed(7)
+    spec = JetSpec(d, "first" if tape else kind, left, right, p.create_graph, tape)
+    seeds = g_in.one_hot(0, d, p.dtype, p.device)
     jets = []
-    for j, (x, seed) in enumerate(zip(p.inputs, g_in.one_hot(0, d, p.dtype, p.device))):
+    for x, seed in zip(p.inputs, seeds):
         assert seed is not None
-        parts = [x.unsqueeze(0), seed.to(x.dtype)]
-        for mask in masks:
-            rand = torch.randn(1, bsz, g_in.sizes[j], generator=gen).to(x.device, x.dtype)
-            parts.append(g_in.expand(j, rand * mask.reshape(1, bsz, 1).to(x.dtype)))
-        parts.append(x.new_zeros(spec.n_second, *x.shape))
-        jets.append(
-            Jet.of(torch.cat(parts), spec, None if p.batch_dim is None else p.batch_dim % x.dim())
-        )
+        parts = [x.unsqueeze(0), seed.to(x.dtype), x.new_zeros(spec.n_second, *x.shape)]
+        jets.append(_jet(p, torch.cat(parts), spec, x))
         if tape is not None:
             jets[-1].live = x if x.requires_grad else x.detach().requires_grad_(True)
     rank = p.inputs[0].dim()
     jets[0].seed = len(jets) == 1 and (
         rank == 1 if p.batch_dim is None else rank == 2 and p.batch_dim % 2 == 0
     )
-    with torch.enable_grad():  # see NOTE [taylor check]
-        try:
-            raw = p.call_raw(*jets)
-        except (TaylorFailed, NeedForward):
-            raise
-        except Exception as err:  # the nested path calls func again and shows user errors
-            raise TaylorFailed(f"{type(err).__name__}: {err}") from err
-        outs, aux = p.split(raw)
-    if not any(isinstance(y, Jet) for y in outs):
-        # No output carries coefficients: func hid them (a torch.func transform inside it) or is
-        # constant. Nested AD is exact in both cases, and which one it was cannot be told here.
-        raise TaylorFailed("no output of func carries the Taylor coefficients", quiet=True)
+    outs, aux = _call(p, jets)
     values = tuple(y.stack[0] if isinstance(y, Jet) else y for y in outs)
     check_batch(values)
-    stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
     g_out = Group.of(values, p.batch_dim)
-    for k, mask in enumerate(masks):
-        _coupling(p, g_out, [s[1 + d + k] for s in stacks], mask)
+    if p.batch_dim is not None and bsz > 1 and not _proven(p, outs, values, bsz):
+        _check_pass(p, g_in, g_out)
+    stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
     aux = tree_map(lambda a: a.stack[0] if isinstance(a, Jet) else a, aux)
     if tape is not None:
         onehot = g_out.one_hot(0, g_out.numel, p.dtype, p.device)
@@ -106,14 +85,66 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     return TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
 
 
+def _jet(p: FuncProblem, stack: Tensor, spec: JetSpec, x: Tensor) -> Jet:
+    return Jet.of(stack, spec, None if p.batch_dim is None else p.batch_dim % x.dim())
+
+
+def _call(p: FuncProblem, jets: list[Jet]) -> tuple[tuple[Any, ...], Any]:
+    with torch.enable_grad():  # see NOTE [taylor check]
+        try:
+            raw = p.call_raw(*jets)
+        except (TaylorFailed, NeedForward):
+            raise
+        except Exception as err:  # the nested path calls func again and shows user errors
+            raise TaylorFailed(f"{type(err).__name__}: {err}") from err
+        outs, aux = p.split(raw)
+    if not any(isinstance(y, Jet) for y in outs):
+        # No output carries coefficients: func hid them (a torch.func transform inside it) or is
+        # constant. Nested AD is exact in both cases, and which one it was cannot be told here.
+        raise TaylorFailed("no output of func carries the Taylor coefficients", quiet=True)
+    return outs, aux
+
+
+def _proven(p: FuncProblem, outs: tuple[Any, ...], values: tuple[Tensor, ...], bsz: int) -> bool:
+    """Every output provably per sample along ``batch_dim`` (NOTE [batch proof])."""
+    assert p.batch_dim is not None
+    for y, v in zip(outs, values):
+        if isinstance(y, Jet):
+            b = p.batch_dim % v.dim()
+            if y.bdim != b or v.shape[b] != bsz:
+                return False
+    return True
+
+
+def _check_pass(p: FuncProblem, g_in: Group, g_out: Group) -> None:
+    """The coupling check of NOTE [taylor check]: one more pass, first order along one random
+    tangent per set of samples and per complement."""
+    bsz = g_in.batch_size
+    masks = [m for s in sample_masks(bsz, p.device) for m in (s, ~s)]
+    spec = JetSpec(len(masks), "first", None, None)
+    gen = torch.Generator().manual_seed(7)
+    jets = []
+    for j, x in enumerate(p.inputs):
+        parts = [x.unsqueeze(0)]
+        for mask in masks:
+            rand = torch.randn(1, bsz, g_in.sizes[j], generator=gen).to(x.device, x.dtype)
+            parts.append(g_in.expand(j, rand * mask.reshape(1, bsz, 1).to(x.dtype)))
+        jets.append(_jet(p, torch.cat(parts), spec, x))
+    outs, _ = _call(p, jets)
+    stacks = [y.stack for y in outs if isinstance(y, Jet)]
+    index = [i for i, y in enumerate(outs) if isinstance(y, Jet)]
+    for k, mask in enumerate(masks):
+        _coupling(p, g_out, index, [s[1 + k] for s in stacks], mask)
+
+
 def _read(
     p: FuncProblem, kind: str, stacks: list[Tensor], g_in: Group, g_out: Group, spec: JetSpec
 ) -> Tensor:
-    d, m = spec.d, spec.m
+    d = spec.d
     if kind == "first":
         flat = [g_out.flatten(i, s[1 : 1 + d]) for i, s in enumerate(stacks)]  # [B, D, m_i]
         return torch.cat(flat, dim=2).transpose(1, 2).to(p.dtype)
-    parts = [g_out.flatten(i, s[1 + m :]) for i, s in enumerate(stacks)]
+    parts = [g_out.flatten(i, s[1 + d :]) for i, s in enumerate(stacks)]
     second = torch.cat(parts, dim=2).to(p.dtype)  # [B, S, R]
     if kind == "trace":
         return second[:, 0]
@@ -126,9 +157,11 @@ def _read(
     return res
 
 
-def _coupling(p: FuncProblem, g_out: Group, responses: list[Tensor], mask: Tensor) -> None:
+def _coupling(
+    p: FuncProblem, g_out: Group, index: list[int], responses: list[Tensor], mask: Tensor
+) -> None:
     """The forward-mode coupling check of NOTE [taylor check]."""
-    for i, r in enumerate(responses):
+    for i, r in zip(index, responses):
         per_sample = g_out.flatten(i, r.detach().unsqueeze(0))[:, 0]  # [B, m_i]
         leak = per_sample.nan_to_num(0.0).abs().amax(dim=-1) > 0
         leak &= ~mask
