@@ -118,20 +118,38 @@ class Jet(Tensor):
     def __torch_function__(
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
-        from torchjac._engine.taylor_decomp import DECOMPOSITIONS
-        from torchjac._engine.taylor_dispatch import dispatch
-
+        if not _HOOKS:
+            _load_hooks()
         if not torch.is_grad_enabled():  # NOTE [taylor check]: the pass runs with grad on
             raise TaylorFailed(
                 f"{getattr(func, '__name__', func)} ran with gradients disabled (inside a custom "
                 "autograd.Function or a torch.no_grad() block)"
             )
-        decomposition = DECOMPOSITIONS.get(func)
+        kwargs = kwargs or {}
+        decomposition = _HOOKS["decompositions"].get(func)
         if decomposition is not None:
-            return decomposition(*args, **(kwargs or {}))
-        spec = jets_in(args, kwargs or {})[0].spec
-        with torch._C.DisableTorchFunctionSubclass(), torch.set_grad_enabled(spec.grad):
-            return dispatch(func, tuple(args), dict(kwargs or {}))
+            return decomposition(*args, **kwargs)
+        jets = jets_in(args, kwargs)
+        dispatch = _HOOKS["dispatch"]
+        with torch._C.DisableTorchFunctionSubclass():
+            if jets[0].spec.grad:  # gradients are on here (checked above)
+                return dispatch(func, tuple(args), dict(kwargs), jets)
+            torch._C._set_grad_enabled(False)
+            try:
+                return dispatch(func, tuple(args), dict(kwargs), jets)
+            finally:
+                torch._C._set_grad_enabled(True)
+
+
+# Filled on first use (they import this module): the decompositions and the dispatcher.
+_HOOKS: dict[str, Any] = {}
+
+
+def _load_hooks() -> None:
+    from torchjac._engine.taylor_decomp import DECOMPOSITIONS
+    from torchjac._engine.taylor_dispatch import dispatch
+
+    _HOOKS.update(decompositions=DECOMPOSITIONS, dispatch=dispatch)
 
 
 def jets_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Jet]:

@@ -7,7 +7,6 @@ reach the others: such a write stops the Taylor mode (``TaylorFailed``, nested A
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -36,17 +35,23 @@ _VIEWS = frozenset(
 # and linalg.solve are off by O(1); inv, cholesky, eigh, svdvals, qr, lstsq, lu_solve, pinv,
 # matrix_exp, solve_triangular and the norms agree), so the general rule must not meet them: they
 # stop the Taylor mode and nested AD (forward over reverse, which is right) takes over.
-_UNRELIABLE = re.compile(r"^(linalg_)?(det|logdet|slogdet|solve|solve_ex)$")
+_UNRELIABLE = frozenset(
+    pre + name
+    for pre in ("", "linalg_")
+    for name in ("det", "logdet", "slogdet", "solve", "solve_ex")
+)
 
 
-def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Apply ``func`` to arguments containing Jets (see NOTE [taylor mode])."""
+def dispatch(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], jets: list[Jet] | None = None
+) -> Any:
+    """Apply ``func`` to arguments containing Jets (``jets``, when known; NOTE [taylor mode])."""
     name = getattr(func, "__name__", "")
     if torch._C._functorch.maybe_current_level() is not None:
         # func runs its own torch.func transform (vmap, grad, jvp) on a Jet: the transform's
         # wrappers hide the Jet's coefficients, so the result would silently lose them.
         raise TaylorFailed(f"func applies a torch.func transform ({name})")
-    if _UNRELIABLE.match(name):  # NOTE [unreliable nested forward]
+    if name in _UNRELIABLE:  # NOTE [unreliable nested forward]
         raise TaylorFailed(f"torch's nested forward mode is unreliable for {name}")
     if name == "__setitem__":
         return _setitem(args)
@@ -62,7 +67,8 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return _assign(args[0], dispatch(func, args, kwargs))
     rule = RULES.get(func)
     out = rule(args, dict(kwargs)) if rule is not None else None
-    jets = jets_in(args, kwargs)
+    if jets is None:
+        jets = jets_in(args, kwargs)
     if out is None:
         out = general_rule(func, args, kwargs)
         if name in POINTWISE and isinstance(out, Jet):  # NOTE [batch proof]

@@ -48,7 +48,7 @@ def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
     if spec.kind == "diag":
         return fa * fb
     assert spec.left is not None and spec.right is not None
-    return fa[spec.left] * fb[spec.right]
+    return fa.index_select(0, spec.left) * fb.index_select(0, spec.right)
 
 
 def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
@@ -72,7 +72,7 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
         if ddy is not None and spec.n_second > 0 and spec.kind == "diag":
             out[1 + d :].addcmul_(d1 * d1, ddy)
         elif ddy is not None and spec.n_second > 0:
-            out[1 + d :].add_(_second(spec, d1, d1) * ddy)
+            out[1 + d :].addcmul_(_second(spec, d1, d1), ddy)
     jet = Jet.of(out, spec, x.bdim)
     if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
         sq = d1 * d1  # a fresh product: scaled in place unless d1 is the broadcast first order
@@ -248,6 +248,19 @@ for _f in (torch.div, Tensor.div, Tensor.__truediv__):
 RULES[F.linear] = _linear
 for _f in (torch.matmul, Tensor.matmul, Tensor.__matmul__):
     RULES[_f] = _matmul
+
+
+def _metadata(func: Any) -> Rule:
+    """Shape and dtype queries: the Jet's own value answers them."""
+
+    def rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return func(*args, **kwargs)
+
+    return rule
+
+
+for _f in (Tensor.is_floating_point, Tensor.is_complex, Tensor.dim, Tensor.size, Tensor.numel):
+    RULES[_f] = _metadata(_f)
 _LINEAR = ["sum", "mean", "reshape", "view", "flatten", "transpose", "permute", "squeeze"]
 _LINEAR += ["unsqueeze", "narrow", "select", "expand", "movedim", "neg", "cat", "stack"]
 _LINEAR += ["__getitem__", "__neg__", "t", "contiguous", "clone", "split", "chunk", "unbind"]
