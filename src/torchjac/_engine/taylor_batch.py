@@ -52,8 +52,18 @@ def _dims(dim: Any, ndim: int) -> set[int] | None:
     return None  # every dimension (or something unexpected)
 
 
+# torch's numpy-style spellings of the keywords read here
+_ALIAS = {"dim": "axis", "keepdim": "keepdims"}
+# keywords structural_bdim understands; any other one is a missed proof, not a guess
+_KNOWN = frozenset(["dim", "axis", "keepdim", "keepdims", "dims", "dim0", "dim1", "dtype"])
+
+
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
-    return kwargs.get(name, args[i] if len(args) > i else default)
+    if name in kwargs:
+        return kwargs[name]
+    if _ALIAS.get(name) in kwargs:
+        return kwargs[_ALIAS[name]]
+    return args[i] if len(args) > i else default
 
 
 def _basic_index(index: Any) -> bool:
@@ -70,6 +80,8 @@ def structural_bdim(
     name: str, args: tuple[Any, ...], kwargs: dict[str, Any], jets: list[Any], out: Any
 ) -> int | None:
     """The batch dimension of ``out`` after a linear structural op (NOTE [batch proof])."""
+    if any(k not in _KNOWN for k in kwargs):
+        return None
     if name in ("cat", "concat", "concatenate", "stack"):
         return _joined(name, args, kwargs, jets)
     x = jets[0]
@@ -113,7 +125,7 @@ def structural_bdim(
 def _joined(
     name: str, args: tuple[Any, ...], kwargs: dict[str, Any], jets: list[Any]
 ) -> int | None:
-    parts = args[0] if args else kwargs.get("tensors")
+    parts = args[0] if args else None
     if not isinstance(parts, (list, tuple)) or len(jets) != len(parts):
         return None
     if any(p is not j for p, j in zip(parts, jets)):

@@ -26,8 +26,13 @@ _VIEWS = frozenset(
         *("swapaxes", "swapdims", "permute", "squeeze", "unsqueeze", "narrow", "select"),
         *("expand", "expand_as", "movedim", "moveaxis", "__getitem__", "t", "split", "chunk"),
         *("unbind", "diagonal", "unfold", "as_strided", "tensor_split", "hsplit", "vsplit"),
+        # the tensor itself when nothing changes (contiguous, same dtype), or a property view
+        *("contiguous", "to", "double", "float", "half", "bfloat16", "type", "type_as"),
+        *("ravel", "view_as_real", "view_as_complex", "__get__", "detach", "alias"),
     ]
 )
+# In-place ops that change no value: nothing to propagate
+_NO_VALUE_CHANGE = frozenset(["requires_grad_", "retain_grad_", "share_memory_", "detach_"])
 
 
 # NOTE [unreliable nested forward]: torch's forward-over-forward AD gives wrong second derivatives
@@ -99,12 +104,19 @@ def _assign(jet: Jet, new: Any) -> Jet:
 
 
 def _inplace(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    jet = args[0]
+    if name == "copy_":  # the source, broadcast to the target's shape
+        return _assign(jet, args[1] if isinstance(args[1], Jet) else torch.as_tensor(args[1]))
+    if name == "zero_":
+        return _assign(jet, torch.zeros_like(jet.stack[0]))
     owner = torch if getattr(torch, name, None) is func else Tensor
     outplace = getattr(owner, name[:-1], None)
-    if outplace is None:  # e.g. requires_grad_(): nothing to propagate
-        func(args[0].stack[0], *args[1:], **kwargs)
-        return args[0]
-    return _assign(args[0], dispatch(outplace, args, kwargs))
+    if name in _NO_VALUE_CHANGE:
+        func(jet.stack[0], *args[1:], **kwargs)
+        return jet
+    if outplace is None:
+        raise TaylorFailed(f"no rule for the in-place {name}")
+    return _assign(jet, dispatch(outplace, args, kwargs))
 
 
 def _setitem(args: tuple[Any, ...]) -> Any:

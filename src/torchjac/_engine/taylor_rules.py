@@ -206,6 +206,8 @@ def _linear_map(func: Any) -> Rule:
         jets = [x for x in leaves if isinstance(x, Jet)]
         if any(isinstance(x, Tensor) and not isinstance(x, Jet) for x in leaves):
             return None  # e.g. a tensor index or a constant operand: the general rule
+        if any(isinstance(x, Tensor) for x in tree_flatten(kwargs)[0]):
+            return None  # a tensor by keyword: ``_swap`` replaces positional ones only
         spec = jets[0].spec
         out = torch.vmap(lambda *ss: func(*_swap(args, ss), **kwargs))(*(j.stack for j in jets))
         value = out[0] if isinstance(out, Tensor) else out  # shapes for NOTE [batch proof]
