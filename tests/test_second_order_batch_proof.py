@@ -208,3 +208,39 @@ def test_tensors_by_keyword_and_zero_are_exact(name: str) -> None:
     torch.testing.assert_close(got, vmap(jacrev(single))(x))
     diag = vmap(torch.func.hessian(single))(x).diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
+
+
+def test_common_layers_are_proven_and_batchnorm_in_training_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torchjac._engine import taylor_run
+
+    checks: list[int] = []
+    original = taylor_run._check_pass
+    monkeypatch.setattr(taylor_run, "_check_pass", lambda *a: (checks.append(1), original(*a))[1])
+    torch.manual_seed(0)
+    net = (
+        torch.nn.Sequential(
+            torch.nn.Linear(3, 8),
+            torch.nn.LayerNorm(8),
+            torch.nn.Tanh(),
+            torch.nn.Linear(8, 8),
+            torch.nn.GELU(),
+            torch.nn.BatchNorm1d(8),
+            torch.nn.Linear(8, 2),
+        )
+        .double()
+        .eval()
+    )
+
+    def f(x: Tensor, t: Tensor) -> Tensor:
+        return net(torch.cat([x, t], dim=-1))
+
+    x, t = randn(16, 2), randn(16, 1)
+    for fn in (tj.jacobian, tj.laplacian, tj.hessian_diagonal, tj.hessian):
+        fn(f, (x, t), batch_dim=0)
+    assert checks == []  # every layer keeps the batch: no check pass
+    net.train()
+    with pytest.raises(tj.BatchCouplingError):
+        tj.laplacian(f, (x, t), batch_dim=0)
+    assert checks == [1]
