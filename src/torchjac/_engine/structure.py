@@ -10,8 +10,9 @@ catches every coupled pair (two samples differ in some bit); with more, they are
 bits (neighbours, as in ``roll`` or a convolution over the batch) and a random half, which
 catches every coupling through a batch statistic and most others. That is at most six backward
 passes, with their own generator, so the user's RNG state is untouched. Where the check rides in
-the result's own pass (Taylor rows, layer probes) each set costs a column of the result, and a
-large batch gets the random half alone (``sample_masks(rows=True)``)."""
+the result's own pass (layer probes) each set costs a column of the result, and a large batch
+gets the random half alone (``sample_masks(rows=True)``). The Taylor mode checks in forward mode,
+in a pass of its own, and only what it cannot prove (NOTE [taylor check])."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ ALL_PAIRS_MAX_BATCH = 8
 def sample_masks(batch_size: int, device: torch.device, *, rows: bool = False) -> list[Tensor]:
     """The sets S of NOTE [coupling check] (each is checked with its complement too).
 
-    ``rows``: the check rides in the same pass as the result (extra coefficient rows of the
-    Taylor mode, extra probes of a layer backward), where each set costs as much as a column of
-    the result: beyond ``ALL_PAIRS_MAX_BATCH`` samples, the random half alone.
+    ``rows``: the check rides in the same pass as the result (extra probes of a layer backward),
+    where each set costs as much as a column of the result: beyond ``ALL_PAIRS_MAX_BATCH``
+    samples, the random half alone.
     """
     index = torch.arange(batch_size)
     n_bits = max(1, (batch_size - 1).bit_length())
