@@ -190,6 +190,13 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     vals = tuple(s[0].clone() for s in stacks)
     out = call(*vals)
     out_leaves, out_tree = tree_flatten(out)
+    # the op returned a view or its input itself (``positive``, ``conj``, ``broadcast_to``):
+    # an in-place write into one must not be split from the other (see ``taylor_dispatch``)
+    ptrs = {v.untyped_storage().data_ptr() for v in vals}
+    shares = [isinstance(o, Tensor) and o.untyped_storage().data_ptr() in ptrs for o in out_leaves]
+    if any(shares):
+        for i in pos:
+            flat[i].aliased = True
     live = [i for i, o in enumerate(out_leaves) if isinstance(o, Tensor) and o.is_floating_point()]
     if not live:
         return out
@@ -231,6 +238,7 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         y = out_leaves[i]
         stack = torch.cat([y.unsqueeze(0), first[n].to(y.dtype), second[n].to(y.dtype)])
         out_leaves[i] = Jet.of(stack, spec)
+        out_leaves[i].aliased = shares[i]
         if sources is not None:
             spec.tape.entries.append((out_leaves[i], sources[n]))
     return tree_unflatten(out_leaves, out_tree)

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["POINTWISE", "agreed_bdim", "structural_bdim"]
 
 # Ops that the general rule may meet and that are elementwise (with broadcasting) in every
-# tensor argument; their outputs keep the batch of their Jets when those agree.
-POINTWISE = frozenset(
+# tensor argument; their outputs keep the batch of their Jets when those agree. Matched as
+# torch's own functions, never by name (a user's function may be called ``mul``).
+_POINTWISE_NAMES = frozenset(
     [
         *("div", "true_divide", "__truediv__", "__rtruediv__", "reciprocal", "where", "sqrt"),
         *("rsqrt", "abs", "clamp", "clip", "maximum", "minimum", "atan2", "erf", "erfc", "sign"),
@@ -32,6 +35,12 @@ POINTWISE = frozenset(
         *("leaky_relu", "elu", "selu", "celu", "mish", "hardtanh", "logsigmoid", "sub", "mul"),
         *("add", "__sub__", "__rsub__", "__mul__", "__rmul__", "__add__", "__radd__"),
     ]
+)
+POINTWISE = frozenset(
+    getattr(ns, name)
+    for ns in (torch, Tensor, F, torch.special)
+    for name in _POINTWISE_NAMES
+    if callable(getattr(ns, name, None))
 )
 
 

@@ -60,7 +60,10 @@ def dispatch(
         raise TaylorFailed(f"torch's nested forward mode is unreliable for {name}")
     if name == "__setitem__":
         return _setitem(args)
-    if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], Jet):
+    inplace = name.endswith("_") and not name.endswith("__")
+    if inplace and not args and "input" in kwargs:  # the target by keyword: torch.sin_(input=y)
+        args = (kwargs.pop("input"),)
+    if inplace and args and isinstance(args[0], Jet):
         if name != "requires_grad_":
             _check_not_aliased(args[0])
         return _inplace(func, name, args, kwargs)
@@ -76,12 +79,12 @@ def dispatch(
         jets = jets_in(args, kwargs)
     if out is None:
         out = general_rule(func, args, kwargs)
-        if name in POINTWISE and isinstance(out, Jet):  # NOTE [batch proof]
+        if func in POINTWISE and isinstance(out, Jet):  # NOTE [batch proof]
             out.bdim = agreed_bdim(jets, out.dim())
     if jets and jets[0].spec.tape is not None:
         attach_live(func, args, kwargs, out)  # NOTE [taylor tape]
-    if name in _VIEWS:
-        outs = out if isinstance(out, (list, tuple)) else (out,)
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    if name in _VIEWS and any(isinstance(y, Tensor) for y in outs):  # not .shape's __get__
         for x in [*jets, *(y for y in outs if isinstance(y, Jet))]:
             x.aliased = True
     return out
@@ -93,13 +96,13 @@ def _check_not_aliased(jet: Jet) -> None:
 
 
 def _assign(jet: Jet, new: Any) -> Jet:
+    if jet.spec.tape is not None:  # tape entries hold this Jet: its live value must not change
+        raise NeedForward
     stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
     jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
     jet.seed = False  # its first order is no longer the one-hot basis
     # NOTE [batch proof]: the batch of what was written, if it kept the same layout
     jet.bdim = new.bdim if isinstance(new, Jet) and new.dim() == jet.dim() else None
-    if jet.spec.tape is not None:
-        jet.live = new.live if isinstance(new, Jet) else new
     return jet
 
 

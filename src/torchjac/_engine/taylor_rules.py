@@ -263,6 +263,8 @@ def _metadata(func: Any) -> Rule:
 
 for _f in (Tensor.is_floating_point, Tensor.is_complex, Tensor.dim, Tensor.size, Tensor.numel):
     RULES[_f] = _metadata(_f)
+for _name in ("shape", "dtype", "device", "ndim", "layout", "is_cuda"):  # property getters
+    RULES[getattr(Tensor, _name).__get__] = _metadata(getattr(Tensor, _name).__get__)
 _LINEAR = ["sum", "mean", "reshape", "view", "flatten", "transpose", "permute", "squeeze"]
 _LINEAR += ["unsqueeze", "narrow", "select", "expand", "movedim", "neg", "cat", "stack"]
 _LINEAR += ["__getitem__", "__neg__", "t", "contiguous", "clone", "split", "chunk", "unbind"]
