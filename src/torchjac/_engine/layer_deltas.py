@@ -76,7 +76,8 @@ class CouplingCheck:
     One probe per set S of ``structure.sample_masks`` and one per complement (NOTE [coupling
     check] in ``structure``): a random cotangent on S; the ``δ`` of every use, and the gradient of
     every given batched input (leaves requiring grad), must vanish outside S. The probes ride
-    along with the first ``deltas`` pass (``pending`` until then), or run alone (``run``).
+    along with the first ``deltas`` pass (``pending`` until then), or run alone (``run``); a
+    model ``proven`` per sample by its structure needs none (NOTE [sequential proof]).
     """
 
     def __init__(
@@ -86,13 +87,15 @@ class CouplingCheck:
         batch_dim: int,
         inputs: Sequence[tuple[str, Tensor]],
         describe_use: Callable[[Use], str],
+        proven: bool = False,
     ) -> None:
         out = cap.output
         self.fn_name, self.cap, self.batch_dim = fn_name, cap, batch_dim
         self.inputs, self.describe_use = list(inputs), describe_use
         self.extra = [t for _, t in inputs]
         bd = batch_dim % out.dim()
-        self.pending = out.shape[bd] > 1
+        self.proven = proven
+        self.pending = out.shape[bd] > 1 and not proven
         probes = _cached_probes if out.numel() <= 1 << 16 else _probes  # never hold large ones
         self.cotangents, self.outside = probes(tuple(out.shape), bd, out.dtype, out.device)
 

@@ -23,6 +23,7 @@ from torchjac._engine.blocked import Make, blocked_kernel
 from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
 from torchjac._engine.layer_deltas import CouplingCheck, deltas
 from torchjac._engine.layers import Capture, ModelState, capture
+from torchjac._engine.module_proof import proven_per_sample
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
@@ -39,6 +40,7 @@ class NtkSide:
     n: int
     out_rest: torch.Size
     args: tuple[Tensor, ...]
+    proven: bool = False  # per sample by structure: no coupling check (NOTE [sequential proof])
 
     @property
     def k(self) -> int:
@@ -57,6 +59,7 @@ def run_side(
 ) -> NtkSide:
     """``model(*xs)`` captured, checked for coupling, and its ``δ`` for every output element."""
     leaves = tuple(x.detach().requires_grad_(True) if x.is_floating_point() else x for x in xs)
+    proven = proven_per_sample(model, tuple(xs), {}, batch_dim)  # before any hook of ours
     cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn)
     out = cap.output
     if not out.is_floating_point() or out.dim() == 0 or not -out.dim() <= batch_dim < out.dim():
@@ -74,7 +77,7 @@ def run_side(
     tags = [arg] if len(xs) == 1 else [f"{arg}[{i}]" for i in range(len(xs))]
     inputs = [(tag, t) for tag, t in zip(tags, leaves) if t.requires_grad]
     check = CouplingCheck(
-        fn, cap, batch_dim, inputs, lambda u: f"the layer {names.get(u.module, '?')!r}"
+        fn, cap, batch_dim, inputs, lambda u: f"the layer {names.get(u.module, '?')!r}", proven
     )
     k = group.numel
     ds: list[list[Tensor]] = [[] for _ in cap.uses]
@@ -101,7 +104,7 @@ def run_side(
         check.run()
     run_chunks(fn, k, chunk, probe, write)
     uses = [(u, torch.cat(d, dim=1)) for u, d, h in zip(cap.uses, ds, hit) if h]
-    return NtkSide(cap, uses, group.batch_size, group.rest_shape(0), tuple(xs))
+    return NtkSide(cap, uses, group.batch_size, group.rest_shape(0), tuple(xs), proven)
 
 
 def kernel_of(
@@ -172,7 +175,8 @@ def _general(
     the general path (NOTE [general per-sample path])."""
     problem = SampleProblem(model, state, names, side.args, {}, batch_dim, side.cap.output)
     out = side.cap.output
-    problem.check_alone(out, fn, batch_dim)  # couplings only through these parameters
+    if not side.proven:
+        problem.check_alone(out, fn, batch_dim)  # couplings only through these parameters
     sizes = [state.leaves[n].numel() for n in names]
     per_probe = 3 * out.dtype.itemsize * side.n * sum(sizes)
 

@@ -20,6 +20,7 @@ from torchjac._engine.closed_forms import Use, write_use
 from torchjac._engine.graph_probes import GraphProblem, solve
 from torchjac._engine.layer_deltas import CouplingCheck, deltas
 from torchjac._engine.layers import Capture, ModelState, call, capture
+from torchjac._engine.module_proof import proven_per_sample
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
@@ -77,6 +78,7 @@ def per_sample_jacobian(
     budget: int,
 ) -> dict[str, Tensor]:
     """Per-sample rows via closed forms plus the general path; ``out.shape + p.shape``."""
+    proven = proven_per_sample(model, args, kwargs, batch_dim)  # before any hook of ours
     cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name)
     checked: list[tuple[str, Tensor]] = []
     if cap.general:  # the general path needs independent inputs too: capture with input leaves
@@ -99,7 +101,7 @@ def per_sample_jacobian(
         for name, t in state.leaves.items()
     }
     if out.requires_grad and n_out and n:
-        check = CouplingCheck(fn_name, cap, batch_dim, checked, _describe)
+        check = CouplingCheck(fn_name, cap, batch_dim, checked, _describe, proven)
         _fill(model, state, cap, args, kwargs, batch_dim, targets, chunk_size, budget, check)
     else:
         for t in targets.values():
@@ -162,7 +164,8 @@ def _fill(
     if not uses:  # nothing to carry the check's probes: it runs alone, first
         check.run()
     run_chunks(check.fn_name, n_out, size, probe, write)
-    if sample is not None:  # couplings the check's probes may not reach (after theirs)
+    if sample is not None and not check.proven:
+        # couplings the check's probes may not reach (after theirs)
         sample.check_alone(out, check.fn_name, batch_dim)
 
 

@@ -1,0 +1,128 @@
+"""Proving a model per sample from its structure, so that the coupling check can be skipped.
+
+NOTE [sequential proof]: ``param_jacobian`` and ``ntk`` with ``batch_dim`` check that samples are
+independent with extra backward probes (NOTE [coupling check]), about a sixth more backward
+work for ten classes. A model needs no check when its structure shows the independence: an
+``nn.Sequential`` (exactly that type, nested ones included) called on one batched Tensor, with
+the batch at dimension 0, whose every module is of a type listed here (exactly that type: a
+subclass may override ``forward``), configured so that it maps sample ``i`` to sample ``i`` at the
+rank its input has there, with no hooks (the module's own or global ones), no ``forward``
+replaced on the instance, and no torch-function or dispatch mode active. Anything else gets the
+check: a missed proof only costs the check's time, so everything not listed is conservative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["proven_per_sample"]
+
+# A rule maps (module, rank of its input) to the rank of its output, or None: not proven.
+Rule = Callable[[Any, int], "int | None"]
+
+
+def _same(m: Any, rank: int) -> int | None:
+    return rank
+
+
+def _batched(k: int) -> Rule:
+    """A layer over ``k`` spatial dims: per sample only on batched input (rank ``k + 2``)."""
+    return lambda m, rank: rank if rank == k + 2 else None
+
+
+def _eval_dropout(m: Any, rank: int) -> int | None:
+    return rank if not m.training or m.p == 0 else None
+
+
+def _eval_batch_norm(m: Any, rank: int) -> int | None:
+    # training, or no running statistics (track_running_stats=False): batch statistics
+    uses_running = not m.training and m.running_mean is not None
+    return rank if uses_running and rank >= 2 else None
+
+
+def _layer_norm(m: Any, rank: int) -> int | None:
+    return rank if len(m.normalized_shape) < rank else None
+
+
+def _softmax(m: Any, rank: int) -> int | None:
+    return rank if m.dim is not None and m.dim % rank != 0 else None
+
+
+def _flatten(m: Any, rank: int) -> int | None:
+    start, end = m.start_dim % rank, m.end_dim % rank
+    return rank - (end - start) if 1 <= start <= end else None
+
+
+def _unflatten(m: Any, rank: int) -> int | None:
+    return rank + len(m.unflattened_size) - 1 if isinstance(m.dim, int) and m.dim % rank else None
+
+
+_ELEMENTWISE = (
+    *(nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU),
+    *(nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish),
+    *(nn.LogSigmoid, nn.Tanhshrink, nn.Softsign, nn.PReLU),
+)
+_RULES: dict[type, Rule] = {t: _same for t in _ELEMENTWISE}
+_RULES.update({nn.Linear: lambda m, rank: rank if rank >= 2 else None})
+for _k, _types in enumerate(
+    [
+        (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d),
+        (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
+        (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
+    ],
+    start=1,
+):
+    _RULES.update({t: _batched(_k) for t in _types})
+_RULES.update({t: _eval_dropout for t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)})
+_RULES.update({t: _eval_batch_norm for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)})
+_RULES.update({nn.LayerNorm: _layer_norm, nn.Softmax: _softmax, nn.LogSoftmax: _softmax})
+_RULES.update({nn.Flatten: _flatten, nn.Unflatten: _unflatten})
+_RULES[nn.GroupNorm] = lambda m, rank: rank if rank >= 2 else None
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def proven_per_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> bool:
+    """Whether ``model(*args, **kwargs)`` provably keeps samples apart (NOTE [sequential proof]).
+
+    Call it before hooking the model: hooks found on it are taken for the user's.
+    """
+    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        return False
+    rank = args[0].dim()
+    if rank < 2 or batch_dim % rank != 0:
+        return False
+    if any(getattr(module_globals, g, None) for g in _GLOBAL_HOOKS):
+        return False
+    if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
+        return False
+    return _walk(model, rank) is not None
+
+
+def _walk(m: Any, rank: int) -> int | None:
+    if "forward" in m.__dict__ or any(getattr(m, h, None) for h in _HOOK_DICTS):
+        return None
+    if type(m) is nn.Sequential:
+        out: int | None = rank
+        for child in m:
+            out = _walk(child, out) if out is not None else None
+        return out
+    rule = _RULES.get(type(m))
+    return None if rule is None else rule(m, rank)
