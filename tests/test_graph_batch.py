@@ -139,3 +139,21 @@ def test_batch_dim_unused_input_allowed_gives_zeros(gen: torch.Generator) -> Non
     got = tj.jac(a.exp(), [a, b], batch_dim=0, allow_unused=True)
     torch.testing.assert_close(got[0], torch.diag_embed(a.detach().exp()))
     assert torch.equal(got[1], torch.zeros(3, 2, 5, dtype=b.dtype))
+
+
+def test_a_single_pass_result_is_the_storage_but_never_an_alias() -> None:
+    """One vectorised pass's rows are returned without a copy only when the memory is the
+    result's own: never a stride-0 broadcast of a cotangent, never the user's ``jac_outputs``."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    per_sample = tj.jac(x + 0.0, x, batch_dim=0, mode="rev")  # the grad is the cotangent itself
+    assert torch._debug_has_internal_overlap(per_sample) == 0
+    per_sample.add_(1.0)  # writable: no overlapping memory
+    torch.testing.assert_close(per_sample, torch.eye(3, dtype=torch.float64).expand(5, 3, 3) + 1)
+    a = torch.randn(2, 5, 3, dtype=torch.float64)
+    chained = tj.jac(x + 0.0, x, jac_outputs=a, mode="rev")
+    expected = a.clone()
+    a.add_(100.0)
+    torch.testing.assert_close(chained, expected)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    rows = tj.jac(torch.tanh(x @ w.T), w, mode="rev")  # the whole Jacobian in one pass
+    torch.testing.assert_close(rows, jacrev(lambda v: torch.tanh(x @ v.T))(w.detach()))

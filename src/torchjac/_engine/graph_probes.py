@@ -175,9 +175,12 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     """Rows by backward passes; storage ``[R, B, n_j]``."""
     outs, ins, g_in = p.outputs, p.inputs, p.in_group
     live = [j for j, u in enumerate(p.used) if u]
-    store = [_storage(p, (p.n_rows, g_in.batch_size, n), j) for j, n in enumerate(g_in.sizes)]
+    dims = [(p.n_rows, g_in.batch_size, n) for n in g_in.sizes]
+    store: list[Tensor | None] = [
+        None if j in live else _storage(p, dims[j], j) for j in range(len(dims))
+    ]
     if not live:  # allow_unused and nothing is used: all zeros, and autograd.grad needs inputs
-        return [s.permute(1, 0, 2) for s in store]
+        return [s.permute(1, 0, 2) for s in store if s is not None]
     release = Releaser(p.n_rows, p.retain_graph)
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
@@ -195,13 +198,33 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
 
     def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(live, grads):
-            if g is None:
-                store[j][start:stop] = 0
-            else:
-                store[j][start:stop] = g_in.probe_major(j, g)
+            block = None if g is None else g_in.probe_major(j, g)
+            if start == 0 and stop == p.n_rows and store[j] is None and _adoptable(p, block):
+                store[j] = block  # one pass made every row: its result is the storage, no copy
+                continue
+            target = store[j]
+            if target is None:
+                target = store[j] = _storage(p, dims[j], j)
+            target[start:stop] = 0 if block is None else block
 
     run_chunks(p.fn_name, p.n_rows, chunk_size, probe, write)
-    return [s.permute(1, 0, 2) for s in store]
+    return [
+        (_storage(p, d, j) if s is None else s).permute(1, 0, 2)
+        for j, (s, d) in enumerate(zip(store, dims))
+    ]
+
+
+def _adoptable(p: GraphProblem, block: Tensor | None) -> bool:
+    """Whether a pass's result can be the storage itself: our own one-hot cotangents made it (no
+    ``jac_outputs`` of the user's to alias), in the result's dtype, its memory its own (no
+    stride-0 broadcast of a cotangent, no other tensor on its storage)."""
+    return (
+        block is not None
+        and p.jac_outputs is None
+        and block.dtype == p.dtype
+        and torch._debug_has_internal_overlap(block) == 0
+        and torch._C._storage_Use_Count(block.untyped_storage()._cdata) <= 3
+    )
 
 
 def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
