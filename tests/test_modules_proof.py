@@ -158,3 +158,49 @@ def test_other_layouts_are_not_proven() -> None:
     assert not proven_per_sample(model, (x, x), {}, 0)
     assert not proven_per_sample(model, (x,), {"scale": 2}, 0)
     assert not proven_per_sample(nn.Sequential(nn.Dropout(0.5)).train(), (x,), {}, 0)
+
+
+def test_the_output_must_keep_the_batch_at_a_negative_batch_dim_too() -> None:
+    model = nn.Sequential(nn.Linear(6, 6), nn.Unflatten(1, (3, 2))).to(DTYPE)
+    x = torch.randn(3, 6, dtype=DTYPE)
+    assert not proven_per_sample(model, (x,), {}, -2)  # -2 is dim 0 of x but dim 1 of the output
+    with pytest.raises(tj.BatchCouplingError):
+        tj.param_jacobian(model, x, batch_dim=-2)
+    with pytest.raises(tj.BatchCouplingError):
+        tj.ntk(model, x, batch_dim=-2)
+
+
+def test_in_place_layers_and_patched_calls_are_not_proven(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(4, 3, dtype=DTYPE)
+    in_place = nn.Sequential(nn.LeakyReLU(0.5, inplace=True), nn.Linear(3, 2)).to(DTYPE)
+    assert not proven_per_sample(in_place, (x,), {}, 0)  # it rewrites an input run repeatedly
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).to(DTYPE)
+    assert proven_per_sample(model, (x,), {}, 0)
+    model[1]._call_impl = lambda h: torch.tanh(h - h.mean(0, keepdim=True))  # type: ignore[method-assign]
+    assert not proven_per_sample(model, (x,), {}, 0)
+    with pytest.raises(tj.BatchCouplingError):
+        tj.param_jacobian(model, x, batch_dim=0)
+    del model[1]._call_impl
+    monkeypatch.setattr(nn.Tanh, "forward", lambda self, h: torch.tanh(h - h.mean(0, keepdim=True)))
+    assert not proven_per_sample(model, (x,), {}, 0)
+    with pytest.raises(tj.BatchCouplingError):
+        tj.param_jacobian(model, x, batch_dim=0)
+
+
+def test_a_module_shared_by_two_paths_keeps_its_parameters() -> None:
+    shared = nn.Linear(4, 4).to(DTYPE)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    x = torch.randn(3, 4, dtype=DTYPE)
+    got = tj.param_jacobian(model, x, batch_dim=0)
+    tj.param_jacobian(model, x)
+    tj.ntk(model, x)
+    assert isinstance(shared.weight, nn.Parameter) and isinstance(shared.bias, nn.Parameter)
+    assert model[0].weight is model[2].weight and list(model.parameters()) == [
+        shared.weight,
+        shared.bias,
+    ]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    one = lambda p, xi: functional_call(model, p, (xi[None],), tie_weights=False)[0]  # noqa: E731
+    ref = vmap(jacrev(one), in_dims=(None, 0))(params, x)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name])

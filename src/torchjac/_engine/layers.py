@@ -112,8 +112,32 @@ def no_side_effects(device: torch.device) -> Iterator[None]:
 
 
 def call(model: nn.Module, tensors: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
-    """``model(*args, **kwargs)`` with its parameters and buffers replaced by ``tensors``."""
-    return functional_call(model, tensors, args, kwargs, tie_weights=True, strict=False)
+    """``model(*args, **kwargs)`` with its parameters and buffers replaced by ``tensors``.
+
+    ``tensors`` is keyed by canonical names (``named_parameters()``, ``named_buffers()``). Each
+    slot (a module and an attribute) is replaced once, under every name a tied tensor has, and a
+    module reached by two paths only under its first: ``functional_call(tie_weights=True)``
+    swaps a shared module's slot twice and leaves plain tensors in the user's model after.
+    """
+    slots = _slots(model, tensors)
+    return functional_call(model, slots, args, kwargs, tie_weights=False, strict=False)
+
+
+def _slots(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    canonical: dict[int, str] = {}  # id of the model's tensor -> its first name
+    seen: set[tuple[int, str]] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        members = [*module._parameters.items(), *module._buffers.items()]
+        for attr, t in members:
+            if t is None or (id(module), attr) in seen:
+                continue
+            seen.add((id(module), attr))
+            name = f"{prefix}.{attr}" if prefix else attr
+            first = canonical.setdefault(id(t), name)
+            if first in tensors:
+                out[name] = tensors[first]
+    return out
 
 
 @dataclass

@@ -85,6 +85,23 @@ _RULES.update({nn.LayerNorm: _layer_norm, nn.Softmax: _softmax, nn.LogSoftmax: _
 _RULES.update({nn.Flatten: _flatten, nn.Unflatten: _unflatten})
 _RULES[nn.GroupNorm] = lambda m, rank: rank if rank >= 2 else None
 
+# the methods a call goes through, as torch defines them (a patch on the class or instance is not
+# the listed behaviour)
+_CALL = (nn.Module.__call__, nn.Module._call_impl, nn.Module._wrapped_call_impl)
+_FORWARD: dict[Any, Any] = {t: getattr(t, "forward") for t in (*_RULES, nn.Sequential)}  # noqa: B009
+
+
+def _as_defined(m: nn.Module) -> bool:
+    t: Any = type(m)
+    if any(name in m.__dict__ for name in ("forward", "__call__", "_call_impl")):
+        return False
+    if getattr(m, "_compiled_call_impl", None) is not None:
+        return False
+    if (t.__call__, t._call_impl, t._wrapped_call_impl) != _CALL:
+        return False
+    return t in _FORWARD and t.forward is _FORWARD[t]
+
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -113,11 +130,14 @@ def proven_per_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: in
         return False
     if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
         return False
-    return _walk(model, rank) is not None
+    out = _walk(model, rank)  # the output keeps the batch at batch_dim too (a negative one too)
+    return out is not None and batch_dim % out == 0
 
 
 def _walk(m: Any, rank: int) -> int | None:
-    if "forward" in m.__dict__ or any(getattr(m, h, None) for h in _HOOK_DICTS):
+    if not _as_defined(m) or any(getattr(m, h, None) for h in _HOOK_DICTS):
+        return None
+    if getattr(m, "inplace", False):  # rewrites its input, which is run more than once
         return None
     if type(m) is nn.Sequential:
         out: int | None = rank
