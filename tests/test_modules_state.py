@@ -99,3 +99,20 @@ def test_an_embedding_with_max_norm_does_not_renormalise_the_users_weight(
     got = tj.param_jacobian(model, torch.tensor([[0, 1], [2, 3], [1, 4]]), batch_dim=batch_dim)
     assert got["0.weight"].shape == (3, 2, 5, 3)
     _assert_same(before, _snapshot(model))
+
+
+def test_an_in_place_first_layer_never_writes_the_users_input() -> None:
+    model = nn.Sequential(nn.LeakyReLU(0.5, inplace=True), nn.Linear(3, 4), nn.GroupNorm(2, 4))
+    model = model.to(torch.float64)
+    x0 = torch.randn(5, 3, dtype=torch.float64)
+    x = x0.clone()
+    got = tj.param_jacobian(model, x, batch_dim=0)
+    tj.param_jacobian(model, x)
+    tj.ntk(model, x)
+    assert torch.equal(x, x0)  # the model is run several times, each on a copy
+    model[0].inplace = False
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    one = lambda p, xi: torch.func.functional_call(model, p, (xi[None],))[0]  # noqa: E731
+    ref = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(params, x0)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name])

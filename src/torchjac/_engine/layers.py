@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from torchjac._engine.closed_forms import KINDS, Use, build_use
 from torchjac._engine.structure import reachable
@@ -120,6 +120,9 @@ def call(model: nn.Module, tensors: dict[str, Tensor], args: tuple, kwargs: dict
     swaps a shared module's slot twice and leaves plain tensors in the user's model after.
     """
     slots = _slots(model, tensors)
+    # a copy of every tensor argument: the model may write into its input (an in-place first
+    # layer), and it is run more than once here; the user's tensors are never written
+    args, kwargs = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (args, kwargs))
     return functional_call(model, slots, args, kwargs, tie_weights=False, strict=False)
 
 
