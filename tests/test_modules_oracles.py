@@ -85,3 +85,29 @@ def test_float32_follows_the_model_dtype() -> None:
     got = tj.param_jacobian(model, x, batch_dim=0)
     assert all(j.dtype == torch.float32 for j in got.values())
     torch.testing.assert_close(got, tj.param_jacobian(model, x))
+
+
+@pytest.mark.parametrize(
+    ("layers", "shape"),
+    [
+        (lambda: nn.Sequential(nn.PReLU(), nn.AvgPool1d(2)), (3, 1, 6)),
+        (
+            lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.PReLU(3), nn.Flatten(), nn.Linear(12, 2)),
+            (4, 2, 6),
+        ),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU(4, init=0.1)), (5, 3)),
+    ],
+)
+def test_prelu_weights_by_their_closed_form(layers, shape) -> None:  # type: ignore[no-untyped-def]
+    """A loop oracle: torch 2.13's nested vmap through prelu and pooling gives wrong values."""
+    torch.manual_seed(0)
+    model, x = layers().to(DTYPE), torch.randn(*shape, dtype=DTYPE)
+    got = tj.param_jacobian(model, x, batch_dim=0)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(xi: Tensor) -> dict[str, Tensor]:
+        return torch.func.jacrev(lambda q: torch.func.functional_call(model, q, (xi,))[0])(params)
+
+    per_sample = [one(x[i : i + 1]) for i in range(shape[0])]
+    for name in params:
+        torch.testing.assert_close(got[name], torch.stack([r[name] for r in per_sample]))

@@ -26,6 +26,7 @@ KINDS: dict[type, str] = {
     nn.Embedding: "index",
     nn.LayerNorm: "scale",
     nn.RMSNorm: "scale",
+    nn.PReLU: "scale",
 }
 
 
@@ -75,6 +76,8 @@ def build_use(
         made = _conv(module, x, w, batch_dim)
     elif isinstance(module, nn.Embedding):
         made = _embedding(module, x, w, batch_dim)
+    elif isinstance(module, nn.PReLU):
+        made = _prelu(x, w, batch_dim)
     else:
         made = _norm(module, x, batch_dim)
     if made is None:
@@ -165,6 +168,19 @@ def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | No
     n, dim = xa.shape[0], w.shape[1]
     a = xa.reshape(n, -1).clone()
     return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+
+
+def _prelu(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
+    """``∂ prelu(x) / ∂w_c = min(x, 0)`` over channel ``c`` (dimension 1, or all with one
+    weight): the ``scale`` form, with the positions of the channel summed."""
+    if w is None or x.dim() < 2 or batch_dim is None or batch_dim % x.dim() != 0:
+        return None
+    n, c = x.shape[0], w.numel()
+    neg = x.detach().clamp(max=0)
+    if c == 1:
+        return neg.reshape(n, -1, 1), lambda d: d.movedim(1, 0).reshape(n, d.shape[0], -1, 1)
+    a = neg.movedim(1, -1).reshape(n, -1, c)
+    return a, lambda d: d.movedim(1, 0).movedim(2, -1).reshape(n, d.shape[0], -1, c)
 
 
 def _norm(m: nn.Module, x: Tensor, batch_dim: int | None) -> Made | None:
