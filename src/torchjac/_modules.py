@@ -47,10 +47,10 @@ def param_jacobian(
         batch_dim: the batch dimension of the output and of the batched arguments; declares that
             output sample ``n`` depends only on sample ``n`` (checked: ``BatchCouplingError``
             otherwise, e.g. BatchNorm in train mode). Unlocks the per-sample fast path: closed
-            forms for Linear, Conv1d/2d, Embedding, LayerNorm/RMSNorm, and ``vmap`` over samples
-            for every other parameter; the layout stays ``out.shape + p.shape``. Default
-            ``None``: every output element against every parameter, through the autograd graph
-            (right for every model).
+            forms for Linear, Conv1d/2d, Embedding, LayerNorm/RMSNorm and PReLU, and ``vmap``
+            over samples for every other parameter; the layout stays ``out.shape + p.shape``.
+            Default ``None``: every output element against every parameter, through the autograd
+            graph (right for every model).
         chunk_size: output probes per vectorised pass; ``1`` is a plain loop. Default: chosen
             from ``max_memory``.
         max_memory: bytes (int) or a string like ``"512MiB"``; default: a quarter of the free
