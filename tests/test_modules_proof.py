@@ -170,10 +170,8 @@ def test_the_output_must_keep_the_batch_at_a_negative_batch_dim_too() -> None:
         tj.ntk(model, x, batch_dim=-2)
 
 
-def test_in_place_layers_and_patched_calls_are_not_proven(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_patched_calls_are_not_proven(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(4, 3, dtype=DTYPE)
-    in_place = nn.Sequential(nn.LeakyReLU(0.5, inplace=True), nn.Linear(3, 2)).to(DTYPE)
-    assert not proven_per_sample(in_place, (x,), {}, 0)  # it rewrites an input run repeatedly
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).to(DTYPE)
     assert proven_per_sample(model, (x,), {}, 0)
     model[1]._call_impl = lambda h: torch.tanh(h - h.mean(0, keepdim=True))  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ from registry import CASES, DTYPE, ModelCase
 from torch import Tensor, nn
 
 import torchjac as tj
+from torchjac._engine.module_proof import proven_per_sample
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
 
@@ -106,6 +107,7 @@ def test_an_in_place_first_layer_never_writes_the_users_input() -> None:
     model = model.to(torch.float64)
     x0 = torch.randn(5, 3, dtype=torch.float64)
     x = x0.clone()
+    assert proven_per_sample(model, (x,), {}, 0)  # in place or not, the layer is per sample
     got = tj.param_jacobian(model, x, batch_dim=0)
     tj.param_jacobian(model, x)
     tj.ntk(model, x)

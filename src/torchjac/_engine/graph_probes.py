@@ -180,7 +180,7 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         None if j in live else _storage(p, dims[j], j) for j in range(len(dims))
     ]
     if not live:  # allow_unused and nothing is used: all zeros, and autograd.grad needs inputs
-        return [s.permute(1, 0, 2) for s in store if s is not None]
+        return [_storage(p, d, j).permute(1, 0, 2) for j, d in enumerate(dims)]
     release = Releaser(p.n_rows, p.retain_graph)
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:

@@ -137,8 +137,6 @@ def proven_per_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: in
 def _walk(m: Any, rank: int) -> int | None:
     if not _as_defined(m) or any(getattr(m, h, None) for h in _HOOK_DICTS):
         return None
-    if getattr(m, "inplace", False):  # rewrites its input, which is run more than once
-        return None
     if type(m) is nn.Sequential:
         out: int | None = rank
         for child in m:
