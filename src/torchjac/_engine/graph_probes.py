@@ -176,11 +176,11 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     outs, ins, g_in = p.outputs, p.inputs, p.in_group
     live = [j for j, u in enumerate(p.used) if u]
     dims = [(p.n_rows, g_in.batch_size, n) for n in g_in.sizes]
+    if not live:  # allow_unused and nothing is used: all zeros, and autograd.grad needs inputs
+        return [_storage(p, d, j).permute(1, 0, 2) for j, d in enumerate(dims)]
     store: list[Tensor | None] = [
         None if j in live else _storage(p, dims[j], j) for j in range(len(dims))
     ]
-    if not live:  # allow_unused and nothing is used: all zeros, and autograd.grad needs inputs
-        return [_storage(p, d, j).permute(1, 0, 2) for j, d in enumerate(dims)]
     release = Releaser(p.n_rows, p.retain_graph)
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
