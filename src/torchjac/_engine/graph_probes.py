@@ -218,12 +218,14 @@ def _adoptable(p: GraphProblem, block: Tensor | None) -> bool:
     """Whether a pass's result can be the storage itself: our own one-hot cotangents made it (no
     ``jac_outputs`` of the user's to alias), in the result's dtype, its memory its own (no
     stride-0 broadcast of a cotangent, no other tensor on its storage)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: absent means no
     return (
         block is not None
+        and use_count is not None
         and p.jac_outputs is None
         and block.dtype == p.dtype
         and torch._debug_has_internal_overlap(block) == 0
-        and torch._C._storage_Use_Count(block.untyped_storage()._cdata) <= 3
+        and use_count(block.untyped_storage()._cdata) <= 3
     )
 
 
