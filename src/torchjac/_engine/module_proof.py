@@ -128,7 +128,8 @@ def proven_per_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: in
         return False
     if any(getattr(module_globals, g, None) for g in _GLOBAL_HOOKS):
         return False
-    if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
+    modes_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)  # private torch API
+    if modes_on is None or modes_on() or _get_current_dispatch_mode() is not None:
         return False
     out = _walk(model, rank)  # the output keeps the batch at batch_dim too (a negative one too)
     return out is not None and batch_dim % out == 0
