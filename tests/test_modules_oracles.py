@@ -87,6 +87,19 @@ def test_float32_follows_the_model_dtype() -> None:
     torch.testing.assert_close(got, tj.param_jacobian(model, x))
 
 
+class SubPReLU(nn.PReLU):
+    """Not the exact type: no closed form, the general per-sample path."""
+
+
+class BarePReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.3, -0.2]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.prelu(x, self.w)
+
+
 @pytest.mark.parametrize(
     ("layers", "shape"),
     [
@@ -96,6 +109,8 @@ def test_float32_follows_the_model_dtype() -> None:
             (4, 2, 6),
         ),
         (lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU(4, init=0.1)), (5, 3)),
+        (lambda: nn.Sequential(SubPReLU(), nn.AvgPool1d(2)), (3, 1, 6)),  # the general path
+        (lambda: nn.Sequential(BarePReLU(), nn.AvgPool1d(2)), (3, 2, 6)),
     ],
 )
 def test_prelu_weights_by_their_closed_form(layers, shape) -> None:  # type: ignore[no-untyped-def]

@@ -118,3 +118,24 @@ def test_an_in_place_first_layer_never_writes_the_users_input() -> None:
     ref = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(params, x0)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name])
+
+
+class WritesFirstArgument(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        a.mul_(2)
+        return self.lin(b)
+
+
+def test_the_same_tensor_passed_twice_stays_one_tensor() -> None:
+    """The model runs on copies, one per tensor: ``model(x, x)`` writing through ``a`` is seen
+    through ``b`` as in the user's own call, and the user's ``x`` is left alone."""
+    model = WritesFirstArgument().to(torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x0 = x.clone()
+    got = tj.param_jacobian(model, x, x)["lin.weight"]
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(got, tj.param_jacobian(model.lin, 2 * x0)["weight"])

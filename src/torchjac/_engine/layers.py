@@ -122,7 +122,16 @@ def call(model: nn.Module, tensors: dict[str, Tensor], args: tuple, kwargs: dict
     slots = _slots(model, tensors)
     # a copy of every tensor argument: the model may write into its input (an in-place first
     # layer), and it is run more than once here; the user's tensors are never written
-    args, kwargs = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (args, kwargs))
+    copies: dict[int, Tensor] = {}  # one copy per tensor: model(x, x) keeps its two x's one
+
+    def copy(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if id(t) not in copies:
+            copies[id(t)] = t.clone()
+        return copies[id(t)]
+
+    args, kwargs = tree_map(copy, (args, kwargs))
     return functional_call(model, slots, args, kwargs, tie_weights=False, strict=False)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchjac._engine.layers import ModelState, call
@@ -66,7 +67,8 @@ class SampleProblem:
     def _row(self, params: dict[str, Tensor], flat: Sequence[Any]) -> Tensor:
         """The model on one sample (batch of one), flattened to ``[n_out]``."""
         args, kwargs = tree_unflatten(list(flat), self.spec)
-        out = call(self.model, {**self.base, **params}, args, kwargs)
+        with _PreluAsWhere():
+            out = call(self.model, {**self.base, **params}, args, kwargs)
         if out.dim() <= self.out_dim or out.shape[self.out_dim] != 1:
             raise ValueError(
                 f"on one sample (a batch of 1) the model returned shape {list(out.shape)}, "
@@ -152,3 +154,22 @@ class SampleProblem:
                     if g is not None:
                         res[n][s, i] = g
         return res
+
+
+class _PreluAsWhere(TorchFunctionMode):
+    """``prelu`` written as ``where(x > 0, x, w · x)`` (the same values and derivatives): torch
+    2.13's nested ``vmap`` of a ``vjp`` through ``prelu`` followed by pooling gives wrong values,
+    and this path is exactly that (a subclass of ``nn.PReLU``, a hooked one, ``F.prelu``)."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.prelu and len(args) + len(kwargs) == 2:
+            x = args[0] if args else kwargs["input"]
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            shape = [1] * x.dim()
+            if x.dim() >= 2 and w.numel() > 1:
+                shape[1] = w.numel()
+            return torch.where(x > 0, x, w.reshape(shape if w.numel() > 1 else []) * x)
+        return func(*args, **kwargs)
