@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["POINTWISE", "agreed_bdim", "structural_bdim"]
+__all__ = ["POINTWISE", "agreed_bdim", "broadcast_bdim", "structural_bdim"]
 
 # Ops that the general rule may meet and that are elementwise (with broadcasting) in every
 # tensor argument; their outputs keep the batch of their Jets when those agree. Matched as
@@ -44,13 +44,15 @@ POINTWISE = frozenset(
 )
 
 
+def broadcast_bdim(jet: Any, ndim: int) -> int | None:
+    """The batch dimension of ``jet`` once broadcast to ``ndim`` dims (``None``: unknown)."""
+    return None if jet.bdim is None else jet.bdim + ndim - jet.dim()
+
+
 def agreed_bdim(jets: list[Any], ndim: int) -> int | None:
     """The common batch dimension of ``jets`` once broadcast to ``ndim`` dims (else ``None``)."""
-    dims = {None if j.bdim is None else j.bdim + ndim - j.dim() for j in jets}
-    if len(dims) != 1:
-        return None
-    (b,) = dims
-    return b if b is None or b >= 0 else None
+    dims = {broadcast_bdim(j, ndim) for j in jets}
+    return dims.pop() if len(dims) == 1 else None
 
 
 def _dims(dim: Any, ndim: int) -> set[int] | None:

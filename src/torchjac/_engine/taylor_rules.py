@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.taylor import Jet, JetSpec, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
-from torchjac._engine.taylor_batch import structural_bdim
+from torchjac._engine.taylor_batch import agreed_bdim, broadcast_bdim, structural_bdim
 from torchjac._engine.taylor_tape import record
 
 __all__ = ["RULES", "promote"]
@@ -29,16 +29,6 @@ def _lift(stack: Tensor, ndim: int) -> Tensor:
     """``[K, *s]`` -> ``[K, 1, ..., 1, *s]`` with ``ndim`` dims after ``K`` (for broadcasting)."""
     extra = ndim - (stack.dim() - 1)
     return stack.reshape(stack.shape[0], *([1] * extra), *stack.shape[1:]) if extra > 0 else stack
-
-
-def _bd(jet: Jet, ndim: int) -> int | None:
-    """The batch dimension of ``jet`` once broadcast to ``ndim`` dims (``None``: unknown)."""
-    return None if jet.bdim is None else jet.bdim + ndim - jet.dim()
-
-
-def _bd2(a: Jet, b: Jet, ndim: int) -> int | None:
-    ba, bb = _bd(a, ndim), _bd(b, ndim)
-    return ba if ba == bb else None
 
 
 def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
@@ -105,14 +95,16 @@ def _add(sign: float, swap: bool = False) -> Rule:
         if isinstance(a, Jet) and isinstance(b, Jet):
             nd = max(a.dim(), b.dim())
             stack = _lift(a.stack, nd) + sign * _lift(b.stack, nd)
-            return Jet.of(stack, a.spec, _bd2(a, b, nd))
+            return Jet.of(stack, a.spec, agreed_bdim([a, b], nd))
         jet = a if isinstance(a, Jet) else b
         va = a.stack[0] if isinstance(a, Jet) else a
         vb = b.stack[0] if isinstance(b, Jet) else b
         value = torch.as_tensor(va + sign * vb)
         rest = -jet.stack[1:] if jet is b and sign < 0 else jet.stack[1:]
         rest = _lift(rest, value.dim()).expand(rest.shape[0], *value.shape)
-        return Jet.of(torch.cat([value.unsqueeze(0), rest]), jet.spec, _bd(jet, value.dim()))
+        return Jet.of(
+            torch.cat([value.unsqueeze(0), rest]), jet.spec, broadcast_bdim(jet, value.dim())
+        )
 
     return rule
 
@@ -126,14 +118,14 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not isinstance(b, Jet):
         c = torch.as_tensor(b, dtype=a.dtype, device=a.device)
         nd = max(a.dim(), c.dim())
-        return Jet.of(_lift(a.stack, nd) * c, a.spec, _bd(a, nd))
+        return Jet.of(_lift(a.stack, nd) * c, a.spec, broadcast_bdim(a, nd))
     spec, d = a.spec, a.spec.d
     nd = max(a.dim(), b.dim())
     sa, sb = _lift(a.stack, nd), _lift(b.stack, nd)
     va, vb = sa[0], sb[0]
     rest = va * sb[1:] + sa[1:] * vb
     if not spec.n_second:
-        out = Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, _bd2(a, b, nd))
+        out = Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, agreed_bdim([a, b], nd))
         if spec.tape is not None:  # NOTE [taylor tape]
             record(out, 2 * sa[1 : 1 + d] * sb[1 : 1 + d])
         return out
@@ -145,7 +137,7 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             + _second(spec, sb[1 : 1 + d], sa[1 : 1 + d])
         )
     )
-    return Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, _bd2(a, b, nd))
+    return Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, agreed_bdim([a, b], nd))
 
 
 def _div(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -153,7 +145,7 @@ def _div(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return None
     a, c = args[0], torch.as_tensor(args[1], dtype=args[0].dtype, device=args[0].device)
     nd = max(a.dim(), c.dim())
-    return Jet.of(_lift(a.stack, nd) / c, a.spec, _bd(a, nd))
+    return Jet.of(_lift(a.stack, nd) / c, a.spec, broadcast_bdim(a, nd))
 
 
 def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
