@@ -17,6 +17,7 @@ in a pass of its own, and only what it cannot prove (NOTE [taylor check])."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._errors import BatchCouplingError
 
-__all__ = ["check_independent", "reachable", "sample_mask", "sample_masks"]
+__all__ = ["check_independent", "masked_random", "reachable", "sample_mask", "sample_masks"]
 
 
 def sample_mask(batch_size: int, device: torch.device) -> Tensor:
@@ -58,6 +59,16 @@ def sample_masks(batch_size: int, device: torch.device, *, rows: bool = False) -
     return masks
 
 
+def masked_random(
+    group: Group, i: int, mask: Tensor, gen: torch.Generator, dtype: torch.dtype, device: Any
+) -> Tensor:
+    """``[1, *shapes[i]]``: a random tensor from ``gen`` on the samples of ``mask``, zero
+    elsewhere (a probe of NOTE [coupling check], as a cotangent or a tangent)."""
+    bsz = group.batch_size
+    rand = torch.randn(1, bsz, group.sizes[i], generator=gen).to(device=device, dtype=dtype)
+    return group.expand(i, rand * mask.reshape(1, bsz, 1).to(dtype))
+
+
 def check_independent(
     fn_name: str,
     batch_dim: int,
@@ -79,9 +90,8 @@ def check_independent(
     gen = torch.Generator().manual_seed(7)
     for mask in (m for s in sample_masks(bsz, device) for m in (s, ~s)):
         cotangents = []
-        for i, size in enumerate(outputs.sizes):
-            rand = torch.randn(1, bsz, size, generator=gen).to(device=device, dtype=dtype)
-            cotangents.append(outputs.expand(i, rand * mask.reshape(1, bsz, 1).to(dtype))[0])
+        for i in range(len(outputs.sizes)):
+            cotangents.append(masked_random(outputs, i, mask, gen, dtype, device)[0])
         for j, g in enumerate(vjp(cotangents)):
             if g is None:
                 continue

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map
 
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.structure import sample_masks
+from torchjac._engine.structure import masked_random, sample_masks
 from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
 from torchjac._engine.taylor_tape import NeedForward, Tape, contract
 from torchjac._errors import BatchCouplingError
@@ -126,9 +126,7 @@ def _check_pass(p: FuncProblem, g_in: Group, g_out: Group) -> None:
     jets = []
     for j, x in enumerate(p.inputs):
         parts = [x.unsqueeze(0)]
-        for mask in masks:
-            rand = torch.randn(1, bsz, g_in.sizes[j], generator=gen).to(x.device, x.dtype)
-            parts.append(g_in.expand(j, rand * mask.reshape(1, bsz, 1).to(x.dtype)))
+        parts += [masked_random(g_in, j, m, gen, x.dtype, x.device) for m in masks]
         jets.append(_jet(p, torch.cat(parts), spec, x))
     outs, _ = _call(p, jets)
     stacks = [y.stack for y in outs if isinstance(y, Jet)]
