@@ -179,9 +179,9 @@ def _prelu(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
     n, c = x.shape[0], w.numel()
     neg = x.detach().clamp(max=0)
     if c == 1:
-        return neg.reshape(n, -1, 1), lambda d: d.movedim(1, 0).reshape(n, d.shape[0], -1, 1)
+        return neg.reshape(n, -1, 1), lambda d: _first_k(d, 0).reshape(n, d.shape[0], -1, 1)
     a = neg.movedim(1, -1).reshape(n, -1, c)
-    return a, lambda d: d.movedim(1, 0).movedim(2, -1).reshape(n, d.shape[0], -1, c)
+    return a, lambda d: _first_k(d, 0).movedim(2, -1).reshape(n, d.shape[0], -1, c)
 
 
 def _norm(m: nn.Module, x: Tensor, batch_dim: int | None) -> Made | None:

@@ -31,6 +31,11 @@ def _same(m: Any, rank: int) -> int | None:
     return rank
 
 
+def _matrix(m: Any, rank: int) -> int | None:
+    """Over the last dims of a batched input (features, or channels and beyond)."""
+    return rank if rank >= 2 else None
+
+
 def _batched(k: int) -> Rule:
     """A layer over ``k`` spatial dims: per sample only on batched input (rank ``k + 2``)."""
     return lambda m, rank: rank if rank == k + 2 else None
@@ -69,7 +74,7 @@ _ELEMENTWISE = (
     *(nn.LogSigmoid, nn.Tanhshrink, nn.Softsign, nn.PReLU),
 )
 _RULES: dict[type, Rule] = {t: _same for t in _ELEMENTWISE}
-_RULES.update({nn.Linear: lambda m, rank: rank if rank >= 2 else None})
+_RULES.update({nn.Linear: _matrix, nn.GroupNorm: _matrix})
 for _k, _types in enumerate(
     [
         (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d),
@@ -83,7 +88,6 @@ _RULES.update({t: _eval_dropout for t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d
 _RULES.update({t: _eval_batch_norm for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)})
 _RULES.update({nn.LayerNorm: _layer_norm, nn.Softmax: _softmax, nn.LogSoftmax: _softmax})
 _RULES.update({nn.Flatten: _flatten, nn.Unflatten: _unflatten})
-_RULES[nn.GroupNorm] = lambda m, rank: rank if rank >= 2 else None
 
 # the methods a call goes through, as torch defines them (a patch on the class or instance is not
 # the listed behaviour)
