@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
+from torchjac._engine import kernels
 from torchjac._engine.taylor import Jet, JetSpec, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
 from torchjac._engine.taylor_batch import agreed_bdim, broadcast_bdim, structural_bdim
@@ -41,6 +42,15 @@ def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
     return fa.index_select(0, spec.left) * fb.index_select(0, spec.right)
 
 
+def _sum_of_squares(d1: Tensor) -> Tensor:
+    """``(d1 * d1).sum(0, keepdim=True)`` one direction at a time: no ``d1``-sized temporary,
+    whose fresh pages cost more than the product itself (NOTE [dense kernels])."""
+    acc = d1[0] * d1[0]
+    for row in d1[1:]:
+        acc.addcmul_(row, row)
+    return acc.unsqueeze(0)
+
+
 def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
     """``φ(x)`` from ``y = φ(v)``, ``φ'(v)`` and ``φ''(v)`` (``None`` when zero)."""
     spec = x.spec
@@ -59,7 +69,9 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
         out[0] = y
         torch.mul(d1, dy, out=out[1 : 1 + d])
         torch.mul(s[1 + d :], dy, out=out[1 + d :])
-        if ddy is not None and spec.n_second > 0 and spec.kind == "diag":
+        if ddy is not None and spec.n_second > 0 and spec.kind == "trace":
+            out[1 + d :].addcmul_(_sum_of_squares(d1), ddy)
+        elif ddy is not None and spec.n_second > 0 and spec.kind == "diag":
             out[1 + d :].addcmul_(d1 * d1, ddy)
         elif ddy is not None and spec.n_second > 0:
             out[1 + d :].addcmul_(_second(spec, d1, d1), ddy)
@@ -157,7 +169,7 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if x.seed:
         stack, first = _linear_seed(x, w, b)
         return Jet.lazy(stack, first, x.spec, bdim)
-    z = F.linear(x.stack, w)
+    z = kernels.linear(x.stack, w)  # NOTE [dense kernels]
     if b is not None:
         z[0] += b
     return Jet.of(z, x.spec, bdim)
@@ -170,7 +182,7 @@ def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     spec, v = x.spec, x.stack[0]
     d = spec.d
     out = v.new_empty(spec.k, *v.shape[:-1], w.shape[0])
-    out[0] = F.linear(v, w, b)
+    out[0] = kernels.linear(v, w, b)
     # a copy: the caller may change w in place before the next rule reads it
     first = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0]).clone()
     out[1 + d :] = 0
@@ -183,7 +195,8 @@ def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     a, b = args
     if isinstance(a, Jet) and not isinstance(b, Jet) and a.dim() >= 2 and b.dim() <= 2:
         keep = a.bdim is not None and a.bdim < a.dim() - 1 and b.dim() == 2
-        return Jet.of(a.stack @ b, a.spec, a.bdim if keep else None)
+        stack = kernels.linear(a.stack, b.t()) if b.dim() == 2 else a.stack @ b
+        return Jet.of(stack, a.spec, a.bdim if keep else None)
     if isinstance(b, Jet) and not isinstance(a, Jet) and b.dim() >= 2 and a.dim() <= 2:
         keep = b.bdim is not None and b.bdim < b.dim() - 2
         return Jet.of(a @ b.stack, b.spec, b.bdim if keep else None)

@@ -1,0 +1,110 @@
+"""Dense kernels: the fastest exact float32 CPU product the installed torch offers.
+
+NOTE [dense kernels]: on an x86 CPU, torch's float32 ``F.linear`` calls MKL's GEMM. On AMD
+processors MKL runs a slower code path: on this project's benchmark machine (AMD EPYC, AVX-512)
+it reaches about 80 GFLOP/s per core, while oneDNN, which ships inside the same torch wheel, runs
+AVX-512 at 200-230 GFLOP/s: 2-2.7x on the Taylor-mode stacks of ``jacobian``, ``hessian`` and
+``laplacian`` (``[K, B, n] @ W.T``), which are most of their time. The engine's own products go
+through ``linear`` below; the model's autograd graph is never touched.
+
+The oneDNN op (``torch.ops.mkldnn._linear_pointwise``, the one ``torch.compile`` emits for CPU
+linears) is private, so it is used only when all of these hold, else ``F.linear`` runs:
+- no autograd graph is being recorded through the product, no functorch transform is active,
+  and every tensor is a plain strided float32 CPU tensor;
+- oneDNN is built in and enabled (``torch.backends.mkldnn``) and float32 matmuls are asked for
+  in full precision (``torch.get_float32_matmul_precision() == "highest"``): a user who allowed
+  bf16 or tf32 products gets torch's own choice, never a lower precision than ``F.linear``;
+- the product is big enough to pay oneDNN's ~10 µs per call (``_MIN_MACS``, ``_MIN_SIDE``);
+- the op exists and agreed with ``F.linear`` on a small problem the first time it was needed;
+  a failure then or later turns it off for the rest of the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["linear"]
+
+_MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
+_MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # a subclass may override what the product means
+_op: Callable[..., Tensor] | None = None
+_state = {"checked": False, "usable": True}
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``F.linear(x, w, b)``, through oneDNN where NOTE [dense kernels] allows it."""
+    if _state["usable"] and _eligible(x, w, b):
+        op = _onednn()
+        if op is not None:
+            try:
+                return op(x, w, b, "none", [], "")
+            except RuntimeError:
+                _state["usable"] = False
+    return F.linear(x, w, b)
+
+
+def _eligible(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    tensors = (x, w) if b is None else (x, w, b)
+    if any(
+        type(t) not in _PLAIN
+        or t.dtype is not torch.float32
+        or t.device.type != "cpu"
+        or t.layout is not torch.strided
+        for t in tensors
+    ):
+        return False
+    if w.dim() != 2 or x.dim() < 1 or (b is not None and b.dim() != 1):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    out_features, in_features = w.shape
+    if min(out_features, in_features) < _MIN_SIDE or x.shape[-1] != in_features:
+        return False
+    return x.numel() * out_features >= _MIN_MACS and _full_precision() and not _transformed()
+
+
+def _full_precision() -> bool:
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
+
+
+def _transformed() -> bool:
+    """Whether a functorch transform (vmap, grad, jvp) is active: the op has no rules for them."""
+    functorch: Any = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
+def _lookup() -> Callable[..., Tensor] | None:
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+def _onednn() -> Callable[..., Tensor] | None:
+    """The oneDNN op, checked once against ``F.linear``; ``None`` when absent or disagreeing."""
+    global _op
+    if _state["checked"]:
+        return _op
+    _state["checked"] = True
+    op = _lookup()
+    if op is None:
+        return None
+    x = torch.linspace(-1.0, 1.0, 3 * 2 * 24).reshape(3, 2, 24)
+    w = torch.linspace(-0.5, 0.7, 20 * 24).reshape(20, 24)
+    b = torch.linspace(0.1, 0.3, 20)
+    try:
+        agree = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+    except (RuntimeError, TypeError):
+        agree = False
+    _op = op if agree else None
+    return _op

@@ -1,0 +1,161 @@
+"""NOTE [dense kernels]: the engine's float32 products agree with ``F.linear`` and keep to their
+limits (graphs, transforms, precision settings, small problems); float32 Taylor-mode results
+that run through them match float64 oracles."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import hessian, jacrev, vmap
+
+import torchjac as tj
+from torchjac._engine import kernels
+
+F32 = torch.float32
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, ...]]]:
+    """Shapes of the inputs the oneDNN op was called on (the op itself still runs)."""
+    seen: list[tuple[int, ...]] = []
+    real = kernels._onednn()
+
+    def spy() -> Callable[..., Tensor] | None:
+        if real is None:
+            return None
+
+        def op(x: Tensor, *args: Any) -> Tensor:
+            seen.append(tuple(x.shape))
+            return real(x, *args)
+
+        return op
+
+    monkeypatch.setattr(kernels, "_onednn", spy)
+    yield seen
+
+
+def _oracle(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(
+    "shape", [(300, 64), (5, 70, 64), (64, 300)], ids=["2d", "3d", "wide-rows"]
+)
+def test_linear_matches_float64(shape: tuple[int, ...], bias: bool) -> None:
+    x = torch.randn(shape, dtype=F32)
+    w, b = torch.randn(96, shape[-1], dtype=F32), torch.randn(96, dtype=F32) if bias else None
+    out = kernels.linear(x, w, b)
+    assert out.dtype == F32 and out.shape == (*shape[:-1], 96)
+    torch.testing.assert_close(out.double(), _oracle(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_strided_operands() -> None:
+    x = torch.randn(64, 9, 128, dtype=F32).transpose(0, 1)  # not contiguous
+    w = torch.randn(128, 100, dtype=F32).t()  # a transposed weight
+    torch.testing.assert_close(
+        kernels.linear(x, w).double(), _oracle(x, w, None), atol=1e-4, rtol=1e-5
+    )
+
+
+def test_big_float32_product_takes_onednn(calls: list[tuple[int, ...]]) -> None:
+    if kernels._onednn() is None:
+        pytest.skip("this torch has no usable oneDNN linear")  # pragma: no cover
+    kernels.linear(torch.randn(4, 256, 64), torch.randn(64, 64))
+    assert calls == [(4, 256, 64)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float64", "small", "narrow-output", "recording-a-graph"],
+)
+def test_falls_back_to_f_linear(case: str, calls: list[tuple[int, ...]]) -> None:
+    x, w = torch.randn(512, 64), torch.randn(64, 64)
+    if case == "float64":
+        x, w = x.double(), w.double()
+    elif case == "small":
+        x = x[:4]
+    elif case == "narrow-output":
+        w = w[:1]
+    else:
+        w.requires_grad_(True)
+    out = kernels.linear(x, w)
+    assert calls == []
+    if case == "recording-a-graph":
+        assert out.grad_fn is not None  # differentiable: F.linear's own backward
+        (g,) = torch.autograd.grad(out.sum(), w)
+        torch.testing.assert_close(g, x.sum(0).expand(64, 64), rtol=1e-4, atol=1e-4)
+
+
+def test_reduced_precision_setting_is_respected(calls: list[tuple[int, ...]]) -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        kernels.linear(torch.randn(512, 64), torch.randn(64, 64))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert calls == []
+
+
+def test_under_vmap_falls_back(calls: list[tuple[int, ...]]) -> None:
+    x, w = torch.randn(3, 512, 64), torch.randn(64, 64)
+    out = vmap(lambda xi: kernels.linear(xi, w))(x)
+    assert calls == []
+    torch.testing.assert_close(out.double(), _oracle(x, w, None), atol=1e-4, rtol=1e-5)
+
+
+def test_disagreeing_op_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_lookup", lambda: lambda x, w, b, *_: F.linear(x, w, b) + 1)
+    monkeypatch.setattr(kernels, "_state", {"checked": False, "usable": True})
+    monkeypatch.setattr(kernels, "_op", None)
+    x, w = torch.randn(512, 64), torch.randn(64, 64)
+    assert kernels._onednn() is None
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+
+
+def test_failing_op_turns_itself_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: Any) -> Tensor:
+        raise RuntimeError("no oneDNN kernel for this layout")
+
+    monkeypatch.setattr(kernels, "_onednn", lambda: broken)
+    monkeypatch.setattr(kernels, "_state", {"checked": True, "usable": True})
+    x, w = torch.randn(512, 64), torch.randn(64, 64)
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+    assert kernels._state["usable"] is False
+
+
+def _mlp32() -> tuple[nn.Module, nn.Module, Tensor]:
+    torch.manual_seed(3)
+    f = nn.Sequential(
+        nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3)
+    ).float()
+    twin = copy.deepcopy(f).double()  # a float64 copy for the oracle
+    return f, twin, torch.randn(128, 16)
+
+
+def _single(f: nn.Module) -> Callable[[Tensor], Tensor]:
+    return lambda xi: f(xi.unsqueeze(0)).squeeze(0)
+
+
+def test_float32_taylor_results_through_onednn(calls: list[tuple[int, ...]]) -> None:
+    f, twin, x = _mlp32()
+    xd = x.double()
+    jac = tj.jacobian(f, x, batch_dim=0)
+    hes = vmap(hessian(_single(twin)))(xd)  # [B, 3, 16, 16]
+    torch.testing.assert_close(jac.double(), vmap(jacrev(_single(twin)))(xd), atol=1e-5, rtol=1e-4)
+    diag = hes.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(
+        tj.hessian_diagonal(f, x, batch_dim=0).double(), diag, atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        tj.laplacian(f, x, batch_dim=0).double(), diag.sum(-1), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(tj.hessian(f, x, batch_dim=0).double(), hes, atol=1e-5, rtol=1e-4)
+    if kernels._onednn() is not None:
+        assert calls  # the hidden 64x64 layer's stacks went through oneDNN
