@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import hessian, jacrev, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchjac as tj
 from torchjac._engine import kernels
@@ -159,3 +160,90 @@ def test_float32_taylor_results_through_onednn(calls: list[tuple[int, ...]]) -> 
     torch.testing.assert_close(tj.hessian(f, x, batch_dim=0).double(), hes, atol=1e-5, rtol=1e-4)
     if kernels._onednn() is not None:
         assert calls  # the hidden 64x64 layer's stacks went through oneDNN
+
+
+class _Count(TorchDispatchMode):
+    """A user's own dispatch mode (a stand-in for a flop counter)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _trunk(
+    dtype: torch.dtype = F32, width: int = 512
+) -> tuple[Tensor, list[Tensor], Any, Callable[..., Tensor]]:
+    """Four losses of a wide two-layer trunk: big products, few graph nodes; and its float64
+    oracle (``jacrev`` of the same losses)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 64, generator=gen)
+    w1 = torch.randn(width, 64, generator=gen) / 8
+    w2 = torch.randn(width, width, generator=gen) / 16
+    b2 = torch.randn(width, generator=gen)
+    heads = torch.randn(4, width, generator=gen) / 16
+
+    def losses(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        h = torch.tanh(x.to(a.dtype) @ a.T)
+        h = torch.tanh(F.linear(h, b, c))
+        return (h @ heads.to(a.dtype).T).pow(2).mean(0)
+
+    params = [t.to(dtype).requires_grad_(True) for t in (w1, w2, b2)]
+    oracle = jacrev(losses, argnums=(0, 1, 2))(*(t.detach().double() for t in params))
+    return losses(*params), params, oracle, losses
+
+
+def test_backward_products_mode_is_installed_for_big_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if kernels._onednn() is None:
+        pytest.skip("this torch has no usable oneDNN linear")  # pragma: no cover
+    seen: list[str] = []
+    real = kernels._OneDnnProducts.__torch_dispatch__
+
+    def spy(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        seen.append(str(func))
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(kernels._OneDnnProducts, "__torch_dispatch__", spy)
+    for chunk_size in (1, None):  # a loop of rows, then one vectorised pass
+        seen.clear()
+        ys, params, oracle, _ = _trunk()
+        got = tj.jac(ys, params, chunk_size=chunk_size)
+        assert "aten.mm.default" in seen
+        for g, o in zip(got, oracle):
+            torch.testing.assert_close(g.double(), o, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["float64", "narrow", "user-mode", "medium-precision"])
+def test_backward_products_mode_stays_out(case: str) -> None:
+    ys, params, oracle, _ = _trunk(
+        torch.float64 if case == "float64" else F32, 8 if case == "narrow" else 512
+    )
+    before = torch.get_float32_matmul_precision()
+    try:
+        if case == "medium-precision":
+            torch.set_float32_matmul_precision("medium")
+        if case == "user-mode":
+            with _Count():
+                assert kernels.backward_products([ys], F32, ys.device) is None
+        else:
+            assert kernels.backward_products([ys], ys.dtype, ys.device) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for g, o in zip(tj.jac(ys, params), oracle):
+        torch.testing.assert_close(g.double(), o, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_products_second_order() -> None:
+    """Under the mode, ``create_graph=True`` rows stay differentiable: the gradient of a
+    function of the Jacobian matches float64 nested ``jacrev``."""
+    ys, params, _, losses = _trunk()
+    assert kernels.backward_products([ys], F32, ys.device) is not None or kernels._onednn() is None
+    j1 = tj.jac(ys, params[0], create_graph=True)
+    (g,) = torch.autograd.grad(j1.pow(2).sum(), params[0])
+    b, c = (t.detach().double() for t in params[1:])
+
+    def outer(a: Tensor) -> Tensor:
+        return jacrev(lambda a_: losses(a_, b, c))(a).pow(2).sum()
+
+    oracle = torch.func.grad(outer)(params[0].detach().double())
+    torch.testing.assert_close(g.double(), oracle, rtol=1e-3, atol=1e-4)

@@ -15,12 +15,14 @@ be freed with the outputs, like any tensor. Nothing is ever freed while ``retain
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from torchjac._engine import kernels
 from torchjac._engine.basis import Group
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import FinalError, run_chunks
@@ -139,11 +141,16 @@ class GraphProblem:
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
-    with fallback_scope():  # NOTE [fallback]: one warning per call, however many paths fail
-        return _solve(problem, mode, chunk_size, budget)
+    products = kernels.backward_products(problem.outputs, problem.dtype, problem.device)
+    # NOTE [fallback]: one warning per call, however many paths fail
+    with fallback_scope(), products or contextlib.nullcontext():
+        # NOTE [loop or vmap]: a loop pays the mode's per-operator cost once per probe
+        return _solve(problem, mode, chunk_size, budget, loop_ok=products is None)
 
 
-def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
+def _solve(
+    problem: GraphProblem, mode: str, chunk_size: int | None, budget: int, loop_ok: bool
+) -> list[Tensor]:
     p = problem
     p.check_coupling()
     n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
@@ -153,7 +160,12 @@ def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int
 
     def chunks(n_probes: int) -> int:
         return choose_chunk_size(
-            n_probes, per_probe, budget, chunk_size, work_per_probe=full, device=p.device
+            n_probes,
+            per_probe,
+            budget,
+            chunk_size,
+            work_per_probe=full if loop_ok else 0,
+            device=p.device,
         )
 
     if chosen == "fwd" and n_cols > 0:

@@ -7,6 +7,13 @@ AVX-512 at 200-230 GFLOP/s: 2-2.7x on the Taylor-mode stacks of ``jacobian``, ``
 ``laplacian`` (``[K, B, n] @ W.T``), which are most of their time. The engine's own products go
 through ``linear`` below; the model's autograd graph is never touched.
 
+Backward passes of the engine's own probes (``jac`` rows and columns on a graph) meet the same
+GEMM inside autograd: ``backward_products`` returns a dispatch mode that sends their big ``mm``
+and ``addmm`` through the same op. A Python mode costs ~8 µs per operator, so it is installed only
+when the graph's products are big enough to pay that many times over (``_MACS_PER_NODE``, counted
+from the sizes the graph's ``mm`` nodes saved), and never over a mode of the user's (a flop
+counter, fake tensors) or a graph that is being recorded through a subclass.
+
 The oneDNN op (``torch.ops.mkldnn._linear_pointwise``, the one ``torch.compile`` emits for CPU
 linears) is private, so it is used only when all of these hold, else ``F.linear`` runs:
 - no autograd graph is being recorded through the product, no functorch transform is active,
@@ -21,18 +28,23 @@ linears) is private, so it is used only when all of these hold, else ``F.linear`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["linear"]
+__all__ = ["backward_products", "linear"]
 
 _MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
 _MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
 
+# Forward-pass multiply-adds of the graph's big products per graph node, above which the mode's
+# per-operator cost is repaid about four times (saving ~15 ps per MAC, twice per backward).
+_MACS_PER_NODE = 2**22
+_MAX_WALK = 4096  # graph nodes looked at when counting
 _PLAIN = (Tensor, torch.nn.Parameter)  # a subclass may override what the product means
 _op: Callable[..., Tensor] | None = None
 _state = {"checked": False, "usable": True}
@@ -108,3 +120,102 @@ def _onednn() -> Callable[..., Tensor] | None:
         agree = False
     _op = op if agree else None
     return _op
+
+
+def backward_products(
+    roots: Sequence[Tensor], dtype: torch.dtype, device: torch.device
+) -> TorchDispatchMode | None:
+    """The oneDNN mode of NOTE [dense kernels] for backward passes over ``roots``' graph, when
+    it pays; else ``None``."""
+    if not (
+        device.type == "cpu"
+        and dtype is torch.float32
+        and _state["usable"]
+        and _full_precision()
+        and _no_dispatch_modes()
+        and _onednn() is not None
+    ):
+        return None
+    macs, nodes = _graph_products(roots)
+    return _OneDnnProducts() if macs >= _MACS_PER_NODE * max(nodes, 1) else None
+
+
+def _no_dispatch_modes() -> bool:
+    length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return length is not None and length() == 0
+
+
+def _graph_products(roots: Sequence[Tensor]) -> tuple[int, int]:
+    """(multiply-adds of the big ``mm``/``addmm`` nodes, nodes) of the graph behind ``roots``."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[int] = set()
+    macs = 0
+    while stack and len(seen) < _MAX_WALK:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        sizes = _mm_sizes(node)
+        if sizes is not None and min(sizes) >= _MIN_SIDE:
+            macs += sizes[0] * sizes[1] * sizes[2]
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return macs, len(seen)
+
+
+def _mm_sizes(node: Any) -> tuple[int, int, int] | None:
+    name = type(node).__name__
+    if name == "AddmmBackward0":
+        left, right = node._saved_mat1_sym_sizes, node._saved_mat2_sym_sizes
+    elif name == "MmBackward0":
+        left, right = node._saved_self_sym_sizes, node._saved_mat2_sym_sizes
+    else:
+        return None
+    try:
+        return int(left[0]), int(left[1]), int(right[1])
+    except (TypeError, ValueError, IndexError):  # symbolic sizes
+        return None
+
+
+def _big_product(a: Any, b: Any) -> bool:
+    return (
+        type(a) in _PLAIN
+        and type(b) in _PLAIN
+        and a.dtype is torch.float32
+        and b.dtype is torch.float32
+        and a.device.type == "cpu"
+        and b.device.type == "cpu"
+        and a.layout is torch.strided
+        and b.layout is torch.strided
+        and a.dim() == 2
+        and b.dim() == 2
+        and min(a.shape[0], a.shape[1], b.shape[1]) >= _MIN_SIDE
+        and a.shape[0] * a.shape[1] * b.shape[1] >= _MIN_MACS
+    )
+
+
+class _OneDnnProducts(TorchDispatchMode):
+    """``mm(a, b)`` and ``addmm(c, a, b)`` (default scales, 1-d ``c``) as oneDNN linears."""
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if not kwargs and _state["usable"] and _op is not None:
+            bias = None
+            if func is torch.ops.aten.mm.default:
+                a, b = args
+            elif func is torch.ops.aten.addmm.default and len(args) == 3:
+                bias, a, b = args
+            else:
+                return func(*args, **(kwargs or {}))
+            fits = bias is None or (
+                type(bias) in _PLAIN
+                and bias.dtype is torch.float32
+                and bias.dim() == 1
+                and bias.shape[0] == b.shape[1]
+            )
+            if fits and _big_product(a, b):
+                try:
+                    return _op(a, b.t(), bias, "none", [], "")
+                except RuntimeError:
+                    _state["usable"] = False
+        return func(*args, **(kwargs or {}))
