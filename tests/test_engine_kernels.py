@@ -172,14 +172,14 @@ class _Count(TorchDispatchMode):
 def _trunk(
     dtype: torch.dtype = F32, width: int = 512
 ) -> tuple[Tensor, list[Tensor], Any, Callable[..., Tensor]]:
-    """Four losses of a wide two-layer trunk: big products, few graph nodes; and its float64
+    """Sixteen losses of a wide two-layer trunk: big products, few graph nodes; and its float64
     oracle (``jacrev`` of the same losses)."""
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(256, 64, generator=gen)
     w1 = torch.randn(width, 64, generator=gen) / 8
     w2 = torch.randn(width, width, generator=gen) / 16
     b2 = torch.randn(width, generator=gen)
-    heads = torch.randn(4, width, generator=gen) / 16
+    heads = torch.randn(16, width, generator=gen) / 16
 
     def losses(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         h = torch.tanh(x.to(a.dtype) @ a.T)
@@ -213,7 +213,9 @@ def test_backward_products_mode_is_installed_for_big_graphs(
             torch.testing.assert_close(g.double(), o, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["float64", "narrow", "user-mode", "medium-precision"])
+@pytest.mark.parametrize(
+    "case", ["float64", "narrow", "user-mode", "medium-precision", "little-work"]
+)
 def test_backward_products_mode_stays_out(case: str) -> None:
     ys, params, oracle, _ = _trunk(
         torch.float64 if case == "float64" else F32, 8 if case == "narrow" else 512
@@ -224,9 +226,10 @@ def test_backward_products_mode_stays_out(case: str) -> None:
             torch.set_float32_matmul_precision("medium")
         if case == "user-mode":
             with _Count():
-                assert kernels.backward_products([ys], F32, ys.device) is None
+                assert kernels.backward_products([ys], F32, ys.device, 2**30) is None
         else:
-            assert kernels.backward_products([ys], ys.dtype, ys.device) is None
+            work = 2**20 if case == "little-work" else 2**30  # probes x elements they touch
+            assert kernels.backward_products([ys], ys.dtype, ys.device, work) is None
     finally:
         torch.set_float32_matmul_precision(before)
     for g, o in zip(tj.jac(ys, params), oracle):
@@ -237,7 +240,10 @@ def test_backward_products_second_order() -> None:
     """Under the mode, ``create_graph=True`` rows stay differentiable: the gradient of a
     function of the Jacobian matches float64 nested ``jacrev``."""
     ys, params, _, losses = _trunk()
-    assert kernels.backward_products([ys], F32, ys.device) is not None or kernels._onednn() is None
+    assert (
+        kernels.backward_products([ys], F32, ys.device, 2**30) is not None
+        or kernels._onednn() is None
+    )
     j1 = tj.jac(ys, params[0], create_graph=True)
     (g,) = torch.autograd.grad(j1.pow(2).sum(), params[0])
     b, c = (t.detach().double() for t in params[1:])

@@ -141,7 +141,10 @@ class GraphProblem:
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
-    products = kernels.backward_products(problem.outputs, problem.dtype, problem.device)
+    p = problem
+    n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
+    work = min(p.n_rows, n_cols) * sum(t.numel() for t in (*p.outputs, *p.inputs))
+    products = kernels.backward_products(p.outputs, p.dtype, p.device, work)
     # NOTE [fallback]: one warning per call, however many paths fail
     with fallback_scope(), products or contextlib.nullcontext():
         # NOTE [loop or vmap]: a loop pays the mode's per-operator cost once per probe

@@ -44,6 +44,9 @@ _MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no fas
 # Forward-pass multiply-adds of the graph's big products per graph node, above which the mode's
 # per-operator cost is repaid about four times (saving ~15 ps per MAC, twice per backward).
 _MACS_PER_NODE = 2**22
+# Probes times the elements they read and write, below which the products cannot be big enough
+# to pay for walking the graph (W4, 64 columns of 21k gradients: 1.4M, a 0.1 ms walk skipped).
+_MIN_PROBE_WORK = 2**22
 _MAX_WALK = 4096  # graph nodes looked at when counting
 _PLAIN = (Tensor, torch.nn.Parameter)  # a subclass may override what the product means
 _op: Callable[..., Tensor] | None = None
@@ -123,12 +126,14 @@ def _onednn() -> Callable[..., Tensor] | None:
 
 
 def backward_products(
-    roots: Sequence[Tensor], dtype: torch.dtype, device: torch.device
+    roots: Sequence[Tensor], dtype: torch.dtype, device: torch.device, work: int
 ) -> TorchDispatchMode | None:
     """The oneDNN mode of NOTE [dense kernels] for backward passes over ``roots``' graph, when
-    it pays; else ``None``."""
+    it pays; else ``None``. ``work``: probes times the elements of outputs and inputs, below
+    ``_MIN_PROBE_WORK`` the graph is not even walked."""
     if not (
-        device.type == "cpu"
+        work >= _MIN_PROBE_WORK
+        and device.type == "cpu"
         and dtype is torch.float32
         and _state["usable"]
         and _full_precision()
