@@ -240,5 +240,5 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         out_leaves[i] = Jet.of(stack, spec)
         out_leaves[i].aliased = shares[i]
         if sources is not None:
-            spec.tape.entries.append((out_leaves[i], sources[n]))
+            spec.tape.entries.append((out_leaves[i], sources[n], None))
     return tree_unflatten(out_leaves, out_tree)

@@ -77,8 +77,7 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
             out[1 + d :].addcmul_(_second(spec, d1, d1), ddy)
     jet = Jet.of(out, spec, x.bdim)
     if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
-        sq = d1 * d1  # a fresh product: scaled in place unless d1 is the broadcast first order
-        record(jet, sq.mul_(ddy) if sq.shape[1:] == ddy.shape else sq * ddy)
+        record(jet, d1 * d1, ddy)  # small when d1 is the broadcast first order
     return jet
 
 

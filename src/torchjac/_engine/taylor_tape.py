@@ -32,16 +32,18 @@ class NeedForward(Exception):
 
 @dataclass
 class Tape:
-    """Sources of second order: (op output, ``[D, *shape]`` source) pairs."""
+    """Sources of second order: (op output, ``[D, *shape]`` source, scale) triples; the source
+    is ``source * scale`` (``scale`` of the op's output shape, ``None`` for 1), kept apart so
+    that a source broadcast over the samples (NOTE [lazy first order]) is never written out."""
 
-    entries: list[tuple[Jet, Tensor]] = field(default_factory=list)
+    entries: list[tuple[Jet, Tensor, Tensor | None]] = field(default_factory=list)
 
 
-def record(out: Jet, source: Tensor) -> None:
+def record(out: Jet, source: Tensor, scale: Tensor | None = None) -> None:
     """Put a second-order source on the tape of ``out``'s pass, if it keeps one."""
     tape = out.spec.tape
     if tape is not None:
-        tape.entries.append((out, source))
+        tape.entries.append((out, source, scale))
 
 
 def attach_live(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -81,20 +83,20 @@ def contract(
 ) -> Tensor:
     """``[B, R, D]``: ``Σ_e <g_e, s_e[a]>`` per sample, output row and direction (``B = 1``
     when unbatched)."""
-    entries = [(e, e.live, s) for e, s in tape.entries if e.live is not None]
-    entries = [(e, h, s) for e, h, s in entries if h.requires_grad]
+    entries = [(e, e.live, s, c) for e, s, c in tape.entries if e.live is not None]
+    entries = [(e, h, s, c) for e, h, s, c in entries if h.requires_grad]
     bsz, n_rows, d = shape
     res = like.new_zeros(bsz, n_rows, d)
     if not entries or not outs or bsz == 0:
         return res
-    for e, h, _ in entries:
+    for e, h, _, _ in entries:
         if batched and (e.bdim is None or h.shape[e.bdim] != bsz):
             raise NeedForward
     create = torch.is_grad_enabled()
     one = n_rows == 1  # a plain backward pass, no vectorisation over rows
     grads = torch.autograd.grad(
         [y.live for y in outs if y.live is not None],
-        [h for _, h, _ in entries],
+        [h for _, h, _, _ in entries],
         [c[0] for c in out_cots] if one else out_cots,
         retain_graph=create,
         create_graph=create,
@@ -103,14 +105,23 @@ def contract(
     )
     if one:
         grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-    for (e, _, s), g in zip(entries, grads):
+    for (e, _, s, c), g in zip(entries, grads):
         if g is None:
             continue
+        w = g if c is None else g * c.to(g.dtype)  # [R, *out]
+        s = s.to(w.dtype)
+        bd = 1 + e.bdim if batched else 1  # type: ignore[operator]
+        if batched and s.shape[bd] == 1 and bsz > 1:  # the same source for every sample
+            rest = list(w.shape[1:])
+            rest[bd - 1] = 1
+            s1 = s.expand(d, *rest).movedim(bd, 1).reshape(d, -1)  # [D, n]
+            w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
+            res = res + (w2 @ s1.T).transpose(0, 1)
+            continue
         if batched:
-            bd = 1 + e.bdim  # type: ignore[operator]
-            g2 = g.movedim(bd, 1).reshape(n_rows, bsz, -1)
-            s2 = s.movedim(bd, 1).reshape(d, bsz, -1)
+            w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
+            s2 = s.expand(d, *w.shape[1:]).movedim(bd, 1).reshape(d, bsz, -1)
         else:
-            g2, s2 = g.reshape(n_rows, 1, -1), s.reshape(d, 1, -1)
-        res = res + torch.einsum("rbn,dbn->brd", g2, s2.to(g2.dtype))
+            w2, s2 = w.reshape(n_rows, 1, -1), s.expand(d, *w.shape[1:]).reshape(d, 1, -1)
+        res = res + torch.einsum("rbn,dbn->brd", w2, s2)
     return res
