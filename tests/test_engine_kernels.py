@@ -5,6 +5,9 @@ that run through them match float64 oracles."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -253,3 +256,96 @@ def test_backward_products_second_order() -> None:
 
     oracle = torch.func.grad(outer)(params[0].detach().double())
     torch.testing.assert_close(g.double(), oracle, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded", "one-element"])
+def test_bias_layouts_the_op_misreads_go_to_f_linear(
+    layout: str, calls: list[tuple[int, ...]]
+) -> None:
+    x, w = torch.randn(512, 64), torch.randn(96, 64)
+    b = {
+        "strided": torch.randn(96, 3)[:, 1],
+        "expanded": torch.tensor([3.0]).expand(96),
+        "one-element": torch.tensor([3.0]),  # broadcast by F.linear
+    }[layout]
+    torch.testing.assert_close(
+        kernels.linear(x, w, b).double(), _oracle(x, w, b), atol=1e-4, rtol=1e-5
+    )
+    assert calls == [] and kernels._state["usable"]
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_mode_leaves_addmm_with_a_strided_bias_to_torch(layout: str) -> None:
+    if kernels._onednn() is None:
+        pytest.skip("this torch has no usable oneDNN linear")  # pragma: no cover
+    a, b = torch.randn(256, 128), torch.randn(256, 128).t()  # F.linear's addmm(bias, x, W.t())
+    bias = torch.randn(256, 2)[:, 0] if layout == "strided" else torch.tensor([3.0]).expand(256)
+    with kernels._OneDnnProducts():
+        got = torch.addmm(bias, a, b)
+    torch.testing.assert_close(got, torch.addmm(bias, a, b), atol=1e-4, rtol=1e-5)
+
+
+def test_strided_bias_in_a_taylor_pass() -> None:
+    """The first layer's bias (the one ``kernels.linear`` adds itself, on the seed input, big
+    enough for oneDNN) is a column of a bigger tensor (found in review)."""
+    torch.manual_seed(4)
+    f = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 1))
+    twin = copy.deepcopy(f).double()
+    with torch.no_grad():
+        for m in (f[0], twin[0]):
+            store = torch.zeros(m.bias.shape[0], 3, dtype=m.bias.dtype)
+            store[:, 1] = m.bias
+            del m.bias
+            m.bias = store[:, 1]  # a plain strided tensor attribute, as F.linear receives it
+    x = torch.randn(512, 32)
+    hes = vmap(hessian(_single(twin)))(x.double())
+    torch.testing.assert_close(
+        tj.laplacian(f, x, batch_dim=0).double(),
+        hes.diagonal(dim1=-2, dim2=-1).sum(-1),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+def test_per_backend_precision_setting() -> None:
+    """torch's per-backend precision API, set in a fresh process: the legacy getter raises from
+    then on; oneDNN is left alone and the doors still work (a subprocess: no earlier legacy
+    setting of this test session may mask it)."""
+    script = """
+import torch, torchjac as tj
+from torchjac._engine import kernels
+matmul = getattr(torch.backends.mkldnn, "matmul", None)
+if getattr(matmul, "fp32_precision", None) is not None:
+    matmul.fp32_precision = "bf16"
+assert not kernels._full_precision()
+w = torch.randn(512, 512, requires_grad=True)
+ys = torch.tanh(torch.randn(256, 512) @ w).sum(0)[:16]
+assert tj.jac(ys, w).shape == (16, 512, 512)
+f = torch.nn.Sequential(torch.nn.Linear(16, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))
+assert tj.laplacian(f, torch.randn(256, 16), batch_dim=0).shape == (256, 1)
+print("ok")
+"""
+    env = {**os.environ, "PYTHONWARNINGS": "error::UserWarning"}  # a FallbackWarning fails too
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_users_dispatch_mode_sees_torchs_own_ops(calls: list[tuple[int, ...]]) -> None:
+    with _Count():
+        kernels.linear(torch.randn(512, 64), torch.randn(64, 64))
+    assert calls == []
+
+
+def test_self_check_under_a_float64_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    if kernels._lookup() is None:
+        pytest.skip("this torch has no oneDNN linear")  # pragma: no cover
+    monkeypatch.setattr(kernels, "_state", {"checked": False, "usable": True})
+    monkeypatch.setattr(kernels, "_op", None)
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert kernels._onednn() is not None
+    finally:
+        torch.set_default_dtype(before)

@@ -75,23 +75,44 @@ def _eligible(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
         for t in tensors
     ):
         return False
-    if w.dim() != 2 or x.dim() < 1 or (b is not None and b.dim() != 1):
+    if w.dim() != 2 or x.dim() < 1 or not _fits_bias(b, w.shape[0]):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     out_features, in_features = w.shape
     if min(out_features, in_features) < _MIN_SIDE or x.shape[-1] != in_features:
         return False
-    return x.numel() * out_features >= _MIN_MACS and _full_precision() and not _transformed()
+    return (
+        x.numel() * out_features >= _MIN_MACS
+        and _full_precision()
+        and not _transformed()
+        and _no_dispatch_modes()  # a user's mode (a flop counter) sees torch's own ops
+    )
+
+
+def _fits_bias(b: Any, n: int) -> bool:
+    """``None``, or a contiguous float32 ``[n]``: oneDNN misreads strided and expanded biases."""
+    return b is None or (
+        type(b) in _PLAIN
+        and b.dtype is torch.float32
+        and b.dim() == 1
+        and b.shape[0] == n
+        and b.is_contiguous()
+    )
 
 
 def _full_precision() -> bool:
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    if torch.get_float32_matmul_precision() != "highest":
+    # torch >= 2.9 resolves the per-backend setting (and its parents) here; the legacy getter
+    # raises once a per-backend setting differs from it
+    precision = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    if precision is not None:
+        return precision in ("none", "ieee")
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:
         return False
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
 
 
 def _transformed() -> bool:
@@ -114,9 +135,10 @@ def _onednn() -> Callable[..., Tensor] | None:
     op = _lookup()
     if op is None:
         return None
-    x = torch.linspace(-1.0, 1.0, 3 * 2 * 24).reshape(3, 2, 24)
-    w = torch.linspace(-0.5, 0.7, 20 * 24).reshape(20, 24)
-    b = torch.linspace(0.1, 0.3, 20)
+    kw: dict[str, Any] = {"dtype": torch.float32, "device": "cpu"}  # whatever the defaults
+    x = torch.linspace(-1.0, 1.0, 3 * 2 * 24, **kw).reshape(3, 2, 24)
+    w = torch.linspace(-0.5, 0.7, 20 * 24, **kw).reshape(20, 24)
+    b = torch.linspace(0.1, 0.3, 20, **kw)
     try:
         agree = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
     except (RuntimeError, TypeError):
@@ -212,13 +234,7 @@ class _OneDnnProducts(TorchDispatchMode):
                 bias, a, b = args
             else:
                 return func(*args, **(kwargs or {}))
-            fits = bias is None or (
-                type(bias) in _PLAIN
-                and bias.dtype is torch.float32
-                and bias.dim() == 1
-                and bias.shape[0] == b.shape[1]
-            )
-            if fits and _big_product(a, b):
+            if _big_product(a, b) and _fits_bias(bias, b.shape[1]):
                 try:
                     return _op(a, b.t(), bias, "none", [], "")
                 except RuntimeError:
