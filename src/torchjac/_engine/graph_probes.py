@@ -16,6 +16,7 @@ be freed with the outputs, like any tensor. Nothing is ever freed while ``retain
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ class GraphProblem:
             self.jac_outputs[0].shape[0] if self.jac_outputs is not None else self.out_group.numel
         )
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         dtype = self.outputs[0].dtype
         for t in (*self.outputs, *self.inputs):
