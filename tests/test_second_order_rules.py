@@ -127,3 +127,19 @@ def test_normalisations_match_torch_func(gen: torch.Generator, name: str) -> Non
     diag = h.diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(tj.hessian_diagonal(f, x, batch_dim=0), diag)
     torch.testing.assert_close(tj.laplacian(f, x, batch_dim=0), diag.sum(-1))
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["seed-linear", "written-first-order"])
+def test_tape_sources_near_float32_range(lazy: bool) -> None:
+    """NOTE [taylor tape]: ``g·φ''`` alone overflows float32 here (exp(80)·1e6), the diagonal
+    does not (found in review: inf, and NaN for a zero direction). A written source is scaled by
+    φ'' first; a broadcast one meets ``g·φ''`` in float64."""
+    w1 = torch.tensor([[0.0, 1e-15]])
+    b1, w2 = torch.tensor([80.0]), torch.tensor([[1e6]])
+
+    def f(x: Tensor) -> Tensor:
+        return F.linear(torch.exp(F.linear(x if lazy else x + 0.0, w1, b1)), w2)
+
+    got = tj.hessian_diagonal(f, torch.zeros(3, 2), batch_dim=0)
+    want = torch.tensor([0.0, 1e-24], dtype=torch.float64) * torch.tensor(80.0).double().exp()
+    torch.testing.assert_close(got[:, 0].double(), want.expand(3, 2), rtol=1e-5, atol=0)

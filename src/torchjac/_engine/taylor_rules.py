@@ -77,7 +77,11 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
             out[1 + d :].addcmul_(_second(spec, d1, d1), ddy)
     jet = Jet.of(out, spec, x.bdim)
     if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
-        record(jet, d1 * d1, ddy)  # small when d1 is the broadcast first order
+        sq = d1 * d1
+        if sq.shape[1:] == ddy.shape:  # scaled first, as written: g·φ'' alone may overflow
+            record(jet, sq.mul_(ddy))
+        else:  # the broadcast first order: kept small, the scale goes onto g (NOTE [taylor tape])
+            record(jet, sq, ddy)
     return jet
 
 

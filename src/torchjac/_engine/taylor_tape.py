@@ -108,7 +108,11 @@ def contract(
     for (e, _, s, c), g in zip(entries, grads):
         if g is None:
             continue
-        w = g if c is None else g * c.to(g.dtype)  # [R, *out]
+        if c is None:
+            w = g  # [R, *out]
+        else:  # g·φ'' meets no small factor first: in float64, it would overflow float32
+            wide = torch.promote_types(g.dtype, torch.float64)
+            w = g.to(wide) * c.to(wide)
         s = s.to(w.dtype)
         bd = 1 + e.bdim if batched else 1  # type: ignore[operator]
         if batched and s.shape[bd] == 1 and bsz > 1:  # the same source for every sample
@@ -116,12 +120,12 @@ def contract(
             rest[bd - 1] = 1
             s1 = s.expand(d, *rest).movedim(bd, 1).reshape(d, -1)  # [D, n]
             w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
-            res = res + (w2 @ s1.T).transpose(0, 1)
+            res = res + (w2 @ s1.T).transpose(0, 1).to(res.dtype)
             continue
         if batched:
             w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
             s2 = s.expand(d, *w.shape[1:]).movedim(bd, 1).reshape(d, bsz, -1)
         else:
             w2, s2 = w.reshape(n_rows, 1, -1), s.expand(d, *w.shape[1:]).reshape(d, 1, -1)
-        res = res + torch.einsum("rbn,dbn->brd", w2, s2)
+        res = res + torch.einsum("rbn,dbn->brd", w2, s2).to(res.dtype)
     return res
