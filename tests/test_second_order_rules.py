@@ -143,3 +143,34 @@ def test_tape_sources_near_float32_range(lazy: bool) -> None:
     got = tj.hessian_diagonal(f, torch.zeros(3, 2), batch_dim=0)
     want = torch.tensor([0.0, 1e-24], dtype=torch.float64) * torch.tensor(80.0).double().exp()
     torch.testing.assert_close(got[:, 0].double(), want.expand(3, 2), rtol=1e-5, atol=0)
+
+
+def test_inputs_without_elements_per_sample() -> None:
+    """``[B, 0]`` inputs: empty derivatives, a zero Laplacian (found in review: an assertion)."""
+    x = torch.zeros(3, 0, dtype=torch.float64)
+
+    def f(x: Tensor) -> Tensor:
+        return x.sum(-1, keepdim=True) + 1.0
+
+    assert tj.jacobian(f, x, batch_dim=0).shape == (3, 1, 0)
+    assert tj.hessian(f, x, batch_dim=0).shape == (3, 1, 0, 0)
+    assert tj.hessian_diagonal(f, x, batch_dim=0).shape == (3, 1, 0)
+    torch.testing.assert_close(tj.laplacian(f, x, batch_dim=0), torch.zeros(3, 1).double())
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batch", "one-sample"])
+def test_linear_with_a_one_d_weight(gen: torch.Generator, batched: bool) -> None:
+    """``F.linear(x, w)`` with a 1-d ``w`` drops the last dimension (found in review: an extra
+    dimension, then a crash in ``hessian_diagonal``)."""
+    w = randn(3, gen=gen)
+
+    def f(x: Tensor) -> Tensor:
+        return torch.tanh(F.linear(x, w))
+
+    x = randn(4, 3, gen=gen) if batched else randn(3, gen=gen)
+    kw = {"batch_dim": 0} if batched else {}
+    want = torch.func.vmap(hessian(f))(x) if batched else hessian(f)(x)
+    torch.testing.assert_close(tj.hessian(f, x, **kw), want)
+    diag = want.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(tj.hessian_diagonal(f, x, **kw), diag)
+    torch.testing.assert_close(tj.laplacian(f, x, **kw), diag.sum(-1))

@@ -168,6 +168,8 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     w, b = kwargs.pop("weight", w), kwargs.pop("bias", b)
     if kwargs or not isinstance(x, Jet) or isinstance(w, Jet) or isinstance(b, Jet):
         return None
+    if not isinstance(w, Tensor) or w.dim() != 2:  # a 1-d weight drops a dimension: general rule
+        return None
     bdim = x.bdim if x.bdim is not None and x.bdim < x.dim() - 1 else None
     if x.seed:
         stack, first = _linear_seed(x, w, b)

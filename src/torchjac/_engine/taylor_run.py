@@ -55,7 +55,8 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     seeds = g_in.one_hot(0, d, p.dtype, p.device)
     jets = []
     for x, seed in zip(p.inputs, seeds):
-        assert seed is not None
+        if seed is None:  # an input without elements per sample: no direction of its own
+            seed = x.new_zeros(d, *x.shape)
         parts = [x.unsqueeze(0), seed.to(x.dtype), x.new_zeros(spec.n_second, *x.shape)]
         jets.append(_jet(p, torch.cat(parts), spec, x))
         if tape is not None:
