@@ -19,7 +19,7 @@ from torchjac._engine import kernels
 from torchjac._engine.taylor import Jet, JetSpec, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
 from torchjac._engine.taylor_batch import agreed_bdim, broadcast_bdim, structural_bdim
-from torchjac._engine.taylor_tape import known_live, record
+from torchjac._engine.taylor_tape import record
 
 __all__ = ["RULES", "promote"]
 
@@ -76,8 +76,6 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
         elif ddy is not None and spec.n_second > 0:
             out[1 + d :].addcmul_(_second(spec, d1, d1), ddy)
     jet = Jet.of(out, spec, x.bdim)
-    if spec.tape is not None and dy.shape == y.shape:
-        known_live(jet, x, y, dy, None)
     if spec.tape is not None and ddy is not None:  # NOTE [taylor tape]
         sq = d1 * d1
         if sq.shape[1:] == ddy.shape:  # scaled first, as written: g·φ'' alone may overflow
@@ -175,15 +173,11 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     bdim = x.bdim if x.bdim is not None and x.bdim < x.dim() - 1 else None
     if x.seed:
         stack, first = _linear_seed(x, w, b)
-        jet = Jet.lazy(stack, first, x.spec, bdim)
-    else:
-        z = kernels.linear(x.stack, w)  # NOTE [dense kernels]
-        if b is not None:
-            z[0] += b
-        jet = Jet.of(z, x.spec, bdim)
-    if x.spec.tape is not None:
-        known_live(jet, x, jet.stack[0], None, w.detach())
-    return jet
+        return Jet.lazy(stack, first, x.spec, bdim)
+    z = kernels.linear(x.stack, w)  # NOTE [dense kernels]
+    if b is not None:
+        z[0] += b
+    return Jet.of(z, x.spec, bdim)
 
 
 def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.taylor import Jet, TaylorFailed
 
-__all__ = ["NeedForward", "Tape", "attach_live", "contract", "known_live", "record"]
+__all__ = ["NeedForward", "Tape", "attach_live", "contract", "record"]
 
 
 class NeedForward(Exception):
@@ -46,40 +46,8 @@ def record(out: Jet, source: Tensor, scale: Tensor | None = None) -> None:
         tape.entries.append((out, source, scale))
 
 
-class _Known(torch.autograd.Function):
-    """A live value the Taylor pass already computed, put on the graph with its op's
-    vector-Jacobian product (``g * scale`` or ``g @ weight``): no second value pass for it.
-    First order only: a ``create_graph`` pass recomputes instead (``attach_live``)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, value: Tensor, scale: Tensor | None, weight: Tensor | None
-    ) -> Tensor:
-        ctx.save_for_backward(scale, weight)
-        return value
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
-        scale, weight = ctx.saved_tensors
-        return (g * scale if weight is None else g @ weight), None, None, None
-
-
-def known_live(
-    out: Jet, x: Jet, value: Tensor, scale: Tensor | None, weight: Tensor | None
-) -> None:
-    """Give ``out`` the live value ``value`` when ``x``'s live one is on a graph and no
-    ``create_graph`` pass needs the op itself (NOTE [taylor tape]); else ``attach_live`` does."""
-    live = x.live
-    if out.spec.tape is None or out.spec.grad or live is None or not live.requires_grad:
-        return
-    with torch.enable_grad():
-        out.live = _Known.apply(live, value.detach(), scale, weight)
-
-
 def attach_live(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
     """Recompute ``func`` on the live values of its Jet arguments; give each output Jet its own."""
-    if isinstance(out, Jet) and out.live is not None:  # a rule gave it (``known_live``)
-        return
     leaves = [x for x in tree_flatten(out)[0] if isinstance(x, Tensor)]
     if not any(isinstance(x, Jet) for x in leaves):
         return
