@@ -142,43 +142,38 @@ class GraphProblem:
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
-    p = problem
-    n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
-    work = min(p.n_rows, n_cols) * sum(t.numel() for t in (*p.outputs, *p.inputs))
-    products = kernels.backward_products(p.outputs, p.dtype, p.device, work)
-    # NOTE [fallback]: one warning per call, however many paths fail
-    with fallback_scope(), products or contextlib.nullcontext():
-        # NOTE [loop or vmap]: a loop pays the mode's per-operator cost once per probe
-        return _solve(problem, mode, chunk_size, budget, loop_ok=products is None)
+    with fallback_scope():  # NOTE [fallback]: one warning per call, however many paths fail
+        return _solve(problem, mode, chunk_size, budget)
 
 
-def _solve(
-    problem: GraphProblem, mode: str, chunk_size: int | None, budget: int, loop_ok: bool
-) -> list[Tensor]:
+def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     p = problem
     p.check_coupling()
     n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
     chosen = choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST)
     full = sum(t.numel() for t in (*p.outputs, *p.inputs))
     per_probe = 4 * full * p.dtype.itemsize
+    products = kernels.backward_products(p.outputs, p.dtype, p.device, min(p.n_rows, n_cols) * full)
 
     def chunks(n_probes: int) -> int:
+        # NOTE [loop or vmap]: under the oneDNN mode a loop pays its per-operator cost per probe
         return choose_chunk_size(
             n_probes,
             per_probe,
             budget,
             chunk_size,
-            work_per_probe=full if loop_ok else 0,
+            work_per_probe=full if products is None else 0,
             device=p.device,
         )
 
-    if chosen == "fwd" and n_cols > 0:
-        try:
-            return _columns(p, chunks(n_cols))
-        except RuntimeError as err:
-            # one FallbackWarning per call: a later vmap -> loop one is dropped by fallback_scope
-            warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
-    return _rows(p, chunks(p.n_rows))
+    with products or contextlib.nullcontext():
+        if chosen == "fwd" and n_cols > 0:
+            try:
+                return _columns(p, chunks(n_cols))
+            except RuntimeError as err:
+                # one FallbackWarning per call: a later vmap -> loop one is dropped (fallback_scope)
+                warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
+        return _rows(p, chunks(p.n_rows))
 
 
 def _storage(p: GraphProblem, dims: tuple[int, int, int], j: int) -> Tensor:

@@ -19,8 +19,10 @@ linears) is private, so it is used only when all of these hold, else ``F.linear`
 - no autograd graph is being recorded through the product, no functorch transform is active,
   and every tensor is a plain strided float32 CPU tensor;
 - oneDNN is built in and enabled (``torch.backends.mkldnn``) and float32 matmuls are asked for
-  in full precision (``torch.get_float32_matmul_precision() == "highest"``): a user who allowed
-  bf16 or tf32 products gets torch's own choice, never a lower precision than ``F.linear``;
+  in full precision (``torch.backends.mkldnn.matmul.fp32_precision``, or the legacy
+  ``torch.get_float32_matmul_precision()`` on older torch): a user who allowed bf16 or tf32
+  products gets torch's own choice, never a lower precision than ``F.linear``;
+- the bias, if any, is a contiguous ``[out]`` (oneDNN misreads strided and expanded ones);
 - the product is big enough to pay oneDNN's ~10 µs per call (``_MIN_MACS``, ``_MIN_SIDE``);
 - the op exists and agreed with ``F.linear`` on a small problem the first time it was needed;
   a failure then or later turns it off for the rest of the process.
@@ -65,18 +67,22 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return F.linear(x, w, b)
 
 
+def _plain(t: Any) -> bool:
+    """A plain (or Parameter) strided float32 CPU tensor: what the op is known to read right."""
+    return (
+        type(t) in _PLAIN
+        and t.dtype is torch.float32
+        and t.device.type == "cpu"
+        and t.layout is torch.strided
+    )
+
+
 def _eligible(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    if not (_plain(x) and _plain(w)) or w.dim() != 2 or x.dim() < 1:
+        return False
+    if not _fits_bias(b, w.shape[0]):
+        return False
     tensors = (x, w) if b is None else (x, w, b)
-    if any(
-        type(t) not in _PLAIN
-        or t.dtype is not torch.float32
-        or t.device.type != "cpu"
-        or t.layout is not torch.strided
-        for t in tensors
-    ):
-        return False
-    if w.dim() != 2 or x.dim() < 1 or not _fits_bias(b, w.shape[0]):
-        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     out_features, in_features = w.shape
@@ -92,13 +98,7 @@ def _eligible(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
 
 def _fits_bias(b: Any, n: int) -> bool:
     """``None``, or a contiguous float32 ``[n]``: oneDNN misreads strided and expanded biases."""
-    return b is None or (
-        type(b) in _PLAIN
-        and b.dtype is torch.float32
-        and b.dim() == 1
-        and b.shape[0] == n
-        and b.is_contiguous()
-    )
+    return b is None or (_plain(b) and b.dim() == 1 and b.shape[0] == n and b.is_contiguous())
 
 
 def _full_precision() -> bool:
@@ -205,14 +205,8 @@ def _mm_sizes(node: Any) -> tuple[int, int, int] | None:
 
 def _big_product(a: Any, b: Any) -> bool:
     return (
-        type(a) in _PLAIN
-        and type(b) in _PLAIN
-        and a.dtype is torch.float32
-        and b.dtype is torch.float32
-        and a.device.type == "cpu"
-        and b.device.type == "cpu"
-        and a.layout is torch.strided
-        and b.layout is torch.strided
+        _plain(a)
+        and _plain(b)
         and a.dim() == 2
         and b.dim() == 2
         and min(a.shape[0], a.shape[1], b.shape[1]) >= _MIN_SIDE

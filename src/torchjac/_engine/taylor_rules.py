@@ -44,7 +44,7 @@ def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
 
 def _sum_of_squares(d1: Tensor) -> Tensor:
     """``(d1 * d1).sum(0, keepdim=True)`` one direction at a time: no ``d1``-sized temporary,
-    whose fresh pages cost more than the product itself (NOTE [dense kernels])."""
+    whose fresh pages cost more than the products themselves."""
     acc = d1[0] * d1[0]
     for row in d1[1:]:
         acc.addcmul_(row, row)
