@@ -35,7 +35,7 @@ def _lift(stack: Tensor, ndim: int) -> Tensor:
 def _second(spec: JetSpec, fa: Tensor, fb: Tensor) -> Tensor:
     """The second-order coefficients of a product of first-order parts ``fa``, ``fb``."""
     if spec.kind == "trace":
-        return (fa * fb).sum(0, keepdim=True)
+        return _sum_of_squares(fa) if fa is fb and len(fa) else (fa * fb).sum(0, keepdim=True)
     if spec.kind == "diag":
         return fa * fb
     assert spec.left is not None and spec.right is not None
@@ -69,9 +69,7 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
         out[0] = y
         torch.mul(d1, dy, out=out[1 : 1 + d])
         torch.mul(s[1 + d :], dy, out=out[1 + d :])
-        if ddy is not None and spec.n_second > 0 and spec.kind == "trace":
-            out[1 + d :].addcmul_(_sum_of_squares(d1), ddy)
-        elif ddy is not None and spec.n_second > 0 and spec.kind == "diag":
+        if ddy is not None and spec.n_second > 0 and spec.kind == "diag":
             out[1 + d :].addcmul_(d1 * d1, ddy)
         elif ddy is not None and spec.n_second > 0:
             out[1 + d :].addcmul_(_second(spec, d1, d1), ddy)
