@@ -71,7 +71,8 @@ class Jet(Tensor):
 
     spec: JetSpec
     bdim: int | None  # where the batch dimension is, when a rule knows (NOTE [taylor tape])
-    live: Tensor | None  # the value on an autograd graph, with a tape (NOTE [taylor tape])
+    node: Any  # the op that made it, for the reverse sweep of NOTE [taylor tape]
+    wants: bool  # a second-order source lies at or before it (NOTE [taylor tape])
     seed: bool  # an input whose first order is the one-hot basis over its last dim
     aliased: bool  # a view, or viewed (see ``taylor_dispatch``)
     first: Tensor | None  # NOTE [lazy first order]: the unwritten ``stack[1 : 1 + d]``
@@ -83,7 +84,8 @@ class Jet(Tensor):
         jet.stack = stack
         jet.spec = spec
         jet.bdim = bdim
-        jet.live = None
+        jet.node = None
+        jet.wants = False
         jet.seed = False
         jet.aliased = False
         return jet
@@ -241,4 +243,5 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         out_leaves[i].aliased = shares[i]
         if sources is not None:
             spec.tape.entries.append((out_leaves[i], sources[n], None))
+            out_leaves[i].wants = True
     return tree_unflatten(out_leaves, out_tree)

@@ -15,7 +15,7 @@ from torch import Tensor
 from torchjac._engine.taylor import Jet, TaylorFailed, constant, general_rule, jets_in
 from torchjac._engine.taylor_batch import POINTWISE, agreed_bdim
 from torchjac._engine.taylor_rules import RULES, promote
-from torchjac._engine.taylor_tape import NeedForward, attach_live
+from torchjac._engine.taylor_tape import NeedForward, link_generic
 
 __all__ = ["dispatch"]
 
@@ -82,7 +82,7 @@ def dispatch(
         if func in POINTWISE and isinstance(out, Jet):  # NOTE [batch proof]
             out.bdim = agreed_bdim(jets, out.dim())
     if jets and jets[0].spec.tape is not None:
-        attach_live(func, args, kwargs, out)  # NOTE [taylor tape]
+        link_generic(func, args, kwargs, jets, out)  # NOTE [taylor tape]
     outs = out if isinstance(out, (list, tuple)) else (out,)
     if name in _VIEWS and any(isinstance(y, Tensor) for y in outs):  # not .shape's __get__
         for x in [*jets, *(y for y in outs if isinstance(y, Jet))]:
@@ -96,7 +96,7 @@ def _check_not_aliased(jet: Jet) -> None:
 
 
 def _assign(jet: Jet, new: Any) -> Jet:
-    if jet.spec.tape is not None:  # tape entries hold this Jet: its live value must not change
+    if jet.spec.tape is not None:  # tape entries hold this Jet: its value must not change
         raise NeedForward
     stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
     jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)

@@ -19,7 +19,7 @@ from torchjac._engine import kernels
 from torchjac._engine.taylor import Jet, JetSpec, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
 from torchjac._engine.taylor_batch import agreed_bdim, broadcast_bdim, structural_bdim
-from torchjac._engine.taylor_tape import record
+from torchjac._engine.taylor_tape import link, record, reduce_to
 
 __all__ = ["RULES", "promote"]
 
@@ -80,6 +80,7 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
             record(jet, sq.mul_(ddy))
         else:  # the broadcast first order: kept small, the scale goes onto g (NOTE [taylor tape])
             record(jet, sq, ddy)
+    link(jet, (x,), lambda g: (g * dy,))
     return jet
 
 
@@ -108,16 +109,22 @@ def _add(sign: float, swap: bool = False) -> Rule:
         if isinstance(a, Jet) and isinstance(b, Jet):
             nd = max(a.dim(), b.dim())
             stack = _lift(a.stack, nd) + sign * _lift(b.stack, nd)
-            return Jet.of(stack, a.spec, agreed_bdim([a, b], nd))
+            out = Jet.of(stack, a.spec, agreed_bdim([a, b], nd))
+            ab = (a, b)
+            link(out, ab, lambda g: (reduce_to(g, a.shape), reduce_to(sign * g, b.shape)))
+            return out
         jet = a if isinstance(a, Jet) else b
         va = a.stack[0] if isinstance(a, Jet) else a
         vb = b.stack[0] if isinstance(b, Jet) else b
         value = torch.as_tensor(va + sign * vb)
         rest = -jet.stack[1:] if jet is b and sign < 0 else jet.stack[1:]
         rest = _lift(rest, value.dim()).expand(rest.shape[0], *value.shape)
-        return Jet.of(
+        out = Jet.of(
             torch.cat([value.unsqueeze(0), rest]), jet.spec, broadcast_bdim(jet, value.dim())
         )
+        flip = -1.0 if jet is b and sign < 0 else 1.0
+        link(out, (jet,), lambda g: (reduce_to(flip * g, jet.shape),))
+        return out
 
     return rule
 
@@ -131,7 +138,9 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not isinstance(b, Jet):
         c = torch.as_tensor(b, dtype=a.dtype, device=a.device)
         nd = max(a.dim(), c.dim())
-        return Jet.of(_lift(a.stack, nd) * c, a.spec, broadcast_bdim(a, nd))
+        out = Jet.of(_lift(a.stack, nd) * c, a.spec, broadcast_bdim(a, nd))
+        link(out, (a,), lambda g: (reduce_to(g * c, a.shape),))
+        return out
     spec, d = a.spec, a.spec.d
     nd = max(a.dim(), b.dim())
     sa, sb = _lift(a.stack, nd), _lift(b.stack, nd)
@@ -141,6 +150,8 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, agreed_bdim([a, b], nd))
         if spec.tape is not None:  # NOTE [taylor tape]
             record(out, 2 * sa[1 : 1 + d] * sb[1 : 1 + d])
+            ab = (a, b)
+            link(out, ab, lambda g: (reduce_to(g * vb, a.shape), reduce_to(g * va, b.shape)))
         return out
     rest[d:] += (
         2 * _second(spec, sa[1 : 1 + d], sb[1 : 1 + d])
@@ -158,7 +169,9 @@ def _div(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return None
     a, c = args[0], torch.as_tensor(args[1], dtype=args[0].dtype, device=args[0].device)
     nd = max(a.dim(), c.dim())
-    return Jet.of(_lift(a.stack, nd) / c, a.spec, broadcast_bdim(a, nd))
+    out = Jet.of(_lift(a.stack, nd) / c, a.spec, broadcast_bdim(a, nd))
+    link(out, (a,), lambda g: (reduce_to(g / c, a.shape),))
+    return out
 
 
 def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -171,11 +184,14 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     bdim = x.bdim if x.bdim is not None and x.bdim < x.dim() - 1 else None
     if x.seed:
         stack, first = _linear_seed(x, w, b)
-        return Jet.lazy(stack, first, x.spec, bdim)
-    z = kernels.linear(x.stack, w)  # NOTE [dense kernels]
-    if b is not None:
-        z[0] += b
-    return Jet.of(z, x.spec, bdim)
+        out = Jet.lazy(stack, first, x.spec, bdim)
+    else:
+        z = kernels.linear(x.stack, w)  # NOTE [dense kernels]
+        if b is not None:
+            z[0] += b
+        out = Jet.of(z, x.spec, bdim)
+    link(out, (x,), lambda g: (kernels.linear(g, w.t().contiguous()),))
+    return out
 
 
 def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -199,10 +215,16 @@ def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if isinstance(a, Jet) and not isinstance(b, Jet) and a.dim() >= 2 and b.dim() <= 2:
         keep = a.bdim is not None and a.bdim < a.dim() - 1 and b.dim() == 2
         stack = kernels.linear(a.stack, b.t()) if b.dim() == 2 else a.stack @ b
-        return Jet.of(stack, a.spec, a.bdim if keep else None)
+        out = Jet.of(stack, a.spec, a.bdim if keep else None)
+        if b.dim() == 2:
+            link(out, (a,), lambda g: (kernels.linear(g, b),))
+        return out
     if isinstance(b, Jet) and not isinstance(a, Jet) and b.dim() >= 2 and a.dim() <= 2:
         keep = b.bdim is not None and b.bdim < b.dim() - 2
-        return Jet.of(a @ b.stack, b.spec, b.bdim if keep else None)
+        out = Jet.of(a @ b.stack, b.spec, b.bdim if keep else None)
+        if a.dim() == 2:
+            link(out, (b,), lambda g: (a.t() @ g,))
+        return out
     return None
 
 

@@ -59,8 +59,6 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
             seed = x.new_zeros(d, *x.shape)
         parts = [x.unsqueeze(0), seed.to(x.dtype), x.new_zeros(spec.n_second, *x.shape)]
         jets.append(_jet(p, torch.cat(parts), spec, x))
-        if tape is not None:
-            jets[-1].live = x if x.requires_grad else x.detach().requires_grad_(True)
     rank = p.inputs[0].dim()
     jets[0].seed = len(jets) == 1 and (
         rank == 1 if p.batch_dim is None else rank == 2 and p.batch_dim % 2 == 0
@@ -75,9 +73,9 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     aux = tree_map(lambda a: a.stack[0] if isinstance(a, Jet) else a, aux)
     if tape is not None:
         onehot = g_out.one_hot(0, g_out.numel, p.dtype, p.device)
-        pairs = [(y, c) for y, c in zip(outs, onehot) if isinstance(y, Jet) and y.live is not None]
+        pairs = [(y, c) for y, c in zip(outs, onehot) if isinstance(y, Jet) and c is not None]
         jet_outs = [y for y, _ in pairs]
-        cots = [c.to(y.stack.dtype) for y, c in pairs if c is not None]
+        cots = [c.to(y._stack.dtype) for y, c in pairs]
         with torch.set_grad_enabled(p.create_graph):
             shape = (bsz, g_out.numel, d)
             result = contract(jet_outs, cots, tape, shape, p.batch_dim is not None, values[0])
