@@ -71,8 +71,9 @@ class Jet(Tensor):
 
     spec: JetSpec
     bdim: int | None  # where the batch dimension is, when a rule knows (NOTE [taylor tape])
-    node: Any  # the op that made it, for the reverse sweep of NOTE [taylor tape]
-    wants: bool  # a second-order source lies at or before it (NOTE [taylor tape])
+    key: int | None  # its name on the tape (NOTE [taylor tape])
+    linked: bool  # the op that made it is on the tape, if it needs to be
+    wants: bool  # a second-order source lies at or before it
     seed: bool  # an input whose first order is the one-hot basis over its last dim
     aliased: bool  # a view, or viewed (see ``taylor_dispatch``)
     first: Tensor | None  # NOTE [lazy first order]: the unwritten ``stack[1 : 1 + d]``
@@ -84,7 +85,8 @@ class Jet(Tensor):
         jet.stack = stack
         jet.spec = spec
         jet.bdim = bdim
-        jet.node = None
+        jet.key = None
+        jet.linked = False
         jet.wants = False
         jet.seed = False
         jet.aliased = False
@@ -242,6 +244,5 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         out_leaves[i] = Jet.of(stack, spec)
         out_leaves[i].aliased = shares[i]
         if sources is not None:
-            spec.tape.entries.append((out_leaves[i], sources[n], None))
-            out_leaves[i].wants = True
+            spec.tape.record(out_leaves[i], sources[n])
     return tree_unflatten(out_leaves, out_tree)

@@ -81,6 +81,8 @@ def dispatch(
         out = general_rule(func, args, kwargs)
         if func in POINTWISE and isinstance(out, Jet):  # NOTE [batch proof]
             out.bdim = agreed_bdim(jets, out.dim())
+            if out.spec.tape is not None:
+                out.spec.tape.found_bdim(out)
     if jets and jets[0].spec.tape is not None:
         link_generic(func, args, kwargs, jets, out)  # NOTE [taylor tape]
     outs = out if isinstance(out, (list, tuple)) else (out,)

@@ -110,8 +110,8 @@ def _add(sign: float, swap: bool = False) -> Rule:
             nd = max(a.dim(), b.dim())
             stack = _lift(a.stack, nd) + sign * _lift(b.stack, nd)
             out = Jet.of(stack, a.spec, agreed_bdim([a, b], nd))
-            ab = (a, b)
-            link(out, ab, lambda g: (reduce_to(g, a.shape), reduce_to(sign * g, b.shape)))
+            sa, sb = a.shape, b.shape  # shapes, not Jets: a node keeps no stack alive
+            link(out, (a, b), lambda g: (reduce_to(g, sa), reduce_to(sign * g, sb)))
             return out
         jet = a if isinstance(a, Jet) else b
         va = a.stack[0] if isinstance(a, Jet) else a
@@ -122,8 +122,8 @@ def _add(sign: float, swap: bool = False) -> Rule:
         out = Jet.of(
             torch.cat([value.unsqueeze(0), rest]), jet.spec, broadcast_bdim(jet, value.dim())
         )
-        flip = -1.0 if jet is b and sign < 0 else 1.0
-        link(out, (jet,), lambda g: (reduce_to(flip * g, jet.shape),))
+        flip, shape = -1.0 if jet is b and sign < 0 else 1.0, jet.shape
+        link(out, (jet,), lambda g: (reduce_to(flip * g, shape),))
         return out
 
     return rule
@@ -139,7 +139,8 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         c = torch.as_tensor(b, dtype=a.dtype, device=a.device)
         nd = max(a.dim(), c.dim())
         out = Jet.of(_lift(a.stack, nd) * c, a.spec, broadcast_bdim(a, nd))
-        link(out, (a,), lambda g: (reduce_to(g * c, a.shape),))
+        shape = a.shape
+        link(out, (a,), lambda g: (reduce_to(g * c, shape),))
         return out
     spec, d = a.spec, a.spec.d
     nd = max(a.dim(), b.dim())
@@ -150,8 +151,8 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = Jet.of(torch.cat([(va * vb).unsqueeze(0), rest]), spec, agreed_bdim([a, b], nd))
         if spec.tape is not None:  # NOTE [taylor tape]
             record(out, 2 * sa[1 : 1 + d] * sb[1 : 1 + d])
-            ab = (a, b)
-            link(out, ab, lambda g: (reduce_to(g * vb, a.shape), reduce_to(g * va, b.shape)))
+            ca, cb, ua, ub = a.shape, b.shape, va.clone(), vb.clone()  # not views of stacks
+            link(out, (a, b), lambda g: (reduce_to(g * ub, ca), reduce_to(g * ua, cb)))
         return out
     rest[d:] += (
         2 * _second(spec, sa[1 : 1 + d], sb[1 : 1 + d])
@@ -170,7 +171,8 @@ def _div(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     a, c = args[0], torch.as_tensor(args[1], dtype=args[0].dtype, device=args[0].device)
     nd = max(a.dim(), c.dim())
     out = Jet.of(_lift(a.stack, nd) / c, a.spec, broadcast_bdim(a, nd))
-    link(out, (a,), lambda g: (reduce_to(g / c, a.shape),))
+    shape = a.shape
+    link(out, (a,), lambda g: (reduce_to(g / c, shape),))
     return out
 
 

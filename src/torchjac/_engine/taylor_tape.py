@@ -28,7 +28,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchjac._engine.taylor import Jet
 
-__all__ = ["NeedForward", "Tape", "contract", "link", "link_generic", "record", "reduce_to"]
+__all__ = [
+    "Entry",
+    "NeedForward",
+    "Tape",
+    "contract",
+    "link",
+    "link_generic",
+    "record",
+    "reduce_to",
+]
 
 # A node's vector-Jacobian product: one cotangent ``[R, *shape]`` (or ``None``) per output in,
 # one per parent out, for ``R`` output rows at once.
@@ -41,30 +50,58 @@ class NeedForward(Exception):
 
 @dataclass
 class Node:
-    """One op of the pass, for the reverse sweep of NOTE [taylor tape]."""
+    """One op of the pass, for the reverse sweep of NOTE [taylor tape]. Jets are named by their
+    ``key``, never held: a node must not keep a Jet's whole stack alive until the sweep."""
 
-    parents: tuple[Jet, ...]
-    outs: tuple[Jet, ...]
+    parents: tuple[int, ...]
+    wanted: tuple[bool, ...]  # which parents need a cotangent
+    outs: tuple[int, ...]
     back: Back
 
 
 @dataclass
-class Tape:
-    """Sources of second order: (op output, ``[D, *shape]`` source, scale) triples; the source
-    is ``source * scale`` (``scale`` of the op's output shape, ``None`` for 1), kept apart so
-    that a source broadcast over the samples (NOTE [lazy first order]) is never written out.
-    ``nodes``: the ops between the sources and the outputs, in the order they ran."""
+class Entry:
+    """A second-order source at the output ``key`` of an op: ``source * scale``."""
 
-    entries: list[tuple[Jet, Tensor, Tensor | None]] = field(default_factory=list)
+    key: int
+    bdim: int | None
+    shape: tuple[int, ...]
+    source: Tensor  # [D, *shape], or broadcast over the samples
+    scale: Tensor | None  # of the op's output shape, None for 1
+
+
+@dataclass
+class Tape:
+    """Sources of second order (``entries``, ``scale`` kept apart so that a source broadcast
+    over the samples, NOTE [lazy first order], is never written out) and the ops between the
+    sources and the outputs (``nodes``, in the order they ran)."""
+
+    entries: list[Entry] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
+    count: int = 0
+
+    def key(self, jet: Jet) -> int:
+        if jet.key is None:
+            self.count += 1
+            jet.key = self.count
+        return jet.key
+
+    def record(self, out: Jet, source: Tensor, scale: Tensor | None = None) -> None:
+        self.entries.append(Entry(self.key(out), out.bdim, tuple(out.shape), source, scale))
+        out.wants = True
+
+    def found_bdim(self, out: Jet) -> None:
+        """``out.bdim`` was found after its sources were recorded (the general rule)."""
+        for e in reversed(self.entries):
+            if e.key != out.key:
+                break
+            e.bdim = out.bdim
 
 
 def record(out: Jet, source: Tensor, scale: Tensor | None = None) -> None:
     """Put a second-order source on the tape of ``out``'s pass, if it keeps one."""
-    tape = out.spec.tape
-    if tape is not None:
-        tape.entries.append((out, source, scale))
-        out.wants = True
+    if out.spec.tape is not None:
+        out.spec.tape.record(out, source, scale)
 
 
 def link(
@@ -73,12 +110,21 @@ def link(
     """Give ``out`` its node, with a closed-form ``back``: ``g [R, *out]`` to one cotangent per
     parent (a no-op without a tape, or when no source lies at or before ``out``)."""
     tape = out.spec.tape
-    if tape is None or out.node is not None:
+    if tape is None or out.linked:
         return
+    out.linked = True
     out.wants = out.wants or any(p.wants for p in parents)
-    out.node = Node(parents, (out,), lambda gs: back(gs[0]))  # type: ignore[arg-type]
     if out.wants:
-        tape.nodes.append(out.node)
+        keys = tuple(tape.key(p) for p in parents)
+        wanted = tuple(p.wants for p in parents)
+        tape.nodes.append(Node(keys, wanted, (tape.key(out),), lambda gs: back(gs[0])))  # type: ignore[arg-type]
+
+
+class _Slot:
+    """Where a Jet argument was, in the arguments a node keeps for recomputing its op."""
+
+    def __init__(self, key: int) -> None:
+        self.key = key
 
 
 def link_generic(
@@ -86,51 +132,56 @@ def link_generic(
 ) -> None:
     """A node for the Jets ``func`` returned without one: its vector-Jacobian product comes
     from recomputing ``func`` on the values under autograd, when the sweep needs it."""
+    tape = jets[0].spec.tape
     parents = tuple({id(j): j for j in jets}.values())
-    outs = tuple(
-        y
-        for y in tree_flatten(out)[0]
-        if isinstance(y, Jet) and y.node is None and all(y is not p for p in parents)
-    )
-    if not outs:
+    leaves = tree_flatten(out)[0]
+    where = [
+        i
+        for i, y in enumerate(leaves)
+        if isinstance(y, Jet) and not y.linked and all(y is not p for p in parents)
+    ]
+    if not where:
         return
     wants = any(p.wants for p in parents)
-    for y in outs:
-        y.wants = y.wants or wants
-    node = Node(parents, outs, lambda gs: _recompute(func, args, kwargs, out, parents, outs, gs))
-    for y in outs:
-        y.node = node
-    if any(y.wants for y in outs):
-        outs[0].spec.tape.nodes.append(node)
+    for i in where:
+        leaves[i].linked = True
+        leaves[i].wants = leaves[i].wants or wants
+    if not any(leaves[i].wants for i in where):
+        return
+    keys = tuple(tape.key(p) for p in parents)
+    # the values alone, copied: a view would keep the whole stack alive
+    values = {tape.key(p): p._stack[0].clone() for p in parents}
+    flat, tree = tree_flatten((args, kwargs))
+    flat = [_Slot(tape.key(a)) if isinstance(a, Jet) else a for a in flat]
+
+    def back(gs: list[Tensor | None]) -> Sequence[Tensor | None]:
+        return _recompute(func, flat, tree, values, keys, where, gs)
+
+    outs = tuple(tape.key(leaves[i]) for i in where)
+    tape.nodes.append(Node(keys, tuple(p.wants for p in parents), outs, back))
 
 
 def _recompute(
     func: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: Any,
-    parents: tuple[Jet, ...],
-    outs: tuple[Jet, ...],
+    flat: list[Any],
+    tree: Any,
+    values: dict[int, Tensor],
+    keys: tuple[int, ...],
+    where: list[int],
     gs: list[Tensor | None],
 ) -> Sequence[Tensor | None]:
-    values = {}
-    for p in parents:
-        v = p._stack[0]
-        values[id(p)] = v if v.requires_grad else v.detach().requires_grad_(True)
-    flat, tree = tree_flatten((args, kwargs))
-    flat = [values[id(a)] if isinstance(a, Jet) else a for a in flat]
-    a, k = tree_unflatten(flat, tree)
+    live = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in values.items()}
+    a, k = tree_unflatten([live[x.key] if isinstance(x, _Slot) else x for x in flat], tree)
     with torch.enable_grad():
         res = tree_flatten(func(*a, **k))[0]
-    where = {id(y): i for i, y in enumerate(tree_flatten(out)[0])}
-    pairs = [(res[where[id(y)]], g) for y, g in zip(outs, gs) if g is not None]
+    pairs = [(res[i], g) for i, g in zip(where, gs) if g is not None]
     pairs = [(y, g) for y, g in pairs if isinstance(y, Tensor) and y.requires_grad]
     if not pairs:
-        return [None] * len(parents)
+        return [None] * len(keys)
     rows = pairs[0][1].shape[0]
     grads = torch.autograd.grad(
         [y for y, _ in pairs],
-        [values[id(p)] for p in parents],
+        [live[k] for k in keys],
         [g[0] if rows == 1 else g for _, g in pairs],
         retain_graph=torch.is_grad_enabled(),
         create_graph=torch.is_grad_enabled(),
@@ -153,25 +204,26 @@ def reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
 
 def _sweep(outs: list[Jet], out_cots: list[Tensor], tape: Tape) -> dict[int, Tensor]:
     """The reverse sweep of NOTE [taylor tape]: ``g [R, *shape]`` at every entry reached."""
-    keep = {id(e) for e, _, _ in tape.entries}
+    keep = {e.key for e in tape.entries}
     g: dict[int, Tensor] = {}
 
-    def add(jet: Jet, c: Tensor) -> None:
-        old = g.get(id(jet))
-        g[id(jet)] = c if old is None else old + c
+    def add(key: int, c: Tensor) -> None:
+        old = g.get(key)
+        g[key] = c if old is None else old + c
 
     for y, c in zip(outs, out_cots):
-        add(y, c)
+        if y.key is not None:
+            add(y.key, c)
     for node in reversed(tape.nodes):
-        gs = [g.get(id(y)) for y in node.outs]
-        for y in node.outs:
-            if id(y) not in keep:
-                g.pop(id(y), None)
-        if all(c is None for c in gs) or not any(p.wants for p in node.parents):
+        gs = [g.get(k) for k in node.outs]
+        for k in node.outs:
+            if k not in keep:
+                g.pop(k, None)
+        if all(c is None for c in gs):
             continue
-        for p, cot in zip(node.parents, node.back(gs)):
-            if cot is not None and p.wants:
-                add(p, cot)
+        for k, wanted, cot in zip(node.parents, node.wanted, node.back(gs)):
+            if cot is not None and wanted:
+                add(k, cot)
     return g
 
 
@@ -201,12 +253,12 @@ def _contract(
     res = like.new_zeros(bsz, n_rows, d)
     if not tape.entries or not outs or bsz == 0:
         return res
-    for e, _, _ in tape.entries:
+    for e in tape.entries:
         if batched and (e.bdim is None or e.shape[e.bdim] != bsz):
             raise NeedForward
     grads = _sweep(outs, out_cots, tape)
-    for e, s, c in tape.entries:
-        g = grads.get(id(e))
+    for e in tape.entries:
+        g, s, c = grads.get(e.key), e.source, e.scale
         if g is None:
             continue
         if c is None:

@@ -1,0 +1,130 @@
+"""The Taylor tape of ``hessian_diagonal`` (NOTE [taylor tape]): its reverse sweep over closed-form
+and recomputed vector-Jacobian products, against ``torch.func`` in float64."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randn
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, vmap
+
+import torchjac as tj
+from torchjac._engine import taylor_tape
+
+_W = torch.linspace(-1.5, 1.2, 15, dtype=torch.float64).reshape(5, 3)
+_V = torch.linspace(0.7, -0.9, 20, dtype=torch.float64).reshape(4, 5)
+
+# Each case mixes ops with closed-form products (Linear, activations, add, mul, div, matmul)
+# and ops recomputed by the sweep (atan, slicing, cat, sum, logsumexp, layer norm).
+CASES: dict[str, Callable[[Tensor], Tensor]] = {
+    "recomputed pointwise": lambda x: torch.atan(x @ _W.T) @ _V.T,
+    "slices and cat": lambda x: torch.cat(
+        [torch.tanh(x[..., :2]) * x[..., 1:], (x**3).sum(-1, keepdim=True)], -1
+    ),
+    "product of broadcast Jets": lambda x: torch.sin(x).unsqueeze(-1) * torch.cos(x).unsqueeze(-2),
+    "div, add, rsub": lambda x: (torch.sigmoid(x) / 3.0 + 2.0 - torch.exp(x / 4)) @ _W.T,
+    "constant on the left of matmul": lambda x: _V @ torch.tanh(_W @ x.unsqueeze(-1)),
+    "layer norm": lambda x: F.layer_norm(torch.tanh(x @ _W.T), (5,)),
+    "logsumexp": lambda x: torch.logsumexp(torch.sin(x) * x, -1, keepdim=True),
+    "a Jet times itself": lambda x: torch.tanh(x) * torch.tanh(x) + x * x,
+}
+
+
+@pytest.fixture
+def sweeps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the reverse sweeps (a call that fell back to the forward diagonal makes none)."""
+    count = [0]
+    sweep = taylor_tape._sweep
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        count[0] += 1
+        return sweep(*args)
+
+    monkeypatch.setattr(taylor_tape, "_sweep", counted)
+    yield count
+
+
+def _per_sample(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda s: f(s.unsqueeze(0)).squeeze(0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_unbatched_rows_match_torch_func(
+    gen: torch.Generator, sweeps: list[int], name: str
+) -> None:
+    f = _per_sample(CASES[name])
+    x = randn(3, gen=gen)
+    got = tj.hessian_diagonal(f, x)  # several output rows: one batched sweep
+    want = hessian(f)(x).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(got, want.reshape(got.shape))
+    assert sweeps[0] == 1
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_batched_matches_torch_func(gen: torch.Generator, name: str) -> None:
+    x = randn(6, 3, gen=gen)
+    got = tj.hessian_diagonal(CASES[name], x, batch_dim=0)
+    want = vmap(hessian(_per_sample(CASES[name])))(x).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(got, want.reshape(got.shape))
+
+
+def test_a_recomputed_pointwise_op_keeps_the_batch(gen: torch.Generator, sweeps: list[int]) -> None:
+    # atan has no rule: the general rule finds its batch dimension after recording its source,
+    # which must still reach the tape's entry (else the call reruns the forward diagonal)
+    x = randn(6, 3, gen=gen)
+    tj.hessian_diagonal(CASES["recomputed pointwise"], x, batch_dim=0)
+    assert sweeps[0] == 1
+
+
+def test_parameter_gradient_through_the_sweep(gen: torch.Generator, sweeps: list[int]) -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid())
+    model = nn.Sequential(*model, nn.Linear(8, 2)).double()
+    x = randn(5, 3, gen=gen)
+    d = tj.hessian_diagonal(model, x, batch_dim=0, create_graph=True)
+    assert sweeps[0] == 1
+    params = dict(model.named_parameters())
+    got = torch.autograd.grad(d.square().sum(), list(params.values()), allow_unused=True)
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        h = vmap(hessian(lambda s: functional_call(model, p, (s.unsqueeze(0),)).squeeze(0)))(x)
+        return h.diagonal(dim1=-2, dim2=-1).square().sum()
+
+    want = torch.func.grad(loss)(params)
+    for (name, w), g in zip(want.items(), got):
+        torch.testing.assert_close(torch.zeros_like(w) if g is None else g, w, msg=name)
+
+
+def test_nodes_keep_no_stack_alive(gen: torch.Generator) -> None:
+    # a node names Jets by key: after the pass, only the sources and small values stay
+    x = randn(4, 3, gen=gen)
+    spec_tapes: list[taylor_tape.Tape] = []
+    record = taylor_tape.Tape.record
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        spec_tapes.append(self)
+        return record(self, *args)
+
+    taylor_tape.Tape.record = spy  # type: ignore[method-assign]
+    try:
+        tj.hessian_diagonal(CASES["div, add, rsub"], x, batch_dim=0)
+    finally:
+        taylor_tape.Tape.record = record  # type: ignore[method-assign]
+    from torchjac._engine.taylor import Jet
+
+    def held(fn: object) -> Iterator[object]:  # what a closure keeps, through inner closures
+        for cell in getattr(fn, "__closure__", None) or ():
+            yield cell.cell_contents
+            if callable(cell.cell_contents):
+                yield from held(cell.cell_contents)
+            elif isinstance(cell.cell_contents, (list, tuple, dict)):
+                yield from cell.cell_contents
+
+    assert spec_tapes and spec_tapes[0].nodes
+    for tape in spec_tapes:
+        for node in tape.nodes:
+            assert not any(isinstance(x, Jet) for x in held(node.back))
