@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -31,18 +32,38 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4 (pyproject allows 2.3)
     KINDS[nn.RMSNorm] = "scale"
 
 
+@dataclass(frozen=True)
+class ConvInput:
+    """A convolution's input, as a 2-d one (``[N, C_in, H, W]``), and its geometry."""
+
+    x: Tensor
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    out: tuple[int, ...]  # the output's spatial shape
+
+
 @dataclass(frozen=True, eq=False)
 class Use:
-    """One call of a supported layer: factors of its per-sample Jacobian (layers.py docstring)."""
+    """One call of a supported layer: factors of its per-sample Jacobian (layers.py docstring).
+
+    ``a``, the input factor, is made on first use: a convolution's per-sample weight Jacobian
+    does not need its unfolded input (NOTE [per-sample convolutions])."""
 
     kind: str
     module: nn.Module
     weight: str | None
     bias: str | None
-    a: Tensor
+    make_a: Callable[[], Tensor]
     e: Tensor
     rows: Callable[[Tensor], Tensor]  # δ [k, *z.shape] -> canonical D, batch first
     padding_idx: int | None = None
+    conv: ConvInput | None = None  # a convolution's input, per sample
+
+    @cached_property
+    def a(self) -> Tensor:
+        return self.make_a()
 
 
 def build_use(
@@ -71,10 +92,11 @@ def build_use(
         return None
     w = weight.detach() if isinstance(weight, Tensor) else None  # for its shape
     kind = KINDS[type(module)]
+    conv = None
     if isinstance(module, nn.Linear):
         made = _linear(x, w, batch_dim)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        made = _conv(module, x, w, batch_dim)
+        made, conv = _conv(module, x, w, batch_dim, output)
     elif isinstance(module, nn.Embedding):
         made = _embedding(module, x, w, batch_dim)
     elif isinstance(module, nn.PReLU):
@@ -83,14 +105,23 @@ def build_use(
         made = _norm(module, x, batch_dim)
     if made is None:
         return None
-    a, rows = made
+    make_a, rows = made
     e = torch.zeros_like(output, requires_grad=True)
     padding_idx = getattr(module, "padding_idx", None) if kind == "index" else None
-    use = Use(kind, module, wn, bn, a, e, rows, padding_idx)
+    use = Use(kind, module, wn, bn, make_a, e, rows, padding_idx, conv)
     return use, output + e
 
 
-Made = tuple[Tensor, Callable[[Tensor], Tensor]]  # the input factor A, and δ -> D
+Made = tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]  # A (made on use), and δ -> D
+
+# NOTE [per-sample convolutions]: the grouped convolution pays where the batched product's inner
+# dimension (C_in times the kernel) is small; at 72 (8 channels, 3x3) it measured 0.67 against
+# 0.74 ms with unfolding in isolation, but 1.04 against 0.74 inside the call: the product there.
+_GROUPED_MAX_COLUMNS = 32
+
+
+def _ready(a: Tensor) -> Callable[[], Tensor]:
+    return lambda: a
 
 
 def _axis(t: Tensor, batch_dim: int | None) -> int | None:
@@ -117,19 +148,20 @@ def _linear(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
     xa = _first(x.detach(), ax)
     n = xa.shape[0]
     a = xa.reshape(n, -1, 1, d_in).clone()
-    return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, 1, d_out)
+    return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, 1, d_out)
 
 
 def _conv(
-    m: nn.Conv1d | nn.Conv2d, x: Tensor, w: Tensor | None, batch_dim: int | None
-) -> Made | None:
+    m: nn.Conv1d | nn.Conv2d, x: Tensor, w: Tensor | None, batch_dim: int | None, output: Tensor
+) -> tuple[Made | None, ConvInput | None]:
     nd = 1 if isinstance(m, nn.Conv1d) else 2
     if w is None or m.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2):
-        return None
+        return None, None
     unbatched = x.dim() == nd + 1
     if batch_dim is not None and (unbatched or batch_dim % x.dim() != 0):
-        return None
-    xb = x.detach().unsqueeze(0) if unbatched else x.detach()
+        return None, None
+    # a copy: the forward may write into its input later, the Jacobian is read after it
+    xb = x.detach().unsqueeze(0).clone() if unbatched else x.detach().clone()
     ks, st, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
     pad: tuple[int, ...]
     if isinstance(m.padding, str):
@@ -142,12 +174,19 @@ def _conv(
         pad = tuple(m.padding)
     if nd == 1:
         xb, ks, st, dil, pad = xb.unsqueeze(2), (1, *ks), (1, *st), (1, *dil), (0, *pad)
-    cols = F.unfold(xb, ks, dilation=dil, padding=pad, stride=st)  # [Nx, Cin*kk, L]
-    nx, groups = cols.shape[0], m.groups
-    i_g, o_g = cols.shape[1] // groups, w.shape[0] // groups
-    a = cols.reshape(nx, groups, i_g, -1).permute(0, 3, 1, 2)  # [Nx, L, G, i]
-    if batch_dim is None:
-        a = a.reshape(1, -1, groups, i_g)
+    nx, groups = xb.shape[0], m.groups
+    i_g, o_g = xb.shape[1] * ks[0] * ks[1] // groups, w.shape[0] // groups
+
+    def make_a() -> Tensor:
+        cols = F.unfold(xb, ks, dilation=dil, padding=pad, stride=st)  # [Nx, Cin*kk, L]
+        a = cols.reshape(nx, groups, i_g, -1).permute(0, 3, 1, 2)  # [Nx, L, G, i]
+        return a if batch_dim is not None else a.reshape(1, -1, groups, i_g)
+
+    conv = None
+    if batch_dim is not None and groups == 1 and i_g < _GROUPED_MAX_COLUMNS:
+        # NOTE [per-sample convolutions]
+        out = (1, output.shape[-1]) if nd == 1 else tuple(output.shape[-2:])
+        conv = ConvInput(xb, ks, st, pad, dil, out)
 
     def rows(d: Tensor) -> Tensor:
         k = d.shape[0]
@@ -156,7 +195,7 @@ def _conv(
             return dd.transpose(0, 1).reshape(1, k, -1, groups, o_g)
         return dd
 
-    return a, rows
+    return (make_a, rows), conv
 
 
 def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
@@ -168,7 +207,7 @@ def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | No
     xa = _first(x.detach(), ax)
     n, dim = xa.shape[0], w.shape[1]
     a = xa.reshape(n, -1).clone()
-    return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+    return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
 
 
 def _prelu(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
@@ -179,9 +218,10 @@ def _prelu(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
     n, c = x.shape[0], w.numel()
     neg = x.detach().clamp(max=0)
     if c == 1:
-        return neg.reshape(n, -1, 1), lambda d: _first_k(d, 0).reshape(n, d.shape[0], -1, 1)
+        flat = neg.reshape(n, -1, 1)
+        return _ready(flat), lambda d: _first_k(d, 0).reshape(n, d.shape[0], -1, 1)
     a = neg.movedim(1, -1).reshape(n, -1, c)
-    return a, lambda d: _first_k(d, 0).movedim(2, -1).reshape(n, d.shape[0], -1, c)
+    return _ready(a), lambda d: _first_k(d, 0).movedim(2, -1).reshape(n, d.shape[0], -1, c)
 
 
 def _norm(m: nn.Module, x: Tensor, batch_dim: int | None) -> Made | None:
@@ -203,7 +243,7 @@ def _norm(m: nn.Module, x: Tensor, batch_dim: int | None) -> Made | None:
     xa = _first(xhat, ax)
     n = xa.shape[0]
     a = xa.reshape(n, -1, dim)
-    return a, lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+    return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
 
 
 def write_use(use: Use, d: Tensor, targets: dict[str, Tensor], written: set[str]) -> None:
@@ -218,23 +258,27 @@ def write_use(use: Use, d: Tensor, targets: dict[str, Tensor], written: set[str]
         first = name not in written
         written.add(name)
         n, k = target.shape[0], target.shape[1]
-        if use.kind == "outer":
-            _outer(use.a, d, target, role, first, n, k)
+        if use.conv is not None and role == "weight" and use.conv.x.shape[0] == n:
+            _conv_weight(use.conv, d, target, first, n, k)
+        elif use.kind == "outer":
+            _outer(use, d, target, role, first, n, k)
         elif use.kind == "index":
             _index(use, d, target, first, n, k)
         else:
             _scale(use.a, d, target, role, first, n, k)
 
 
-def _outer(a: Tensor, d: Tensor, target: Tensor, role: str, first: bool, n: int, k: int) -> None:
-    groups, o_g, i_g = d.shape[3], d.shape[4], a.shape[3]
-    if role == "bias":
+def _outer(use: Use, d: Tensor, target: Tensor, role: str, first: bool, n: int, k: int) -> None:
+    groups, o_g = d.shape[3], d.shape[4]
+    if role == "bias":  # no input factor: a convolution's is not even unfolded
         view = target.view(n, k, groups, o_g)
         if first:
             torch.sum(d, dim=2, out=view)
         else:
             view.add_(d.sum(2))
         return
+    a = use.a
+    i_g = a.shape[3]
     view = target.view(n, k, groups, o_g, i_g)
     if d.shape[2] == 1:  # one position: a plain outer product, written in one pass
         dv, av = d[:, :, 0, :, :, None], a[:, None, 0, :, None, :]
@@ -258,6 +302,40 @@ def _outer(a: Tensor, d: Tensor, target: Tensor, role: str, first: bool, n: int,
         view.copy_(prod)
     else:
         view.add_(prod)
+
+
+def _conv_weight(c: ConvInput, d: Tensor, target: Tensor, first: bool, n: int, k: int) -> None:
+    """NOTE [per-sample convolutions]: the weight Jacobian of sample ``n`` for probe ``k`` is
+    the weight gradient of a convolution of sample ``n``'s input with ``δ[n, k]``. For all of
+    them at once: one grouped convolution's weight gradient, the samples as groups (input
+    ``[1, N·C_in, H, W]``, gradient ``[1, N·k·C_out, H', W']``), which comes out as
+    ``[N, k, C_out, C_in, kh, kw]``, the result's own layout. It is what per-sample gradient
+    libraries do for one probe; measured here (N=32, 10 probes, 1→8 channels, 28×28) it took 0.31
+    against 0.9 ms for unfolding the input and a batched product, whose inner dimension (``C_in``
+    times the kernel, 9) is too small for the matrix kernels."""
+    raw = d[:, :, :, 0, :].permute(0, 1, 3, 2)  # [N, k, o, L]: the probes' δ, per sample
+    grad = raw.reshape(1, n * k * raw.shape[2], *c.out)
+    x = c.x.reshape(1, -1, *c.x.shape[2:])
+    shape = (n * k * raw.shape[2], c.x.shape[1], *c.kernel)
+    weight = torch.empty(shape, dtype=x.dtype, device=x.device)  # its shape only (never read)
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        c.stride,
+        c.padding,
+        c.dilation,
+        False,
+        [0, 0],
+        n,
+        [False, True, False],
+    )
+    view = gw.view(target.shape)
+    if first:
+        target.copy_(view)
+    else:
+        target.add_(view)
 
 
 def _index(use: Use, d: Tensor, target: Tensor, first: bool, n: int, k: int) -> None:
