@@ -69,7 +69,9 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], int]]:
             1,
         ),
         "conv1d same": (
-            nn.Sequential(nn.Conv1d(3, 2, 3, padding="same", dilation=2), nn.Flatten(), nn.Linear(2 * 9, 2)),
+            nn.Sequential(
+                nn.Conv1d(3, 2, 3, padding="same", dilation=2), nn.Flatten(), nn.Linear(2 * 9, 2)
+            ),
             (4, 3, 9),
             1,
         ),

@@ -128,3 +128,22 @@ def test_nodes_keep_no_stack_alive(gen: torch.Generator) -> None:
     for tape in spec_tapes:
         for node in tape.nodes:
             assert not any(isinstance(x, Jet) for x in held(node.back))
+
+
+def test_a_constant_written_after_its_use_takes_the_forward_diagonal(gen: torch.Generator) -> None:
+    # the sweep reads an op's constant after the pass: one written in place since must not be
+    # read with its new value (the call takes the forward diagonal instead)
+    def f(x: Tensor) -> Tensor:
+        c = torch.full((3,), 2.0, dtype=x.dtype)
+        h = torch.tanh(x) * c
+        c.add_(1.0)
+        return (h * h).sum(-1, keepdim=True) + (torch.sin(x) * c).sum(-1, keepdim=True)
+
+    def same(x: Tensor) -> Tensor:  # what f computes, without the write (autograd refuses it)
+        h = torch.tanh(x) * 2.0
+        return (h * h).sum(-1, keepdim=True) + (torch.sin(x) * 3.0).sum(-1, keepdim=True)
+
+    x = randn(4, 3, gen=gen)
+    want = vmap(hessian(_per_sample(same)))(x).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(tj.hessian_diagonal(f, x, batch_dim=0), want)
+    torch.testing.assert_close(tj.hessian_diagonal(_per_sample(f), x[0]), want[0])

@@ -27,6 +27,8 @@ positions (all non-batch, non-feature dims flattened; batch first in every facto
     kind "outer" (Linear, Conv):  A [N, T, G, i]   D [N, k, T, G, o]   (G groups; Linear G = 1)
         J_weight[n, k] = Σ_t D[n, k, t] ⊗ A[n, t]   viewed as weight [G*o, i]
         J_bias[n, k]   = Σ_t D[n, k, t]            viewed as bias [G*o]
+        (a per-sample convolution with few input columns forms J_weight as one grouped
+        convolution's weight gradient and never unfolds A: NOTE [per-sample convolutions])
     kind "index" (Embedding):     A [N, T] (long)  D [N, k, T, d]
         J_weight[n, k] = Σ_t onehot(A[n, t]) ⊗ D[n, k, t]     (rows at padding_idx are zero)
     kind "scale" (LayerNorm, RMSNorm affine):  A [N, T, d] (normalised input)  D [N, k, T, d]

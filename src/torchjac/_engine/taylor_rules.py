@@ -140,7 +140,7 @@ def _mul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         nd = max(a.dim(), c.dim())
         out = Jet.of(_lift(a.stack, nd) * c, a.spec, broadcast_bdim(a, nd))
         shape = a.shape
-        link(out, (a,), lambda g: (reduce_to(g * c, shape),))
+        link(out, (a,), lambda g: (reduce_to(g * c, shape),), (c,))
         return out
     spec, d = a.spec, a.spec.d
     nd = max(a.dim(), b.dim())
@@ -172,7 +172,7 @@ def _div(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     nd = max(a.dim(), c.dim())
     out = Jet.of(_lift(a.stack, nd) / c, a.spec, broadcast_bdim(a, nd))
     shape = a.shape
-    link(out, (a,), lambda g: (reduce_to(g / c, shape),))
+    link(out, (a,), lambda g: (reduce_to(g / c, shape),), (c,))
     return out
 
 
@@ -192,7 +192,7 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if b is not None:
             z[0] += b
         out = Jet.of(z, x.spec, bdim)
-    link(out, (x,), lambda g: (kernels.linear(g, w.t().contiguous()),))
+    link(out, (x,), lambda g: (kernels.linear(g, w.t().contiguous()),), (w,))
     return out
 
 
@@ -219,13 +219,13 @@ def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         stack = kernels.linear(a.stack, b.t()) if b.dim() == 2 else a.stack @ b
         out = Jet.of(stack, a.spec, a.bdim if keep else None)
         if b.dim() == 2:
-            link(out, (a,), lambda g: (kernels.linear(g, b),))
+            link(out, (a,), lambda g: (kernels.linear(g, b),), (b,))
         return out
     if isinstance(b, Jet) and not isinstance(a, Jet) and b.dim() >= 2 and a.dim() <= 2:
         keep = b.bdim is not None and b.bdim < b.dim() - 2
         out = Jet.of(a @ b.stack, b.spec, b.bdim if keep else None)
         if a.dim() == 2:
-            link(out, (b,), lambda g: (a.t() @ g,))
+            link(out, (b,), lambda g: (a.t() @ g,), (a,))
         return out
     return None
 

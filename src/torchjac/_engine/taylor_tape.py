@@ -57,6 +57,13 @@ class Node:
     wanted: tuple[bool, ...]  # which parents need a cotangent
     outs: tuple[int, ...]
     back: Back
+    # the op's other tensors (a weight, a constant factor) and their versions: ``back`` reads
+    # them after the pass, so one written in place since makes the call take the forward diagonal
+    guards: tuple[tuple[Tensor, int], ...] = ()
+
+    def check(self) -> None:
+        if any(t._version != v for t, v in self.guards):
+            raise NeedForward
 
 
 @dataclass
@@ -105,10 +112,14 @@ def record(out: Jet, source: Tensor, scale: Tensor | None = None) -> None:
 
 
 def link(
-    out: Jet, parents: tuple[Jet, ...], back: Callable[[Tensor], Sequence[Tensor | None]]
+    out: Jet,
+    parents: tuple[Jet, ...],
+    back: Callable[[Tensor], Sequence[Tensor | None]],
+    consts: tuple[Tensor, ...] = (),
 ) -> None:
     """Give ``out`` its node, with a closed-form ``back``: ``g [R, *out]`` to one cotangent per
-    parent (a no-op without a tape, or when no source lies at or before ``out``)."""
+    parent (a no-op without a tape, or when no source lies at or before ``out``); ``consts``:
+    the tensors of the user's that ``back`` reads."""
     tape = out.spec.tape
     if tape is None or out.linked:
         return
@@ -117,7 +128,9 @@ def link(
     if out.wants:
         keys = tuple(tape.key(p) for p in parents)
         wanted = tuple(p.wants for p in parents)
-        tape.nodes.append(Node(keys, wanted, (tape.key(out),), lambda gs: back(gs[0])))  # type: ignore[arg-type]
+        guards = tuple((t, t._version) for t in consts)
+        node = Node(keys, wanted, (tape.key(out),), lambda gs: back(gs[0]), guards)  # type: ignore[arg-type]
+        tape.nodes.append(node)
 
 
 class _Slot:
@@ -158,7 +171,8 @@ def link_generic(
         return _recompute(func, flat, tree, values, keys, where, gs)
 
     outs = tuple(tape.key(leaves[i]) for i in where)
-    tape.nodes.append(Node(keys, tuple(p.wants for p in parents), outs, back))
+    guards = tuple((t, t._version) for t in flat if isinstance(t, Tensor))
+    tape.nodes.append(Node(keys, tuple(p.wants for p in parents), outs, back, guards))
 
 
 def _recompute(
@@ -221,6 +235,7 @@ def _sweep(outs: list[Jet], out_cots: list[Tensor], tape: Tape) -> dict[int, Ten
                 g.pop(k, None)
         if all(c is None for c in gs):
             continue
+        node.check()
         for k, wanted, cot in zip(node.parents, node.wanted, node.back(gs)):
             if cot is not None and wanted:
                 add(k, cot)
