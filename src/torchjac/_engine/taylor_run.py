@@ -56,9 +56,13 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     jets = []
     for x, seed in zip(p.inputs, seeds):
         if seed is None:  # an input without elements per sample: no direction of its own
-            seed = x.new_zeros(d, *x.shape)
-        parts = [x.unsqueeze(0), seed.to(x.dtype), x.new_zeros(spec.n_second, *x.shape)]
-        jets.append(_jet(p, torch.cat(parts), spec, x))
+            seed = torch.zeros((), dtype=x.dtype, device=x.device).expand(d, *x.shape)
+        # the one-hot first order is written only if a rule reads it (NOTE [lazy first order])
+        stack = x.new_empty(spec.k, *x.shape)
+        stack[0] = x
+        stack[1 + d :] = 0
+        bdim = None if p.batch_dim is None else p.batch_dim % x.dim()
+        jets.append(Jet.lazy(stack, seed.to(x.dtype), spec, bdim))
     rank = p.inputs[0].dim()
     jets[0].seed = len(jets) == 1 and (
         rank == 1 if p.batch_dim is None else rank == 2 and p.batch_dim % 2 == 0
