@@ -147,3 +147,41 @@ def test_a_constant_written_after_its_use_takes_the_forward_diagonal(gen: torch.
     want = vmap(hessian(_per_sample(same)))(x).diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(tj.hessian_diagonal(f, x, batch_dim=0), want)
     torch.testing.assert_close(tj.hessian_diagonal(_per_sample(f), x[0]), want[0])
+
+
+@pytest.mark.parametrize("name", ["hessian_diagonal", "laplacian", "hessian"])
+@pytest.mark.parametrize("first", ["input", "linear"])
+def test_create_graph_through_a_lazy_first_order(
+    gen: torch.Generator, name: str, first: str
+) -> None:
+    # sin saves the value row it reads; writing the lazy first order later must not change it
+    # under autograd (found in review: "modified by an inplace operation" at backward)
+    w1 = randn(4, 4, gen=gen).requires_grad_(True)
+    w2 = randn(4, 2, gen=gen).requires_grad_(True)
+
+    def f(z: Tensor) -> Tensor:
+        return torch.sin(z if first == "input" else z @ w1) @ w2
+
+    x = randn(3, 4, gen=gen).requires_grad_(True)
+    fn = getattr(tj, name)
+    out = fn(f, x, batch_dim=0, create_graph=True)
+    got = torch.autograd.grad(out.sum(), (x, w1, w2), allow_unused=True)
+    want_out = fn(f, x, batch_dim=0, create_graph=True, mode="rev")
+    want = torch.autograd.grad(want_out.sum(), (x, w1, w2), allow_unused=True)
+    for g, w, t in zip(got, want, (x, w1, w2)):
+        zero = torch.zeros_like(t)
+        torch.testing.assert_close(zero if g is None else g, zero if w is None else w)
+
+
+def test_outputs_of_several_dtypes_add_up_in_the_result_dtype(gen: torch.Generator) -> None:
+    # found in review: the sweep summed every output row in the first output's dtype (float16)
+    x = randn(4, 3, gen=gen)
+
+    def f(z: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros(z.shape[0], dtype=torch.float16), 1e3 * torch.tanh(z).sum(-1)
+
+    got = tj.hessian_diagonal(f, x, batch_dim=0)
+    want = vmap(hessian(lambda s: 1e3 * torch.tanh(s).sum(-1)))(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got[:, 1], want.diagonal(dim1=-2, dim2=-1))
+    torch.testing.assert_close(got[:, 0], torch.zeros_like(got[:, 0]))

@@ -96,8 +96,14 @@ class Jet(Tensor):
     def stack(self) -> Tensor:
         """``[K, *shape]``, see NOTE [taylor mode]."""
         if self.first is not None:  # NOTE [lazy first order]: written on first use
-            self._stack[1 : 1 + self.spec.d] = self.first
+            d, first = self.spec.d, self.first
             self.first = None
+            if torch.is_grad_enabled() and (self._stack.requires_grad or first.requires_grad):
+                # out of place: an op may have saved a view of the value row for its backward
+                rest = first.expand(d, *self._stack.shape[1:])
+                self._stack = torch.cat([self._stack[:1], rest, self._stack[1 + d :]])
+            else:
+                self._stack[1 : 1 + d] = first
         return self._stack
 
     @stack.setter

@@ -200,7 +200,7 @@ def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     """A Linear layer right on a seed input: its one-hot directions give columns of ``w``
     broadcast over the batch (returned apart, NOTE [lazy first order]), its second order is
     zero; no product over the directions."""
-    spec, v = x.spec, x.stack[0]
+    spec, v = x.spec, x._stack[0]  # the value alone: the first order stays unwritten
     d = spec.d
     out = v.new_empty(spec.k, *v.shape[:-1], w.shape[0])
     out[0] = kernels.linear(v, w, b)

@@ -68,13 +68,12 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
         rank == 1 if p.batch_dim is None else rank == 2 and p.batch_dim % 2 == 0
     )
     outs, aux = _call(p, jets)
-    values = tuple(y.stack[0] if isinstance(y, Jet) else y for y in outs)
+    values = tuple(y._stack[0] if isinstance(y, Jet) else y for y in outs)
     check_batch(values)
     g_out = Group.of(values, p.batch_dim)
     if p.batch_dim is not None and bsz > 1 and not _proven(p, outs, values, bsz):
         _check_pass(p, g_in, g_out)
-    stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
-    aux = tree_map(lambda a: a.stack[0] if isinstance(a, Jet) else a, aux)
+    aux = tree_map(lambda a: a._stack[0] if isinstance(a, Jet) else a, aux)
     if tape is not None:
         onehot = g_out.one_hot(0, g_out.numel, p.dtype, p.device)
         pairs = [(y, c) for y, c in zip(outs, onehot) if isinstance(y, Jet) and c is not None]
@@ -82,9 +81,11 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
         cots = [c.to(y._stack.dtype) for y, c in pairs]
         with torch.set_grad_enabled(p.create_graph):
             shape = (bsz, g_out.numel, d)
-            result = contract(jet_outs, cots, tape, shape, p.batch_dim is not None, values[0])
+            batched = p.batch_dim is not None
+            result = contract(jet_outs, cots, tape, shape, batched, p.dtype, p.device)
             result = result.to(p.dtype)
         return TaylorResult(result, values, aux, g_out, g_in)
+    stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
     return TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
 
 

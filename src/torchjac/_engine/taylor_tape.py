@@ -248,12 +248,13 @@ def contract(
     tape: Tape,
     shape: tuple[int, int, int],
     batched: bool,
-    like: Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Tensor:
-    """``[B, R, D]``: ``Σ_e <g_e, s_e[a]>`` per sample, output row and direction (``B = 1``
-    when unbatched). ``out_cots``: ``[R, *shape]`` per output."""
+    """``[B, R, D]`` in ``dtype``: ``Σ_e <g_e, s_e[a]>`` per sample, output row and direction
+    (``B = 1`` when unbatched). ``out_cots``: ``[R, *shape]`` per output."""
     with torch._C.DisableTorchFunctionSubclass():  # Jets read as their values here
-        return _contract(outs, out_cots, tape, shape, batched, like)
+        return _contract(outs, out_cots, tape, shape, batched, dtype, device)
 
 
 def _contract(
@@ -262,10 +263,11 @@ def _contract(
     tape: Tape,
     shape: tuple[int, int, int],
     batched: bool,
-    like: Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Tensor:
     bsz, n_rows, d = shape
-    res = like.new_zeros(bsz, n_rows, d)
+    res = torch.zeros(bsz, n_rows, d, dtype=dtype, device=device)
     if not tape.entries or not outs or bsz == 0:
         return res
     for e in tape.entries:
