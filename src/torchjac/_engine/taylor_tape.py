@@ -254,48 +254,36 @@ def contract(
     """``[B, R, D]`` in ``dtype``: ``Σ_e <g_e, s_e[a]>`` per sample, output row and direction
     (``B = 1`` when unbatched). ``out_cots``: ``[R, *shape]`` per output."""
     with torch._C.DisableTorchFunctionSubclass():  # Jets read as their values here
-        return _contract(outs, out_cots, tape, shape, batched, dtype, device)
-
-
-def _contract(
-    outs: list[Jet],
-    out_cots: list[Tensor],
-    tape: Tape,
-    shape: tuple[int, int, int],
-    batched: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    bsz, n_rows, d = shape
-    res = torch.zeros(bsz, n_rows, d, dtype=dtype, device=device)
-    if not tape.entries or not outs or bsz == 0:
+        bsz, n_rows, d = shape
+        res = torch.zeros(bsz, n_rows, d, dtype=dtype, device=device)
+        if not tape.entries or not outs or bsz == 0:
+            return res
+        for e in tape.entries:
+            if batched and (e.bdim is None or e.shape[e.bdim] != bsz):
+                raise NeedForward
+        grads = _sweep(outs, out_cots, tape)
+        for e in tape.entries:
+            g, s, c = grads.get(e.key), e.source, e.scale
+            if g is None:
+                continue
+            if c is None:
+                w = g  # [R, *out]
+            else:  # g·φ'' meets no small factor first: in float64, it would overflow float32
+                wide = torch.promote_types(g.dtype, torch.float64)
+                w = g.to(wide) * c.to(wide)
+            s = s.to(w.dtype)
+            bd = 1 + e.bdim if batched else 1  # type: ignore[operator]
+            if batched and s.shape[bd] == 1 and bsz > 1:  # the same source for every sample
+                rest = list(w.shape[1:])
+                rest[bd - 1] = 1
+                s1 = s.expand(d, *rest).movedim(bd, 1).reshape(d, -1)  # [D, n]
+                w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
+                res = res + (w2 @ s1.T).transpose(0, 1).to(res.dtype)
+                continue
+            if batched:
+                w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
+                s2 = s.expand(d, *w.shape[1:]).movedim(bd, 1).reshape(d, bsz, -1)
+            else:
+                w2, s2 = w.reshape(n_rows, 1, -1), s.expand(d, *w.shape[1:]).reshape(d, 1, -1)
+            res = res + torch.einsum("rbn,dbn->brd", w2, s2).to(res.dtype)
         return res
-    for e in tape.entries:
-        if batched and (e.bdim is None or e.shape[e.bdim] != bsz):
-            raise NeedForward
-    grads = _sweep(outs, out_cots, tape)
-    for e in tape.entries:
-        g, s, c = grads.get(e.key), e.source, e.scale
-        if g is None:
-            continue
-        if c is None:
-            w = g  # [R, *out]
-        else:  # g·φ'' meets no small factor first: in float64, it would overflow float32
-            wide = torch.promote_types(g.dtype, torch.float64)
-            w = g.to(wide) * c.to(wide)
-        s = s.to(w.dtype)
-        bd = 1 + e.bdim if batched else 1  # type: ignore[operator]
-        if batched and s.shape[bd] == 1 and bsz > 1:  # the same source for every sample
-            rest = list(w.shape[1:])
-            rest[bd - 1] = 1
-            s1 = s.expand(d, *rest).movedim(bd, 1).reshape(d, -1)  # [D, n]
-            w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
-            res = res + (w2 @ s1.T).transpose(0, 1).to(res.dtype)
-            continue
-        if batched:
-            w2 = w.movedim(bd, 1).reshape(n_rows, bsz, -1)
-            s2 = s.expand(d, *w.shape[1:]).movedim(bd, 1).reshape(d, bsz, -1)
-        else:
-            w2, s2 = w.reshape(n_rows, 1, -1), s.expand(d, *w.shape[1:]).reshape(d, 1, -1)
-        res = res + torch.einsum("rbn,dbn->brd", w2, s2).to(res.dtype)
-    return res
