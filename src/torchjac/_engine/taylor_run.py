@@ -61,8 +61,7 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
         stack = x.new_empty(spec.k, *x.shape)
         stack[0] = x
         stack[1 + d :] = 0
-        bdim = None if p.batch_dim is None else p.batch_dim % x.dim()
-        jets.append(Jet.lazy(stack, seed.to(x.dtype), spec, bdim))
+        jets.append(Jet.lazy(stack, seed.to(x.dtype), spec, _bdim(p, x)))
     rank = p.inputs[0].dim()
     jets[0].seed = len(jets) == 1 and (
         rank == 1 if p.batch_dim is None else rank == 2 and p.batch_dim % 2 == 0
@@ -83,14 +82,13 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
             shape = (bsz, g_out.numel, d)
             batched = p.batch_dim is not None
             result = contract(jet_outs, cots, tape, shape, batched, p.dtype, p.device)
-            result = result.to(p.dtype)
         return TaylorResult(result, values, aux, g_out, g_in)
     stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
     return TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
 
 
-def _jet(p: FuncProblem, stack: Tensor, spec: JetSpec, x: Tensor) -> Jet:
-    return Jet.of(stack, spec, None if p.batch_dim is None else p.batch_dim % x.dim())
+def _bdim(p: FuncProblem, x: Tensor) -> int | None:
+    return None if p.batch_dim is None else p.batch_dim % x.dim()
 
 
 def _call(p: FuncProblem, jets: list[Jet]) -> tuple[tuple[Any, ...], Any]:
@@ -131,7 +129,7 @@ def _check_pass(p: FuncProblem, g_in: Group, g_out: Group) -> None:
     for j, x in enumerate(p.inputs):
         parts = [x.unsqueeze(0)]
         parts += [masked_random(g_in, j, m, gen, x.dtype, x.device) for m in masks]
-        jets.append(_jet(p, torch.cat(parts), spec, x))
+        jets.append(Jet.of(torch.cat(parts), spec, _bdim(p, x)))
     outs, _ = _call(p, jets)
     stacks = [y.stack for y in outs if isinstance(y, Jet)]
     index = [i for i, y in enumerate(outs) if isinstance(y, Jet)]
