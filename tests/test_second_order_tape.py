@@ -185,3 +185,18 @@ def test_outputs_of_several_dtypes_add_up_in_the_result_dtype(gen: torch.Generat
     assert got.dtype == torch.float64
     torch.testing.assert_close(got[:, 1], want.diagonal(dim1=-2, dim2=-1))
     torch.testing.assert_close(got[:, 0], torch.zeros_like(got[:, 0]))
+
+
+def test_a_sweep_that_fails_takes_the_forward_diagonal(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # e.g. a recomputed op whose backward has no batching rule for the output rows: the call
+    # falls back to the forward diagonal, exactly, instead of failing
+    def fails(*args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(taylor_tape, "_recompute", fails)
+    f = _per_sample(CASES["recomputed pointwise"])
+    x = randn(3, gen=gen)
+    want = hessian(f)(x).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(tj.hessian_diagonal(f, x), want)

@@ -261,7 +261,12 @@ def contract(
         for e in tape.entries:
             if batched and (e.bdim is None or e.shape[e.bdim] != bsz):
                 raise NeedForward
-        grads = _sweep(outs, out_cots, tape)
+        try:
+            grads = _sweep(outs, out_cots, tape)
+        except NeedForward:
+            raise
+        except Exception as err:  # a recomputed op that cannot run batched over the rows
+            raise NeedForward from err
         for e in tape.entries:
             g, s, c = grads.get(e.key), e.source, e.scale
             if g is None:
