@@ -248,7 +248,7 @@ def hessian_diagonal(
     Shapes: ``out.shape + x.shape`` for each input ``x`` (in the container of ``inputs``); per
     sample with ``batch_dim``: ``[B] + out_rest + in_rest``. ``mode="auto"`` propagates (value,
     first derivatives) forward through ``func`` and brings the second-order terms born at each
-    nonlinear op back to the outputs with one backward pass (NOTE [taylor tape]); where the
+    nonlinear op back to the outputs with one reverse sweep (NOTE [taylor tape]); where the
     batch dimension of an intermediate is unknown it propagates the diagonal itself forward
     (NOTE [taylor mode]). Either way O(B·D) extra memory per activation, never the full Hessian.
     ``"fwd"`` is forward over reverse, ``"rev"`` reverse over reverse (both nested AD, one
