@@ -148,3 +148,34 @@ def test_a_cut_backward_of_one_input_is_not_hidden_by_another_input(
     _one_fallback_warning(record, "columns by double backward failed, computed rows")
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_torch_func_vmap_serves_where_functorch_primitives_are_missing(
+    gen, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:  # type: ignore[no-untyped-def]
+    # NOTE [vmap over the graph]: both ways of vmapping the probes give the same Jacobian,
+    # with an input the outputs do not reach read as zeros on both
+    from torchjac._engine import graph_probes
+
+    x, unused = randn(5, gen=gen).requires_grad_(True), randn(2, gen=gen).requires_grad_(True)
+    y = torch.stack([x.sin().sum(), (x**2).prod(), x.tanh().mean()])
+    calls = []
+    vmapped = graph_probes._vmapped_grad
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return vmapped(*args)
+
+    monkeypatch.setattr(graph_probes, "_vmapped_grad", counted)
+    kw: dict[str, Any] = {"mode": mode, "allow_unused": True, "chunk_size": 3}
+    lean = tj.jac(y, [x, unused], retain_graph=True, **kw)
+    assert calls  # the probes ran vectorised
+    monkeypatch.setattr(graph_probes, "_FUNCTORCH", None)
+    plain = tj.jac(y, [x, unused], **kw)
+    want = torch.func.jacrev(
+        lambda a: torch.stack([a.sin().sum(), (a**2).prod(), a.tanh().mean()])
+    )(x.detach())
+    for got in (lean, plain):
+        torch.testing.assert_close(got[0], want)
+        torch.testing.assert_close(got[1], torch.zeros(3, 2, dtype=want.dtype))
