@@ -154,25 +154,25 @@ def test_a_cut_backward_of_one_input_is_not_hidden_by_another_input(
 def test_torch_func_vmap_serves_where_functorch_primitives_are_missing(
     gen, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:  # type: ignore[no-untyped-def]
-    # NOTE [vmap over the graph]: both ways of vmapping the probes give the same Jacobian,
-    # with an input the outputs do not reach read as zeros on both
-    from torchjac._engine import graph_probes
+    # NOTE [lean vmap]: both ways of vmapping the probes give the same Jacobian, with an input
+    # the outputs do not reach read as zeros on both
+    from torchjac._engine import graph_probes, lean_vmap
 
     x, unused = randn(5, gen=gen).requires_grad_(True), randn(2, gen=gen).requires_grad_(True)
     y = torch.stack([x.sin().sum(), (x**2).prod(), x.tanh().mean()])
     calls = []
-    vmapped = graph_probes._vmapped_grad
+    vmap_first = graph_probes.vmap_first
 
-    def counted(*args):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return vmapped(*args)
+    def counted(fn):  # type: ignore[no-untyped-def]
+        calls.append(lean_vmap._F is not None)
+        return vmap_first(fn)
 
-    monkeypatch.setattr(graph_probes, "_vmapped_grad", counted)
+    monkeypatch.setattr(graph_probes, "vmap_first", counted)
     kw: dict[str, Any] = {"mode": mode, "allow_unused": True, "chunk_size": 3}
     lean = tj.jac(y, [x, unused], retain_graph=True, **kw)
-    assert calls  # the probes ran vectorised
-    monkeypatch.setattr(graph_probes, "_FUNCTORCH", None)
+    monkeypatch.setattr(lean_vmap, "_F", None)
     plain = tj.jac(y, [x, unused], **kw)
+    assert True in calls and False in calls  # the probes ran vectorised, both ways
     want = torch.func.jacrev(
         lambda a: torch.stack([a.sin().sum(), (a**2).prod(), a.tanh().mean()])
     )(x.detach())

@@ -200,3 +200,32 @@ def test_a_sweep_that_fails_takes_the_forward_diagonal(
     x = randn(3, gen=gen)
     want = hessian(f)(x).diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(tj.hessian_diagonal(f, x), want)
+
+
+@pytest.mark.parametrize("name", ["hessian", "hessian_diagonal", "laplacian", "jacobian"])
+def test_slicing_functions_without_functorch_primitives(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # NOTE [lean vmap]: the Taylor mode's linear ops (slices, cat, sum, reshape) give the same
+    # result through functorch's primitives and through torch.func.vmap
+    from torchjac._engine import lean_vmap
+
+    def f(z: Tensor) -> Tensor:
+        a, b = z[:, 0:1], z[:, 1:]
+        u = torch.tanh(torch.cat([a * b.sum(-1, keepdim=True), b], -1) @ _W[:, :3].T)
+        return torch.stack(u.split(2, dim=-1)[:2], 0).sum(0).reshape(-1, 2)
+
+    x = randn(4, 3, gen=gen)
+    fn = getattr(tj, name)
+    lean = fn(f, x, batch_dim=0)
+    monkeypatch.setattr(lean_vmap, "_F", None)
+    plain = fn(f, x, batch_dim=0)
+    single = vmap(hessian(_per_sample(f)))(x)
+    want = {
+        "hessian": single,
+        "hessian_diagonal": single.diagonal(dim1=-2, dim2=-1),
+        "laplacian": single.diagonal(dim1=-2, dim2=-1).sum(-1),
+        "jacobian": vmap(torch.func.jacrev(_per_sample(f)))(x),
+    }[name]
+    torch.testing.assert_close(lean, want)
+    torch.testing.assert_close(plain, want)

@@ -19,13 +19,13 @@ import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchjac._engine import kernels
 from torchjac._engine.basis import Group
+from torchjac._engine.lean_vmap import vmap_first
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import FinalError, run_chunks
 from torchjac._engine.structure import check_independent, reachable
@@ -120,10 +120,7 @@ class GraphProblem:
         ``torch.autograd.grad`` on the existing graph, not ``is_grads_batched`` (the legacy vmap):
         its batching rules are complete where the legacy ones loop inside (a matrix-vector
         backward ran 14x slower), and it is never slower on the workloads measured. It is entered
-        through functorch's own primitives (``_vmapped_grad``), the ones ``torch.func.vmap`` is
-        built on, without its wrapper: around a double backward (W4, 64 columns of 21k
-        gradients) the wrapper measured 0.33-0.38 ms of a 2.6 ms call, more than the gap to a
-        hand-written double backward. Where the primitives are missing, ``torch.func.vmap`` runs.
+        without ``torch.func.vmap``'s wrapper (NOTE [lean vmap]).
 
         An input the outputs do not reach gets ``None`` on both paths.
         """
@@ -134,48 +131,15 @@ class GraphProblem:
                 outs, ins, [c[0] for c in cotangents], retain, cg, allow_unused=True
             )
             return tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        if _FUNCTORCH is not None:
-            return _vmapped_grad(outs, ins, list(cotangents), retain, cg)
-        unused: list[bool] = []  # vmapped outputs must be tensors: zeros stand in for None
+        unused: list[bool] = []  # torch.func.vmap wants tensors out: zeros stand in for None
 
         def one(*cots: Tensor) -> tuple[Tensor, ...]:
             grads = torch.autograd.grad(outs, ins, list(cots), retain, cg, allow_unused=True)
             unused[:] = [g is None for g in grads]
             return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins))
 
-        batched_grads = torch.func.vmap(one)(*cotangents)
+        batched_grads = vmap_first(one)(*cotangents)
         return tuple(None if u else g for g, u in zip(batched_grads, unused))
-
-
-def _functorch_primitives() -> Any:
-    functorch = getattr(torch._C, "_functorch", None)
-    names = ("_vmap_increment_nesting", "_vmap_decrement_nesting", "_add_batch_dim")
-    if functorch is None or not all(hasattr(functorch, n) for n in (*names, "_remove_batch_dim")):
-        return None
-    return functorch
-
-
-_FUNCTORCH = _functorch_primitives()
-
-
-def _vmapped_grad(
-    outs: list[Tensor], ins: list[Tensor], cotangents: list[Tensor], retain: bool, cg: bool
-) -> tuple[Tensor | None, ...]:
-    """``autograd.grad`` vmapped over the cotangents' leading dimension (NOTE [vmap over the
-    graph]): what ``torch.func.vmap`` does, for tensors in and tensors or ``None`` out."""
-    load = getattr(getattr(torch._functorch, "vmap", None), "lazy_load_decompositions", None)
-    if load is not None:
-        load()  # the batching rules torch.func.vmap registers on first use
-    n = cotangents[0].shape[0]
-    level = _FUNCTORCH._vmap_increment_nesting(n, "error")
-    try:
-        cots = [_FUNCTORCH._add_batch_dim(c, 0, level) for c in cotangents]
-        grads = torch.autograd.grad(outs, ins, cots, retain, cg, allow_unused=True)
-        return tuple(
-            None if g is None else _FUNCTORCH._remove_batch_dim(g, level, n, 0) for g in grads
-        )
-    finally:
-        _FUNCTORCH._vmap_decrement_nesting()
 
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from torchjac._engine import kernels
+from torchjac._engine.lean_vmap import vmap_first
 from torchjac._engine.taylor import Jet, JetSpec, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
 from torchjac._engine.taylor_batch import agreed_bdim, broadcast_bdim, structural_bdim
@@ -231,7 +232,8 @@ def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _linear_map(func: Any) -> Rule:
-    """Ops linear in their tensor arguments: every coefficient maps the same way (vmap over K)."""
+    """Ops linear in their tensor arguments: every coefficient maps the same way (vmap over K,
+    NOTE [lean vmap])."""
 
     def rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         leaves, _ = tree_flatten((args, kwargs))
@@ -241,7 +243,7 @@ def _linear_map(func: Any) -> Rule:
         if any(isinstance(x, Tensor) for x in tree_flatten(kwargs)[0]):
             return None  # a tensor by keyword: ``_swap`` replaces positional ones only
         spec = jets[0].spec
-        out = torch.vmap(lambda *ss: func(*_swap(args, ss), **kwargs))(*(j.stack for j in jets))
+        out = vmap_first(lambda *ss: func(*_swap(args, ss), **kwargs))(*(j.stack for j in jets))
         value = out[0] if isinstance(out, Tensor) else out  # shapes for NOTE [batch proof]
         bdim = structural_bdim(func.__name__, args, kwargs, jets, value)
         if not isinstance(out, Tensor):
