@@ -32,7 +32,16 @@ def _primitives() -> Any:
     return functorch
 
 
+def _loader() -> Any:
+    try:
+        from torch._functorch.vmap import lazy_load_decompositions
+    except ImportError:  # pragma: no cover - other torch versions
+        return None
+    return lazy_load_decompositions
+
+
 _F = _primitives()
+_LOAD = _loader()  # the batching rules torch.func.vmap registers on first use
 
 
 def vmap_first(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,9 +50,8 @@ def vmap_first(fn: Callable[..., Any]) -> Callable[..., Any]:
         return torch.func.vmap(fn)
 
     def run(*args: Tensor) -> Any:
-        load = getattr(getattr(torch._functorch, "vmap", None), "lazy_load_decompositions", None)
-        if load is not None:
-            load()  # the batching rules torch.func.vmap registers on first use
+        if _LOAD is not None:
+            _LOAD()
         n = args[0].shape[0]
         level = _F._vmap_increment_nesting(n, "error")
         try:
