@@ -156,18 +156,18 @@ def test_torch_func_vmap_serves_where_functorch_primitives_are_missing(
 ) -> None:  # type: ignore[no-untyped-def]
     # NOTE [lean vmap]: both ways of vmapping the probes give the same Jacobian, with an input
     # the outputs do not reach read as zeros on both
-    from torchjac._engine import graph_probes, lean_vmap
+    from torchjac._engine import lean_vmap
 
     x, unused = randn(5, gen=gen).requires_grad_(True), randn(2, gen=gen).requires_grad_(True)
     y = torch.stack([x.sin().sum(), (x**2).prod(), x.tanh().mean()])
     calls = []
-    vmap_first = graph_probes.vmap_first
+    vmap_first = lean_vmap.vmap_first
 
     def counted(fn):  # type: ignore[no-untyped-def]
         calls.append(lean_vmap._F is not None)
         return vmap_first(fn)
 
-    monkeypatch.setattr(graph_probes, "vmap_first", counted)
+    monkeypatch.setattr(lean_vmap, "vmap_first", counted)
     kw: dict[str, Any] = {"mode": mode, "allow_unused": True, "chunk_size": 3}
     lean = tj.jac(y, [x, unused], retain_graph=True, **kw)
     monkeypatch.setattr(lean_vmap, "_F", None)

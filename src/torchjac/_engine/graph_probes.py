@@ -25,7 +25,7 @@ from torch import Tensor
 
 from torchjac._engine import kernels
 from torchjac._engine.basis import Group
-from torchjac._engine.lean_vmap import vmap_first
+from torchjac._engine.lean_vmap import batched_grad
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import FinalError, run_chunks
 from torchjac._engine.structure import check_independent, reachable
@@ -131,15 +131,7 @@ class GraphProblem:
                 outs, ins, [c[0] for c in cotangents], retain, cg, allow_unused=True
             )
             return tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        unused: list[bool] = []  # torch.func.vmap wants tensors out: zeros stand in for None
-
-        def one(*cots: Tensor) -> tuple[Tensor, ...]:
-            grads = torch.autograd.grad(outs, ins, list(cots), retain, cg, allow_unused=True)
-            unused[:] = [g is None for g in grads]
-            return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins))
-
-        batched_grads = vmap_first(one)(*cotangents)
-        return tuple(None if u else g for g, u in zip(batched_grads, unused))
+        return batched_grad(outs, ins, list(cotangents), retain, cg)
 
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:

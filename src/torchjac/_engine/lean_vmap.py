@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["vmap_first"]
+__all__ = ["batched_grad", "vmap_first"]
 
 
 def _primitives() -> Any:
@@ -64,3 +64,19 @@ def vmap_first(fn: Callable[..., Any]) -> Callable[..., Any]:
             _F._vmap_decrement_nesting()
 
     return run
+
+
+def batched_grad(
+    outs: list[Tensor], ins: list[Tensor], cotangents: list[Tensor], retain: bool, create: bool
+) -> tuple[Tensor | None, ...]:
+    """``autograd.grad`` vmapped over the cotangents' leading dimension (NOTE [vmap over the
+    graph] in ``graph_probes``); ``None`` for an input the outputs do not reach."""
+    unused: list[bool] = []  # torch.func.vmap wants tensors out: zeros stand in for None
+
+    def one(*cots: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(outs, ins, list(cots), retain, create, allow_unused=True)
+        unused[:] = [g is None for g in grads]
+        return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins))
+
+    batched = vmap_first(one)(*cotangents)
+    return tuple(None if u else g for g, u in zip(batched, unused))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torchjac._engine.lean_vmap import batched_grad
 from torchjac._engine.taylor import Jet
 
 __all__ = [
@@ -192,18 +193,12 @@ def _recompute(
     pairs = [(y, g) for y, g in pairs if isinstance(y, Tensor) and y.requires_grad]
     if not pairs:
         return [None] * len(keys)
-    rows = pairs[0][1].shape[0]
+    ys, ins, create = [y for y, _ in pairs], [live[k] for k in keys], torch.is_grad_enabled()
+    if pairs[0][1].shape[0] != 1:  # several output rows at once
+        return batched_grad(ys, ins, [g for _, g in pairs], create, create)
     grads = torch.autograd.grad(
-        [y for y, _ in pairs],
-        [live[k] for k in keys],
-        [g[0] if rows == 1 else g for _, g in pairs],
-        retain_graph=torch.is_grad_enabled(),
-        create_graph=torch.is_grad_enabled(),
-        allow_unused=True,
-        is_grads_batched=rows != 1,
+        ys, ins, [g[0] for _, g in pairs], create, create, allow_unused=True
     )
-    if rows != 1:
-        return grads
     return [None if g is None else g.unsqueeze(0) for g in grads]
 
 
