@@ -229,3 +229,51 @@ def test_slicing_functions_without_functorch_primitives(
     }[name]
     torch.testing.assert_close(lean, want)
     torch.testing.assert_close(plain, want)
+
+
+_N = torch.linspace(-0.8, 1.1, 12, dtype=torch.float64).reshape(4, 3)  # a narrow layer: 4 outputs
+_H = torch.linspace(0.9, -0.6, 8, dtype=torch.float64).reshape(2, 4)
+
+# What reads the first order of a narrow Linear layer, whose product waits until it is read
+# (NOTE [lazy first order]): nothing, a rule, the general rule, another Linear layer; with the
+# deferred products made and those computed.
+DEFERRED: dict[str, tuple[Callable[[Tensor], Tensor], int, int]] = {
+    "returned": (lambda x: F.linear(torch.tanh(x), _N, _N[:, 0]), 1, 0),
+    "an activation": (lambda x: torch.tanh(F.linear(torch.sin(x), _N)), 1, 1),
+    "the general rule": (lambda x: torch.atan(F.linear(torch.sin(x), _N)).cumsum(-1), 1, 1),
+    "another Linear": (lambda x: F.linear(torch.tanh(F.linear(torch.sin(x), _N)), _H), 2, 1),
+}
+
+
+@pytest.fixture
+def pending_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the deferred products made and computed: ``[made, computed]``."""
+    from torchjac._engine import taylor, taylor_rules
+
+    count = [0, 0]
+    deferred = taylor.Jet.deferred
+
+    def counted(stack, pending, spec, bdim):  # type: ignore[no-untyped-def]
+        count[0] += 1
+
+        def run() -> Tensor:
+            count[1] += 1
+            return pending()
+
+        return deferred(stack, run, spec, bdim)
+
+    monkeypatch.setattr(taylor_rules.Jet, "deferred", staticmethod(counted))
+    yield count
+
+
+@pytest.mark.parametrize("name", list(DEFERRED))
+@pytest.mark.parametrize("what", ["laplacian", "hessian_diagonal"])
+def test_a_narrow_linear_computes_its_first_order_only_when_read(
+    gen: torch.Generator, pending_reads: list[int], name: str, what: str
+) -> None:
+    f, made, computed = DEFERRED[name]
+    x = randn(5, 3, gen=gen)
+    got = getattr(tj, what)(f, x, batch_dim=0)
+    diag = vmap(hessian(_per_sample(f)))(x).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(got, diag.sum(-1) if what == "laplacian" else diag)
+    assert pending_reads == [made, computed]

@@ -23,7 +23,7 @@ linears) is private, so it is used only when all of these hold, else ``F.linear`
   ``torch.get_float32_matmul_precision()`` on older torch): a user who allowed bf16 or tf32
   products gets torch's own choice, never a lower precision than ``F.linear``;
 - the bias, if any, is a contiguous ``[out]`` (oneDNN misreads strided and expanded ones);
-- the product is big enough to pay oneDNN's ~10 µs per call (``_MIN_MACS``, ``_MIN_SIDE``);
+- the product is big enough to pay oneDNN's ~10 µs per call (``_MIN_MACS``, ``MIN_SIDE``);
 - the op exists and agreed with ``F.linear`` on a small problem the first time it was needed;
   a failure then or later turns it off for the rest of the process.
 """
@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["backward_products", "linear"]
+__all__ = ["MIN_SIDE", "backward_products", "linear"]
 
 _MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
-_MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
+MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
 
 # Forward-pass multiply-adds of the graph's big products per graph node, above which the mode's
 # per-operator cost is repaid about four times (saving ~15 ps per MAC, twice per backward).
@@ -86,7 +86,7 @@ def _eligible(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     out_features, in_features = w.shape
-    if min(out_features, in_features) < _MIN_SIDE or x.shape[-1] != in_features:
+    if min(out_features, in_features) < MIN_SIDE or x.shape[-1] != in_features:
         return False
     return (
         x.numel() * out_features >= _MIN_MACS
@@ -183,7 +183,7 @@ def _graph_products(roots: Sequence[Tensor]) -> tuple[int, int]:
             continue
         seen.add(id(node))
         sizes = _mm_sizes(node)
-        if sizes is not None and min(sizes) >= _MIN_SIDE:
+        if sizes is not None and min(sizes) >= MIN_SIDE:
             macs += sizes[0] * sizes[1] * sizes[2]
         stack.extend(n for n, _ in node.next_functions if n is not None)
     return macs, len(seen)
@@ -209,7 +209,7 @@ def _big_product(a: Any, b: Any) -> bool:
         and _plain(b)
         and a.dim() == 2
         and b.dim() == 2
-        and min(a.shape[0], a.shape[1], b.shape[1]) >= _MIN_SIDE
+        and min(a.shape[0], a.shape[1], b.shape[1]) >= MIN_SIDE
         and a.shape[0] * a.shape[1] * b.shape[1] >= _MIN_MACS
     )
 

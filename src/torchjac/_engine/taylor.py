@@ -20,6 +20,7 @@ parameters the function closes over.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,7 @@ class Jet(Tensor):
     seed: bool  # an input whose first order is the one-hot basis over its last dim
     aliased: bool  # a view, or viewed (see ``taylor_dispatch``)
     first: Tensor | None  # NOTE [lazy first order]: the unwritten ``stack[1 : 1 + d]``
+    pending: Callable[[], Tensor] | None  # computes ``first`` when it is first read
     _stack: Tensor
 
     @staticmethod
@@ -95,6 +97,7 @@ class Jet(Tensor):
     @property
     def stack(self) -> Tensor:
         """``[K, *shape]``, see NOTE [taylor mode]."""
+        self.first_rows()
         if self.first is not None:  # NOTE [lazy first order]: written on first use
             d, first = self.spec.d, self.first
             self.first = None
@@ -108,7 +111,18 @@ class Jet(Tensor):
 
     @stack.setter
     def stack(self, value: Tensor) -> None:
-        self._stack, self.first = value, None
+        self._stack, self.first, self.pending = value, None, None
+
+    def first_rows(self) -> Tensor:
+        """``stack[1 : 1 + d]``, or the unwritten first order that broadcasts to it (NOTE
+        [lazy first order]), computed now if it is pending."""
+        if self.pending is not None:
+            self.first, self.pending = self.pending(), None
+        return self.first if self.first is not None else self._stack[1 : 1 + self.spec.d]
+
+    def second_rows(self) -> Tensor:
+        """``stack[1 + d :]``, without computing or writing a lazy first order."""
+        return self._stack[1 + self.spec.d :]
 
     @staticmethod
     def lazy(stack: Tensor, first: Tensor, spec: JetSpec, bdim: int | None) -> Jet:
@@ -118,10 +132,23 @@ class Jet(Tensor):
         are columns of its weight, the same for every sample (``[d, 1, ..., out]``). Writing them
         out for the whole batch costs a pass over ``[d, B, out]`` and the next rule reads it
         again; an elementwise rule (``taylor_rules._unary``) multiplies ``first`` by ``φ'``
-        directly instead, and any other reader of ``stack`` gets it written on first use.
+        directly instead, and any other reader of ``stack`` gets it written on first use. A
+        narrow Linear layer (a scalar head) defers its product over the directions the same way
+        (``Jet.deferred``): for a trace or a tape's diagonal, nothing reads it at the outputs.
         """
         jet = Jet.of(stack, spec, bdim)
         jet.first = first
+        return jet
+
+    @staticmethod
+    def deferred(
+        stack: Tensor, pending: Callable[[], Tensor], spec: JetSpec, bdim: int | None
+    ) -> Jet:
+        """A Jet whose first order is computed by ``pending()`` only if something reads it:
+        the first order of a function's last Linear layer is not needed for a trace or a
+        tape's diagonal (NOTE [lazy first order])."""
+        jet = Jet.of(stack, spec, bdim)
+        jet.pending = pending
         return jet
 
     @classmethod

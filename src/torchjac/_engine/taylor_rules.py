@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from torchjac._engine import kernels
 from torchjac._engine.lean_vmap import vmap_first
-from torchjac._engine.taylor import Jet, JetSpec, constant
+from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
 from torchjac._engine.taylor_batch import agreed_bdim, broadcast_bdim, structural_bdim
 from torchjac._engine.taylor_tape import link, record, reduce_to
@@ -65,7 +65,7 @@ def _unary(x: Jet, y: Tensor, dy: Tensor, ddy: Tensor | None) -> Jet:
         out = torch.cat([y.unsqueeze(0), rest])
     else:  # no graph to keep: write into one buffer, no concatenation (NOTE [taylor mode])
         # NOTE [lazy first order]: a broadcast first order is read as it is, never written out
-        s, d1 = x._stack, x.first if x.first is not None else x.stack[1 : 1 + d]
+        s, d1 = x._stack, x.first_rows()
         out = torch.empty_like(s)
         out[0] = y
         torch.mul(d1, dy, out=out[1 : 1 + d])
@@ -188,6 +188,8 @@ def _linear(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if x.seed:
         stack, first = _linear_seed(x, w, b)
         out = Jet.lazy(stack, first, x.spec, bdim)
+    elif _defer(x, w):
+        out = _linear_deferred(x, w, b, bdim)
     else:
         z = kernels.linear(x.stack, w)  # NOTE [dense kernels]
         if b is not None:
@@ -205,10 +207,42 @@ def _linear_seed(x: Jet, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     d = spec.d
     out = v.new_empty(spec.k, *v.shape[:-1], w.shape[0])
     out[0] = kernels.linear(v, w, b)
-    # a copy: the caller may change w in place before the next rule reads it
-    first = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0]).clone()
+    # a contiguous copy: the caller may change w in place before the next rule reads it, and
+    # a transposed view (``clone`` keeps strides) makes every product with it a strided loop
+    first = w.t().reshape(d, *([1] * (v.dim() - 1)), w.shape[0])
+    first = first.clone(memory_format=torch.contiguous_format)
     out[1 + d :] = 0
     return out, first
+
+
+def _defer(x: Jet, w: Tensor) -> bool:
+    """Whether a Linear layer's first order waits until it is read (``_linear_deferred``): for
+    second order that does not need it at the outputs (a trace, a tape's diagonal), and for a
+    narrow layer, such as a scalar head: its product is a matrix-vector one, as cheap in two
+    parts as in one, while splitting a wide one costs more than a last layer's product saves."""
+    spec = x.spec
+    narrow = w.shape[0] < kernels.MIN_SIDE
+    return narrow and (spec.kind == "trace" or spec.tape is not None) and not spec.grad
+
+
+def _linear_deferred(x: Jet, w: Tensor, b: Tensor | None, bdim: int | None) -> Jet:
+    """A Linear layer whose first order is computed when read (NOTE [lazy first order]): the
+    value and the trace now, the product over the ``d`` directions only if a later op needs
+    it (it is most of the work, and a function's last layer often has no later op)."""
+    d, src = x.spec.d, x._stack
+    known = kernels.linear(src[:: 1 + d], w)  # the value row and the trace row, if any
+    out = known.new_empty(x.spec.k, *known.shape[1:])
+    out[:: 1 + d] = known
+    if b is not None:
+        out[0] += b
+    tangents, version = x.first_rows(), w._version
+
+    def pending() -> Tensor:
+        if w._version != version:
+            raise TaylorFailed("a Linear layer's weight was written in place after its call")
+        return kernels.linear(tangents, w)
+
+    return Jet.deferred(out, pending, x.spec, bdim)
 
 
 def _matmul(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -83,8 +83,17 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
             batched = p.batch_dim is not None
             result = contract(jet_outs, cots, tape, shape, batched, p.dtype, p.device)
         return TaylorResult(result, values, aux, g_out, g_in)
-    stacks = [y.stack if isinstance(y, Jet) else constant(y, spec) for y in outs]
-    return TaylorResult(_read(p, kind, stacks, g_in, g_out, spec), values, aux, g_out, g_in)
+    rows = [_rows(y, kind, spec) for y in outs]
+    return TaylorResult(_read(p, kind, rows, g_in, g_out, spec), values, aux, g_out, g_in)
+
+
+def _rows(y: Any, kind: str, spec: JetSpec) -> Tensor:
+    """What ``_read`` reads of an output: its first order for ``"first"``, else its second order
+    alone, leaving a first order nothing needs unwritten (NOTE [lazy first order])."""
+    if not isinstance(y, Jet):
+        s = constant(y, spec)
+        return s[1 : 1 + spec.d] if kind == "first" else s[1 + spec.d :]
+    return y.stack[1 : 1 + spec.d] if kind == "first" else y.second_rows()
 
 
 def _bdim(p: FuncProblem, x: Tensor) -> int | None:
@@ -138,13 +147,14 @@ def _check_pass(p: FuncProblem, g_in: Group, g_out: Group) -> None:
 
 
 def _read(
-    p: FuncProblem, kind: str, stacks: list[Tensor], g_in: Group, g_out: Group, spec: JetSpec
+    p: FuncProblem, kind: str, rows: list[Tensor], g_in: Group, g_out: Group, spec: JetSpec
 ) -> Tensor:
+    """``rows``: per output, its first or its second order (``_rows``)."""
     d = spec.d
     if kind == "first":
-        flat = [g_out.flatten(i, s[1 : 1 + d]) for i, s in enumerate(stacks)]  # [B, D, m_i]
+        flat = [g_out.flatten(i, r) for i, r in enumerate(rows)]  # [B, D, m_i]
         return torch.cat(flat, dim=2).transpose(1, 2).to(p.dtype)
-    parts = [g_out.flatten(i, s[1 + d :]) for i, s in enumerate(stacks)]
+    parts = [g_out.flatten(i, r) for i, r in enumerate(rows)]
     second = torch.cat(parts, dim=2).to(p.dtype)  # [B, S, R]
     if kind == "trace":
         return second[:, 0]
