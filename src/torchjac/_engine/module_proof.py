@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["proven_per_sample"]
+__all__ = ["plain_chain", "proven_per_sample"]
 
 # A rule maps (module, rank of its input) to the rank of its output, or None: not proven.
 Rule = Callable[[Any, int], "int | None"]
@@ -130,13 +130,38 @@ def proven_per_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: in
     rank = args[0].dim()
     if rank < 2 or batch_dim % rank != 0:
         return False
-    if any(getattr(module_globals, g, None) for g in _GLOBAL_HOOKS):
-        return False
-    modes_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)  # private torch API
-    if modes_on is None or modes_on() or _get_current_dispatch_mode() is not None:
+    if not _as_torch_calls():
         return False
     out = _walk(model, rank)  # the output keeps the batch at batch_dim too (a negative one too)
     return out is not None and batch_dim % out == 0
+
+
+def _as_torch_calls() -> bool:
+    """No global module hooks and no torch-function or dispatch mode: a module call is its
+    ``forward``."""
+    if any(getattr(module_globals, g, None) for g in _GLOBAL_HOOKS):
+        return False
+    modes_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)  # private torch API
+    return not (modes_on is None or modes_on() or _get_current_dispatch_mode() is not None)
+
+
+def plain_chain(model: nn.Module) -> list[nn.Module] | None:
+    """The modules of an ``nn.Sequential`` in call order, nested ones flattened, when each is
+    called as torch defines it (NOTE [sequential proof]: exact listed types, no hooks, no
+    patched ``forward``, no torch-function or dispatch mode); else ``None``."""
+    if not _as_torch_calls():
+        return None
+    out: list[nn.Module] = []
+
+    def visit(m: Any) -> bool:
+        if not _as_defined(m) or any(getattr(m, h, None) for h in _HOOK_DICTS):
+            return False
+        if type(m) is nn.Sequential:
+            return all(visit(child) for child in m)
+        out.append(m)
+        return True
+
+    return out if visit(model) else None
 
 
 def _walk(m: Any, rank: int) -> int | None:

@@ -25,6 +25,7 @@ from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.structure import masked_random, sample_masks
 from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
+from torchjac._engine.taylor_chain import chain_second_order
 from torchjac._engine.taylor_tape import NeedForward, Tape, contract
 from torchjac._errors import BatchCouplingError
 
@@ -45,6 +46,12 @@ class TaylorResult:
 
 def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     """One Taylor-mode pass of the function (NOTE [taylor mode], NOTE [taylor check])."""
+    if kind in ("trace", "rdiag"):  # NOTE [taylor chain]: a plain MLP needs no Jets
+        chained = chain_second_order(p, "trace" if kind == "trace" else "diag")
+        if chained is not None:
+            result, value, g_out, g_in = chained
+            check_batch((value,))
+            return TaylorResult(result, (value,), None, g_out, g_in)
     g_in = Group.of(p.inputs, p.batch_dim)
     d, bsz = g_in.numel, g_in.batch_size
     left = right = None

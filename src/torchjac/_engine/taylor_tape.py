@@ -251,7 +251,7 @@ def contract(
     with torch._C.DisableTorchFunctionSubclass():  # Jets read as their values here
         bsz, n_rows, d = shape
         res = torch.zeros(bsz, n_rows, d, dtype=dtype, device=device)
-        if not tape.entries or not outs or bsz == 0:
+        if not tape.entries or not outs or bsz == 0 or d == 0:
             return res
         for e in tape.entries:
             if batched and (e.bdim is None or e.shape[e.bdim] != bsz):
