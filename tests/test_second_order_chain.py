@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import randn
 from torch import Tensor, nn
-from torch.func import hessian, vmap
+from torch.func import hessian, jacrev, vmap
 
 import torchjac as tj
 from torchjac._engine import taylor_run
@@ -60,14 +60,14 @@ CHAINS: dict[str, Callable[[], nn.Module]] = {
 def chained(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     """Records, per Taylor-mode call, whether the chain answered."""
     seen: list[bool] = []
-    chain = taylor_run.chain_second_order
+    chain = taylor_run.chain_taylor
 
     def spy(*args):  # type: ignore[no-untyped-def]
         res = chain(*args)
         seen.append(res is not None)
         return res
 
-    monkeypatch.setattr(taylor_run, "chain_second_order", spy)
+    monkeypatch.setattr(taylor_run, "chain_taylor", spy)
     yield seen
 
 
@@ -97,7 +97,7 @@ def test_unbatched_and_float32_agree_with_the_taylor_tape(
     model = CHAINS[name]().float()
     x = randn(5, 4, gen=gen, dtype=torch.float32)
     got = [tj.hessian_diagonal(model, x, batch_dim=0), tj.hessian_diagonal(model, x[2])]
-    monkeypatch.setattr(taylor_run, "chain_second_order", lambda p, kind: None)
+    monkeypatch.setattr(taylor_run, "chain_taylor", lambda p, kind: None)
     want = [tj.hessian_diagonal(model, x, batch_dim=0), tj.hessian_diagonal(model, x[2])]
     assert chained == [True, True]
     for g, w in zip(got, want):
@@ -182,8 +182,40 @@ def test_empty_batches_and_inputs_agree_with_the_taylor_tape(
     model = nn.Sequential(nn.Linear(shape[1], 6), nn.Tanh(), nn.Linear(6, 2)).double()
     x = torch.zeros(shape, dtype=torch.float64)
     got = [tj.hessian_diagonal(model, x, batch_dim=0), tj.laplacian(model, x, batch_dim=0)]
-    monkeypatch.setattr(taylor_run, "chain_second_order", lambda p, kind: None)
+    monkeypatch.setattr(taylor_run, "chain_taylor", lambda p, kind: None)
     want = [tj.hessian_diagonal(model, x, batch_dim=0), tj.laplacian(model, x, batch_dim=0)]
     for g, w in zip(got, want):
         assert g.shape == w.shape == (shape[0], 2, shape[1])[: g.dim()]
         assert torch.equal(g, w) and not g.any()
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_jacobians_and_hessians_match_torch_func(
+    gen: torch.Generator, chained: list[bool], name: str
+) -> None:
+    model = CHAINS[name]()
+    x = randn(7, 4, gen=gen)
+    single = lambda s: model(s.unsqueeze(0)).squeeze(0)  # noqa: E731
+    got_j = tj.jacobian(model, x, batch_dim=0, mode="fwd")  # columns: the Taylor mode
+    torch.testing.assert_close(got_j, vmap(jacrev(single))(x))
+    torch.testing.assert_close(tj.hessian(model, x, batch_dim=0), vmap(hessian(single))(x))
+    torch.testing.assert_close(tj.jacobian(model, x[3], mode="fwd"), jacrev(single)(x[3]))
+    torch.testing.assert_close(tj.hessian(model, x[3]), hessian(single)(x[3]))
+    assert chained == [True] * 4
+
+
+def test_a_linear_chain_gives_a_jacobian_of_its_own_per_sample(gen: torch.Generator) -> None:
+    model = CHAINS["linear only"]()
+    jac = tj.jacobian(model, randn(3, 4, gen=gen), batch_dim=0, mode="fwd")
+    assert jac.stride(0) != 0 and jac.is_contiguous()
+    jac[0].zero_()  # each sample's block is its own memory
+    assert jac[1].abs().sum() > 0
+
+
+def test_hessians_beyond_the_pairs_at_once(gen: torch.Generator, chained: list[bool]) -> None:
+    torch.manual_seed(3)  # D = 6 > _PAIRS_MAX_D: one batched product per direction
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Softplus()).double()
+    x = randn(4, 6, gen=gen)
+    want = vmap(hessian(lambda s: model(s.unsqueeze(0)).squeeze(0)))(x)
+    torch.testing.assert_close(tj.hessian(model, x, batch_dim=0), want)
+    assert chained == [True]

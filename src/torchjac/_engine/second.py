@@ -24,6 +24,7 @@ from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
 from torchjac._engine.func_second import graph_pairs, hessian_pairs
+from torchjac._engine.taylor_chain import chain_applies
 from torchjac._engine.taylor_run import NeedForward, TaylorFailed, TaylorResult, taylor
 from torchjac._errors import warn_fallback
 
@@ -45,7 +46,8 @@ def second_derivatives(
     d = Group.of(p.inputs, p.batch_dim).numel
     t: Traced | None = None
     if mode == "auto":
-        planned = kind != "full" or d <= 2
+        # NOTE [taylor chain]: a plain MLP's full Hessian costs 1 + R + D passes, not K
+        planned = kind != "full" or d <= 2 or chain_applies(p)
         if not planned:
             t = autograd_trace(p, check_batch)
             planned = 1 + d + d * (d + 1) // 2 <= PAIR_COST * t.out_group.numel * d

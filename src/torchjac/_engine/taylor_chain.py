@@ -1,27 +1,33 @@
-"""Hessian diagonals and Laplacians of a plain chain of Linear layers and activations.
+"""Jacobians, Hessians, their diagonals and Laplacians of a plain chain of Linear layers and
+activations.
 
 NOTE [taylor chain]: for ``nn.Sequential(Linear, φ, Linear, φ, ..., Linear)`` (nested ones
-included, ``Identity`` skipped, ``φ`` in ``_ACTIVATIONS``), NOTE [taylor tape] needs no Jets:
-with ``T_l [D, B, n_l]`` the first derivatives of the input of activation ``l`` along the ``D``
-input directions and ``g_l [R, B, n_l]`` the gradient of output row ``r`` at its output, the
-Hessian diagonal is ``Σ_l Σ_k g_l φ_l'' T_l²`` per sample (summed over ``a`` for
-the trace). One forward pass of the values, one backward pass of the ``R`` rows, one forward pass
-of the first order (stopped at the last activation with a curvature), each on plain tensors:
-the matrix products are those of the Taylor tape, without its per-op bookkeeping (a few hundred
-Python calls and their cold caches, about a fifth of its time on a 128-wide MLP). The first
-layer's first order is its weight's columns, the same for every sample, never written out.
+included, ``Identity`` skipped, ``φ`` in ``_ACTIVATIONS``), the Taylor mode needs no Jets. With
+``T_l [D, B, n_l]`` the first derivatives of the input of activation ``l`` along the ``D`` input
+directions and ``g_l [R, B, n_l]`` the gradient of output row ``r`` at its output (NOTE [taylor
+tape]), the Hessian of a sample is ``Σ_l T_lᵀ diag(g_l φ_l'') T_l``: its diagonal
+``Σ_l Σ_k g_l φ_l'' T_l²``, summed over the directions for the trace. One forward pass of the
+values, one backward pass of the ``R`` rows, one forward pass of the first order (stopped at the
+last activation with a curvature; carried to the outputs for a Jacobian, which needs no backward
+pass), each on plain tensors: the matrix products are those of the Taylor tape, without its
+per-op bookkeeping (a few hundred Python calls and their cold caches, about a fifth of its time
+on a 128-wide MLP). The first layer's first order is its weight's columns, the same for every
+sample, never written out. A full Hessian costs ``1 + R + D`` passes here, not the ``1 + D +
+D(D+1)/2`` of full second-order jets (NOTE [second-order plan] counts it so).
 
-It applies only where it is exactly the Taylor tape's arithmetic: the model is a chain that
+It applies only where it is exactly the Taylor mode's arithmetic: the model is a chain that
 NOTE [sequential proof] accepts (no hooks, no patched ``forward``, no modes), every module is a
 ``Linear`` or an activation listed in ``_ACTIVATIONS`` whose rule covers its arguments, one
 batched ``[B, D]`` input (or an unbatched ``[D]``), no ``create_graph``, floating dtypes that
 agree, and at most ``_MAX_TRACE_ROWS`` output rows for a trace (the forward Laplacian carries one
-row for all outputs; this backward pass one per output). Anything else — or a result that is
-not finite, where ``g·φ''`` may have overflowed (the Taylor tape orders its products to avoid
-that) — returns ``None`` and takes the Taylor mode.
+row for all outputs; this backward pass one per output). Anything else — or a second-order
+result that is not finite, where ``g·φ''`` may have overflowed (the Taylor tape orders its
+products to avoid that) — returns ``None`` and takes the Taylor mode.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +38,12 @@ from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.module_proof import plain_chain
 from torchjac._engine.taylor_activations import ACTIVATIONS
 
-__all__ = ["chain_second_order"]
+__all__ = ["chain_applies", "chain_taylor"]
 
 _MAX_TRACE_ROWS = 2
+# Directions up to which a full Hessian's pairs are formed at once ([D, D, B, n]; measured: at
+# D = 2 a quarter of the time of a batched product per direction, at D = 16 twenty times more).
+_PAIRS_MAX_D = 4
 
 # module type -> (ACTIVATIONS entry, the keyword arguments its rule takes from the module)
 _ACTIVATIONS: dict[type, tuple[str, tuple[str, ...]]] = {
@@ -47,9 +56,10 @@ _ACTIVATIONS: dict[type, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def chain_second_order(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Group] | None:
+def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Group] | None:
     """``(result, output value, out group, in group)`` by NOTE [taylor chain], or ``None`` where
-    it does not apply. ``kind``: ``"trace"`` (``[B, R]``) or ``"diag"`` (``[B, R, D]``)."""
+    it does not apply. ``kind``: ``"first"`` (``[B, R, D]`` Jacobians), ``"trace"`` (``[B, R]``),
+    ``"diag"`` (``[B, R, D]``) or ``"full"`` (``[B, R, D, D]`` Hessians)."""
     layers = _layers(p)
     if layers is None:
         return None
@@ -70,13 +80,59 @@ def chain_second_order(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group
     n_rows = h.shape[1]
     if kind == "trace" and n_rows > _MAX_TRACE_ROWS:
         return None
-    curv = _curvatures(layers, slopes, n_rows, h)
-    res = _contract(layers, slopes, curv, kind, x.shape[-1], h)
-    if not bool(torch.isfinite(res).all()):  # the Taylor tape keeps g·φ'' from overflowing
-        return None
+    d = x.shape[-1]
+    if kind == "first":
+        res = _first_order(layers, slopes, d, h)
+    else:
+        curv = _curvatures(layers, slopes, n_rows, h)
+        res = _contract(layers, slopes, curv, kind, d, h)
+        if not bool(torch.isfinite(res).all()):  # the Taylor tape keeps g·φ'' from overflowing
+            return None
     value = h if p.batch_dim is not None else h[0]
     g_in, g_out = Group.of(p.inputs, p.batch_dim), Group.of((value,), p.batch_dim)
     return res.to(p.dtype), value, g_out, g_in
+
+
+def _first_order(
+    layers: list[nn.Module], slopes: list[tuple[Tensor, Tensor | None]], d: int, out: Tensor
+) -> Tensor:
+    """``[B, R, D]``: the first order carried through every layer."""
+    t = _tangents(layers, slopes, d, out)
+    if t.shape[1] == 1:  # no activation: the same Jacobian for every sample, written out
+        return t.expand(d, *out.shape).permute(1, 2, 0).contiguous()
+    return t.permute(1, 2, 0)
+
+
+def _tangents(
+    layers: list[nn.Module],
+    slopes: list[tuple[Tensor, Tensor | None]],
+    d: int,
+    out: Tensor,
+    upto: int | None = None,
+    visit: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """The first order along the one-hot input directions, ``[D, B, n]`` (``[D, 1, n]`` while it
+    is the same for every sample), carried through the layers; ``visit(l, t)`` sees it at the
+    input of each activation ``l``, and the pass ends there at ``l = upto``."""
+    t = torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1)  # [D, 1, D]
+    act = 0
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            t = kernels.linear(t, layer.weight)
+            continue
+        if visit is not None:
+            visit(act, t)
+        if act == upto:
+            break
+        dy = slopes[act][0]
+        t = t.mul_(dy) if t.shape[1] == dy.shape[0] else t * dy  # in place: t is our own
+        act += 1
+    return t
+
+
+def chain_applies(p: FuncProblem) -> bool:
+    """Whether NOTE [taylor chain] can serve the problem (before calling the function)."""
+    return _layers(p) is not None
 
 
 def _layers(p: FuncProblem) -> list[nn.Module] | None:
@@ -143,34 +199,37 @@ def _contract(
     d: int,
     out: Tensor,
 ) -> Tensor:
-    """``Σ_l <g_l φ_l'', T_l²>`` per sample, row and direction (summed over them for a trace),
-    carrying the first order forward up to the last activation with a curvature."""
-    dtype, device, (bsz, n_rows) = out.dtype, out.device, out.shape
-    shape = (bsz, n_rows) if kind == "trace" else (bsz, n_rows, d)
-    res = torch.zeros(shape, dtype=dtype, device=device)
-    last = max((i for i, c in enumerate(curv) if c is not None), default=-1)
-    # first order along the one-hot input directions: [D, 1, D], the same for every sample
-    t = torch.eye(d, dtype=dtype, device=device).unsqueeze(1)
-    act = 0
-    for layer in layers:
-        if act > last:
-            break
-        if isinstance(layer, nn.Linear):
-            t = kernels.linear(t, layer.weight)
-            continue
+    """``Σ_l <g_l φ_l'', T_l T_l>`` per sample and row: the diagonal (``"diag"``), its sum (a
+    trace) or every pair of directions (``"full"``)."""
+    bsz, n_rows = out.shape
+    shape = {"trace": (bsz, n_rows), "diag": (bsz, n_rows, d), "full": (bsz, n_rows, d, d)}[kind]
+    res = torch.zeros(shape, dtype=out.dtype, device=out.device)
+    last = max((i for i, c in enumerate(curv) if c is not None), default=None)
+    if last is None:
+        return res
+
+    def visit(act: int, t: Tensor) -> None:
         c = curv[act]
         if c is not None:
             _accumulate(res, t, c)
-        if act < last:  # in place once t is ours and full size
-            dy = slopes[act][0]
-            t = t.mul_(dy) if t.shape[1] == dy.shape[0] else t * dy
-        act += 1
+
+    _tangents(layers, slopes, d, out, last, visit)
     return res
 
 
 def _accumulate(res: Tensor, t: Tensor, c: Tensor) -> None:
-    """``res[b, r, a] += Σ_k c[r, b, k] t[a, b, k]²``, or its sum over ``a`` (a trace,
-    ``res [B, R]``); ``t [D, B or 1, n]``, ``c [R, B, n]``."""
+    """``res[b, r, a] += Σ_k c[r, b, k] t[a, b, k]²`` (a diagonal), its sum over ``a`` (a trace,
+    ``res [B, R]``) or ``res[b, r, a, e] += Σ_k c[r, b, k] t[a, b, k] t[e, b, k]`` (``"full"``);
+    ``t [D, B or 1, n]``, ``c [R, B, n]``."""
+    d = t.shape[0]
+    if res.dim() == 4 and d <= _PAIRS_MAX_D:  # every pair's product at once: [D, D, B, n]
+        res += torch.einsum("rbk,aebk->brae", c, t.unsqueeze(1) * t.unsqueeze(0))
+        return
+    if res.dim() == 4:  # one direction a at a time: [B, R, n] @ [B, n, D]
+        right = t.expand(-1, c.shape[1], -1).permute(1, 2, 0)
+        for a in range(d):
+            res[:, :, a] += torch.bmm((c * t[a]).transpose(0, 1), right)
+        return
     sq = t * t
     if res.dim() == 2:  # the trace: squares summed over the directions first
         res += (c * sq.sum(0)).sum(-1).T

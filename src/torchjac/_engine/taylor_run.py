@@ -25,7 +25,7 @@ from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.structure import masked_random, sample_masks
 from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
-from torchjac._engine.taylor_chain import chain_second_order
+from torchjac._engine.taylor_chain import chain_taylor
 from torchjac._engine.taylor_tape import NeedForward, Tape, contract
 from torchjac._errors import BatchCouplingError
 
@@ -46,8 +46,8 @@ class TaylorResult:
 
 def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     """One Taylor-mode pass of the function (NOTE [taylor mode], NOTE [taylor check])."""
-    if kind in ("trace", "rdiag"):  # NOTE [taylor chain]: a plain MLP needs no Jets
-        chained = chain_second_order(p, "trace" if kind == "trace" else "diag")
+    if kind != "diag":  # NOTE [taylor chain]: a plain MLP needs no Jets
+        chained = chain_taylor(p, "diag" if kind == "rdiag" else kind)
         if chained is not None:
             result, value, g_out, g_in = chained
             check_batch((value,))
