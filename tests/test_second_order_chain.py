@@ -219,3 +219,24 @@ def test_hessians_beyond_the_pairs_at_once(gen: torch.Generator, chained: list[b
     want = vmap(hessian(lambda s: model(s.unsqueeze(0)).squeeze(0)))(x)
     torch.testing.assert_close(tj.hessian(model, x, batch_dim=0), want)
     assert chained == [True]
+
+
+class _Doubling(Tensor):
+    """A subclass whose Linear layers double their output."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out * 2 if func is torch.nn.functional.linear else out
+
+
+def test_subclass_inputs_and_half_precision_take_the_taylor_mode(
+    gen: torch.Generator, chained: list[bool]
+) -> None:
+    # found in review: a subclass's values met plain derivatives (a third, wrong answer), and
+    # g·φ'' underflowed in float16 where the Taylor tape keeps it apart
+    model = CHAINS["tanh MLP"]()
+    x = randn(5, 4, gen=gen)
+    tj.hessian_diagonal(model, x.as_subclass(_Doubling), batch_dim=0)
+    tj.hessian_diagonal(model.half(), x.half(), batch_dim=0)
+    assert chained == [False, False]

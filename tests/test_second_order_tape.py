@@ -277,3 +277,38 @@ def test_a_narrow_linear_computes_its_first_order_only_when_read(
     diag = vmap(hessian(_per_sample(f)))(x).diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(got, diag.sum(-1) if what == "laplacian" else diag)
     assert pending_reads == [made, computed]
+
+
+def test_a_deferred_product_uses_the_weight_as_it_was_at_the_call(gen: torch.Generator) -> None:
+    # found in review: a write through .data after the call went unseen (a silently wrong
+    # Laplacian), a tracked one made the call fail, and an inference weight had no version
+    w = randn(2, 4, gen=gen)
+
+    def pure(x: Tensor) -> Tensor:
+        return torch.tanh(F.linear(torch.tanh(x), w)) + torch.tanh(F.linear(torch.tanh(x), 2 * w))
+
+    def through_data(x: Tensor) -> Tensor:
+        y = F.linear(torch.tanh(x), w)  # deferred: read by the tanh below, after the write
+        w.data.mul_(2)
+        out = torch.tanh(y) + torch.tanh(F.linear(torch.tanh(x), w))
+        w.data.div_(2)
+        return out
+
+    def tracked(x: Tensor) -> Tensor:
+        y = F.linear(torch.tanh(x), w)
+        with torch.no_grad():
+            w.mul_(2)
+        out = torch.tanh(y) + torch.tanh(F.linear(torch.tanh(x), w))
+        with torch.no_grad():
+            w.div_(2)
+        return out
+
+    x = randn(3, 4, gen=gen)
+    want = vmap(hessian(_per_sample(pure)))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
+    for f in (through_data, tracked):
+        torch.testing.assert_close(tj.laplacian(f, x, batch_dim=0), want)
+    with torch.inference_mode():
+        frozen = w.clone()
+    got = tj.laplacian(lambda z: F.linear(torch.tanh(z), frozen), x, batch_dim=0)
+    want = vmap(hessian(lambda s: F.linear(torch.tanh(s), w)))(x).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(got, want.sum(-1))

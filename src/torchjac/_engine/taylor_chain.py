@@ -18,11 +18,12 @@ D(D+1)/2`` of full second-order jets (NOTE [second-order plan] counts it so).
 It applies only where it is exactly the Taylor mode's arithmetic: the model is a chain that
 NOTE [sequential proof] accepts (no hooks, no patched ``forward``, no modes), every module is a
 ``Linear`` or an activation listed in ``_ACTIVATIONS`` whose rule covers its arguments, one
-batched ``[B, D]`` input (or an unbatched ``[D]``), no ``create_graph``, floating dtypes that
-agree, and at most ``_MAX_TRACE_ROWS`` output rows for a trace (the forward Laplacian carries one
-row for all outputs; this backward pass one per output). Anything else — or a second-order
-result that is not finite, where ``g·φ''`` may have overflowed (the Taylor tape orders its
-products to avoid that) — returns ``None`` and takes the Taylor mode.
+batched ``[B, D]`` input (or an unbatched ``[D]``), no ``create_graph``, plain float32 or
+float64 tensors of one dtype, and at most ``_MAX_TRACE_ROWS`` output rows for a trace (the
+forward Laplacian carries one row for all outputs; this backward pass one per output).
+Anything else — or a second-order result that is not finite, where ``g·φ''`` may have
+overflowed (the Taylor tape orders its products to avoid that) — returns ``None`` and takes the
+Taylor mode.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _layers(p: FuncProblem) -> list[nn.Module] | None:
     if p.container[0] != "tensor" or len(p.inputs) != 1:
         return None
     x = p.inputs[0]
-    if x.dim() != (1 if p.batch_dim is None else 2):
+    if x.dim() != (1 if p.batch_dim is None else 2) or not _plain(x):
         return None
     if p.batch_dim is not None and p.batch_dim % 2 != 0:
         return None
@@ -155,7 +156,10 @@ def _layers(p: FuncProblem) -> list[nn.Module] | None:
     for layer in layers:
         if isinstance(layer, nn.Linear) and type(layer) is nn.Linear:
             w, b = layer.weight, layer.bias
-            same = all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in (w, b))
+            same = all(
+                t is None or (_plain(t) and t.dtype == x.dtype and t.device == x.device)
+                for t in (w, b)
+            )
             if not same or w.dim() != 2 or w.shape[1] != width:
                 return None
             width = w.shape[0]
@@ -164,6 +168,13 @@ def _layers(p: FuncProblem) -> list[nn.Module] | None:
     if not any(type(m) is nn.Linear for m in layers):
         return None
     return layers
+
+
+def _plain(t: Tensor) -> bool:
+    """A plain tensor in a precision where ``g·φ''`` neither overflows nor underflows in
+    practice: a subclass may change what the ops mean (the chain would mix its values with plain
+    derivatives), and in float16 the product underflows where the Taylor tape's does not."""
+    return type(t) in (Tensor, nn.Parameter) and t.dtype in (torch.float32, torch.float64)
 
 
 def _curvatures(

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from torchjac._engine import kernels
 from torchjac._engine.lean_vmap import vmap_first
-from torchjac._engine.taylor import Jet, JetSpec, TaylorFailed, constant
+from torchjac._engine.taylor import Jet, JetSpec, constant
 from torchjac._engine.taylor_activations import ACTIVATIONS
 from torchjac._engine.taylor_batch import agreed_bdim, broadcast_bdim, structural_bdim
 from torchjac._engine.taylor_tape import link, record, reduce_to
@@ -235,12 +235,12 @@ def _linear_deferred(x: Jet, w: Tensor, b: Tensor | None, bdim: int | None) -> J
     out[:: 1 + d] = known
     if b is not None:
         out[0] += b
-    tangents, version = x.first_rows(), w._version
+    # the weight as it is now: the function may write it (even through ``.data``) before the
+    # product is read; a narrow one is cheap to copy
+    tangents, weight = x.first_rows(), w.detach().clone()
 
     def pending() -> Tensor:
-        if w._version != version:
-            raise TaylorFailed("a Linear layer's weight was written in place after its call")
-        return kernels.linear(tangents, w)
+        return kernels.linear(tangents, weight)
 
     return Jet.deferred(out, pending, x.spec, bdim)
 
