@@ -3,6 +3,7 @@ against ``torch.func`` in float64, against the Taylor tape, and where the chain 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -240,3 +241,54 @@ def test_subclass_inputs_and_half_precision_take_the_taylor_mode(
     tj.hessian_diagonal(model, x.as_subclass(_Doubling), batch_dim=0)
     tj.hessian_diagonal(model.half(), x.half(), batch_dim=0)
     assert chained == [False, False]
+
+
+def test_a_declined_chain_plans_the_hessian_as_before(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # found in review: after the chain declined, the full Taylor jets (K = 1 + D + D(D+1)/2)
+    # ran where the plan picks nested AD, and ignored max_memory
+    from torchjac._engine import second
+
+    kinds: list[str] = []
+    taylor = second.taylor
+
+    def spy(p, kind, check):  # type: ignore[no-untyped-def]
+        kinds.append(kind)
+        return taylor(p, kind, check)
+
+    monkeypatch.setattr(second, "taylor", spy)
+    torch.manual_seed(3)
+    for act in (nn.GELU(approximate="tanh"), nn.Tanh()):
+        model = nn.Sequential(nn.Linear(6, 5), act, nn.Linear(5, 1)).double()
+        x = randn(4, 6, gen=gen)
+        if isinstance(act, nn.Tanh):
+            x[2, 0] = float("nan")  # a non-finite result: the chain declines at run time
+        got = tj.hessian(model, x, batch_dim=0)
+        want = vmap(hessian(lambda s, m=model: m(s.unsqueeze(0)).squeeze(0)))(x)
+        torch.testing.assert_close(got, want, equal_nan=True)
+    assert kinds == []
+
+
+def test_hessians_are_exactly_symmetric(gen: torch.Generator) -> None:
+    torch.manual_seed(3)  # found in review: (c·t_a)·t_e and (c·t_e)·t_a differ in rounding
+    for d in (3, 7):
+        model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 3))
+        h = tj.hessian(model, torch.randn(5, d), batch_dim=0)
+        assert torch.equal(h, h.transpose(-1, -2))
+
+
+def test_tiny_first_derivatives_do_not_underflow() -> None:
+    # found in review: forming t_a·t_e first flushed 1e-46 to zero in float32
+    model = nn.Sequential(nn.Linear(3, 1), nn.Tanh(), nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1e-23)
+        model[0].bias.fill_(0.5)
+        model[2].weight.fill_(1e30)
+        model[2].bias.zero_()
+    x = torch.ones(2, 3)
+    double = copy.deepcopy(model).double()
+    want = vmap(hessian(lambda s: double(s.unsqueeze(0)).squeeze(0)))(x.double())
+    got = tj.hessian(model, x, batch_dim=0)
+    assert got.abs().min() > 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)

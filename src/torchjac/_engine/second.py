@@ -9,8 +9,9 @@ function: ``K = 2 + D`` for a trace, ``1 + 2D`` for a diagonal, ``1 + D + D(D+1)
 full Hessian. "auto" takes the Taylor mode when its ``K`` is at most the nested cost — always
 for a trace or a diagonal, and for a full Hessian when ``D <= 2`` or once the function has been
 called to count ``R`` — and nested AD when the Taylor mode cannot follow the function (one
-``FallbackWarning``). Forward-mode AD missing for an op makes the nested path reverse over
-reverse (one ``FallbackWarning``).
+``FallbackWarning``). A plain MLP (NOTE [taylor chain]) gets a full Hessian from ``1 + R + D``
+passes: it is tried first, and the plan above applies when it declines. Forward-mode AD
+missing for an op makes the nested path reverse over reverse (one ``FallbackWarning``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
 from torchjac._engine.func_second import graph_pairs, hessian_pairs
 from torchjac._engine.taylor_chain import chain_applies
-from torchjac._engine.taylor_run import NeedForward, TaylorFailed, TaylorResult, taylor
+from torchjac._engine.taylor_run import (
+    NeedForward,
+    TaylorFailed,
+    TaylorResult,
+    chained_taylor,
+    taylor,
+)
 from torchjac._errors import warn_fallback
 
 __all__ = ["second_derivatives"]
@@ -46,8 +53,11 @@ def second_derivatives(
     d = Group.of(p.inputs, p.batch_dim).numel
     t: Traced | None = None
     if mode == "auto":
-        # NOTE [taylor chain]: a plain MLP's full Hessian costs 1 + R + D passes, not K
-        planned = kind != "full" or d <= 2 or chain_applies(p)
+        if kind == "full" and d > 2 and chain_applies(p):  # 1 + R + D passes (NOTE [taylor chain])
+            chained = chained_taylor(p, kind, check_batch)
+            if chained is not None:
+                return chained.result, chained
+        planned = kind != "full" or d <= 2
         if not planned:
             t = autograd_trace(p, check_batch)
             planned = 1 + d + d * (d + 1) // 2 <= PAIR_COST * t.out_group.numel * d

@@ -12,8 +12,9 @@ last activation with a curvature; carried to the outputs for a Jacobian, which n
 pass), each on plain tensors: the matrix products are those of the Taylor tape, without its
 per-op bookkeeping (a few hundred Python calls and their cold caches, about a fifth of its time
 on a 128-wide MLP). The first layer's first order is its weight's columns, the same for every
-sample, never written out. A full Hessian costs ``1 + R + D`` passes here, not the ``1 + D +
-D(D+1)/2`` of full second-order jets (NOTE [second-order plan] counts it so).
+sample: ``[D, 1, n]``, never expanded over the batch. A full Hessian costs ``1 + R + D``
+passes here, not the ``1 + D + D(D+1)/2`` of full second-order jets (NOTE [second-order plan]
+tries the chain first and plans as before when it declines).
 
 It applies only where it is exactly the Taylor mode's arithmetic: the model is a chain that
 NOTE [sequential proof] accepts (no hooks, no patched ``forward``, no modes), every module is a
@@ -42,8 +43,8 @@ from torchjac._engine.taylor_activations import ACTIVATIONS
 __all__ = ["chain_applies", "chain_taylor"]
 
 _MAX_TRACE_ROWS = 2
-# Directions up to which a full Hessian's pairs are formed at once ([D, D, B, n]; measured: at
-# D = 2 a quarter of the time of a batched product per direction, at D = 16 twenty times more).
+# Directions up to which a full Hessian's pairs are formed at once ([R, D, D, B, n]; measured:
+# at D = 2 under half the time of one batched product per direction; its memory grows as D²).
 _PAIRS_MAX_D = 4
 
 # module type -> (ACTIVATIONS entry, the keyword arguments its rule takes from the module)
@@ -163,8 +164,8 @@ def _layers(p: FuncProblem) -> list[nn.Module] | None:
             if not same or w.dim() != 2 or w.shape[1] != width:
                 return None
             width = w.shape[0]
-        elif type(layer) not in _ACTIVATIONS:
-            return None
+        elif type(layer) not in _ACTIVATIONS or getattr(layer, "approximate", "none") != "none":
+            return None  # GELU's tanh approximation has no closed-form rule
     if not any(type(m) is nn.Linear for m in layers):
         return None
     return layers
@@ -225,6 +226,9 @@ def _contract(
             _accumulate(res, t, c)
 
     _tangents(layers, slopes, d, out, last, visit)
+    if kind == "full":  # (c·t_a)·t_e and (c·t_e)·t_a differ in rounding: one of them, mirrored
+        i, j = torch.triu_indices(d, d, 1, device=out.device).unbind()
+        res[..., j, i] = res[..., i, j]
     return res
 
 
@@ -233,8 +237,10 @@ def _accumulate(res: Tensor, t: Tensor, c: Tensor) -> None:
     ``res [B, R]``) or ``res[b, r, a, e] += Σ_k c[r, b, k] t[a, b, k] t[e, b, k]`` (``"full"``);
     ``t [D, B or 1, n]``, ``c [R, B, n]``."""
     d = t.shape[0]
-    if res.dim() == 4 and d <= _PAIRS_MAX_D:  # every pair's product at once: [D, D, B, n]
-        res += torch.einsum("rbk,aebk->brae", c, t.unsqueeze(1) * t.unsqueeze(0))
+    if res.dim() == 4 and d <= _PAIRS_MAX_D:  # every pair at once: [R, D, D, B, n]
+        # c·t_a first, as below: t_a·t_e alone may underflow where the result does not
+        ct = c.unsqueeze(1) * t  # [R, D, B, n]
+        res += (ct.unsqueeze(2) * t.unsqueeze(0)).sum(-1).permute(3, 0, 1, 2)
         return
     if res.dim() == 4:  # one direction a at a time: [B, R, n] @ [B, n, D]
         right = t.expand(-1, c.shape[1], -1).permute(1, 2, 0)

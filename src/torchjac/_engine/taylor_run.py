@@ -29,7 +29,7 @@ from torchjac._engine.taylor_chain import chain_taylor
 from torchjac._engine.taylor_tape import NeedForward, Tape, contract
 from torchjac._errors import BatchCouplingError
 
-__all__ = ["NeedForward", "TaylorFailed", "TaylorResult", "taylor"]
+__all__ = ["NeedForward", "TaylorFailed", "TaylorResult", "chained_taylor", "taylor"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,9 @@ class TaylorResult:
 def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
     """One Taylor-mode pass of the function (NOTE [taylor mode], NOTE [taylor check])."""
     if kind != "diag":  # NOTE [taylor chain]: a plain MLP needs no Jets
-        chained = chain_taylor(p, "diag" if kind == "rdiag" else kind)
+        chained = chained_taylor(p, "diag" if kind == "rdiag" else kind, check_batch)
         if chained is not None:
-            result, value, g_out, g_in = chained
-            check_batch((value,))
-            return TaylorResult(result, (value,), None, g_out, g_in)
+            return chained
     g_in = Group.of(p.inputs, p.batch_dim)
     d, bsz = g_in.numel, g_in.batch_size
     left = right = None
@@ -92,6 +90,16 @@ def taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult:
         return TaylorResult(result, values, aux, g_out, g_in)
     rows = [_rows(y, kind, spec) for y in outs]
     return TaylorResult(_read(p, kind, rows, g_in, g_out, spec), values, aux, g_out, g_in)
+
+
+def chained_taylor(p: FuncProblem, kind: str, check_batch: Any) -> TaylorResult | None:
+    """The pass of NOTE [taylor chain], or ``None`` where it does not apply."""
+    chained = chain_taylor(p, kind)
+    if chained is None:
+        return None
+    result, value, g_out, g_in = chained
+    check_batch((value,))
+    return TaylorResult(result, (value,), None, g_out, g_in)
 
 
 def _rows(y: Any, kind: str, spec: JetSpec) -> Tensor:
