@@ -154,7 +154,7 @@ def plain_chain(model: nn.Module) -> list[nn.Module] | None:
     out: list[nn.Module] = []
 
     def visit(m: Any) -> bool:
-        if not _as_defined(m) or any(getattr(m, h, None) for h in _HOOK_DICTS):
+        if not _unhooked_as_defined(m):
             return False
         if type(m) is nn.Sequential:
             return all(visit(child) for child in m)
@@ -164,8 +164,12 @@ def plain_chain(model: nn.Module) -> list[nn.Module] | None:
     return out if visit(model) else None
 
 
+def _unhooked_as_defined(m: Any) -> bool:
+    return _as_defined(m) and not any(getattr(m, h, None) for h in _HOOK_DICTS)
+
+
 def _walk(m: Any, rank: int) -> int | None:
-    if not _as_defined(m) or any(getattr(m, h, None) for h in _HOOK_DICTS):
+    if not _unhooked_as_defined(m):
         return None
     if type(m) is nn.Sequential:
         out: int | None = rank

@@ -63,7 +63,7 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
     it does not apply. ``kind``: ``"first"`` (``[B, R, D]`` Jacobians), ``"trace"`` (``[B, R]``),
     ``"diag"`` (``[B, R, D]``) or ``"full"`` (``[B, R, D, D]`` Hessians)."""
     layers = _layers(p)
-    if layers is None:
+    if layers is None or (kind == "trace" and _width(layers, p) > _MAX_TRACE_ROWS):
         return None
     x = p.inputs[0]
     h = x if p.batch_dim is not None else x.unsqueeze(0)
@@ -80,8 +80,6 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
         h, dy, ddy = parts
         slopes.append((dy, ddy))
     n_rows = h.shape[1]
-    if kind == "trace" and n_rows > _MAX_TRACE_ROWS:
-        return None
     d = x.shape[-1]
     if kind == "first":
         res = _first_order(layers, slopes, d, h)
@@ -176,6 +174,12 @@ def _plain(t: Tensor) -> bool:
     practice: a subclass may change what the ops mean (the chain would mix its values with plain
     derivatives), and in float16 the product underflows where the Taylor tape's does not."""
     return type(t) in (Tensor, nn.Parameter) and t.dtype in (torch.float32, torch.float64)
+
+
+def _width(layers: list[nn.Module], p: FuncProblem) -> int:
+    """The chain's output elements per sample (its last Linear's, or the input's)."""
+    widths = [m.weight.shape[0] for m in layers if isinstance(m, nn.Linear)]
+    return widths[-1] if widths else p.inputs[0].shape[-1]
 
 
 def _curvatures(
