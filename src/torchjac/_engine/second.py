@@ -25,7 +25,6 @@ from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
 from torchjac._engine.func_second import graph_pairs, hessian_pairs
-from torchjac._engine.taylor_chain import chain_applies
 from torchjac._engine.taylor_run import (
     NeedForward,
     TaylorFailed,
@@ -53,7 +52,7 @@ def second_derivatives(
     d = Group.of(p.inputs, p.batch_dim).numel
     t: Traced | None = None
     if mode == "auto":
-        if kind == "full" and d > 2 and chain_applies(p):  # 1 + R + D passes (NOTE [taylor chain])
+        if kind == "full" and d > 2:  # a plain MLP: 1 + R + D passes (NOTE [taylor chain])
             chained = chained_taylor(p, kind, check_batch)
             if chained is not None:
                 return chained.result, chained

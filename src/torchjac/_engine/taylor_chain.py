@@ -40,7 +40,7 @@ from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.module_proof import plain_chain
 from torchjac._engine.taylor_activations import ACTIVATIONS
 
-__all__ = ["chain_applies", "chain_taylor"]
+__all__ = ["chain_taylor"]
 
 _MAX_TRACE_ROWS = 2
 # Directions up to which a full Hessian's pairs are formed at once ([R, D, D, B, n]; measured:
@@ -62,9 +62,10 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
     """``(result, output value, out group, in group)`` by NOTE [taylor chain], or ``None`` where
     it does not apply. ``kind``: ``"first"`` (``[B, R, D]`` Jacobians), ``"trace"`` (``[B, R]``),
     ``"diag"`` (``[B, R, D]``) or ``"full"`` (``[B, R, D, D]`` Hessians)."""
-    layers = _layers(p)
-    if layers is None or (kind == "trace" and _width(layers, p) > _MAX_TRACE_ROWS):
+    chain = _layers(p)
+    if chain is None or (kind == "trace" and chain[1] > _MAX_TRACE_ROWS):
         return None
+    layers = chain[0]
     x = p.inputs[0]
     h = x if p.batch_dim is not None else x.unsqueeze(0)
     # forward: values, and each activation's φ' and φ''
@@ -130,13 +131,9 @@ def _tangents(
     return t
 
 
-def chain_applies(p: FuncProblem) -> bool:
-    """Whether NOTE [taylor chain] can serve the problem (before calling the function)."""
-    return _layers(p) is not None
-
-
-def _layers(p: FuncProblem) -> list[nn.Module] | None:
-    """The chain's modules, if NOTE [taylor chain] applies to the problem."""
+def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
+    """The chain's modules and its output elements per sample, if NOTE [taylor chain] applies
+    to the problem."""
     model = p.func
     if not isinstance(model, nn.Sequential) or p.create_graph or p.has_aux:
         return None
@@ -153,7 +150,7 @@ def _layers(p: FuncProblem) -> list[nn.Module] | None:
     layers = [m for m in layers if type(m) is not nn.Identity]
     width = x.shape[-1]
     for layer in layers:
-        if isinstance(layer, nn.Linear) and type(layer) is nn.Linear:
+        if type(layer) is nn.Linear:
             w, b = layer.weight, layer.bias
             same = all(
                 t is None or (_plain(t) and t.dtype == x.dtype and t.device == x.device)
@@ -166,7 +163,7 @@ def _layers(p: FuncProblem) -> list[nn.Module] | None:
             return None  # GELU's tanh approximation has no closed-form rule
     if not any(type(m) is nn.Linear for m in layers):
         return None
-    return layers
+    return layers, width
 
 
 def _plain(t: Tensor) -> bool:
@@ -174,12 +171,6 @@ def _plain(t: Tensor) -> bool:
     practice: a subclass may change what the ops mean (the chain would mix its values with plain
     derivatives), and in float16 the product underflows where the Taylor tape's does not."""
     return type(t) in (Tensor, nn.Parameter) and t.dtype in (torch.float32, torch.float64)
-
-
-def _width(layers: list[nn.Module], p: FuncProblem) -> int:
-    """The chain's output elements per sample (its last Linear's, or the input's)."""
-    widths = [m.weight.shape[0] for m in layers if isinstance(m, nn.Linear)]
-    return widths[-1] if widths else p.inputs[0].shape[-1]
 
 
 def _curvatures(
