@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KINDS", "Use", "build_use", "write_use"]
+__all__ = ["KINDS", "Use", "build_use", "make_use", "write_use"]
 
 KINDS: dict[type, str] = {
     nn.Linear: "outer",
@@ -90,6 +90,24 @@ def build_use(
     bn = by_id.get(id(bias)) if isinstance(bias, Tensor) else None
     if wn is None and bn is None:
         return None
+    use = make_use(
+        module, x, output, wn, bn, batch_dim, torch.zeros_like(output, requires_grad=True)
+    )
+    return None if use is None else (use, output + use.e)
+
+
+def make_use(
+    module: nn.Module,
+    x: Tensor,
+    output: Tensor,
+    wn: str | None,
+    bn: str | None,
+    batch_dim: int | None,
+    e: Tensor,
+) -> Use | None:
+    """The ``Use`` of one call of a supported layer on ``x`` whose weight and bias are named
+    ``wn`` and ``bn`` (``None``: not requested), or ``None`` where no closed form covers it."""
+    weight = getattr(module, "weight", None)
     w = weight.detach() if isinstance(weight, Tensor) else None  # for its shape
     kind = KINDS[type(module)]
     conv = None
@@ -106,10 +124,8 @@ def build_use(
     if made is None:
         return None
     make_a, rows = made
-    e = torch.zeros_like(output, requires_grad=True)
     padding_idx = getattr(module, "padding_idx", None) if kind == "index" else None
-    use = Use(kind, module, wn, bn, make_a, e, rows, padding_idx, conv)
-    return use, output + e
+    return Use(kind, module, wn, bn, make_a, e, rows, padding_idx, conv)
 
 
 Made = tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]  # A (made on use), and δ -> D

@@ -21,6 +21,7 @@ from torchjac._engine.graph_probes import GraphProblem, solve
 from torchjac._engine.layer_deltas import CouplingCheck, deltas
 from torchjac._engine.layers import Capture, ModelState, call, capture
 from torchjac._engine.module_proof import proven_per_sample
+from torchjac._engine.param_chain import Chain, param_chain
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
@@ -79,8 +80,12 @@ def per_sample_jacobian(
 ) -> dict[str, Tensor]:
     """Per-sample rows via closed forms plus the general path; ``out.shape + p.shape``."""
     proven = proven_per_sample(model, args, kwargs, batch_dim)  # before any hook of ours
-    cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name)
+    chain = param_chain(model, state, args, kwargs) if proven else None
     checked: list[tuple[str, Tensor]] = []
+    if chain is not None:  # NOTE [parameter chain]
+        cap = Capture(output=chain.output, state=state, uses=chain.uses)
+    else:
+        cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name)
     if cap.general:  # the general path needs independent inputs too: capture with input leaves
         leaf_args, leaf_kwargs, checked = _input_leaves(args, kwargs)
         cap = capture(model, state, leaf_args, leaf_kwargs, batch_dim, fn_name=fn_name)
@@ -100,9 +105,9 @@ def per_sample_jacobian(
         )
         for name, t in state.leaves.items()
     }
-    if out.requires_grad and n_out and n:
+    if (out.requires_grad or chain is not None) and n_out and n:
         check = CouplingCheck(fn_name, cap, batch_dim, checked, _describe, proven)
-        _fill(model, state, cap, args, kwargs, batch_dim, targets, chunk_size, budget, check)
+        _fill(model, state, cap, args, kwargs, batch_dim, targets, chunk_size, budget, check, chain)
     else:
         for t in targets.values():
             t.zero_()
@@ -123,6 +128,7 @@ def _fill(
     chunk_size: int | None,
     budget: int,
     check: CouplingCheck,
+    chain: Chain | None,
 ) -> None:
     out = cap.output
     general = [name for name in state.names if name in cap.general]
@@ -141,7 +147,9 @@ def _fill(
 
     def probe(start: int, stop: int, vectorised: bool) -> tuple[list, dict[str, Tensor]]:
         ds: list = []
-        if uses:
+        if chain is not None:
+            ds = chain.deltas(start, stop)
+        elif uses:
             cot = group.one_hot(start, stop, out.dtype, out.device)[0]
             assert cot is not None
             ds = deltas(cap, cot, vectorised, check)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "MODULES", "module_parts"]
 
 Parts = tuple[Tensor, Tensor, Tensor | None] | None
 
@@ -110,3 +110,19 @@ ACTIVATIONS: dict[str, Callable[..., Parts]] = {
     "pow": _pow,
     "__pow__": _pow,
 }
+
+# module type -> (ACTIVATIONS entry, the keyword arguments its rule takes from the module)
+MODULES: dict[type, tuple[str, tuple[str, ...]]] = {
+    nn.Tanh: ("tanh", ()),
+    nn.Sigmoid: ("sigmoid", ()),
+    nn.SiLU: ("silu", ()),
+    nn.ReLU: ("relu", ()),
+    nn.GELU: ("gelu", ("approximate",)),
+    nn.Softplus: ("softplus", ("beta", "threshold")),
+}
+
+
+def module_parts(layer: nn.Module, v: Tensor) -> Parts:
+    """``(y, φ'(v), φ''(v))`` of an activation module listed in ``MODULES``, or ``None``."""
+    name, keys = MODULES[type(layer)]
+    return ACTIVATIONS[name](v, **{k: getattr(layer, k) for k in keys})

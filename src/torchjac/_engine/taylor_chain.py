@@ -1,24 +1,24 @@
 """Jacobians, Hessians, their diagonals and Laplacians of a plain chain of Linear layers and
 activations.
 
-NOTE [taylor chain]: for ``nn.Sequential(Linear, φ, Linear, φ, ..., Linear)`` (nested ones
-included, ``Identity`` skipped, ``φ`` in ``_ACTIVATIONS``), the Taylor mode needs no Jets. With
+NOTE [taylor chain]: for ``nn.Sequential(Linear, φ, Linear, φ, ..., Linear)`` (nested ones included,
+``Identity`` skipped, ``φ`` in ``taylor_activations.MODULES``), the Taylor mode needs no Jets. With
 ``T_l [D, B, n_l]`` the first derivatives of the input of activation ``l`` along the ``D`` input
 directions and ``g_l [R, B, n_l]`` the gradient of output row ``r`` at its output (NOTE [taylor
-tape]), the Hessian of a sample is ``Σ_l T_lᵀ diag(g_l φ_l'') T_l``: its diagonal
-``Σ_l Σ_k g_l φ_l'' T_l²``, summed over the directions for the trace. One forward pass of the
-values, one backward pass of the ``R`` rows, one forward pass of the first order (stopped at the
-last activation with a curvature; carried to the outputs for a Jacobian, which needs no backward
-pass), each on plain tensors: the matrix products are those of the Taylor tape, without its
-per-op bookkeeping (a few hundred Python calls and their cold caches, about a fifth of its time
-on a 128-wide MLP). The first layer's first order is its weight's columns, the same for every
-sample: ``[D, 1, n]``, never expanded over the batch. A full Hessian costs ``1 + R + D``
-passes here, not the ``1 + D + D(D+1)/2`` of full second-order jets (NOTE [second-order plan]
-tries the chain first and plans as before when it declines).
+tape]), the Hessian of a sample is ``Σ_l T_lᵀ diag(g_l φ_l'') T_l``: its diagonal ``Σ_l Σ_k g_l
+φ_l'' T_l²``, summed over the directions for the trace. One forward pass of the values, one backward
+pass of the ``R`` rows, one forward pass of the first order (stopped at the last activation with a
+curvature; carried to the outputs for a Jacobian, which needs no backward pass), each on plain
+tensors: the matrix products are those of the Taylor tape, without its per-op bookkeeping (a few
+hundred Python calls and their cold caches, about a fifth of its time on a 128-wide MLP). The first
+layer's first order is its weight's columns, the same for every sample: ``[D, 1, n]``, never
+expanded over the batch. A full Hessian costs ``1 + R + D`` passes here, not the ``1 + D +
+D(D+1)/2`` of full second-order jets (NOTE [second-order plan] tries the chain first and plans as
+before when it declines).
 
 It applies only where it is exactly the Taylor mode's arithmetic: the model is a chain that
 NOTE [sequential proof] accepts (no hooks, no patched ``forward``, no modes), every module is a
-``Linear`` or an activation listed in ``_ACTIVATIONS`` whose rule covers its arguments, one
+``Linear`` or an activation listed in ``MODULES`` whose rule covers its arguments, one
 batched ``[B, D]`` input (or an unbatched ``[D]``), no ``create_graph``, plain float32 or
 float64 tensors of one dtype, and at most ``_MAX_TRACE_ROWS`` output rows for a trace (the
 forward Laplacian carries one row for all outputs; this backward pass one per output).
@@ -38,7 +38,7 @@ from torchjac._engine import kernels
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.module_proof import plain_chain
-from torchjac._engine.taylor_activations import ACTIVATIONS
+from torchjac._engine.taylor_activations import MODULES, module_parts
 
 __all__ = ["chain_taylor"]
 
@@ -46,16 +46,6 @@ _MAX_TRACE_ROWS = 2
 # Directions up to which a full Hessian's pairs are formed at once ([R, D, D, B, n]; measured:
 # at D = 2 under half the time of one batched product per direction; its memory grows as D²).
 _PAIRS_MAX_D = 4
-
-# module type -> (ACTIVATIONS entry, the keyword arguments its rule takes from the module)
-_ACTIVATIONS: dict[type, tuple[str, tuple[str, ...]]] = {
-    nn.Tanh: ("tanh", ()),
-    nn.Sigmoid: ("sigmoid", ()),
-    nn.SiLU: ("silu", ()),
-    nn.ReLU: ("relu", ()),
-    nn.GELU: ("gelu", ("approximate",)),
-    nn.Softplus: ("softplus", ("beta", "threshold")),
-}
 
 
 def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Group] | None:
@@ -74,8 +64,7 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
         if isinstance(layer, nn.Linear):
             h = kernels.linear(h, layer.weight, layer.bias)
             continue
-        name, keys = _ACTIVATIONS[type(layer)]
-        parts = ACTIVATIONS[name](h, **{k: getattr(layer, k) for k in keys})
+        parts = module_parts(layer, h)
         if parts is None:  # arguments the rule does not cover
             return None
         h, dy, ddy = parts
@@ -159,7 +148,7 @@ def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
             if not same or w.dim() != 2 or w.shape[1] != width:
                 return None
             width = w.shape[0]
-        elif type(layer) not in _ACTIVATIONS or getattr(layer, "approximate", "none") != "none":
+        elif type(layer) not in MODULES or getattr(layer, "approximate", "none") != "none":
             return None  # GELU's tanh approximation has no closed-form rule
     if not any(type(m) is nn.Linear for m in layers):
         return None
