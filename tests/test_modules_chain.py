@@ -5,6 +5,7 @@ convolution input gradient (NOTE [convolution input gradient]) against torch's."
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -242,15 +243,62 @@ def test_other_models_take_the_captured_graph(
     assert chained in ([False], [])  # [] where the proof already declined
 
 
-def test_float16_and_mixed_dtypes_take_the_captured_graph(
-    gen: torch.Generator, chained: list[bool]
-) -> None:
+def test_mixed_dtypes_take_the_captured_graph(gen: torch.Generator, chained: list[bool]) -> None:
     model = CHAINS["tanh MLP"][0]()
     x = randn(3, 4, gen=gen)
     model[2].float()
     with pytest.raises(RuntimeError):  # the model itself cannot run: no answer from the chain
         tj.param_jacobian(model, x, batch_dim=0)
     assert chained == [False]
+
+
+def test_float16_takes_the_captured_graph(gen: torch.Generator, chained: list[bool]) -> None:
+    model = CHAINS["tanh MLP"][0]()
+    x = randn(3, 4, gen=gen)
+    want = _oracle(model, x, [n for n, _ in model.named_parameters()])
+    got = tj.param_jacobian(model.half(), x.half(), batch_dim=0)
+    assert chained == [False]
+    for name in want:
+        assert got[name].dtype == torch.float16
+        torch.testing.assert_close(got[name].double(), want[name], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_takes_the_captured_graph(
+    gen: torch.Generator, chained: list[bool], monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """The backward pass here would not repeat autocast's casts: same result as the graph's."""
+    model = CHAINS["tanh MLP"][0]().float()
+    x = randn(4, 4, gen=gen, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=dtype):
+        got = tj.param_jacobian(model, x, batch_dim=0)
+        monkeypatch.setattr(param_probes, "param_chain", lambda *a: None)
+        want = tj.param_jacobian(model, x, batch_dim=0)
+    assert chained == [False]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "graph"])
+@pytest.mark.parametrize("case", ["empty batch", "zero-wide input"])
+def test_empty_sizes(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, chain: bool, case: str
+) -> None:
+    """An empty batch, or a Linear with no inputs: zeros of the right shape (``-1`` in a
+    reshape of no elements is ambiguous)."""
+    width = 0 if case == "zero-wide input" else 4
+    with warnings.catch_warnings():  # torch's init warns of a weight with no elements
+        warnings.simplefilter("ignore", UserWarning)
+        model = _seeded(lambda: nn.Sequential(nn.Linear(width, 5), nn.Tanh(), nn.Linear(5, 3)))()
+    x = randn(0 if case == "empty batch" else 2, width, gen=gen)
+    if not chain:
+        monkeypatch.setattr(param_probes, "param_chain", lambda *a: None)
+    got = tj.param_jacobian(model, x, batch_dim=0)
+    want = _oracle(model, x, [n for n, _ in model.named_parameters()]) if x.shape[0] else None
+    for name, p in model.named_parameters():
+        assert got[name].shape == (x.shape[0], 3, *p.shape)
+        if want is not None:
+            torch.testing.assert_close(got[name], want[name])
 
 
 def _random_geometry(rng: random.Random) -> tuple[Tensor, Tensor, Tensor, tuple, int] | None:

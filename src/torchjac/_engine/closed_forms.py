@@ -9,6 +9,7 @@ override ``forward``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,7 +57,7 @@ class Use:
     weight: str | None
     bias: str | None
     make_a: Callable[[], Tensor]
-    e: Tensor
+    e: Tensor  # on a graph, the zero leaf whose gradient is δ; on a chain, the output (its shape)
     rows: Callable[[Tensor], Tensor]  # δ [k, *z.shape] -> canonical D, batch first
     padding_idx: int | None = None
     conv: ConvInput | None = None  # a convolution's input, per sample
@@ -162,9 +163,9 @@ def _linear(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
         return None
     d_in, d_out = w.shape[1], w.shape[0]
     xa = _first(x.detach(), ax)
-    n = xa.shape[0]
-    a = xa.reshape(n, -1, 1, d_in).clone()
-    return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, 1, d_out)
+    n, m = xa.shape[0], math.prod(xa.shape[1:-1])  # not -1: ambiguous for an empty batch
+    a = xa.reshape(n, m, 1, d_in).clone()
+    return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], m, 1, d_out)
 
 
 def _conv(

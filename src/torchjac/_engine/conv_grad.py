@@ -35,6 +35,8 @@ def conv_input_grad(
     stride, padding, dilation = geometry
     if g.device.type == "cpu" and _scatter_pays(weight, stride, groups):
         return scatter_input_grad(g, weight, in_size, geometry, groups)
+    # the input's shape only: convolution_backward reads no input for the input gradient alone
+    # (torch.nn.grad.conv2d_input passes the same)
     x = g.new_empty(1).expand(g.shape[0], weight.shape[1] * groups, *in_size)
     return torch.ops.aten.convolution_backward(
         g, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
@@ -51,19 +53,19 @@ def scatter_input_grad(
     # [G, kh·kw·C_in/G, C_out/G] @ [G, C_out/G, R·H'·W'] -> taps [G, kh, kw, C_in/G, R, H', W']
     a = weight.reshape(groups, c_og, c_ig, kh * kw).permute(0, 3, 2, 1).reshape(groups, -1, c_og)
     b = g.reshape(r, groups, c_og, oh * ow).permute(1, 2, 0, 3).reshape(groups, c_og, -1)
-    cols = (a[0] @ b[0]).unsqueeze(0) if groups == 1 else torch.bmm(a, b)
-    taps = cols.view(groups, kh, kw, c_ig, r, oh, ow)
+    prod = (a[0] @ b[0]).unsqueeze(0) if groups == 1 else torch.bmm(a, b)
+    taps = prod.view(groups, kh, kw, c_ig, r, oh, ow)
     out = g.new_empty(groups, c_ig, r, *in_size)
     per_axis = [
         _placements(n_in, n_out, k, s, p, d)
         for n_in, n_out, k, s, p, d in zip(in_size, (oh, ow), (kh, kw), stride, padding, dilation)
     ]
-    for ry, rows in enumerate(per_axis[0]):
-        for rx, cols_x in enumerate(per_axis[1]):
+    for ry, y_taps in enumerate(per_axis[0]):
+        for rx, x_taps in enumerate(per_axis[1]):
             sub = out[..., ry :: stride[0], rx :: stride[1]]
             filled = False
-            for ky, (ys, yd, y_full) in rows:
-                for kx, (xs, xd, x_full) in cols_x:
+            for ky, (ys, yd, y_full) in y_taps:
+                for kx, (xs, xd, x_full) in x_taps:
                     src = taps[:, ky, kx, :, :, ys, xs]
                     if not filled and y_full and x_full:
                         sub.copy_(src)
@@ -78,14 +80,13 @@ def scatter_input_grad(
 
 
 def _scatter_pays(weight: Tensor, stride: tuple[int, int], groups: int) -> bool:
-    """Few channels (torch's kernels then leave most of a vector register idle) and at most
-    2.25 taps per input position (the scatter's passes over the result). Measured on one thread
-    of a Zen 4 core, against one ``convolution_backward`` of all rows through oneDNN: 8→16
-    channels 3×3 stride 2, 1.5 against 2.7 ms; 1→8 channels, 0.7 against 4.9 ms; but 16→32
-    channels, 16 against 14 ms, 16→16 channels at stride 1, 6.2 against 1.8 ms, 3×3 stride 1 at
-    64 channels, 39 against 11 ms."""
-    c_out, c_in, kh, kw = weight.shape
-    few = c_out // groups <= _MAX_CHANNELS and c_in <= _MAX_CHANNELS
+    """Few channels per group (torch's kernels then leave most of a vector register idle) and
+    at most 2.25 taps per input position (the scatter's passes over the result). Against one
+    ``convolution_backward`` of all rows through oneDNN (one thread, Zen 4), besides the case of
+    the NOTE: 1→8 channels, 0.7 against 4.9 ms; but 16→32 channels, 16 against 14 ms; 16→16
+    channels at stride 1, 6.2 against 1.8 ms; 3×3 at stride 1 and 64 channels, 39 against 11."""
+    c_out, c_ig, kh, kw = weight.shape
+    few = c_out // groups <= _MAX_CHANNELS and c_ig <= _MAX_CHANNELS
     return few and 4 * kh * kw <= 9 * stride[0] * stride[1]
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["plain_chain", "proven_per_sample"]
+__all__ = ["DROPOUTS", "inactive_dropout", "plain_chain", "proven_per_sample"]
 
 # A rule maps (module, rank of its input) to the rank of its output, or None: not proven.
 Rule = Callable[[Any, int], "int | None"]
@@ -41,8 +41,16 @@ def _batched(k: int) -> Rule:
     return lambda m, rank: rank if rank == k + 2 else None
 
 
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def inactive_dropout(m: Any) -> bool:
+    """A dropout module that passes its input through unchanged (eval mode, or ``p == 0``)."""
+    return not m.training or m.p == 0
+
+
 def _eval_dropout(m: Any, rank: int) -> int | None:
-    return rank if not m.training or m.p == 0 else None
+    return rank if inactive_dropout(m) else None
 
 
 def _eval_batch_norm(m: Any, rank: int) -> int | None:
@@ -84,7 +92,7 @@ for _k, _types in enumerate(
     start=1,
 ):
     _RULES.update({t: _batched(_k) for t in _types})
-_RULES.update({t: _eval_dropout for t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)})
+_RULES.update({t: _eval_dropout for t in DROPOUTS})
 _RULES.update({t: _eval_batch_norm for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)})
 _RULES.update({nn.LayerNorm: _layer_norm, nn.Softmax: _softmax, nn.LogSoftmax: _softmax})
 _RULES.update({nn.Flatten: _flatten, nn.Unflatten: _unflatten})

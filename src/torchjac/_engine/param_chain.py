@@ -12,7 +12,10 @@ closed form (``write_use``), as on the graph. The rows are the same for every sa
 first activation (``[k, 1, ...]``: the last layer's weight rows, never expanded), and a
 convolution's input gradient is one ``conv_input_grad`` of all ``k·N`` rows (NOTE [convolution
 input gradient]), where ``is_grads_batched`` on the graph runs one ``convolution_backward`` per
-probe. Anything else returns ``None``, and the graph is captured as before.
+probe. The values are the layers' own functions, the activations' those of their closed forms
+(``taylor_activations``: GELU as ``v·Φ(v)``, which may differ from ``F.gelu`` in the last bit).
+Anything else returns ``None``, and the graph is captured as before, as it is under autocast
+(whose casts the backward pass here would not repeat).
 """
 
 from __future__ import annotations
@@ -28,23 +31,24 @@ from torch import Tensor, nn
 from torchjac._engine.closed_forms import Use, make_use
 from torchjac._engine.conv_grad import conv_input_grad
 from torchjac._engine.layers import ModelState
-from torchjac._engine.module_proof import plain_chain
+from torchjac._engine.module_proof import DROPOUTS, inactive_dropout, plain_chain
 from torchjac._engine.taylor_activations import MODULES, module_parts
 
 __all__ = ["Chain", "param_chain"]
 
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 Back = Callable[[Tensor], Tensor]  # rows at a layer's output [k, 1 or N, *out] -> at its input
 
 
 @dataclass(frozen=True)
 class Chain:
-    """The chain's output value, one ``Use`` per layer with a requested parameter, and per
-    layer its backward step and the index of its use (if any), in call order."""
+    """The chain's output value, one ``Use`` per layer with a requested parameter, per layer
+    its backward step and the index of its use (if any), in call order, and the first layer
+    with a use (where the backward pass ends)."""
 
     output: Tensor
     uses: list[Use]
     steps: list[tuple[Back, int | None]]
+    first: int
 
     def deltas(self, start: int, stop: int) -> list[Tensor | None]:
         """Canonical ``D`` of every use for the one-hot output probes ``start:stop``."""
@@ -55,12 +59,11 @@ class Chain:
         g[:, 0, start:stop].fill_diagonal_(1)
         g = g.view(k, 1, *out.shape[1:])
         ds: list[Tensor | None] = [None] * len(self.uses)
-        first = min(i for i, (_, u) in enumerate(self.steps) if u is not None)
-        for i in range(len(self.steps) - 1, first - 1, -1):
+        for i in range(len(self.steps) - 1, self.first - 1, -1):
             back, u = self.steps[i]
             if u is not None:
                 ds[u] = self.uses[u].rows(g.expand(k, n, *g.shape[2:]))
-            if i > first:
+            if i > self.first:
                 g = back(g)
         return ds
 
@@ -70,7 +73,7 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
     if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x = args[0]
-    if not _plain(x) or x.dim() < 2 or not state.names:
+    if not _plain(x) or x.dim() < 2 or not state.names or _autocast(x.device.type):
         return None
     layers = plain_chain(model)
     if layers is None:
@@ -82,7 +85,7 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
     h = x.detach()
     with torch.no_grad():
         for layer in layers:
-            if type(layer) is nn.Identity or (type(layer) in _DROPOUTS and _inactive(layer)):
+            if type(layer) is nn.Identity or (type(layer) in DROPOUTS and inactive_dropout(layer)):
                 continue
             step = _step(layer, h, x)
             if step is None:
@@ -92,7 +95,7 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
             wn, bn = (n if n in wanted else None for n in named)
             use = None
             if wn is not None or bn is not None:
-                made = make_use(layer, h, y, wn, bn, 0, y)
+                made = make_use(layer, h, y, wn, bn, 0, y)  # y for e: its shape only
                 if made is None:
                     return None
                 uses.append(made)
@@ -100,7 +103,9 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
             steps.append((back, use))
             h = y
     covered = {n for u in uses for n in (u.weight, u.bias) if n is not None}
-    return Chain(h, uses, steps) if covered == wanted else None
+    if covered != wanted:
+        return None
+    return Chain(h, uses, steps, min(i for i, (_, u) in enumerate(steps) if u is not None))
 
 
 def _step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
@@ -113,7 +118,7 @@ def _step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
         wd = w.detach()
         return F.linear(h, wd, None if b is None else b.detach()), lambda g: g @ wd
     if kind in (nn.Conv1d, nn.Conv2d):
-        return _conv(layer, h, x)
+        return _conv_step(layer, h, x)
     if kind in MODULES:
         parts = module_parts(layer, h)
         if parts is None:
@@ -127,7 +132,7 @@ def _step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
     return None  # a dropout in train mode, or a module the chain has no step for
 
 
-def _conv(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
+def _conv_step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
     nd = 1 if type(layer) is nn.Conv1d else 2
     w, b = layer.weight, layer.bias
     if not _like(x, w, b) or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
@@ -155,8 +160,11 @@ def _conv(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
     return y, back
 
 
-def _inactive(dropout: Any) -> bool:
-    return not dropout.training or dropout.p == 0
+def _autocast(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _plain(t: Tensor) -> bool:
