@@ -116,7 +116,7 @@ def test_under_vmap_falls_back(calls: list[tuple[int, ...]]) -> None:
 
 def test_disagreeing_op_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_lookup", lambda: lambda x, w, b, *_: F.linear(x, w, b) + 1)
-    monkeypatch.setattr(kernels, "_state", {"checked": False, "usable": True})
+    monkeypatch.setattr(kernels, "_state", {"checked": False, "usable": True, "tanh": True})
     monkeypatch.setattr(kernels, "_op", None)
     x, w = torch.randn(512, 64), torch.randn(64, 64)
     assert kernels._onednn() is None
@@ -128,7 +128,7 @@ def test_failing_op_turns_itself_off(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("no oneDNN kernel for this layout")
 
     monkeypatch.setattr(kernels, "_onednn", lambda: broken)
-    monkeypatch.setattr(kernels, "_state", {"checked": True, "usable": True})
+    monkeypatch.setattr(kernels, "_state", {"checked": True, "usable": True, "tanh": True})
     x, w = torch.randn(512, 64), torch.randn(64, 64)
     torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
     assert kernels._state["usable"] is False
@@ -341,7 +341,7 @@ def test_a_users_dispatch_mode_sees_torchs_own_ops(calls: list[tuple[int, ...]])
 def test_self_check_under_a_float64_default(monkeypatch: pytest.MonkeyPatch) -> None:
     if kernels._lookup() is None:
         pytest.skip("this torch has no oneDNN linear")  # pragma: no cover
-    monkeypatch.setattr(kernels, "_state", {"checked": False, "usable": True})
+    monkeypatch.setattr(kernels, "_state", {"checked": False, "usable": True, "tanh": True})
     monkeypatch.setattr(kernels, "_op", None)
     before = torch.get_default_dtype()
     try:

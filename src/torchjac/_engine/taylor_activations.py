@@ -15,13 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "MODULES", "module_parts"]
+__all__ = ["ACTIVATIONS", "MODULES", "module_parts", "tanh_parts"]
 
 Parts = tuple[Tensor, Tensor, Tensor | None] | None
 
 
 def _tanh(v: Tensor) -> Parts:
-    y = torch.tanh(v)
+    return tanh_parts(torch.tanh(v))
+
+
+def tanh_parts(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``tanh``'s parts from its value ``y`` (NOTE [fused tanh] computes ``y`` with a product)."""
     dy = 1 - y * y
     return y, dy, -2 * y * dy
 

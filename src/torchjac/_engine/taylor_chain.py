@@ -38,7 +38,7 @@ from torchjac._engine import kernels
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.module_proof import plain_chain
-from torchjac._engine.taylor_activations import MODULES, module_parts
+from torchjac._engine.taylor_activations import MODULES, module_parts, tanh_parts
 
 __all__ = ["chain_taylor"]
 
@@ -60,11 +60,14 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
     h = x if p.batch_dim is not None else x.unsqueeze(0)
     # forward: values, and each activation's φ' and φ''
     slopes: list[tuple[Tensor, Tensor | None]] = []
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            h = kernels.linear(h, layer.weight, layer.bias)
+    fused = False
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Linear):  # a tanh after it in the product (NOTE [fused tanh])
+            fused = i + 1 < len(layers) and type(layers[i + 1]) is nn.Tanh
+            h = kernels.linear(h, layer.weight, layer.bias, "tanh" if fused else "none")
             continue
-        parts = module_parts(layer, h)
+        parts = tanh_parts(h) if fused else module_parts(layer, h)
+        fused = False
         if parts is None:  # arguments the rule does not cover
             return None
         h, dy, ddy = parts
