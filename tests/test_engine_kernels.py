@@ -134,6 +134,34 @@ def test_failing_op_turns_itself_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels._state["usable"] is False
 
 
+@pytest.mark.parametrize(
+    "shape", [(256, 128, 128), (1024, 2, 64), (3, 5, 20, 16)], ids=["big", "K=2", "3d, small"]
+)
+def test_fused_tanh_at_any_size(calls: list[tuple[int, ...]], shape: tuple[int, ...]) -> None:
+    """NOTE [fused tanh]: fused below the product's own size limits; torch's tanh to 1e-6."""
+    *rows, d_in, d_out = shape
+    x, w, b = torch.randn(*rows, d_in), torch.randn(d_out, d_in) / d_in**0.5, torch.randn(d_out)
+    got = kernels.linear(x, w, b, "tanh")
+    torch.testing.assert_close(got.double(), torch.tanh(_oracle(x, w, b)), atol=1e-6, rtol=1e-5)
+    assert calls == ([tuple(x.shape)] if kernels._onednn() is not None else [])
+
+
+def test_fused_tanh_keeps_to_the_other_limits(
+    calls: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, w = torch.randn(64, 32), torch.randn(32, 32)
+    want = torch.tanh(F.linear(x, w))
+    torch.testing.assert_close(kernels.linear(x.double(), w.double(), None, "tanh").float(), want)
+    w.requires_grad_(True)
+    got = kernels.linear(x, w, None, "tanh")  # autograd records it: torch's own ops
+    assert got.grad_fn is not None
+    torch.testing.assert_close(got.detach(), want)
+    assert calls == []
+    monkeypatch.setitem(kernels._state, "tanh", False)  # the first check disagreed
+    torch.testing.assert_close(kernels.linear(x, w.detach(), None, "tanh"), want)
+    assert calls == []
+
+
 def _mlp32() -> tuple[nn.Module, nn.Module, Tensor]:
     torch.manual_seed(3)
     f = nn.Sequential(
