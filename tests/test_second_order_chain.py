@@ -292,3 +292,25 @@ def test_tiny_first_derivatives_do_not_underflow() -> None:
     got = tj.hessian(model, x, batch_dim=0)
     assert got.abs().min() > 0
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "LayerNorm"])
+def test_a_chain_needs_no_counting_pass(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, chain: bool
+) -> None:
+    """``mode="auto"`` reads a chain's rows from its layers; other models are called to count."""
+    from torchjac._engine import func_probes
+
+    counted: list[int] = []
+    count = func_probes._count_rows
+    monkeypatch.setattr(
+        func_probes,
+        "_count_rows",
+        lambda *a: counted.append(1) or count(*a),  # type: ignore[func-returns-value]
+    )
+    middle = nn.Tanh() if chain else nn.LayerNorm(5)
+    model = _seeded(lambda: nn.Sequential(nn.Linear(6, 5), middle, nn.Linear(5, 2)))()
+    x = randn(3, 6, gen=gen)  # more columns than are planned without counting rows
+    want = vmap(jacrev(lambda s: model(s.unsqueeze(0)).squeeze(0)))(x)
+    torch.testing.assert_close(tj.jacobian(model, x, batch_dim=0), want)
+    assert counted == ([] if chain else [1])

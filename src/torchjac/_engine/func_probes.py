@@ -26,6 +26,7 @@ from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.plan import choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
 from torchjac._engine.structure import check_independent
+from torchjac._engine.taylor_chain import chain_rows
 from torchjac._engine.taylor_run import TaylorFailed, TaylorResult, taylor
 from torchjac._errors import warn_fallback
 
@@ -147,7 +148,9 @@ def solve_jacobian(
     in_bytes = 16 * sum(x.numel() for x in p.inputs) * p.dtype.itemsize
     t: Traced | None = None
     if mode == "auto" and d > BLIND_COLUMNS:
-        mode = choose_mode(mode, _count_rows(p, check_batch), d, TAYLOR_COLUMN_COST)
+        rows = chain_rows(p)  # a plain MLP's width needs no counting pass (NOTE [taylor chain])
+        rows = _count_rows(p, check_batch) if rows is None else rows
+        mode = choose_mode(mode, rows, d, TAYLOR_COLUMN_COST)
     if mode != "rev" and (chunk_size or d) >= d and in_bytes * (d + 2) <= budget:
         try:
             res = taylor(p, "first", check_batch)  # [B, R, D]: every column in one pass

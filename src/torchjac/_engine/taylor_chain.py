@@ -40,7 +40,7 @@ from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.module_proof import plain_chain
 from torchjac._engine.taylor_activations import MODULES, module_parts, tanh_parts
 
-__all__ = ["chain_taylor"]
+__all__ = ["chain_rows", "chain_taylor"]
 
 _MAX_TRACE_ROWS = 2
 # Directions up to which a full Hessian's pairs are formed at once ([R, D, D, B, n]; measured:
@@ -84,6 +84,13 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
     value = h if p.batch_dim is not None else h[0]
     g_in, g_out = Group.of(p.inputs, p.batch_dim), Group.of((value,), p.batch_dim)
     return res.to(p.dtype), value, g_out, g_in
+
+
+def chain_rows(p: FuncProblem) -> int | None:
+    """Output elements per sample of a problem NOTE [taylor chain] takes, read from its layers
+    (no forward pass to count them), or ``None``."""
+    chain = _layers(p)
+    return None if chain is None else chain[1]
 
 
 def _first_order(
