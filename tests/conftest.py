@@ -1,8 +1,10 @@
-"""Shared test helpers: float64 tensors from a seeded generator, and a deterministic RNG."""
+"""Shared test helpers: float64 tensors from a seeded generator, a deterministic RNG, and a spy
+on the engine's optional fast paths."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -31,3 +33,18 @@ def _seeded() -> Iterator[None]:
 def gen() -> torch.Generator:
     """A seeded generator for building test data without touching the global RNG."""
     return torch.Generator().manual_seed(0)
+
+
+def record_answers(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[bool]:
+    """Wrap ``module.name`` (a fast path that returns ``None`` where it does not apply): the
+    returned list gets, per call, whether it answered."""
+    seen: list[bool] = []
+    real = getattr(module, name)
+
+    def spy(*args: Any) -> Any:
+        res = real(*args)
+        seen.append(res is not None)
+        return res
+
+    monkeypatch.setattr(module, name, spy)
+    return seen

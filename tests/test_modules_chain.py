@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import randn
+from conftest import randn, record_answers
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -107,18 +107,9 @@ CHAINS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 
 
 @pytest.fixture
-def chained(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+def chained(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records, per per-sample call, whether the chain answered."""
-    seen: list[bool] = []
-    chain = param_probes.param_chain
-
-    def spy(*args):  # type: ignore[no-untyped-def]
-        res = chain(*args)
-        seen.append(res is not None)
-        return res
-
-    monkeypatch.setattr(param_probes, "param_chain", spy)
-    yield seen
+    return record_answers(monkeypatch, param_probes, "param_chain")
 
 
 def _oracle(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, Tensor]:

@@ -4,11 +4,11 @@ against ``torch.func`` in float64, against the Taylor tape, and where the chain 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import randn
+from conftest import randn, record_answers
 from torch import Tensor, nn
 from torch.func import hessian, jacrev, vmap
 
@@ -58,18 +58,9 @@ CHAINS: dict[str, Callable[[], nn.Module]] = {
 
 
 @pytest.fixture
-def chained(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+def chained(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records, per Taylor-mode call, whether the chain answered."""
-    seen: list[bool] = []
-    chain = taylor_run.chain_taylor
-
-    def spy(*args):  # type: ignore[no-untyped-def]
-        res = chain(*args)
-        seen.append(res is not None)
-        return res
-
-    monkeypatch.setattr(taylor_run, "chain_taylor", spy)
-    yield seen
+    return record_answers(monkeypatch, taylor_run, "chain_taylor")
 
 
 def _oracle(model: nn.Module, x: Tensor) -> Tensor:
