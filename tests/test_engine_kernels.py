@@ -135,15 +135,25 @@ def test_failing_op_turns_itself_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "shape", [(256, 128, 128), (1024, 2, 64), (3, 5, 20, 16)], ids=["big", "K=2", "3d, small"]
+    ("shape", "fused"),
+    [
+        ((256, 128, 128), True),
+        ((1024, 2, 64), True),
+        ((4, 64, 20, 64), True),
+        ((16, 16, 64), False),
+    ],
+    ids=["big", "K=2", "3d", "below 16k outputs"],
 )
-def test_fused_tanh_at_any_size(calls: list[tuple[int, ...]], shape: tuple[int, ...]) -> None:
-    """NOTE [fused tanh]: fused below the product's own size limits; torch's tanh to 1e-6."""
+def test_fused_tanh_from_16k_outputs(
+    calls: list[tuple[int, ...]], shape: tuple[int, ...], fused: bool
+) -> None:
+    """NOTE [fused tanh]: fused from 16k outputs, below the product's own size limits; torch's
+    tanh to 1e-6."""
     *rows, d_in, d_out = shape
     x, w, b = torch.randn(*rows, d_in), torch.randn(d_out, d_in) / d_in**0.5, torch.randn(d_out)
     got = kernels.linear(x, w, b, "tanh")
     torch.testing.assert_close(got.double(), torch.tanh(_oracle(x, w, b)), atol=1e-6, rtol=1e-5)
-    assert calls == ([tuple(x.shape)] if kernels._onednn() is not None else [])
+    assert calls == ([tuple(x.shape)] if fused and kernels._onednn() is not None else [])
 
 
 def test_fused_tanh_keeps_to_the_other_limits(
@@ -159,6 +169,54 @@ def test_fused_tanh_keeps_to_the_other_limits(
     assert calls == []
     monkeypatch.setitem(kernels._state, "tanh", False)  # the first check disagreed
     torch.testing.assert_close(kernels.linear(x, w.detach(), None, "tanh"), want)
+    assert calls == []
+    with pytest.raises(ValueError, match="activation must be 'none' or 'tanh', got 'relu'"):
+        kernels.linear(x, w.detach(), None, "relu")
+
+
+@pytest.mark.parametrize("activation", ["none", "tanh"])
+def test_empty_products_leave_onednn_on(
+    calls: list[tuple[int, ...]], activation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oneDNN raises on an empty product, which would turn it off for the process."""
+    monkeypatch.setitem(kernels._state, "usable", True)
+    for x, w in [
+        (torch.randn(4096, 0), torch.randn(64, 0)),
+        (torch.randn(0, 64), torch.randn(64, 64)),
+    ]:
+        y = kernels.linear(x, w, torch.zeros(64), activation)
+        assert y.shape == (x.shape[0], 64) and bool((y == 0).all())
+    assert calls == [] and kernels._state["usable"]
+
+
+def test_a_failing_fusion_turns_off_only_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = kernels._onednn()
+    if real is None:
+        pytest.skip("this torch has no usable oneDNN linear")  # pragma: no cover
+
+    def no_tanh(x: Tensor, w: Tensor, b: Tensor | None, attr: str, *rest: Any) -> Tensor:
+        if attr == "tanh":
+            raise RuntimeError("no such post-op")
+        return real(x, w, b, attr, *rest)
+
+    monkeypatch.setattr(kernels, "_onednn", lambda: no_tanh)
+    monkeypatch.setattr(kernels, "_state", {"checked": True, "usable": True, "tanh": True})
+    x, w = torch.randn(512, 64), torch.randn(64, 64)
+    torch.testing.assert_close(kernels.linear(x, w, None, "tanh"), torch.tanh(F.linear(x, w)))
+    assert kernels._state == {"checked": True, "usable": True, "tanh": False}
+
+
+def test_no_onednn_inside_forward_ad(calls: list[tuple[int, ...]]) -> None:
+    """The op has no forward derivative: a dual input's tangent must come through."""
+    import torch.autograd.forward_ad as fwad
+
+    x, w, v = torch.randn(512, 64), torch.randn(64, 64) / 8, torch.randn(512, 64)
+    with fwad.dual_level():
+        for activation in ("none", "tanh"):
+            y, dy = fwad.unpack_dual(kernels.linear(fwad.make_dual(x, v), w, None, activation))
+            slope = 1 - y * y if activation == "tanh" else torch.ones_like(y)
+            assert dy is not None
+            torch.testing.assert_close(dy, slope * F.linear(v, w), atol=1e-5, rtol=1e-4)
     assert calls == []
 
 

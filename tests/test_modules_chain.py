@@ -323,3 +323,19 @@ def test_scattered_input_gradient_matches_torch(seed: int) -> None:
         chosen = conv_input_grad(g, w, tuple(x.shape[2:]), geometry, groups)  # type: ignore[arg-type]
         torch.testing.assert_close(chosen, want, rtol=1e-10, atol=1e-12)
         done += 1
+
+
+def test_a_misshaped_bias_gives_the_models_own_error(gen: torch.Generator) -> None:
+    """The chains check the bias's shape: a model torch cannot run fails as its own call does."""
+    model = CHAINS["tanh MLP"][0]()
+    model[2].bias = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    x = randn(2, 4, gen=gen)
+    with pytest.raises(RuntimeError) as own:
+        model(x)
+    for call in (
+        lambda: tj.param_jacobian(model, x, batch_dim=0),
+        lambda: tj.jacobian(model, x, batch_dim=0),
+    ):
+        with pytest.raises(RuntimeError) as err:
+            call()
+        assert str(own.value) in str(err.value)

@@ -16,7 +16,8 @@ counter, fake tensors) or a graph that is being recorded through a subclass.
 
 The oneDNN op (``torch.ops.mkldnn._linear_pointwise``, the one ``torch.compile`` emits for CPU
 linears) is private, so it is used only when all of these hold, else ``F.linear`` runs:
-- no autograd graph is being recorded through the product, no functorch transform is active,
+- no autograd graph is being recorded through the product, no functorch transform or forward-AD
+  level is active,
   and every tensor is a plain strided float32 CPU tensor;
 - oneDNN is built in and enabled (``torch.backends.mkldnn``) and float32 matmuls are asked for
   in full precision (``torch.backends.mkldnn.matmul.fp32_precision``, or the legacy
@@ -29,11 +30,15 @@ linears) is private, so it is used only when all of these hold, else ``F.linear`
 
 NOTE [fused tanh]: torch's own float32 ``tanh`` took 2.5 ns an element on the Zen 4 VM (83 µs for
 ``[256, 128]``), oneDNN's, fused into the product as a post-op, a fraction of that: a ``[256,
-128] @ [128, 128]`` product and its ``tanh`` took 110 against 178 µs, ``[1024, 2] @ [2, 64]`` 53
-against 177 µs. So ``linear(..., activation="tanh")`` fuses at any size (the size limits above
-are for the product alone), under the other conditions, and where the fused op agreed with
-``tanh(F.linear)`` (to 1e-6) in the same first check. oneDNN's ``tanh`` may differ from torch's in
+128] @ [128, 128]`` product and its ``tanh`` took 110 against 178 µs, ``[1024, 2] @ [2, 64]`` 52
+against 177 µs. Below about 8k outputs oneDNN's call overhead (18 µs against 7 for ``[16, 16] @
+[16, 64]``) wins, and each new shape costs about 0.7 ms once (oneDNN builds a primitive for it),
+so ``linear(..., activation="tanh")`` fuses from ``_MIN_FUSED_OUTPUTS`` outputs (16k: 44 against
+68 µs at ``[256, 64] @ [64, 64]``), whatever the product's own size, under the other conditions,
+and where the fused op agreed with ``tanh(F.linear)`` (to 1e-6) in the same first check; a
+failure of the fused op turns off only the fusion. oneDNN's ``tanh`` may differ from torch's in
 the last bit. A fused sigmoid measured slower than torch's (150 against 134 µs): not offered.
+Never inside a forward-AD level (for every product): the op has no forward derivative.
 """
 
 from __future__ import annotations
@@ -44,12 +49,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["MIN_SIDE", "backward_products", "linear"]
 
 _MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
 MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
+_MIN_FUSED_OUTPUTS = 2**14  # NOTE [fused tanh]
 
 # Forward-pass multiply-adds of the graph's big products per graph node, above which the mode's
 # per-operator cost is repaid about four times (saving ~15 ps per MAC, twice per backward).
@@ -66,6 +73,8 @@ _state = {"checked": False, "usable": True, "tanh": True}
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None, activation: str = "none") -> Tensor:
     """``F.linear(x, w, b)``, through oneDNN where NOTE [dense kernels] allows it; with
     ``activation="tanh"``, its ``tanh``, fused into the product there (NOTE [fused tanh])."""
+    if activation not in ("none", "tanh"):
+        raise ValueError(f"linear: activation must be 'none' or 'tanh', got {activation!r}")
     fused = activation == "tanh"
     if _state["usable"] and _eligible(x, w, b, fused):
         op = _onednn()
@@ -73,7 +82,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, activation: str = "non
             try:
                 return op(x, w, b, activation, [], "")
             except RuntimeError:
-                _state["usable"] = False
+                _state["tanh" if fused else "usable"] = False
     y = F.linear(x, w, b)
     return torch.tanh(y) if fused else y
 
@@ -97,17 +106,27 @@ def _eligible(x: Tensor, w: Tensor, b: Tensor | None, fused: bool = False) -> bo
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     out_features, in_features = w.shape
-    if x.shape[-1] != in_features:
+    if x.shape[-1] != in_features or x.numel() == 0 or w.numel() == 0:
+        return False  # oneDNN has no empty product (it raised, and turned itself off)
+    outputs = x.numel() // in_features * out_features
+    if fused and outputs < _MIN_FUSED_OUTPUTS:
         return False
     if not fused and (
         min(out_features, in_features) < MIN_SIDE or x.numel() * out_features < _MIN_MACS
     ):
         return False
     return (
-        _full_precision()
+        not _dual()
+        and _full_precision()
         and not _transformed()
         and _no_dispatch_modes()  # a user's mode (a flop counter) sees torch's own ops
     )
+
+
+def _dual() -> bool:
+    """Whether a forward-AD level is open: the op has no forward derivative (a dual tensor's
+    tangent would be dropped)."""
+    return getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def _fits_bias(b: Any, n: int) -> bool:

@@ -172,7 +172,11 @@ def _plain(t: Tensor) -> bool:
     return type(t) in (Tensor, nn.Parameter) and t.dtype in (torch.float32, torch.float64)
 
 
-def _like(x: Tensor, *params: Tensor | None) -> bool:
+def _like(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Parameters the layer's own call accepts on ``x``: else the captured graph runs, and the
+    model raises its own error."""
+    if b is not None and b.shape != w.shape[:1]:
+        return False
     return all(
-        p is None or (_plain(p) and p.dtype == x.dtype and p.device == x.device) for p in params
+        p is None or (_plain(p) and p.dtype == x.dtype and p.device == x.device) for p in (w, b)
     )

@@ -157,6 +157,8 @@ def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
             )
             if not same or w.dim() != 2 or w.shape[1] != width:
                 return None
+            if b is not None and b.shape != w.shape[:1]:  # the model's own error, from its call
+                return None
             width = w.shape[0]
         elif type(layer) not in MODULES or getattr(layer, "approximate", "none") != "none":
             return None  # GELU's tanh approximation has no closed-form rule
