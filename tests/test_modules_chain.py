@@ -339,3 +339,23 @@ def test_a_misshaped_bias_gives_the_models_own_error(gen: torch.Generator) -> No
         with pytest.raises(RuntimeError) as err:
             call()
         assert str(own.value) in str(err.value)
+
+
+def test_max_memory_chunks_the_probes(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk size counts what one probe's backward pass allocates, scatter taps included."""
+    sizes: list[int] = []
+    choose = param_probes.choose_chunk_size
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        sizes.append(choose(*args))
+        return sizes[-1]
+
+    monkeypatch.setattr(param_probes, "choose_chunk_size", spy)
+    model = CHAINS["small CNN, stride 2"][0]()
+    x = randn(4, 1, 10, 10, gen=gen)
+    want = _oracle(model, x, [n for n, _ in model.named_parameters()])
+    _check(tj.param_jacobian(model, x, batch_dim=0), want)
+    _check(tj.param_jacobian(model, x, batch_dim=0, max_memory="40KiB"), want)
+    assert sizes[0] == 5 and 1 <= sizes[1] < 5

@@ -20,6 +20,7 @@ Anything else returns ``None``, and the graph is captured as before, as it is un
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +43,14 @@ Back = Callable[[Tensor], Tensor]  # rows at a layer's output [k, 1 or N, *out] 
 @dataclass(frozen=True)
 class Chain:
     """The chain's output value, one ``Use`` per layer with a requested parameter, per layer
-    its backward step and the index of its use (if any), in call order, and the first layer
-    with a use (where the backward pass ends)."""
+    its backward step and the index of its use (if any), in call order, the first layer with a
+    use (where the backward pass ends), and what one probe's backward pass allocates."""
 
     output: Tensor
     uses: list[Use]
     steps: list[tuple[Back, int | None]]
     first: int
+    work: int  # elements the backward pass of one probe allocates (for the chunk size)
 
     def deltas(self, start: int, stop: int) -> list[Tensor | None]:
         """Canonical ``D`` of every use for the one-hot output probes ``start:stop``."""
@@ -82,7 +84,7 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
     wanted = set(state.names)
     uses: list[Use] = []
     steps: list[tuple[Back, int | None]] = []
-    h = x.detach()
+    h, work = x.detach(), 0
     with torch.no_grad():
         for layer in layers:
             if type(layer) is nn.Identity or (type(layer) in DROPOUTS and inactive_dropout(layer)):
@@ -91,6 +93,9 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
             if step is None:
                 return None
             y, back = step
+            work += h.numel() + 2 * y.numel()  # the rows at its input, its D, a scatter's taps
+            if type(layer) in (nn.Conv1d, nn.Conv2d):
+                work += _taps(layer) * y[:, :1].numel()
             named = [names.get(id(getattr(layer, a, None))) for a in ("weight", "bias")]
             wn, bn = (n if n in wanted else None for n in named)
             use = None
@@ -105,7 +110,8 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
     covered = {n for u in uses for n in (u.weight, u.bias) if n is not None}
     if covered != wanted:
         return None
-    return Chain(h, uses, steps, min(i for i, (_, u) in enumerate(steps) if u is not None))
+    first = min(i for i, (_, u) in enumerate(steps) if u is not None)
+    return Chain(h, uses, steps, first, work)
 
 
 def _step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
@@ -158,6 +164,11 @@ def _conv_step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
         return grad.reshape(k, n, *shape)
 
     return y, back
+
+
+def _taps(conv: Any) -> int:
+    """Rows of a convolution's scatter product (NOTE [convolution input gradient])."""
+    return math.prod(conv.weight.shape[1:]) * conv.groups
 
 
 def _autocast(device_type: str) -> bool:

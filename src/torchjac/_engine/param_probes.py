@@ -139,7 +139,10 @@ def _fill(
     group = Group.of([out], batch_dim)
     n, n_out = targets[state.names[0]].shape[:2]
     item = out.dtype.itemsize
-    per_probe = 2 * item * sum(u.e.numel() for u in uses)
+    if chain is not None:
+        per_probe = item * chain.work
+    else:
+        per_probe = 2 * item * sum(u.e.numel() for u in uses)
     per_probe += 3 * item * n * sum(state.leaves[g].numel() for g in general)
     per_probe += item * n * max((state.leaves[c].numel() for c in closed), default=0)
     size = choose_chunk_size(n_out, per_probe, budget, chunk_size)
