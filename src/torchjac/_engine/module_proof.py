@@ -21,7 +21,14 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["DROPOUTS", "inactive_dropout", "plain_chain", "proven_per_sample"]
+__all__ = [
+    "DROPOUTS",
+    "inactive_dropout",
+    "layer_params_like",
+    "plain_chain",
+    "plain_float",
+    "proven_per_sample",
+]
 
 # A rule maps (module, rank of its input) to the rank of its output, or None: not proven.
 Rule = Callable[[Any, int], "int | None"]
@@ -170,6 +177,25 @@ def plain_chain(model: nn.Module) -> list[nn.Module] | None:
         return True
 
     return out if visit(model) else None
+
+
+def plain_float(t: Any) -> bool:
+    """A plain (or Parameter) float32 or float64 tensor, for the chains that run a model's layers
+    on plain tensors: a subclass may change what the ops mean (a chain would mix its values with
+    plain derivatives), and in float16 a chain's ``g·φ''`` underflows where the Taylor tape's
+    does not."""
+    return type(t) in (Tensor, nn.Parameter) and t.dtype in (torch.float32, torch.float64)
+
+
+def layer_params_like(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """A layer's weight and bias as a chain runs them on ``x``: plain floats of ``x``'s dtype and
+    device, a bias of one element per output (else the model runs, and raises its own error)."""
+    if b is not None and b.shape != w.shape[:1]:
+        return False
+    return all(
+        t is None or (plain_float(t) and t.dtype == x.dtype and t.device == x.device)
+        for t in (w, b)
+    )
 
 
 def _unhooked_as_defined(m: Any) -> bool:

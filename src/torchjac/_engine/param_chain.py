@@ -32,7 +32,13 @@ from torch import Tensor, nn
 from torchjac._engine.closed_forms import Use, make_use
 from torchjac._engine.conv_grad import conv_input_grad
 from torchjac._engine.layers import ModelState
-from torchjac._engine.module_proof import DROPOUTS, inactive_dropout, plain_chain
+from torchjac._engine.module_proof import (
+    DROPOUTS,
+    inactive_dropout,
+    layer_params_like,
+    plain_chain,
+    plain_float,
+)
 from torchjac._engine.taylor_activations import MODULES, module_parts
 
 __all__ = ["Chain", "param_chain"]
@@ -75,7 +81,7 @@ def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) 
     if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x = args[0]
-    if not _plain(x) or x.dim() < 2 or not state.names or _autocast(x.device.type):
+    if not plain_float(x) or x.dim() < 2 or not state.names or _autocast(x.device.type):
         return None
     layers = plain_chain(model)
     if layers is None:
@@ -119,7 +125,7 @@ def _step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
     kind = type(layer)
     if kind is nn.Linear:
         w, b = layer.weight, layer.bias
-        if not _like(x, w, b) or h.shape[-1] != w.shape[1]:
+        if not layer_params_like(x, w, b) or h.shape[-1] != w.shape[1]:
             return None
         wd = w.detach()
         return F.linear(h, wd, None if b is None else b.detach()), lambda g: g @ wd
@@ -141,7 +147,11 @@ def _step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
 def _conv_step(layer: Any, h: Tensor, x: Tensor) -> tuple[Tensor, Back] | None:
     nd = 1 if type(layer) is nn.Conv1d else 2
     w, b = layer.weight, layer.bias
-    if not _like(x, w, b) or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+    if (
+        not layer_params_like(x, w, b)
+        or layer.padding_mode != "zeros"
+        or isinstance(layer.padding, str)
+    ):
         return None
     if h.dim() != nd + 2 or h.shape[1] != w.shape[1] * layer.groups:
         return None
@@ -176,18 +186,3 @@ def _autocast(device_type: str) -> bool:
         return bool(torch.is_autocast_enabled(device_type))
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-def _plain(t: Tensor) -> bool:
-    """A plain float32 or float64 tensor (a subclass may change what the ops mean)."""
-    return type(t) in (Tensor, nn.Parameter) and t.dtype in (torch.float32, torch.float64)
-
-
-def _like(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Parameters the layer's own call accepts on ``x``: else the captured graph runs, and the
-    model raises its own error."""
-    if b is not None and b.shape != w.shape[:1]:
-        return False
-    return all(
-        p is None or (_plain(p) and p.dtype == x.dtype and p.device == x.device) for p in (w, b)
-    )

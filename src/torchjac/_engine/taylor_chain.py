@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchjac._engine import kernels
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.module_proof import plain_chain
+from torchjac._engine.module_proof import layer_params_like, plain_chain, plain_float
 from torchjac._engine.taylor_activations import MODULES, module_parts, tanh_parts
 
 __all__ = ["chain_rows", "chain_taylor"]
@@ -139,7 +139,7 @@ def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
     if p.container[0] != "tensor" or len(p.inputs) != 1:
         return None
     x = p.inputs[0]
-    if x.dim() != (1 if p.batch_dim is None else 2) or not _plain(x):
+    if x.dim() != (1 if p.batch_dim is None else 2) or not plain_float(x):
         return None
     if p.batch_dim is not None and p.batch_dim % 2 != 0:
         return None
@@ -151,13 +151,7 @@ def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
     for layer in layers:
         if type(layer) is nn.Linear:
             w, b = layer.weight, layer.bias
-            same = all(
-                t is None or (_plain(t) and t.dtype == x.dtype and t.device == x.device)
-                for t in (w, b)
-            )
-            if not same or w.dim() != 2 or w.shape[1] != width:
-                return None
-            if b is not None and b.shape != w.shape[:1]:  # the model's own error, from its call
+            if not layer_params_like(x, w, b) or w.dim() != 2 or w.shape[1] != width:
                 return None
             width = w.shape[0]
         elif type(layer) not in MODULES or getattr(layer, "approximate", "none") != "none":
@@ -165,13 +159,6 @@ def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
     if not any(type(m) is nn.Linear for m in layers):
         return None
     return layers, width
-
-
-def _plain(t: Tensor) -> bool:
-    """A plain tensor in a precision where ``g·φ''`` neither overflows nor underflows in
-    practice: a subclass may change what the ops mean (the chain would mix its values with plain
-    derivatives), and in float16 the product underflows where the Taylor tape's does not."""
-    return type(t) in (Tensor, nn.Parameter) and t.dtype in (torch.float32, torch.float64)
 
 
 def _curvatures(
