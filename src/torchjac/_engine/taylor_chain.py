@@ -79,7 +79,8 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
     else:
         curv = _curvatures(layers, slopes, n_rows, h)
         res = _contract(layers, slopes, curv, kind, d, h)
-        if not bool(torch.isfinite(res).all()):  # the Taylor tape keeps g·φ'' from overflowing
+        # the Taylor tape keeps g·φ'' from overflowing; one non-finite element makes the sum so
+        if not bool(torch.isfinite(res.sum())):
             return None
     value = h if p.batch_dim is not None else h[0]
     g_in, g_out = Group.of(p.inputs, p.batch_dim), Group.of((value,), p.batch_dim)
@@ -114,12 +115,15 @@ def _tangents(
     """The first order along the one-hot input directions, ``[D, B, n]`` (``[D, 1, n]`` while it
     is the same for every sample), carried through the layers; ``visit(l, t)`` sees it at the
     input of each activation ``l``, and the pass ends there at ``l = upto``."""
-    t = torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1)  # [D, 1, D]
+    t: Tensor | None = None  # the identity [D, 1, D], until something acts on it
     act = 0
     for layer in layers:
-        if isinstance(layer, nn.Linear):
-            t = kernels.linear(t, layer.weight)
+        if isinstance(layer, nn.Linear):  # of the identity: the weight's columns, no product
+            w = layer.weight
+            t = w.detach().t().contiguous().unsqueeze(1) if t is None else kernels.linear(t, w)
             continue
+        if t is None:
+            t = torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1)
         if visit is not None:
             visit(act, t)
         if act == upto:
@@ -127,7 +131,7 @@ def _tangents(
         dy = slopes[act][0]
         t = t.mul_(dy) if t.shape[1] == dy.shape[0] else t * dy  # in place: t is our own
         act += 1
-    return t
+    return torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1) if t is None else t
 
 
 def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
