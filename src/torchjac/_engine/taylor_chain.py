@@ -80,6 +80,7 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
         curv = _curvatures(layers, slopes, n_rows, h)
         res = _contract(layers, slopes, curv, kind, d, h)
         # the Taylor tape keeps g·φ'' from overflowing; one non-finite element makes the sum so
+        # (a sum that overflows sends finite results there too: slower, as exact)
         if not bool(torch.isfinite(res.sum())):
             return None
     value = h if p.batch_dim is not None else h[0]
