@@ -148,6 +148,13 @@ def jacobian(
     ``[B] + out_rest + in_rest``, with ``out`` probes broadcast over the batch (never the
     ``[B, ..., B, ...]`` cross terms).
 
+    ``func`` may be evaluated more than once; every evaluation sees the random numbers a plain
+    call would draw at this point (dropout in train mode: the Jacobian of one realisation), and
+    the global RNG state, and the buffers of the modules ``func`` reaches (BatchNorm's running
+    statistics), are as they were when the call returns, on success or error (NOTE [one draw
+    per call], NOTE [module state]). The same holds for :func:`hessian`,
+    :func:`hessian_diagonal` and :func:`laplacian`.
+
     Args:
         func: the function.
         inputs: a Tensor, a sequence of Tensors or a mapping ``str -> Tensor`` (floating).
