@@ -59,7 +59,7 @@ def full_jacobian(
         in_group=Group.of(leaves, None),
         batch_dim=None,
         create_graph=False,
-        retain_graph=False,
+        retain_graph=True,  # our own graph: it goes with `out` (no release pass)
     )
     flat = solve(problem, "auto", chunk_size, budget)
     return {
