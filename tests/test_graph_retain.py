@@ -171,3 +171,23 @@ def test_retained_grads_of_outputs_and_inputs_are_left_as_they_were(
     y.backward(torch.ones_like(y))  # autograd itself still fills them
     assert y.grad is not None and y.grad.grad_fn is None
     torch.testing.assert_close(y.grad, torch.ones_like(y))
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_a_retained_intermediate_names_the_loop_when_passes_collide(
+    fn: str, gen: torch.Generator
+) -> None:
+    """Torch writes each vectorised pass's BatchedTensor into a retain_grad() intermediate, and
+    cannot add the next pass's to it; the call says to probe with a loop, which works."""
+    x = randn(4, 3, gen=gen, grad=True)
+    h = x * 2
+    h.retain_grad()
+    y = torch.sin(h) * x
+    with pytest.raises(RuntimeError, match=rf"^{fn}: a retain_grad\(\) tensor.*chunk_size=1"):
+        FNS[fn](y, x, mode="rev", chunk_size=5, retain_graph=True)  # 5, 5 and 2 rows
+    h.grad = None  # the fix the message gives
+    got = FNS[fn](y, x, mode="rev", chunk_size=1)
+    assert h.grad is not None and h.grad.grad_fn is None  # torch's sum of the rows at h
+    j = jacrev(lambda z: torch.sin(z * 2) * z)(x.detach())
+    expected = j if fn == "jac" else torch.einsum("abij,cdij->abcd", j, j)
+    torch.testing.assert_close(got, expected)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._engine.graph_ghost import find_ghost_layers, ghost_gramian
 from torchjac._engine.graph_probes import GraphProblem, solve
-from torchjac._engine.graph_release import release_graph
+from torchjac._engine.graph_release import release_graph, retained_batch_hint
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 
@@ -35,7 +35,8 @@ def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budg
     Every block keeps the graph; it is freed once, at the end (NOTE [retain_graph]).
     """
     kept = dataclasses.replace(problem, retain_graph=True)
-    gram = _gramian(kept, mode, chunk_size, budget)
+    with retained_batch_hint(problem.fn_name):
+        gram = _gramian(kept, mode, chunk_size, budget)
     if not problem.retain_graph:
         release_graph(problem.outputs, problem.used_inputs)
     return gram

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchjac._engine import kernels
 from torchjac._engine.attention import FIX, names_fused_attention
 from torchjac._engine.basis import Group
-from torchjac._engine.graph_release import release_graph
+from torchjac._engine.graph_release import release_graph, retained_batch_hint
 from torchjac._engine.lean_vmap import batched_grad
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import FinalError, run_chunks
@@ -124,7 +124,7 @@ class GraphProblem:
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
-    with fallback_scope():  # NOTE [fallback]: one warning per call, however many paths fail
+    with fallback_scope(), retained_batch_hint(problem.fn_name):  # NOTE [fallback]
         result = _solve(problem, mode, chunk_size, budget)
     if not problem.retain_graph:  # NOTE [retain_graph]
         release_graph(problem.outputs, problem.used_inputs)

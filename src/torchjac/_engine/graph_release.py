@@ -18,16 +18,17 @@ written for tensors only), the pass is repeated with zero cotangents, which cost
 
 NOTE [retain_grad]: autograd writes the gradient of every backward pass into the ``.grad`` of a
 ``retain_grad()`` tensor on the path (``torch.autograd.grad`` included), through a hook on the
-tensor's node that torch offers no way to see or to suspend. The probes' passes would leave
-there what no user asked for: the sum of the probed rows (a loop), a ``BatchedTensor`` of a
-finished ``vmap`` (a vectorised pass), or a tensor whose ``grad_fn`` belongs to torchjac's dummy
-cotangents (columns by double backward). A Jacobian has no single cotangent whose gradient
-could stand there, so the outputs and inputs, which the call holds, get their ``.grad`` back as
-it was (the same object, or ``None``); meanwhile it is cleared before each probe pass, so that
-a pass never adds its gradient to an earlier pass's (a ``vmap`` of another size), and the
-release pass adds nothing (its gradient is undefined). A ``retain_grad()`` tensor strictly inside the graph cannot be reached from the
-call: it receives what torch writes during the probes, as with ``autograd.grad(...,
-is_grads_batched=True)``.
+tensor's node that torch offers no way to see or to suspend. The probes' passes would leave there
+what no user asked for: the sum of the probed rows (a loop), a ``BatchedTensor`` of a finished
+``vmap`` (a vectorised pass), or a tensor whose ``grad_fn`` belongs to torchjac's dummy cotangents
+(columns by double backward). A Jacobian has no single cotangent whose gradient could stand there,
+so the outputs and inputs, which the call holds, get their ``.grad`` back as it was (the same
+object, or ``None``); meanwhile it is cleared before each probe pass, so that a pass never adds its
+gradient to an earlier pass's (a ``vmap`` of another size), and the release pass adds nothing (its
+gradient is undefined). A ``retain_grad()`` tensor strictly inside the graph cannot be reached from
+the call: it receives what torch writes during the probes, as with ``autograd.grad(...,
+is_grads_batched=True)``; a second vectorised pass then fails inside torch when its hook adds to
+the first pass's ``BatchedTensor``, and the error says to probe with a loop.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["keep_retained_grads", "release_graph"]
+__all__ = ["keep_retained_grads", "release_graph", "retained_batch_hint"]
+
+_ESCAPED = "escaped from inside a function being vmapped"
 
 
 class _UndefinedRoot(torch.autograd.Function):
@@ -95,3 +98,19 @@ def keep_retained_grads(tensors: Sequence[Tensor]) -> Iterator[None]:
     finally:
         for t, grad in reversed(kept):
             t.grad = grad
+
+
+@contextlib.contextmanager
+def retained_batch_hint(fn_name: str) -> Iterator[None]:
+    """Name the fix when a pass meets a gradient a ``vmap`` left behind (NOTE [retain_grad])."""
+    try:
+        yield
+    except RuntimeError as err:
+        if _ESCAPED not in str(err) or str(err).startswith(f"{fn_name}: "):
+            raise
+        raise RuntimeError(
+            f"{fn_name}: a retain_grad() tensor (or a hook keeping gradients) inside the graph "
+            "holds the gradient of a vectorised pass, which torch cannot add to the next pass's. "
+            "Set its .grad to None and pass chunk_size=1 to probe with a loop, or call "
+            f"retain_grad() after this call. ({err})"
+        ) from err
