@@ -80,7 +80,7 @@ def gramian(
 
         >>> shared = torch.nn.Linear(3, 4)
         >>> heads = [torch.nn.Linear(4, 1) for _ in range(2)]
-        >>> features = shared(torch.randn(8, 3)).relu()
+        >>> features = shared(torch.randn(8, 3)).tanh()
         >>> losses = torch.stack([head(features).pow(2).mean() for head in heads])
         >>> g = tj.gramian(losses, list(shared.parameters()), retain_graph=True)  # [2, 2]
         >>> weights = 1 / g.diagonal().sqrt().clamp_min(1e-12)  # each task's gradient at norm 1
@@ -108,7 +108,7 @@ def gramian(
         bsz, m = g_out.batch_size, g_out.numel
         gram = torch.zeros(bsz, m, m, dtype=problem.dtype, device=problem.device)
     else:
-        keep = keep_retained_grads((*problem.outputs, *problem.inputs))  # NOTE [retain_grad]
+        keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
         with keep, fallback_scope():  # several blocks may each fall back: warn once
             gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
     rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)

@@ -95,7 +95,7 @@ def jac(
         return unflatten(call.container, [])
     # create_graph=True under torch.no_grad(): differentiable, as with torch.autograd.grad
     enable = problem.create_graph and not torch.is_grad_enabled()
-    keep = keep_retained_grads((*problem.outputs, *problem.inputs))  # NOTE [retain_grad]
+    keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
     with keep, torch.enable_grad() if enable else contextlib.nullcontext():
         flat = solve(problem, call.mode, call.chunk_size, call.budget)
         shaped = [_shape(problem, j, r, call.single) for j, r in enumerate(flat)]

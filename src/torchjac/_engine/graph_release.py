@@ -90,9 +90,9 @@ def _release_with_zeros(outs: list[Tensor], ins: list[Tensor]) -> None:
 
 @contextlib.contextmanager
 def keep_retained_grads(tensors: Sequence[Tensor]) -> Iterator[None]:
-    """Give the ``retain_grad()`` tensors among ``tensors`` their ``.grad`` back on exit, on
-    success and on error (NOTE [retain_grad])."""
-    kept = [(t, t.grad) for t in tensors if t.retains_grad]
+    """Give ``tensors`` (``retain_grad()`` ones) their ``.grad`` back on exit, on success and on
+    error (NOTE [retain_grad])."""
+    kept = [(t, t.grad) for t in tensors]
     try:
         yield
     finally:
