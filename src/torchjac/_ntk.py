@@ -130,7 +130,8 @@ def _check_x(fn: str, arg: str, x: object, batch_dim: int) -> tuple[Tensor, ...]
         if not -t.dim() <= batch_dim < t.dim():
             raise ValueError(
                 f"{fn}: `batch_dim={batch_dim}` is out of range for {name} with shape "
-                f"{list(t.shape)}."
+                f"{list(t.shape)}: the input needs a batch dimension there (samples along "
+                f"`batch_dim`). For one sample, pass {name}.unsqueeze({batch_dim})."
             )
         first = xs[0]
         assert isinstance(first, Tensor)
