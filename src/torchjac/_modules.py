@@ -23,7 +23,7 @@ def param_jacobian(
     params: Iterable[str | Tensor] | str | Tensor | None = None,
     batch_dim: int | None = None,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     r"""Jacobian of ``model(*args, **kwargs)`` with respect to the model's parameters.

@@ -25,7 +25,7 @@ def ntk(
     params: Iterable[str | nn.Parameter] | None = None,
     batch_dim: int = 0,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
 ) -> Tensor:
     r"""Empirical neural tangent kernel :math:`K = J_1 J_2^\top` of ``model``'s parameters.
 
