@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.module_proof import (
     DROPOUTS,
@@ -243,8 +242,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.declined:
             return func(*args, **kwargs)
-        flat = tree_flatten((args, kwargs))[0]
-        derived = [a for a in flat if isinstance(a, Tensor) and any(a is k for k in self.keep)]
+        flat = _tensors((*args, *kwargs.values()))
+        derived = [a for a in flat if any(a is k for k in self.keep)]
         if not derived or func in _META or getattr(func, "__self__", None) in _META_PROPS:
             return func(*args, **kwargs)
         if not torch.is_grad_enabled() or any(a is not self.end for a in derived):
@@ -335,6 +334,17 @@ class _Recorder(TorchFunctionMode):
         if c.numel() == self.width and (c.dim() == 0 or c.shape[-1] != self.width):
             return None
         return c.reshape(()) if c.numel() == 1 and self.width != 1 else c.reshape(-1)
+
+
+def _tensors(items: Any) -> list[Tensor]:
+    """The Tensors among a call's arguments, in sequences too (cheaper than a pytree)."""
+    out: list[Tensor] = []
+    for a in items:
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_tensors(a))
+    return out
 
 
 def _inactive_dropout(func: Any, args: tuple, kwargs: dict) -> bool:
