@@ -26,7 +26,7 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 
 .PHONY: docs bench-results
 docs: $(DOCS_STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # Measure every workload into benchmarks/results.json, then render RESULTS.md and the README table.
 bench-results: $(STAMP)
@@ -39,6 +39,8 @@ test: docs
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check examples docs/_hooks
+	$(VENV)/bin/ruff format --check examples docs/_hooks
 	$(VENV)/bin/mypy
 
 test: lint
