@@ -61,6 +61,11 @@ def _ms(value: float | None) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
 
 
+def _peer(name: str) -> str:
+    """A peer's name without the problem number it answers ("seed 002: ...")."""
+    return re.sub(r"^seeds? [0-9, ]+: ", "", name)
+
+
 def summary_table(rows: Sequence[Row]) -> str:
     """One line per torchjac strategy: its time, the fastest peer's, the ratio."""
     lines = [
@@ -81,7 +86,7 @@ def summary_table(rows: Sequence[Row]) -> str:
         title = re.sub(r" [(]seeds? [^)]*[)]", "", mine.title)  # the README has no seed numbers
         lines.append(
             f"| {mine.workload} {title} | `{mine.strategy}` | {_ms(mine.median_ms)} | "
-            + ("— | — |" if best is None else f"{best.strategy} | {_ms(best.median_ms)} |")
+            + ("— | — |" if best is None else f"{_peer(best.strategy)} | {_ms(best.median_ms)} |")
             + f" {ratio} |"
         )
     return "\n".join(lines)
