@@ -39,8 +39,8 @@ test: docs
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/ruff check examples docs/conftest.py docs/_hooks
-	$(VENV)/bin/ruff format --check examples docs/conftest.py docs/_hooks
+	$(VENV)/bin/ruff check examples docs/*.py docs/_hooks
+	$(VENV)/bin/ruff format --check examples docs/*.py docs/_hooks
 	$(VENV)/bin/mypy
 
 test: lint
