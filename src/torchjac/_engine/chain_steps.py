@@ -163,7 +163,8 @@ def recorded_chain(call: Callable[[Tensor], Any], x: Tensor, batched: bool) -> C
     if rows is None or not plain_float(out):
         return None
     whole = rows.numel() == width and bool((rows == torch.arange(width)).all())
-    chain = Chain(_merged(rec.steps), width, None if whole else rows, tuple(out.shape))
+    picked = None if whole else rows.to(x.device)
+    chain = Chain(_merged(rec.steps), width, picked, tuple(out.shape))
     return _checked(replace(chain, expected=out.detach()))
 
 

@@ -147,7 +147,7 @@ def _find_chain(p: FuncProblem) -> Chain | None:
 def _row_basis(chain: Chain, out: Tensor) -> Tensor:
     """``[R, 1, n]``: one-hot rows of the last map's output, the selected ones."""
     eye = torch.eye(chain.width, dtype=out.dtype, device=out.device)
-    return (eye if chain.rows is None else eye[chain.rows.to(out.device)]).unsqueeze(1)
+    return (eye if chain.rows is None else eye[chain.rows]).unsqueeze(1)
 
 
 def _first_order(
