@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.opinfo_sweep import KINDS, ORDER, Outcome, load_ops, sweep
+from benchmarks.opinfo_sweep import KINDS, ORDER, Outcome, load_ops, op_name, sweep
 
 __all__ = ["main", "render"]
 
@@ -54,7 +54,8 @@ def render(table: dict[str, dict[str, Outcome]], samples: int, max_d: int) -> st
         "decomposition), `general` (exact, some call by the general nested-`jvp` rule), `fallback`",
         "(the Taylor mode declines; the call takes nested AD), `no oracle` (`torch.func` fails or",
         "torch's own gradient tests of the op are expected failures: nothing to compare with),",
-        "`skipped` (complex or random outputs, no small sample), `WRONG`, `ERROR`.",
+        "`skipped` (complex or random outputs, no small sample), `WRONG`, `ERROR`. Where",
+        "`torch.func` disagrees, a loop of `autograd.grad` without vmap is asked too (marked *).",
         "",
         f"Ops: {len(table)}; worst class over the kinds: "
         + ", ".join(f"{LABELS[c]} {ops_by[c]}" for c in ORDER if ops_by[c]),
@@ -66,8 +67,10 @@ def render(table: dict[str, dict[str, Outcome]], samples: int, max_d: int) -> st
         lines.append(f"| {k} | " + " | ".join(str(counts[k][c]) for c in ORDER) + " |")
     lines += ["", "## Per op", "", "| op | " + " | ".join(KINDS) + " |", "|---|" + "---|" * 5]
     for name, row in sorted(table.items()):
-        lines.append(f"| `{name}` | " + " | ".join(LABELS[row[k].cls] for k in KINDS) + " |")
+        lines.append(f"| `{name}` | " + " | ".join(_cell(row[k]) for k in KINDS) + " |")
     for cls, title in (
+        ("rule", "Rule, where torch.func is off (marked *)"),
+        ("general", "General rule, where torch.func is off (marked *)"),
         ("fallback", "Fallbacks"),
         ("oracle", "No oracle"),
         ("skipped", "Skipped"),
@@ -78,7 +81,7 @@ def render(table: dict[str, dict[str, Outcome]], samples: int, max_d: int) -> st
             (name, k, row[k].reason)
             for name, row in sorted(table.items())
             for k in KINDS
-            if row[k].cls == cls
+            if row[k].cls == cls and (row[k].reason or cls not in ("rule", "general"))
         ]
         if not reasons:
             continue
@@ -90,6 +93,11 @@ def render(table: dict[str, dict[str, Outcome]], samples: int, max_d: int) -> st
             text = why.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| `{name}` | {', '.join(ks)} | {text} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(out: Outcome) -> str:
+    """The class, starred where torch.func's oracle was off and a loop of autograd.grad agreed."""
+    return LABELS[out.cls] + ("*" if out.cls in ("rule", "general") and out.reason else "")
 
 
 def _op_class(row: dict[str, Outcome]) -> str:
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")  # torch's deprecation and performance notes
         ops = load_ops()
         if args.ops:
-            ops = [op for op in ops if _name(op) in args.ops]
+            ops = [op for op in ops if op_name(op) in args.ops]
         table = sweep(ops, max_d=args.max_d, max_samples=args.samples, progress=sys.stderr)
     args.out.write_text(render(table, args.samples, args.max_d))
     bad = [n for n, row in table.items() if _op_class(row) in ("wrong", "error")]
@@ -117,12 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print("wrong or error: " + ", ".join(bad), file=sys.stderr)
     return 1 if bad else 0
-
-
-def _name(op: object) -> str:
-    from benchmarks.opinfo_sweep import op_name
-
-    return op_name(op)
 
 
 if __name__ == "__main__":

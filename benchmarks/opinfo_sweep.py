@@ -26,47 +26,24 @@ table (``benchmarks/OPINFO.md``); ``tests/test_taylor_opinfo.py`` runs a quick s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from benchmarks.opinfo_cases import BIG_D, Case, cases, load_ops, op_name
 from torchjac._engine import taylor_dispatch
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.taylor_run import NeedForward, TaylorFailed, taylor
 
-__all__ = ["KINDS", "Case", "Outcome", "cases", "load_ops", "run_case", "sweep"]
+__all__ = ["KINDS", "ORDER", "Case", "Outcome", "load_ops", "op_name", "run_case", "sweep"]
 
 KINDS = ("first", "trace", "diag", "tape", "full")
 # worst first: an op's class over its samples is the first of these any sample gets
 ORDER = ("error", "wrong", "fallback", "general", "rule", "oracle", "skipped")
 RTOL, ATOL = 1e-7, 1e-9
-# an op without samples of at most ``max_d`` elements is swept on its smallest sample up to this
-# size, without the full Hessian (its ``D(D+1)/2`` coefficients)
-BIG_D = 130
-
-
-def load_ops() -> list[Any]:
-    """The float64, autograd-supporting OpInfos of torch's ``op_db`` (one import, seconds)."""
-    from torch.testing._internal.common_methods_invocations import op_db
-
-    return [
-        op for op in op_db if op.supports_autograd and torch.float64 in op.supported_dtypes("cpu")
-    ]
-
-
-@dataclass
-class Case:
-    """One sample of an op as a function of its differentiable tensors ``inputs``."""
-
-    name: str
-    func: Callable[..., tuple[Tensor, ...]]
-    inputs: tuple[Tensor, ...]
-    # why torch's own float64 gradient tests of the op are expected to fail, per order (1, 2)
-    untested: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,93 +53,6 @@ class Outcome:
     cls: str
     reason: str = ""
     samples: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
-def cases(op: Any, max_d: int, max_samples: int) -> Iterator[Case]:
-    """The op's ``max_samples`` smallest samples with at most ``max_d`` differentiable
-    elements, in the op's order; else its smallest one with at most ``BIG_D``."""
-    found = []
-    for n, sample in enumerate(_samples(op)):
-        leaves, tree = tree_flatten((sample.input, sample.args, sample.kwargs))
-        pos = [
-            i
-            for i, a in enumerate(leaves)
-            if isinstance(a, Tensor) and a.dtype == torch.float64 and a.requires_grad
-        ]
-        if any(isinstance(a, Tensor) and a.layout != torch.strided for a in leaves):
-            continue  # sparse or nested tensors: not the Taylor mode's business
-        d = sum(leaves[i].numel() for i in pos)
-        if pos and d <= BIG_D and all(leaves[i].numel() for i in pos):
-            found.append((d, n, sample, leaves, tree, pos))
-    found.sort(key=lambda f: f[0])
-    small = [f for f in found if f[0] <= max_d]
-    found = sorted(small[:max_samples], key=lambda f: f[1]) if small else found[:1]
-    for _, _, sample, leaves, tree, pos in found:
-        fixed = [a.detach() if isinstance(a, Tensor) else a for a in leaves]
-
-        def func(
-            *xs: Tensor,
-            fixed: list[Any] = fixed,
-            pos: list[int] = pos,
-            tree: Any = tree,
-            process: Any = sample.output_process_fn_grad,
-        ) -> tuple[Tensor, ...]:
-            now = list(fixed)
-            for i, x in zip(pos, xs):
-                now[i] = x
-            inp, args, kwargs = tree_unflatten(now, tree)
-            # the wrapper gradcheck uses: e.g. a Hermitian or triangular input built from any
-            out = process(op.gradcheck_wrapper(op.op, inp, *args, **kwargs))
-            return tuple(o for o in tree_flatten(out)[0] if isinstance(o, Tensor))
-
-        inputs = tuple(leaves[i].detach().clone() for i in pos)
-        yield Case(op_name(op), _floats_only(func), inputs, _untested(op))
-
-
-# torch's gradient tests, per order: an expected failure there means torch's own derivative of
-# the op on its samples is not to be trusted (e.g. samples at a point of non-differentiability)
-_GRAD_TESTS = {
-    1: (("TestBwdGradients", "test_fn_grad"), ("TestFwdGradients", "test_forward_mode_AD")),
-    2: (("TestBwdGradients", "test_fn_gradgrad"), ("TestFwdGradients", "test_fn_fwgrad_bwgrad")),
-}
-
-
-def _untested(op: Any) -> dict[int, str]:
-    out = {}
-    for order, tests in _GRAD_TESTS.items():
-        for cls, test in tests:
-            for dec in op.decorators:
-                active = getattr(dec, "is_active", None)
-                if active is None or getattr(dec, "test_name", None) != test:
-                    continue
-                if active(cls, test, "cpu", torch.float64, {}):
-                    out.setdefault(order, f"torch expects {cls}.{test} to fail")
-    return out
-
-
-def _floats_only(func: Callable[..., tuple[Tensor, ...]]) -> Callable[..., tuple[Tensor, ...]]:
-    """The op's floating outputs (indices, counts and masks dropped)."""
-
-    def floats(*xs: Tensor) -> tuple[Tensor, ...]:
-        return tuple(o for o in func(*xs) if o.is_floating_point() or o.is_complex())
-
-    return floats
-
-
-def _samples(op: Any) -> list[Any]:
-    """The op's samples, small ones where its sample function offers them (unary ufuncs)."""
-    try:
-        return list(
-            op.sample_inputs("cpu", torch.float64, requires_grad=True, small_inputs_only=True)
-        )
-    except TypeError:
-        return list(op.sample_inputs("cpu", torch.float64, requires_grad=True))
-
-
-def op_name(op: Any) -> str:
-    """``name.variant`` as OpInfo tests spell it."""
-    return op.name if not op.variant_test_name else f"{op.name}.{op.variant_test_name}"
 
 
 def _floating(outs: tuple[Tensor, ...]) -> tuple[Tensor, ...] | str:
@@ -281,12 +171,12 @@ def _compare(got: Tensor, want: Tensor) -> str:
     return f"max abs error {float(err):.3g} (scale {scale:.3g})"
 
 
-def run_case(case: Case, kinds: Sequence[str], max_d: int) -> dict[str, tuple[str, str]]:
+def run_case(case: Case, kinds: Sequence[str], full_d: int) -> dict[str, tuple[str, str]]:
     """``kind -> (class, reason)`` for one case (see NOTE [opinfo sweep])."""
     d = sum(x.numel() for x in case.inputs)
-    if d > max_d and "full" in kinds:
-        big = ("skipped", f"smallest sample has {d} > {max_d} elements: no full Hessian")
-        return {**run_case(case, [k for k in kinds if k != "full"], max_d), "full": big}
+    if d > full_d and "full" in kinds:
+        big = ("skipped", f"sample of {d} > {full_d} elements: no full Hessian")
+        return {**run_case(case, [k for k in kinds if k != "full"], full_d), "full": big}
     try:
         with torch.no_grad():
             outs = _floating(case.func(*case.inputs))
@@ -314,9 +204,35 @@ def run_case(case: Case, kinds: Sequence[str], max_d: int) -> dict[str, tuple[st
         if isinstance(ref, str) or untested or (kind != "first" and isinstance(hess, str)):
             result[kind] = ("oracle", ref if isinstance(ref, str) else untested or str(hess))
             continue
+        cls = "general" if general else "rule"
         differs = _compare(got, _want(kind, ref[0], hess))
-        result[kind] = ("wrong", differs) if differs else ("general" if general else "rule", "")
+        if differs:  # a second opinion: torch.func's vmap of a backward can be wrong too
+            second = _loop_oracle(case, kind)
+            if isinstance(second, Tensor) and not _compare(got, second):
+                differs = ""
+                result[kind] = (cls, f"torch.func {differs_from(kind)}; {LOOP} agrees")
+                continue
+        result[kind] = ("wrong", differs) if differs else (cls, "")
     return result
+
+
+LOOP = "a loop of autograd.grad without vmap"
+
+
+def differs_from(kind: str) -> str:
+    return "jacrev is off" if kind == "first" else "jacrev(jacrev) is off"
+
+
+def _loop_oracle(case: Case, kind: str) -> Tensor | None:
+    """The expected result by ``torch.autograd.functional`` (no vmap), or ``None``."""
+    f = _flat_fn(case)
+    z = torch.cat([x.reshape(-1) for x in case.inputs])
+    try:
+        if kind == "first":
+            return torch.autograd.functional.jacobian(f, z)
+        return _want(kind, None, _loop_hessian(f, z))
+    except Exception:
+        return None
 
 
 def _want(kind: str, jac: Tensor, hess: Any) -> Tensor:
@@ -335,22 +251,38 @@ def sweep(
     max_d: int = 50,
     max_samples: int = 3,
     progress: TextIO | None = None,
+    big_d: int = BIG_D,
+    full_d: int | None = None,
 ) -> dict[str, dict[str, Outcome]]:
-    """``op name -> kind -> Outcome`` over the ops' small samples (NOTE [opinfo sweep])."""
+    """``op name -> kind -> Outcome`` over the ops' small samples (NOTE [opinfo sweep]); full
+    Hessians up to ``full_d`` elements (default ``max_d``)."""
     table: dict[str, dict[str, Outcome]] = {}
-    for n, op in enumerate(ops):
-        if progress is not None:
-            print(f"[{n + 1}/{len(ops)}] {op_name(op)}", file=progress, flush=True)
-        row: dict[str, Outcome] = {}
-        for case in cases(op, max_d, max_samples):
-            for kind, (cls, reason) in run_case(case, kinds, max_d).items():
-                out = row.setdefault(kind, Outcome("skipped"))
-                out.samples += 1
-                if ORDER.index(cls) < ORDER.index(out.cls):
-                    out.cls, out.reason = cls, reason
-                elif cls == out.cls and not out.reason:
-                    out.reason = reason
-        if not row:
-            row = {k: Outcome("skipped", f"no sample with at most {BIG_D} elements") for k in kinds}
-        table[op_name(op)] = row
+    state = torch.get_rng_state()
+    try:
+        for n, op in enumerate(ops):
+            if progress is not None:
+                print(f"[{n + 1}/{len(ops)}] {op_name(op)}", file=progress, flush=True)
+            torch.manual_seed(0)  # the same samples in every sweep, whatever ran before
+            table[op_name(op)] = _sweep_op(op, kinds, max_d, max_samples, big_d, full_d or max_d)
+    finally:
+        torch.set_rng_state(state)
     return table
+
+
+def _sweep_op(
+    op: Any, kinds: Sequence[str], max_d: int, max_samples: int, big_d: int, full_d: int
+) -> dict[str, Outcome]:
+    """``kind -> Outcome`` of one op: the worst class over its samples (NOTE [opinfo sweep])."""
+    row: dict[str, Outcome] = {}
+    for case in cases(op, max_d, max_samples, big_d):
+        for kind, (cls, reason) in run_case(case, kinds, full_d).items():
+            out = row.setdefault(kind, Outcome("skipped"))
+            out.samples += 1
+            if ORDER.index(cls) < ORDER.index(out.cls):
+                out.cls, out.reason = cls, reason
+            elif cls == out.cls and not out.reason:
+                out.reason = reason
+    if not row:
+        limit = max(big_d, max_d)
+        row = {k: Outcome("skipped", f"no sample of at most {limit} elements") for k in kinds}
+    return row
