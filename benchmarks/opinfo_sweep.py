@@ -9,7 +9,8 @@ Taylor mode (``taylor_run.taylor``, the engine behind ``jacobian``, ``hessian``,
 (Laplacian), ``diag`` (Hessian diagonal carried forward), ``tape`` (the diagonal with second
 order in reverse, NOTE [taylor tape], as ``hessian_diagonal`` runs it) and ``full`` (Hessian).
 Each result is compared with ``torch.func`` in float64 (``jacrev``; ``jacrev(jacrev)``, then
-``jacfwd(jacrev)`` where that fails) and classified:
+``jacfwd(jacrev)`` where that fails; a loop of ``autograd.functional`` where torch.func cannot
+run) and classified:
 
 - ``rule``: exact, every call on a Jet served by a cheap rule or a decomposition;
 - ``general``: exact, at least one call through the general rule (nested ``jvp``);
@@ -17,10 +18,16 @@ Each result is compared with ``torch.func`` in float64 (``jacrev``; ``jacrev(jac
 - ``wrong``: a result that differs from the oracle (``rtol=1e-7``, ``atol=1e-9`` times the
   oracle's largest entry, at least 1) — a defect;
 - ``error``: any other exception — a defect;
-- ``oracle``: ``torch.func`` itself fails on the sample: nothing to compare with.
+- ``oracle``: ``torch.func`` itself fails on the sample, or the answer differs where torch's own
+  float64 gradient tests of the op are expected failures (samples at a kink): nothing to judge by;
+- ``skipped``: complex or random outputs, an op failing on its own sample, no small sample.
 
-An op's cell is the worst class over its samples. ``benchmarks/opinfo_coverage.py`` writes the
-table (``benchmarks/OPINFO.md``); ``tests/test_taylor_opinfo.py`` runs a quick sweep in CI.
+A result that differs from ``torch.func`` gets a second opinion, a loop of ``autograd.grad``
+without vmap: torch.func's ``jacrev(jacrev)`` is itself off for ``F.layer_norm`` with a weight
+(vmap over its double backward); such a cell is exact and says so. An op's cell is the worst
+class over its samples. Samples are drawn from a fixed seed (restored afterwards), so every
+sweep sees the same ones. ``benchmarks/opinfo_coverage.py`` writes the table
+(``benchmarks/OPINFO.md``); ``tests/test_taylor_opinfo.py`` runs a quick sweep in CI.
 """
 
 from __future__ import annotations
