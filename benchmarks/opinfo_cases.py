@@ -24,8 +24,18 @@ BIG_D = 130
 
 
 def load_ops() -> list[Any]:
-    """The float64, autograd-supporting OpInfos of torch's ``op_db`` (one import, seconds)."""
-    from torch.testing._internal.common_methods_invocations import op_db
+    """The float64, autograd-supporting OpInfos of torch's ``op_db`` (one import, seconds).
+
+    The import changes torch's global state (it forbids setting ``torch.backends`` flags outside
+    their context managers, and wraps TorchScript calls in a profiler); both are put back."""
+    flags = torch.backends.flags_frozen.__globals__  # torch.backends' own namespace
+    frozen = torch.backends.flags_frozen()
+    calls = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    try:
+        from torch.testing._internal.common_methods_invocations import op_db
+    finally:
+        flags["__allow_nonbracketed_mutation_flag"] = not frozen
+        torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__ = calls
 
     return [
         op for op in op_db if op.supports_autograd and torch.float64 in op.supported_dtypes("cpu")

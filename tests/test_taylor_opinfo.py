@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any
 
-import pytest
 import torch
 
 from torchjac._bench import _import, find_benchmarks
@@ -39,8 +37,10 @@ def _table() -> dict[str, dict[str, str]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def swept() -> dict[str, Any]:
+def test_sweep_of_op_db() -> None:
+    """One sweep (``op_db`` takes seconds to import; one test, so ``-n 2`` runs it once): no wrong
+    answer and no error; each (op, kind) that ``OPINFO.md`` lists as served by a rule is served by
+    it here too (its samples include the one run here), and the table lists the same ops."""
     table = _table()
     version = table.pop("__torch__")["version"]
     with warnings.catch_warnings():
@@ -50,11 +50,6 @@ def swept() -> dict[str, Any]:
         others = [op for op in ops if op not in ruled]
         result = sweep_mod.sweep(others, max_d=MAX_D, max_samples=1, big_d=MAX_D, full_d=FULL_D)
         result.update(sweep_mod.sweep(ruled, max_d=MAX_D, max_samples=1))
-    return {"result": result, "table": table, "same_torch": version == torch.__version__}
-
-
-def test_no_wrong_answer_and_no_error(swept: dict[str, Any]) -> None:
-    result = swept["result"]
     assert len(result) > 400  # the database was read, not an empty sweep
     bad = [
         f"{name} [{kind}]: {out.cls}: {out.reason}"
@@ -64,19 +59,13 @@ def test_no_wrong_answer_and_no_error(swept: dict[str, Any]) -> None:
     ]
     assert not bad, "\n".join(bad)
     served = sum(out.cls in ("rule", "general") for row in result.values() for out in row.values())
-    assert served > 1500  # most of (op, kind) pairs are answered by the Taylor mode itself
-
-
-def test_every_rule_of_the_table_is_exercised(swept: dict[str, Any]) -> None:
-    """Each (op, kind) that ``OPINFO.md`` lists as served by a rule is served by it in this run
-    (its samples include the one run here); the table lists the same ops as torch's op_db."""
-    result, table = swept["result"], swept["table"]
-    ruled = [(n, k) for n, row in table.items() for k, c in row.items() if c == "rule"]
-    assert len(ruled) > 150
-    if not swept["same_torch"]:  # the table describes the pinned torch; another one may differ
+    assert served > 1500  # most (op, kind) pairs are answered by the Taylor mode itself
+    on_rule = [(n, k) for n, row in table.items() for k, c in row.items() if c == "rule"]
+    assert len(on_rule) > 150
+    if version != torch.__version__:  # the table describes the pinned torch; another may differ
         return
     assert set(result) == set(table)
-    missed = [f"{n} [{k}]: {result[n][k].cls}" for n, k in ruled if result[n][k].cls != "rule"]
+    missed = [f"{n} [{k}]: {result[n][k].cls}" for n, k in on_rule if result[n][k].cls != "rule"]
     assert not missed, "\n".join(missed)
 
 
