@@ -40,7 +40,7 @@ _NO_VALUE_CHANGE = frozenset(["requires_grad_", "retain_grad_", "share_memory_",
 # and linalg.solve are off by O(1); inv, cholesky, eigh, svdvals, qr, lstsq, lu_solve, pinv,
 # matrix_exp, solve_triangular and the norms agree), so the general rule must not meet them: they
 # stop the Taylor mode and nested AD (forward over reverse, which is right) takes over. The sweep
-# of torch's operator database (NOTE [opinfo sweep], benchmarks/opinfo_sweep.py) found more, each
+# of torch's operator database (benchmarks/opinfo_sweep.py, table in OPINFO.md) found more, each
 # against jacrev(jacrev) and a closed form: wrong second order for tensorsolve, householder_product
 # (orgqr) and the native batch norms (the functional batch norm is written out, ``taylor_decomp``);
 # a wrong first order already for cholesky_inverse, scatter_reduce(reduce="prod") and the chunked
