@@ -117,6 +117,7 @@ def module_source(
         )
     else:
         _check_reiterable(fn, data)
+    buffers = [n for n, _ in model.named_buffers()]
     shapes: list[tuple[torch.Size, ...]] = []
     draws: list[Draw | None] = []
     structures: list[Any] = []
@@ -148,21 +149,25 @@ def module_source(
         seen: list[Any] = structures[:1]
         count = 0
         for i, item in enumerate(data):
-            if i >= len(shapes):
+            count += 1
+            if count > len(shapes):
                 break
             a = _item_args(fn, i, item, seen)
-            count += 1
 
             def evaluate(*leaves: Tensor, a: tuple = a, i: int = i) -> tuple[Tensor, ...]:
-                tensors = {**fixed, **dict(zip(names, leaves))}
+                # buffers cloned inside the evaluation: a transform refuses in-place writes into
+                # tensors it captured (BatchNorm's num_batches_tracked in train mode)
+                own = {n: fixed[n].clone() for n in buffers}
+                tensors = {**fixed, **own, **dict(zip(names, leaves))}
                 return _checked(
                     fn, f"the model on item {i}", shapes[i], (call(model, tensors, a, kwargs),)
                 )
 
             yield Piece(evaluate, shapes[i], draws[i])
         if count != len(shapes):
+            got = f"more than {len(shapes)}" if count > len(shapes) else str(count)
             raise RuntimeError(
-                f"{fn}: `data` yielded {count} items, but {len(shapes)} when the operator was "
+                f"{fn}: `data` yielded {got} items, but {len(shapes)} when the operator was "
                 "built; it must yield the same items in the same order on every pass."
             )
 
@@ -177,7 +182,7 @@ def _check_reiterable(fn: str, data: Any) -> None:
             f"{fn}: `data` must be a re-iterable of batches (a DataLoader, a list), got "
             f"{describe(data)}."
         )
-    if iter(data) is data:
+    if isinstance(data, Iterator):
         raise TypeError(
             f"{fn}: `data` is an iterator ({type(data).__name__}), which runs out after one pass; "
             "every product makes a pass, so pass a list or a DataLoader."
