@@ -47,27 +47,28 @@ class GraphSource:
         )
 
     def pull(self, u: Tensor, chunk_size: int | None, budget: int) -> Tensor:
-        """``Jᵀ @ U``: ``U [m, k]`` -> ``[n, k]``."""
+        """``Jᵀ @ U``: ``U [m, k]`` -> ``[n, k]`` (a view of probe-major ``[k, n]`` storage)."""
         p, k = self.p, u.shape[1]
-        out = torch.zeros(sum(self.col_sizes), k, dtype=self.dtype, device=self.device)
+        out = torch.zeros(k, sum(self.col_sizes), dtype=self.dtype, device=self.device)
+        ut = u.T.contiguous()
         rows = offsets(p.out_group.sizes)
         cots = [
-            u[o : o + y.numel()].reshape(*y.shape, k).to(y.dtype) for o, y in zip(rows, p.outputs)
+            ut[:, o : o + y.numel()].reshape(k, *y.shape).to(y.dtype)
+            for o, y in zip(rows, p.outputs)
         ]
         cols = offsets(self.col_sizes)
 
         def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
-            chunk = [c[..., start:stop].movedim(-1, 0) for c in cots]
-            return p.grad(p.outputs, p.inputs, chunk, batched, False, True)
+            return p.grad(p.outputs, p.inputs, [c[start:stop] for c in cots], batched, False, True)
 
         def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
             for o, s, g in zip(cols, self.col_sizes, grads):
                 if g is not None:
-                    out[o : o + s, start:stop] = g.reshape(stop - start, s).T
+                    out[start:stop, o : o + s] = g.reshape(stop - start, s)
 
         with fallback_scope(), torch.enable_grad():
             run_chunks(self.fn_name, k, self.chunk(k, chunk_size, budget), probe, write)
-        return out
+        return out.T
 
     def push(self, v: Tensor, chunk_size: int | None, budget: int) -> Tensor:
         """``J @ V``: ``V [n, k]`` -> ``[m, k]`` (NOTE [operator on a graph])."""
@@ -101,19 +102,20 @@ class GraphSource:
 
     def _columns(self, v: Tensor, size: int) -> Tensor:
         p, k = self.p, v.shape[1]
-        out = torch.zeros(self.n_rows, k, dtype=self.dtype, device=self.device)
+        out = torch.zeros(k, self.n_rows, dtype=self.dtype, device=self.device)
         trans, dummies, check = self._setup()
         if not trans:
-            return out
+            return out.T
+        vt = v.T.contiguous()
         cols = offsets(self.col_sizes)
         tans = {
-            j: v[cols[j] : cols[j] + self.col_sizes[j]].reshape(*p.inputs[j].shape, k)
+            j: vt[:, cols[j] : cols[j] + self.col_sizes[j]].reshape(k, *p.inputs[j].shape)
             for j in trans
         }
         rows = offsets(p.out_group.sizes)
 
         def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
-            chunk = [tans[j][..., start:stop].movedim(-1, 0).to(p.inputs[j].dtype) for j in trans]
+            chunk = [tans[j][start:stop].to(p.inputs[j].dtype) for j in trans]
             jv = p.grad(list(trans.values()), dummies, chunk, batched, False, True)
             check(jv)
             return jv
@@ -121,10 +123,10 @@ class GraphSource:
         def write(start: int, stop: int, jv: tuple[Tensor | None, ...]) -> None:
             for o, y, t in zip(rows, p.outputs, jv):
                 if t is not None:
-                    out[o : o + y.numel(), start:stop] = t.reshape(stop - start, -1).T
+                    out[start:stop, o : o + y.numel()] = t.reshape(stop - start, -1)
 
         run_chunks(self.fn_name, k, size, probe, write)
-        return out
+        return out.T
 
     def _from_rows(self, v: Tensor, chunk_size: int | None, budget: int) -> Tensor:
         out = torch.empty(self.n_rows, v.shape[1], dtype=self.dtype, device=self.device)

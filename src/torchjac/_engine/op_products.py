@@ -100,55 +100,60 @@ class CallSource:
     def col_sizes(self) -> tuple[int, ...]:
         return tuple(s.numel() for s in self.col_shapes)
 
-    def chunk(self, k: int, rows: int, chunk_size: int | None, budget: int) -> int:
+    def chunk(self, k: int, rows: int, chunk_size: int | None, budget: int, fwd: bool) -> int:
+        """Columns per pass. NOTE [loop or vmap]'s loop for a few large probes is for reverse
+        mode only: ``vmap(jvp)`` measured faster than a loop of ``jvp`` on W5's trunk (W8a)."""
         n = sum(self.col_sizes)
         return choose_chunk_size(
             k,
             per_probe_bytes(rows, n, self.dtype),
             budget,
             chunk_size,
-            work_per_probe=rows + n,
+            work_per_probe=0 if fwd else rows + n,
             device=self.device,
         )
 
     def push(self, v: Tensor, chunk_size: int | None, budget: int) -> Tensor:
-        """``J @ V``: ``V [n, k]`` -> ``[m, k]``."""
+        """``J @ V``: ``V [n, k]`` -> ``[m, k]`` (a view of probe-major ``[k, m]`` storage)."""
         k = v.shape[1]
-        out = torch.empty(self.n_rows, k, dtype=self.dtype, device=self.device)
+        vt = v.T.contiguous()  # [k, n]: each column's tangents contiguous
+        out = torch.empty(k, self.n_rows, dtype=self.dtype, device=self.device)
         cols = offsets(self.col_sizes)
         with fallback_scope(), self.open() as (primals, pieces):
             tans = [
-                v[o : o + s].reshape(*shape, k).to(x.dtype)
+                vt[:, o : o + s].reshape(k, *shape).to(x.dtype)
                 for o, s, shape, x in zip(cols, self.col_sizes, self.col_shapes, primals)
             ]
             row = 0
             for piece in pieces:
                 rows = sum(s.numel() for s in piece.shapes)
-                size = self.chunk(k, rows, chunk_size, budget)
+                size = self.chunk(k, rows, chunk_size, budget, True)
                 with torch.no_grad():
-                    self._push_piece(piece, primals, tans, out[row : row + rows], size)
+                    self._push_piece(piece, primals, tans, out[:, row : row + rows], size)
                 row += rows
-        return out
+        return out.T
 
     def _push_piece(
         self, piece: Piece, primals: tuple[Tensor, ...], tans: list[Tensor], out: Tensor, size: int
     ) -> None:
+        row_offs = offsets(tuple(s.numel() for s in piece.shapes))
+
         def jvp(*tangents: Tensor) -> tuple[Tensor, ...]:
             return tuple(torch.func.jvp(piece, primals, tangents)[1])
 
         def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
-            chunk = [t[..., start:stop] for t in tans]
             if batched:  # NOTE [operator draw]: one draw for every column of the chunk
-                vm = torch.func.vmap(jvp, in_dims=-1, out_dims=-1, randomness="same")
-                return tuple(vm(*chunk))
-            return tuple(y.unsqueeze(-1) for y in jvp(*(t[..., 0] for t in chunk)))
+                vm = torch.func.vmap(jvp, randomness="same")
+                return tuple(vm(*(t[start:stop] for t in tans)))
+            return tuple(y.unsqueeze(0) for y in jvp(*(t[start] for t in tans)))
 
         def write(start: int, stop: int, ys: tuple[Tensor, ...]) -> None:
-            for o, y in zip(offsets(tuple(s.numel() for s in piece.shapes)), ys):
-                out[o : o + y[..., 0].numel(), start:stop] = y.reshape(-1, stop - start)
+            for o, y in zip(row_offs, ys):
+                flat = y.reshape(stop - start, -1)
+                out[start:stop, o : o + flat.shape[1]] = flat
 
         try:
-            run_chunks(self.fn_name, out.shape[1], size, probe, write)
+            run_chunks(self.fn_name, out.shape[0], size, probe, write)
         except (RuntimeError, NotImplementedError) as err:
             if not _no_forward_ad(err):
                 raise
@@ -170,21 +175,25 @@ class CallSource:
             if not pairs:
                 return
             lives = {id(y) for y in live}
-            for j in range(0, out.shape[1], size):
-                stop = min(out.shape[1], j + size)
-                cots = [t[..., j:stop].movedim(-1, 0) for _, t in pairs]
-                res = batched_grad([gj for gj, _ in pairs], dummies, cots, True, False)
+            for j in range(0, out.shape[0], size):
+                stop = min(out.shape[0], j + size)
+                res = batched_grad(
+                    [gj for gj, _ in pairs], dummies, [t[j:stop] for _, t in pairs], True, False
+                )
                 it = iter(res)
                 for o, y in zip(offsets(tuple(y.numel() for y in ys)), ys):
                     r = next(it) if id(y) in lives else None
                     if r is not None:
-                        out[o : o + y.numel(), j:stop] = r.reshape(stop - j, -1).T
+                        out[j:stop, o : o + y.numel()] = r.reshape(stop - j, -1)
 
     def pull(self, u: Tensor, chunk_size: int | None, budget: int) -> Tensor:
-        """``Jᵀ @ U``: ``U [m, k]`` -> ``[n, k]`` (summed over the pieces)."""
+        """``Jᵀ @ U``: ``U [m, k]`` -> ``[n, k]``, summed over the pieces (a view of probe-major
+        ``[k, n]`` storage: each probe's gradients are written contiguously)."""
         k = u.shape[1]
-        out = torch.zeros(sum(self.col_sizes), k, dtype=self.dtype, device=self.device)
+        ut = u.T.contiguous()  # [k, m]
+        out = torch.empty(k, sum(self.col_sizes), dtype=self.dtype, device=self.device)
         cols = offsets(self.col_sizes)
+        fresh = [True] * len(cols)  # no piece has written column tensor j yet: copy, not add
         with fallback_scope(), self.open() as (primals, pieces):
             leaves = tuple(
                 p if p.requires_grad and p.is_leaf else p.detach().requires_grad_(True)
@@ -193,13 +202,16 @@ class CallSource:
             row = 0
             for piece in pieces:
                 rows = sum(s.numel() for s in piece.shapes)
-                block = u[row : row + rows]
+                block = ut[:, row : row + rows]
                 row += rows
                 if not bool(block.any()):  # zero rows contribute nothing (to_dense's one-hots)
                     continue
-                size = self.chunk(k, rows, chunk_size, budget)
-                self._pull_piece(piece, leaves, block, out, cols, size)
-        return out
+                size = self.chunk(k, rows, chunk_size, budget, False)
+                self._pull_piece(piece, leaves, block, out, cols, fresh, size)
+        for j, (o, s) in enumerate(zip(cols, self.col_sizes)):
+            if fresh[j]:
+                out[:, o : o + s].zero_()
+        return out.T
 
     def _pull_piece(
         self,
@@ -208,6 +220,7 @@ class CallSource:
         u: Tensor,
         out: Tensor,
         cols: list[int],
+        fresh: list[bool],
         size: int,
     ) -> None:
         with torch.enable_grad():
@@ -216,26 +229,35 @@ class CallSource:
         live = [i for i, y in enumerate(ys) if y.requires_grad]
         if not live:
             return
-        cots = [u[row_offs[i] : row_offs[i] + ys[i].numel()] for i in live]
-        cots = [c.reshape(*ys[i].shape, -1).to(ys[i].dtype) for c, i in zip(cots, live)]
+        k = u.shape[0]
+        cots = [
+            u[:, row_offs[i] : row_offs[i] + ys[i].numel()].reshape(k, *ys[i].shape).to(ys[i].dtype)
+            for i in live
+        ]
         outs = [ys[i] for i in live]
+        first = list(fresh)
 
         def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
-            chunk = [c[..., start:stop].movedim(-1, 0) for c in cots]
             if batched:
-                return batched_grad(outs, list(leaves), chunk, True, False)
+                return batched_grad(outs, list(leaves), [c[start:stop] for c in cots], True, False)
             grads = torch.autograd.grad(
-                outs, leaves, [c[0] for c in chunk], retain_graph=True, allow_unused=True
+                outs, leaves, [c[start] for c in cots], retain_graph=True, allow_unused=True
             )
             return tuple(None if g is None else g.unsqueeze(0) for g in grads)
 
         def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
-            for o, g in zip(cols, grads):
-                if g is not None:
-                    flat = g.reshape(stop - start, -1)
-                    out[o : o + flat.shape[1], start:stop] += flat.T.to(out.dtype)
+            for j, (o, g) in enumerate(zip(cols, grads)):
+                region = out[start:stop, o : o + leaves[j].numel()]
+                if g is None:
+                    if first[j]:
+                        region.zero_()
+                elif first[j]:
+                    region.copy_(g.reshape(stop - start, -1))
+                else:
+                    region.add_(g.reshape(stop - start, -1))
+                fresh[j] = False
 
-        run_chunks(self.fn_name, u.shape[1], size, probe, write)
+        run_chunks(self.fn_name, k, size, probe, write)
 
 
 def _no_forward_ad(err: BaseException) -> bool:
