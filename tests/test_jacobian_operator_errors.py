@@ -160,6 +160,15 @@ class _Shrinking:
         return iter(items)
 
 
+def test_max_memory_is_checked_before_the_function_runs() -> None:
+    calls = []
+    with pytest.raises(ValueError, match=r"JacobianOperator: `max_memory` must be bytes"):
+        tj.JacobianOperator(lambda x: calls.append(1) or x, torch.ones(2), max_memory="lots")
+    with pytest.raises(ValueError, match=r"from_module: `max_memory` must be bytes"):
+        tj.JacobianOperator.from_module(_model(), data=[torch.ones(1, 3)], max_memory="-")
+    assert calls == []
+
+
 def test_data_that_changes_between_passes_is_an_error() -> None:
     J = tj.JacobianOperator.from_module(_model(), data=_Shrinking())
     with pytest.raises(RuntimeError, match="yielded 1 items, but 2 when the operator was built"):

@@ -13,7 +13,7 @@ from torchjac._checks import check_chunk_size, describe
 from torchjac._engine.basis import Group
 from torchjac._engine.op_graph import GraphSource
 from torchjac._engine.op_products import CallSource
-from torchjac._engine.plan import memory_budget
+from torchjac._engine.plan import memory_budget, parse_memory
 from torchjac._graph_args import graph_call
 from torchjac._operator_dense import dense_batched, dense_by_blocks, scipy_operator
 from torchjac._operator_sources import func_source, module_source
@@ -117,6 +117,7 @@ class JacobianOperator:
         max_memory: int | str | None = None,
     ) -> None:
         chunk = check_chunk_size(_FN, chunk_size)
+        parse_memory(_FN, max_memory)  # checked before func runs
         source, batch = func_source(_FN, func, inputs, batch_dim)
         self._init(source, chunk, memory_budget(_FN, max_memory, source.device), batch, False)
 
@@ -158,6 +159,7 @@ class JacobianOperator:
         """
         fn = f"{_FN}.from_module"
         chunk = check_chunk_size(fn, chunk_size)
+        parse_memory(fn, max_memory)  # checked before the model runs
         source = module_source(fn, model, args, params, data, kwargs)
         op = cls.__new__(cls)
         op._init(source, chunk, memory_budget(fn, max_memory, source.device), None, False)
