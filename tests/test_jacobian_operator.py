@@ -308,3 +308,20 @@ def test_signatures_are_the_contract() -> None:
     ]
     doc = inspect.getdoc(tj.JacobianOperator) or ""
     assert ":math:" in doc and "Example" in doc and "tj.JacobianOperator(" in doc
+
+
+def test_one_forward_per_batch_and_chunk(gen: torch.Generator) -> None:
+    model, x = _mlp(), randn(9, 3, gen=gen)
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        J = tj.JacobianOperator.from_module(model, data=list(x.split(3)), chunk_size=2)
+        assert len(calls) == 3  # building: one evaluation per batch (the rows' shapes)
+        calls.clear()
+        J.T @ randn(18, 4, gen=gen)  # one forward per batch, two backward chunks on its graph
+        assert len(calls) == 3
+        calls.clear()
+        J @ randn(J.shape[1], 4, gen=gen)  # one jvp pass per batch and chunk of 2 columns
+        assert len(calls) == 6
+    finally:
+        handle.remove()
