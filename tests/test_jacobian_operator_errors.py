@@ -193,3 +193,15 @@ def test_data_that_grows_between_passes_is_an_error() -> None:
     data.append(torch.ones(2, 3, dtype=D))
     with pytest.raises(RuntimeError, match="yielded more than 1 items, but 1 when"):
         J.T @ torch.ones(J.shape[0], dtype=D)
+
+
+def test_to_scipy_without_scipy_says_how_to_install(
+    J: tj.JacobianOperator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.sparse.linalg", None)  # import fails
+    with pytest.raises(ImportError, match=r"JacobianOperator\.to_scipy\(\) needs scipy"):
+        J.to_scipy()
+    with pytest.raises(ImportError, match=r"JacobianOperator\.T\.gram\(\)\.to_scipy\(\) needs"):
+        J.T.gram().to_scipy()

@@ -80,7 +80,7 @@ def scipy_operator(op: Any, name: str) -> Any:
     try:
         import numpy as np
         from scipy.sparse.linalg import LinearOperator
-    except ImportError as err:  # pragma: no cover - scipy is installed in the test environment
+    except ImportError as err:
         raise ImportError(
             f"{name}.to_scipy() needs scipy: pip install scipy (or pip install 'torchjac[scipy]')."
         ) from err
