@@ -58,7 +58,7 @@ def main() -> None:
     error = float((theta - TRUE).abs().max())
     print(f"fitted {theta.numpy().round(4)}, true {TRUE.numpy()}, max error {error:.1e}")
     assert error < 1e-2, error
-    print("OK")
+    print("ok")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> None:
     print("top-10 singular values (dense float64 SVD):  ", np.array2string(exact, precision=4))
     print(f"max relative difference: {rel:.1e} (svds took {seconds:.2f} s)")
     assert rel < 1e-4, rel
-    print("OK")
+    print("ok")
 
 
 if __name__ == "__main__":

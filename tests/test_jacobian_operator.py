@@ -325,3 +325,16 @@ def test_one_forward_per_batch_and_chunk(gen: torch.Generator) -> None:
         assert len(calls) == 6
     finally:
         handle.remove()
+
+
+def test_graph_products_leave_retained_grads_alone(gen: torch.Generator) -> None:
+    x = randn(3, gen=gen, grad=True)
+    y = x.sin()
+    y.retain_grad()
+    mark = torch.full((3,), 7.0, dtype=D)
+    y.grad = mark
+    J = tj.JacobianOperator.from_graph(y * x, [x, y])  # y is an input and on the path
+    J @ randn(6, 2, gen=gen)
+    J.T @ randn(3, gen=gen)
+    J.to_dense()
+    assert y.grad is mark and torch.equal(mark, torch.full((3,), 7.0, dtype=D)) and x.grad is None
