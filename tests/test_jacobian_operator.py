@@ -231,6 +231,8 @@ def test_model_rng_and_buffers_untouched_and_one_draw(gen: torch.Generator) -> N
     v = randn(J.shape[1], gen=gen)
     torch.testing.assert_close(J @ v, dense @ v)  # one fixed J for every product
     torch.testing.assert_close(J.T @ (J @ v), dense.T @ (dense @ v))
+    V = randn(J.shape[1], 8, gen=gen)  # vmap over the columns: the same draw for each
+    torch.testing.assert_close(J @ V, dense @ V)
     assert torch.equal(torch.get_rng_state(), rng)
     for (n, t), (n2, t2) in zip(before, model.state_dict().items()):
         assert n == n2 and torch.equal(t, t2), n
