@@ -62,7 +62,9 @@ class JacobianOperator:
     .reshape(x_j.shape)`` is input ``j``'s part. ``J @ v``: ``v [n] -> [m]``, ``V [n, k] ->
     [m, k]`` (forward mode, chunks of columns in one vectorised pass each); ``J.T @ u``:
     ``[m] -> [n]``, ``[m, k] -> [n, k]`` (one forward and batched backward passes); ``u @ J``
-    is ``(J.T @ u.T).T``. Memory per product: one pass times a chunk, never ``m × n``.
+    is ``(J.T @ u.T).T``. Memory per product: one pass times a chunk, never ``m × n``. A block's
+    product is the transposed view of ``[k, m]`` storage (each column contiguous); a block given
+    as ``W.T`` of a contiguous ``W [k, n]`` is used without a copy.
     ``dtype``/``device``: the promoted dtype of inputs and outputs, the inputs' device; an
     operand must have both. Products are not differentiable.
 
