@@ -8,7 +8,7 @@ propagation when it is the cheaper plan (NOTE [taylor mode]) and through nested 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -92,12 +92,13 @@ def _check_outputs(p: FuncProblem) -> Callable[[tuple[Tensor, ...]], None]:
 def _running(p: FuncProblem) -> Iterator[None]:
     """One public call: one ``FallbackWarning`` at most, one random draw and the modules' buffers
     as found (NOTE [one draw per call], NOTE [module state]). Derivatives need autograd even
-    under ``torch.inference_mode()``; the result needs a graph only with ``create_graph``."""
+    under ``torch.inference_mode()``; the result needs a graph only with ``create_graph`` (and
+    then has one under ``torch.no_grad()`` too, as with ``torch.autograd.grad``)."""
     with (
         fallback_scope(),
         call_state(p.func, p.inputs) as state,
         torch.inference_mode(False),
-        nullcontext() if p.create_graph else torch.no_grad(),
+        torch.enable_grad() if p.create_graph else torch.no_grad(),
     ):
         p.state = state
         try:
@@ -187,10 +188,10 @@ def jacobian(
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with _running(p):
+    with _running(p):  # the shaping too: under no_grad, a view of the result would lose its graph
         flat, t = solve_jacobian(p, mode, chunk_size, budget, _check_outputs(p))
-    rows, lead = _rows(p, t), _lead(p, t)
-    res = [r.reshape((*lead, *rows, *_in_shape(p, t, j))) for j, r in enumerate(flat)]
+        rows, lead = _rows(p, t), _lead(p, t)
+        res = [r.reshape((*lead, *rows, *_in_shape(p, t, j))) for j, r in enumerate(flat)]
     return _finish(p, t, unflatten(p.container, res))
 
 
@@ -228,25 +229,25 @@ def hessian(
     with _running(p):
         check = _check_outputs(p)
         flat, t = second_derivatives(p, "full", mode, chunk_size, budget, check)  # [B, R, D, D]
-    rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
-    blocks = [
-        [
-            flat[
-                :,
-                :,
-                g.offsets[i] : g.offsets[i] + g.sizes[i],
-                g.offsets[j] : g.offsets[j] + g.sizes[j],
-            ].reshape((*lead, *rows, *_in_shape(p, t, i), *_in_shape(p, t, j)))
-            for j in range(len(g.shapes))
+        rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
+        blocks = [
+            [
+                flat[
+                    :,
+                    :,
+                    g.offsets[i] : g.offsets[i] + g.sizes[i],
+                    g.offsets[j] : g.offsets[j] + g.sizes[j],
+                ].reshape((*lead, *rows, *_in_shape(p, t, i), *_in_shape(p, t, j)))
+                for j in range(len(g.shapes))
+            ]
+            for i in range(len(g.shapes))
         ]
-        for i in range(len(g.shapes))
-    ]
-    kind, _ = p.container
-    res = (
-        blocks[0][0]
-        if kind == "tensor"
-        else unflatten(p.container, [unflatten(p.container, row) for row in blocks])
-    )
+        kind, _ = p.container
+        res = (
+            blocks[0][0]
+            if kind == "tensor"
+            else unflatten(p.container, [unflatten(p.container, row) for row in blocks])
+        )
     return _finish(p, t, res)
 
 
@@ -324,13 +325,13 @@ def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
     with _running(p):
         check = _check_outputs(p)
         flat, t = second_derivatives(p, kind, mode, chunk_size, budget, check)  # [B, R(, D)]
-    rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
-    if kind == "trace":
-        return _finish(p, t, flat.reshape((*lead, *rows)))
-    res = [
-        flat[:, :, g.offsets[j] : g.offsets[j] + g.sizes[j]].reshape(
-            (*lead, *rows, *_in_shape(p, t, j))
-        )
-        for j in range(len(g.shapes))
-    ]
-    return _finish(p, t, unflatten(p.container, res))
+        rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
+        if kind == "trace":
+            return _finish(p, t, flat.reshape((*lead, *rows)))
+        res = [
+            flat[:, :, g.offsets[j] : g.offsets[j] + g.sizes[j]].reshape(
+                (*lead, *rows, *_in_shape(p, t, j))
+            )
+            for j in range(len(g.shapes))
+        ]
+        return _finish(p, t, unflatten(p.container, res))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -109,7 +110,9 @@ def gramian(
         gram = torch.zeros(bsz, m, m, dtype=problem.dtype, device=problem.device)
     else:
         keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
-        with keep, fallback_scope():  # several blocks may each fall back: warn once
+        # create_graph=True under torch.no_grad(): differentiable, as jac and autograd.grad
+        grad_on = torch.enable_grad() if create_graph else contextlib.nullcontext()
+        with keep, grad_on, fallback_scope():  # several blocks may each fall back: warn once
             gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
     rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)
     if problem.batch_dim is None:

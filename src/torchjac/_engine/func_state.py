@@ -67,10 +67,11 @@ class CallState:
         self.reset_rng()
         with torch.no_grad():
             for buf, saved in self._buffers:
-                # only where it changed: a write bumps the version counter, which a graph of
-                # the user's that saved the buffer would then refuse
+                # through .data: a graph that saved the buffer (a create_graph result through
+                # BatchNorm in train mode) would refuse a moved version counter; train-mode
+                # backward formulas do not read the running statistics
                 if not torch.equal(buf, saved):
-                    buf.copy_(saved)
+                    buf.data.copy_(saved)
 
 
 @contextmanager

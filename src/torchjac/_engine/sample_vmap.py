@@ -94,6 +94,7 @@ class SampleProblem:
             flat1 = [t if d is None else t.unsqueeze(d) for t, d in zip(flat, self.dims)]
             return self._row(self.params, flat1)
 
+        rng = torch.get_rng_state()
         with torch.no_grad():
             try:
                 alone = vmap(one, in_dims=tuple(self.dims))(*self.flat)
@@ -101,6 +102,13 @@ class SampleProblem:
                 alone = torch.stack(
                     [self._row(self.params, self._sample(s)) for s in range(self.n)]
                 )
+        if not torch.equal(torch.get_rng_state(), rng):  # a draw per sample is not the batch's
+            raise BatchCouplingError(
+                f"{fn_name}: `batch_dim={batch_dim}` needs each sample's rows from the model run "
+                f"on that sample, but the model draws random numbers (e.g. dropout in train mode, "
+                f"F.dropout in forward), and a sample alone cannot repeat the batch's draw: call "
+                f"model.eval(). {coupling_fix(fn_name)}"
+            )
         together = out.detach().movedim(self.out_dim, 0).reshape(self.n, -1)
         scale = float(together.nan_to_num(0.0, 0.0, 0.0).abs().max()) if together.numel() else 0.0
         tol = 1000 * torch.finfo(together.dtype).eps * max(1.0, scale)
