@@ -1,0 +1,141 @@
+"""Running one fuzz example: the fast-path switch, two checked calls, the comparison to an oracle.
+
+Profiles (``TORCHJAC_FUZZ_PROFILE``): ``ci`` (default; derandomized, so every run draws the same
+examples, within a minute on two cores with ``-n 2``) and ``long`` (``make fuzz``: random seeds,
+many more examples; hypothesis prints the seed to reproduce a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import pytest
+import torch
+from fuzz_invariants import Snapshot, same_bits, tensors_of
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import torchjac as tj
+
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile(
+    "fuzz-ci",
+    max_examples=12,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_HEALTH,
+)
+settings.register_profile(
+    "fuzz-long", max_examples=400, deadline=None, print_blob=True, suppress_health_check=_HEALTH
+)
+FUZZ = settings.get_profile("fuzz-" + os.environ.get("TORCHJAC_FUZZ_PROFILE", "ci"))
+
+# fast paths on, or all off (by the environment variable or the context manager: drawn)
+FAST = ("on", "off")
+
+
+@contextmanager
+def fast_switch(fast: str) -> Iterator[None]:
+    """Every fast path on (``"on"``), or all off by ``TORCHJAC_FAST_PATHS=0`` (``"off-env"``) or
+    by ``fast_paths(False)`` (``"off-ctx"``)."""
+    with ExitStack() as stack:
+        if fast == "off-ctx":
+            from torchjac._engine.fast import fast_paths
+
+            stack.enter_context(fast_paths(False))
+        old = os.environ.get("TORCHJAC_FAST_PATHS")
+        if fast == "off-env":
+            os.environ["TORCHJAC_FAST_PATHS"] = "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TORCHJAC_FAST_PATHS", None)
+            else:
+                os.environ["TORCHJAC_FAST_PATHS"] = old
+
+
+def draw_fast(data: st.DataObject, fast: str) -> str:
+    """``"on"``, or how the fast paths are turned off (both ways are drawn)."""
+    if fast == "on":
+        return fast
+    return data.draw(st.sampled_from(["off-env", "off-ctx"]), label="fast paths off by")
+
+
+Made = tuple[Callable[[], Any], nn.Module | None, dict[str, Tensor]]
+
+
+def checked_calls(
+    make: Callable[[], Made], grad_enabled: bool, fast: str, error: tuple[type, str] | None = None
+) -> Any:
+    """Two calls, each made by ``make`` (the call, the model, the user's other tensors), under
+    the grad mode ``grad_enabled`` and the fast-path setting. After each: nothing recorded has
+    changed and the result aliases none of it; the two results are bitwise equal. With
+    ``error``, each call must raise it (type, ``match``) and still change nothing."""
+    results = []
+    for _ in range(2):
+        call, model, owned = make()
+        with torch.set_grad_enabled(grad_enabled), fast_switch(fast), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=tj.FallbackWarning)
+            snap = Snapshot.take(model, owned)
+            if error is None:
+                res = call()
+                problems = snap.changes() + snap.aliases(res)
+            else:
+                with pytest.raises(error[0], match=error[1]):
+                    call()
+                res, problems = None, snap.changes()
+        assert not problems, "after the call:\n" + "\n".join(problems)
+        results.append(res)
+    if error is None:
+        assert_identical(results[0], results[1])
+    return results[0]
+
+
+def _structure(r: Any) -> Any:
+    if isinstance(r, Tensor):
+        return ("tensor", tuple(r.shape), r.dtype, r.requires_grad)
+    if isinstance(r, dict):
+        return ("dict", [(k, _structure(v)) for k, v in r.items()])
+    if isinstance(r, tuple):
+        return ("tuple", [_structure(v) for v in r])
+    return (type(r).__name__,)
+
+
+def assert_identical(a: Any, b: Any) -> None:
+    """Two consecutive calls: the same containers, shapes, dtypes and bits."""
+    assert _structure(a) == _structure(b), "two calls gave different structures"
+    for i, (s, t) in enumerate(zip(tensors_of(a), tensors_of(b))):
+        assert same_bits(s, t), f"two calls gave different values (result tensor {i})"
+
+
+def assert_matches(got: Any, want: Any, dtype: torch.dtype) -> None:
+    """``got`` (dtype ``dtype``) equals the float64 oracle ``want``, same containers."""
+    assert _structure(got) == _structure_of_want(want, dtype, got), (
+        f"result layout {_structure(got)} != oracle {_structure_of_want(want, dtype, got)}"
+    )
+    rtol, atol = (1e-8, 1e-9) if dtype == torch.float64 else (2e-3, 2e-4)
+    for g, w in zip(tensors_of(got), tensors_of(want)):
+        scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+        torch.testing.assert_close(g.detach().to(torch.float64), w, rtol=rtol, atol=atol * scale)
+
+
+def _structure_of_want(want: Any, dtype: torch.dtype, got: Any) -> Any:
+    if isinstance(want, Tensor):
+        rg = got.requires_grad if isinstance(got, Tensor) else False
+        return ("tensor", tuple(want.shape), dtype, rg)
+    if isinstance(want, dict):
+        gd = got if isinstance(got, dict) else {}
+        return ("dict", [(k, _structure_of_want(v, dtype, gd.get(k))) for k, v in want.items()])
+    gt = got if isinstance(got, tuple) else ()
+    return (
+        "tuple",
+        [_structure_of_want(v, dtype, gt[i] if i < len(gt) else None) for i, v in enumerate(want)],
+    )

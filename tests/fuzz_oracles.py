@@ -1,0 +1,123 @@
+"""float64 ``torch.func`` oracles for the invariants fuzz, on a float64 copy of the user's model.
+
+``oracle_model`` copies the model to float64 with the dropout masks of one realisation fixed in
+place (``fuzz_models.fix_masks``) and, for BatchNorm in train mode, without running statistics
+(batch statistics either way; nothing to update). Per-sample derivatives come from ``vmap`` over
+one sample at a time, or, where masks fix a whole batch, from the diagonal blocks of the full
+derivative.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from fuzz_models import fix_masks
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+F64 = torch.float64
+
+
+def oracle_model(model: nn.Module, masks: list[Tensor]) -> nn.Module:
+    """A float64 copy of ``model`` that computes the realisation the ``masks`` fix."""
+    m64 = fix_masks(copy.deepcopy(model), [m.to(F64) for m in masks]).to(F64)
+    for m in m64.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+            m.track_running_stats = False
+    for p in m64.parameters():
+        p.requires_grad_(False)
+    return m64
+
+
+def _x64(x: Tensor) -> Tensor:
+    return x.detach().to(F64) if x.is_floating_point() else x.detach()
+
+
+def input_derivatives(
+    f: Callable[[Tensor], Tensor], x: Tensor, order: int, per_sample: bool, fixed_batch: bool
+) -> Tensor:
+    """``order`` 1: ``[*out, *x]`` (per sample ``[B, *out_rest, *x_rest]``); 2: the Hessian
+    ``[*out, *x, *x]`` (per sample ``[B, *out_rest, *x_rest, *x_rest]``). ``fixed_batch``: ``f``
+    only works on the whole batch (fixed masks): per-sample blocks from the full derivative."""
+    x = _x64(x)
+
+    def d(g: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        return jacrev(g) if order == 1 else jacrev(jacrev(g))
+
+    if not per_sample:
+        return d(f)(x)
+    if not fixed_batch:
+        return vmap(d(lambda xi: f(xi.unsqueeze(0)).squeeze(0)))(x)
+    full = d(f)(x)
+    b, rest = x.shape[0], x.shape[1:]
+    out_rest = full.shape[1 : full.dim() - order * x.dim()]
+    o, i = out_rest.numel(), rest.numel()
+    ar = torch.arange(b)
+    if order == 1:
+        blocks = full.reshape(b, o, b, i)[ar, :, ar, :]
+        return blocks.reshape(b, *out_rest, *rest)
+    blocks = full.reshape(b, o, b, i, b, i)[ar, :, ar, :, ar, :]
+    return blocks.reshape(b, *out_rest, *rest, *rest)
+
+
+def couples(f: Callable[[Tensor], Tensor], x: Tensor) -> bool:
+    """Whether an output sample of ``f`` (batch at dim 0) depends on another input sample: a
+    nonzero off-diagonal block of the float64 Jacobian."""
+    j = input_derivatives(f, x, 1, False, True)
+    b = x.shape[0]
+    j = j.reshape(b, -1, b, x[0].numel())
+    return bool((j * (1 - torch.eye(b, dtype=j.dtype))[:, None, :, None]).ne(0).any())
+
+
+def diag_and_trace(h: Tensor, lead: int, x_rest: torch.Size) -> tuple[Tensor, Tensor]:
+    """The Hessian's diagonal ``[*lead_out, *x_rest]`` and trace ``[*lead_out]`` over inputs;
+    ``lead`` dims of ``h`` precede the two input blocks."""
+    shape = h.shape[:lead]
+    flat = h.reshape(*shape, x_rest.numel(), x_rest.numel())
+    diag = flat.diagonal(dim1=-2, dim2=-1)
+    return diag.reshape(*shape, *x_rest), diag.sum(-1)
+
+
+def param_jacobians(module: nn.Module, names: list[str], *args: Tensor) -> dict[str, Tensor]:
+    """``{name: out.shape + p.shape}`` of ``module(*args)`` for the parameters ``names``."""
+    fixed = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers())}
+    sel = {n: fixed[n].detach() for n in names}
+    args64 = tuple(_x64(a) for a in args)
+
+    def f(ps: dict[str, Tensor]) -> Tensor:
+        return functional_call(module, {**fixed, **ps}, args64)
+
+    return jacrev(f)(sel)
+
+
+def kernel(j1: dict[str, Tensor], j2: dict[str, Tensor], shapes: dict[str, torch.Size]) -> Tensor:
+    """``K = J1 J2ᵀ`` summed over parameters: ``[*out1, *out2]`` from ``out.shape + p.shape``."""
+    total: Tensor | None = None
+    for name, a in j1.items():
+        b, pd = j2[name], len(shapes[name])
+        oa, ob = a.shape[: a.dim() - pd], b.shape[: b.dim() - pd]
+        k = (a.reshape(oa.numel(), -1) @ b.reshape(ob.numel(), -1).T).reshape(*oa, *ob)
+        total = k if total is None else total + k
+    assert total is not None
+    return total
+
+
+def graph_jacobians(
+    module: nn.Module, x: Tensor, names: list[str], with_x: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``y = module(x)`` and the full Jacobians ``y.shape + t.shape`` for ``x`` (key ``"x"``,
+    when ``with_x``) and the parameters ``names``."""
+    fixed = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers())}
+    x64 = _x64(x)
+    sel = {n: fixed[n] for n in names}
+    if with_x:
+        sel["x"] = x64
+
+    def f(d: dict[str, Tensor]) -> Tensor:
+        ps = {k: v for k, v in d.items() if k != "x"}
+        return functional_call(module, {**fixed, **ps}, (d.get("x", x64),))
+
+    return f(sel), jacrev(f)(sel)
