@@ -32,7 +32,8 @@ def oracle_model(model: nn.Module, masks: list[Tensor]) -> nn.Module:
     return m64
 
 
-def _x64(x: Tensor) -> Tensor:
+def x64(x: Tensor) -> Tensor:
+    """The user's input for an oracle: detached, float64 (indices as they are)."""
     return x.detach().to(F64) if x.is_floating_point() else x.detach()
 
 
@@ -41,8 +42,8 @@ def input_derivatives(
 ) -> Tensor:
     """``order`` 1: ``[*out, *x]`` (per sample ``[B, *out_rest, *x_rest]``); 2: the Hessian
     ``[*out, *x, *x]`` (per sample ``[B, *out_rest, *x_rest, *x_rest]``). ``fixed_batch``: ``f``
-    only works on the whole batch (fixed masks): per-sample blocks from the full derivative."""
-    x = _x64(x)
+    only works on the whole batch (fixed masks): per-sample blocks from the full derivative.
+    ``x`` is used as given (float64; under ``torch.func.grad`` it may be a traced value)."""
 
     def d(g: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         return jacrev(g) if order == 1 else jacrev(jacrev(g))
@@ -66,7 +67,7 @@ def input_derivatives(
 def couples(f: Callable[[Tensor], Tensor], x: Tensor) -> bool:
     """Whether an output sample of ``f`` (batch at dim 0) depends on another input sample: a
     nonzero off-diagonal block of the float64 Jacobian."""
-    j = input_derivatives(f, x, 1, False, True)
+    j = input_derivatives(f, x64(x), 1, False, True)
     b = x.shape[0]
     j = j.reshape(b, -1, b, x[0].numel())
     return bool((j * (1 - torch.eye(b, dtype=j.dtype))[:, None, :, None]).ne(0).any())
@@ -84,8 +85,8 @@ def diag_and_trace(h: Tensor, lead: int, x_rest: torch.Size) -> tuple[Tensor, Te
 def param_jacobians(module: nn.Module, names: list[str], *args: Tensor) -> dict[str, Tensor]:
     """``{name: out.shape + p.shape}`` of ``module(*args)`` for the parameters ``names``."""
     fixed = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers())}
-    sel = {n: fixed[n].detach() for n in names}
-    args64 = tuple(_x64(a) for a in args)
+    sel = {n: fixed[n] for n in names}
+    args64 = tuple(x64(a) for a in args)
 
     def f(ps: dict[str, Tensor]) -> Tensor:
         return functional_call(module, {**fixed, **ps}, args64)
@@ -106,12 +107,18 @@ def kernel(j1: dict[str, Tensor], j2: dict[str, Tensor], shapes: dict[str, torch
 
 
 def graph_jacobians(
-    module: nn.Module, x: Tensor, names: list[str], with_x: bool
+    module: nn.Module,
+    x: Tensor,
+    names: list[str],
+    with_x: bool,
+    override: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``y = module(x)`` and the full Jacobians ``y.shape + t.shape`` for ``x`` (key ``"x"``,
-    when ``with_x``) and the parameters ``names``."""
+    when ``with_x``) and the parameters ``names``; ``override`` replaces parameters (by name)
+    and ``x`` (key ``"x"``), for derivatives of the oracle itself."""
     fixed = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers())}
-    x64 = _x64(x)
+    fixed.update({k: v for k, v in (override or {}).items() if k != "x"})
+    x64 = (override or {}).get("x", x)
     sel = {n: fixed[n] for n in names}
     if with_x:
         sel["x"] = x64
@@ -121,3 +128,10 @@ def graph_jacobians(
         return functional_call(module, {**fixed, **ps}, (d.get("x", x64),))
 
     return f(sel), jacrev(f)(sel)
+
+
+def with_params(module: nn.Module, override: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    """``module`` as a function of its input, with some parameters replaced."""
+    fixed = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers())}
+    state = {**fixed, **override}
+    return lambda x: functional_call(module, state, (x,))
