@@ -23,8 +23,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# The oracle suites once more with every fast path off (NOTE [fast paths]): the general paths
+# must agree with the same float64 oracles.
+ORACLE_TESTS := tests/test_modules_oracles.py tests/test_second_order_oracles.py \
+	tests/test_functional.py tests/test_graph.py tests/test_gramian.py tests/test_ntk_kernel.py \
+	tests/test_modules_convolutions.py
+
 test: lint
 	$(VENV)/bin/pytest -n 2 -q
+	TORCHJAC_FAST_PATHS=0 $(VENV)/bin/pytest -n 2 -q $(ORACLE_TESTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/torchjac demo

@@ -27,6 +27,7 @@ from torchjac._checks import (
 )
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import Traced, solve_jacobian
+from torchjac._engine.func_state import call_state
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.second import second_derivatives
 from torchjac._engine.taylor_run import TaylorResult
@@ -88,11 +89,21 @@ def _check_outputs(p: FuncProblem) -> Callable[[tuple[Tensor, ...]], None]:
 
 
 @contextmanager
-def _grad_mode(create_graph: bool) -> Iterator[None]:
-    """Derivatives need autograd even under ``torch.inference_mode()``; the result needs a graph
-    only with ``create_graph``."""
-    with torch.inference_mode(False), nullcontext() if create_graph else torch.no_grad():
-        yield
+def _running(p: FuncProblem) -> Iterator[None]:
+    """One public call: one ``FallbackWarning`` at most, one random draw and the modules' buffers
+    as found (NOTE [one draw per call], NOTE [module state]). Derivatives need autograd even
+    under ``torch.inference_mode()``; the result needs a graph only with ``create_graph``."""
+    with (
+        fallback_scope(),
+        call_state(p.func, p.inputs) as state,
+        torch.inference_mode(False),
+        nullcontext() if p.create_graph else torch.no_grad(),
+    ):
+        p.state = state
+        try:
+            yield
+        finally:
+            p.state = None
 
 
 def _rows(p: FuncProblem, t: Traced | TaylorResult) -> tuple[int, ...]:
@@ -137,6 +148,13 @@ def jacobian(
     ``[B] + out_rest + in_rest``, with ``out`` probes broadcast over the batch (never the
     ``[B, ..., B, ...]`` cross terms).
 
+    ``func`` may be evaluated more than once; every evaluation sees the random numbers a plain
+    call would draw at this point (dropout in train mode: the Jacobian of one realisation), and
+    the global RNG state, and the buffers of the modules ``func`` reaches (BatchNorm's running
+    statistics), are as they were when the call returns, on success or error (NOTE [one draw
+    per call], NOTE [module state]). The same holds for :func:`hessian`,
+    :func:`hessian_diagonal` and :func:`laplacian`.
+
     Args:
         func: the function.
         inputs: a Tensor, a sequence of Tensors or a mapping ``str -> Tensor`` (floating).
@@ -169,7 +187,7 @@ def jacobian(
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with fallback_scope(), _grad_mode(p.create_graph):
+    with _running(p):
         flat, t = solve_jacobian(p, mode, chunk_size, budget, _check_outputs(p))
     rows, lead = _rows(p, t), _lead(p, t)
     res = [r.reshape((*lead, *rows, *_in_shape(p, t, j))) for j, r in enumerate(flat)]
@@ -207,7 +225,7 @@ def hessian(
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with fallback_scope(), _grad_mode(p.create_graph):
+    with _running(p):
         check = _check_outputs(p)
         flat, t = second_derivatives(p, "full", mode, chunk_size, budget, check)  # [B, R, D, D]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
@@ -303,7 +321,7 @@ def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
         a["max_memory"],
         a["create_graph"],
     )
-    with fallback_scope(), _grad_mode(p.create_graph):
+    with _running(p):
         check = _check_outputs(p)
         flat, t = second_derivatives(p, kind, mode, chunk_size, budget, check)  # [B, R(, D)]
     rows, lead, g = _rows(p, t), _lead(p, t), t.in_group

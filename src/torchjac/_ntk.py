@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
-from torchjac._engine.layers import ModelState, model_state, no_side_effects
+from torchjac._engine.layers import model_state, no_side_effects
 from torchjac._engine.ntk_kernel import kernel_of, run_side
 from torchjac._engine.plan import memory_budget
 from torchjac._errors import fallback_scope
@@ -91,7 +91,7 @@ def ntk(
     device = xs1[0].device
     budget = memory_budget(fn, max_memory, device)
     with torch.inference_mode(False), no_side_effects(device), fallback_scope():
-        state = _state(model, names)  # NOTE [inference tensors]
+        state = model_state(model, names)  # NOTE [inference tensors]
         xs1 = tuple(x.clone() if x.is_inference() else x for x in xs1)
         if xs2 is not None:
             xs2 = tuple(x.clone() if x.is_inference() else x for x in xs2)
@@ -111,30 +111,6 @@ def ntk(
         kernel = (kernel + kernel.T) / 2  # exactly symmetric
     o = tuple(side1.out_rest)
     return kernel.reshape((side1.n, *o, side2.n, *o))
-
-
-def _state(model: nn.Module, names: list[str]) -> ModelState:
-    """``model_state``, with inference tensors cloned into ordinary ones.
-
-    NOTE [inference tensors]: tensors made under ``torch.inference_mode()`` (the user's inputs,
-    or a model built there) can never join an autograd graph; the kernel is computed with
-    inference mode off, on ordinary clones of them. Nothing of the user's is modified.
-    """
-    tensors = [*model.parameters(), *model.buffers()]
-    if not any(t.is_inference() for t in tensors):
-        return model_state(model, names)
-    wanted = set(names)
-    leaves: dict[str, Tensor] = {}
-    fixed: dict[str, Tensor] = {}
-    for name, p in model.named_parameters():
-        base = p.detach().clone() if p.is_inference() else p.detach()
-        if name in wanted:
-            leaves[name] = base.requires_grad_(True)
-        else:
-            fixed[name] = base
-    for name, buf in model.named_buffers():
-        fixed[name] = buf.detach().clone()
-    return ModelState(tuple(names), {n: leaves[n] for n in names}, fixed)
 
 
 def _check_x(fn: str, arg: str, x: object, batch_dim: int) -> tuple[Tensor, ...]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchjac._engine import fast
+
 __all__ = ["conv_input_grad", "scatter_input_grad"]
 
 _MAX_CHANNELS = 16
@@ -33,7 +35,7 @@ def conv_input_grad(
     """``[R, C_in, *in_size]``: the input gradient of ``conv2d(x, weight)`` for ``g [R, C_out,
     H', W']`` (NOTE [convolution input gradient]); ``geometry`` is (stride, padding, dilation)."""
     stride, padding, dilation = geometry
-    if g.device.type == "cpu" and _scatter_pays(weight, stride, groups):
+    if fast.enabled() and g.device.type == "cpu" and _scatter_pays(weight, stride, groups):
         return scatter_input_grad(g, weight, in_size, geometry, groups)
     # the input's shape only: convolution_backward reads no input for the input gradient alone
     # (torch.nn.grad.conv2d_input passes the same)

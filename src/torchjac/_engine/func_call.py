@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from torchjac._checks import Container, describe
+from torchjac._engine.func_state import CallState
 
 __all__ = ["FuncProblem", "load_forward_ad"]
 
@@ -43,6 +44,7 @@ class FuncProblem:
     batch_dim: int | None
     create_graph: bool
     single: bool = True  # set by the first call: the function returned one Tensor
+    state: CallState | None = None  # NOTE [one draw per call], set while a public call runs
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,6 +64,8 @@ class FuncProblem:
     def call_raw(self, *xs: Tensor) -> Any:
         """Call the function on ``xs`` as the user would (NOTE [calling convention])."""
         load_forward_ad()
+        if self.state is not None:
+            self.state.reset_rng()
         kind, keys = self.container
         if kind == "tensor":
             return self.func(xs[0])

@@ -166,8 +166,8 @@ def solve_jacobian(
 def _count_rows(p: FuncProblem, check_batch: CheckBatch) -> int:
     """Output elements per sample: one plain forward pass, on the whole batch (DESIGN: ``func``
     always sees the batch exactly as the user would pass it)."""
-    with torch.no_grad():
-        outs, _ = p.call(*p.inputs)
+    with torch.no_grad():  # on copies: func may write into its arguments
+        outs, _ = p.call(*(x.clone() for x in p.inputs))
     check_batch(outs)
     return Group.of(outs, p.batch_dim).numel
 
@@ -217,7 +217,7 @@ def _columns(p: FuncProblem, t: Traced, results: list[Tensor], chunk_size: int) 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
         tans = _probes(t.in_group, ins, start, stop)
         if batched:
-            return tuple(torch.vmap(push)(*tans))
+            return tuple(torch.vmap(push, randomness="same")(*tans))  # NOTE [one draw per call]
         return tuple(y.unsqueeze(0) for y in push(*(v[0] for v in tans)))
 
     def write(start: int, stop: int, jv: tuple[Tensor, ...]) -> None:

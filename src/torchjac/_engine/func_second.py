@@ -64,7 +64,7 @@ def hessian_pairs(
         cots = one_hot_at(t.out_group, k // n_cols, outs)
         tans = one_hot_at(t.in_group, k % n_cols, ins)
         if batched:
-            return tuple(torch.vmap(pair)(cots, tans))
+            return tuple(torch.vmap(pair, randomness="same")(cots, tans))  # one draw per call
         return tuple(h.unsqueeze(0) for h in pair(_first(cots), _first(tans)))
 
     def write(start: int, stop: int, hs: tuple[Tensor, ...]) -> None:

@@ -52,6 +52,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchjac._engine import fast
+
 __all__ = ["MIN_SIDE", "backward_products", "linear"]
 
 _MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
@@ -76,7 +78,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, activation: str = "non
     if activation not in ("none", "tanh"):
         raise ValueError(f"linear: activation must be 'none' or 'tanh', got {activation!r}")
     fused = activation == "tanh"
-    if _state["usable"] and _eligible(x, w, b, fused):
+    if _state["usable"] and fast.enabled() and _eligible(x, w, b, fused):
         op = _onednn()
         if op is not None and (_state["tanh"] or not fused):
             try:
@@ -192,7 +194,8 @@ def backward_products(
     it pays; else ``None``. ``work``: probes times the elements of outputs and inputs, below
     ``_MIN_PROBE_WORK`` the graph is not even walked."""
     if not (
-        work >= _MIN_PROBE_WORK
+        fast.enabled()
+        and work >= _MIN_PROBE_WORK
         and device.type == "cpu"
         and dtype is torch.float32
         and _state["usable"]

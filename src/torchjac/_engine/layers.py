@@ -84,7 +84,13 @@ class ModelState:
 
 
 def model_state(model: nn.Module, names: Sequence[str]) -> ModelState:
-    """Leaves for ``names`` (canonical names of ``named_parameters()``), the rest fixed."""
+    """Leaves for ``names`` (canonical names of ``named_parameters()``), the rest fixed.
+
+    NOTE [inference tensors]: tensors made under ``torch.inference_mode()`` (the user's inputs,
+    or a model built there) can never join an autograd graph; callers run with inference mode
+    off, and such parameters are cloned here into ordinary tensors (buffers always are). Nothing
+    of the user's is modified.
+    """
     wanted = set(names)
     # an embedding with max_norm renormalises its weight in place when called: a copy takes it
     renormed = {

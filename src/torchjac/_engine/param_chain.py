@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchjac._engine import fast
 from torchjac._engine.closed_forms import Use, make_use
 from torchjac._engine.conv_grad import conv_input_grad
 from torchjac._engine.layers import ModelState
@@ -78,7 +79,7 @@ class Chain:
 
 def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) -> Chain | None:
     """NOTE [parameter chain] for ``model(*args, **kwargs)`` batched at dim 0, or ``None``."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+    if not fast.enabled() or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x = args[0]
     if not plain_float(x) or x.dim() < 2 or not state.names or _autocast(x.device.type):

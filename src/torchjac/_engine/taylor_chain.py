@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from torchjac._engine import kernels
+from torchjac._engine import fast, kernels
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.module_proof import layer_params_like, plain_chain, plain_float
@@ -121,7 +121,11 @@ def _tangents(
     for layer in layers:
         if isinstance(layer, nn.Linear):  # of the identity: the weight's columns, no product
             w = layer.weight
-            t = w.detach().t().contiguous().unsqueeze(1) if t is None else kernels.linear(t, w)
+            if t is None:  # a copy: t is written in place below (a transpose of a weight with
+                # a dimension of 1 is already contiguous, so .contiguous() would be the weight)
+                t = w.detach().t().clone(memory_format=torch.contiguous_format).unsqueeze(1)
+            else:
+                t = kernels.linear(t, w)
             continue
         if t is None:
             t = torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1)
@@ -139,7 +143,7 @@ def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
     """The chain's modules and its output elements per sample, if NOTE [taylor chain] applies
     to the problem."""
     model = p.func
-    if not isinstance(model, nn.Sequential) or p.create_graph or p.has_aux:
+    if not fast.enabled() or not isinstance(model, nn.Sequential) or p.create_graph or p.has_aux:
         return None
     if p.container[0] != "tensor" or len(p.inputs) != 1:
         return None
