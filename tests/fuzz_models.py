@@ -266,13 +266,14 @@ def active_dropouts(model: nn.Module) -> bool:
     return any(type(m) is nn.Dropout and m.training and m.p > 0 for m in model.modules())
 
 
-def _replace(root: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> None:
+def replace(root: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> None:
+    """Replace, depth first, each submodule for which ``make`` returns a module."""
     for name, child in list(root.named_children()):
         new = make(child)
         if new is not None:
             setattr(root, name, new)
         else:
-            _replace(child, make)
+            replace(child, make)
 
 
 def record_masks(model: nn.Module, *args: Any) -> list[Tensor]:
@@ -283,7 +284,7 @@ def record_masks(model: nn.Module, *args: Any) -> list[Tensor]:
     def make(m: nn.Module) -> nn.Module | None:
         return _Record(m.p, store) if type(m) is nn.Dropout and m.training and m.p > 0 else None
 
-    _replace(rec, make)
+    replace(rec, make)
     with torch.no_grad():
         rec(*args)
     return store
@@ -296,5 +297,5 @@ def fix_masks(model: nn.Module, masks: list[Tensor]) -> nn.Module:
     def make(m: nn.Module) -> nn.Module | None:
         return _Fixed(next(it)) if type(m) is nn.Dropout and m.training and m.p > 0 else None
 
-    _replace(model, make)
+    replace(model, make)
     return model

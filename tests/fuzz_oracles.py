@@ -10,23 +10,64 @@ derivative.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
-from fuzz_models import fix_masks
+from fuzz_models import fix_masks, replace
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 F64 = torch.float64
 
 
+class _Norm(nn.Module):
+    """LayerNorm or BatchNorm from primitive ops: torch's fused kernels give wrong derivatives
+    of order 3 and up (their double backward treats the saved statistics as constants; pytorch
+    issues 175754 and 186256), which ``create_graph`` checks of Hessians need."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.layer = isinstance(m, nn.LayerNorm)
+        self.eps = m.eps
+        self.weight, self.bias = m.weight, m.bias
+        self.batch = not self.layer and (m.training or m.running_mean is None)
+        self.stats = None if self.layer or self.batch else (m.running_mean, m.running_var)
+        self.dims = len(m.normalized_shape) if self.layer else 0
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.layer:
+            dims = tuple(range(h.dim() - self.dims, h.dim()))
+            mean = h.mean(dims, keepdim=True)
+            var = (h - mean).square().mean(dims, keepdim=True)
+            return (h - mean) * (var + self.eps).rsqrt() * self.weight + self.bias
+        shape = (1, -1) + (1,) * (h.dim() - 2)  # channels at dim 1
+        if self.batch:
+            dims = (0, *range(2, h.dim()))
+            mean = h.mean(dims, keepdim=True)
+            var = (h - mean).square().mean(dims, keepdim=True)
+        else:
+            assert self.stats is not None
+            mean, var = self.stats[0].reshape(shape), self.stats[1].reshape(shape)
+        out = (h - mean) * (var + self.eps).rsqrt()
+        return out * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """torch.func warns where it lacks a batching rule (e.g. ``mish_backward``): not a defect."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        yield
+
+
 def oracle_model(model: nn.Module, masks: list[Tensor]) -> nn.Module:
-    """A float64 copy of ``model`` that computes the realisation the ``masks`` fix."""
+    """A float64 copy of ``model`` that computes the realisation the ``masks`` fix, its
+    normalisations written out (``_Norm``)."""
     m64 = fix_masks(copy.deepcopy(model), [m.to(F64) for m in masks]).to(F64)
-    for m in m64.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-            m.track_running_stats = False
+    norms = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+    replace(m64, lambda m: _Norm(m) if isinstance(m, norms) else None)
     for p in m64.parameters():
         p.requires_grad_(False)
     return m64
@@ -37,6 +78,7 @@ def x64(x: Tensor) -> Tensor:
     return x.detach().to(F64) if x.is_floating_point() else x.detach()
 
 
+@quiet()
 def input_derivatives(
     f: Callable[[Tensor], Tensor], x: Tensor, order: int, per_sample: bool, fixed_batch: bool
 ) -> Tensor:
@@ -64,6 +106,16 @@ def input_derivatives(
     return blocks.reshape(b, *out_rest, *rest, *rest)
 
 
+def size(module: Callable[[Tensor], Tensor], x: Tensor, per_sample: bool) -> tuple[int, int]:
+    """Output and input elements of ``module(x)`` (per sample: of one sample)."""
+    with torch.no_grad():
+        y = module(x64(x))
+    if per_sample:
+        return y[0].numel(), x[0].numel()
+    return y.numel(), x.numel()
+
+
+@quiet()
 def couples(f: Callable[[Tensor], Tensor], x: Tensor) -> bool:
     """Whether an output sample of ``f`` (batch at dim 0) depends on another input sample: a
     nonzero off-diagonal block of the float64 Jacobian."""
@@ -82,6 +134,7 @@ def diag_and_trace(h: Tensor, lead: int, x_rest: torch.Size) -> tuple[Tensor, Te
     return diag.reshape(*shape, *x_rest), diag.sum(-1)
 
 
+@quiet()
 def param_jacobians(module: nn.Module, names: list[str], *args: Tensor) -> dict[str, Tensor]:
     """``{name: out.shape + p.shape}`` of ``module(*args)`` for the parameters ``names``."""
     fixed = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers())}
@@ -106,6 +159,7 @@ def kernel(j1: dict[str, Tensor], j2: dict[str, Tensor], shapes: dict[str, torch
     return total
 
 
+@quiet()
 def graph_jacobians(
     module: nn.Module,
     x: Tensor,

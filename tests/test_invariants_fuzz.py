@@ -15,7 +15,18 @@ from typing import Any
 
 import pytest
 import torch
-from fuzz_cases import BATCHES, CHUNKS, FLOAT_FAMILIES, MODES, Case, cases, coupled
+from fuzz_cases import (
+    BATCHES,
+    CHUNKS,
+    FLOAT_FAMILIES,
+    MAX_ENTRIES,
+    MAX_PAIRS,
+    MEMORY,
+    MODES,
+    Case,
+    cases,
+    coupled,
+)
 from fuzz_harness import (
     FAST,
     FUZZ,
@@ -33,12 +44,13 @@ from fuzz_oracles import (
     kernel,
     oracle_model,
     param_jacobians,
+    size,
     with_params,
     x64,
 )
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
-from torch import Tensor
+from torch import Tensor, nn
 
 import torchjac as tj
 
@@ -82,7 +94,7 @@ def test_function_front_doors(name: str, fast: str, data: st.DataObject) -> None
     case: Case = data.draw(cases(FLOAT_FAMILIES, tuple(batches)), label="case")
     mode = data.draw(st.sampled_from(MODES), label="mode")
     chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
-    memory = data.draw(st.sampled_from([None, 4096]), label="max_memory") if chunk is None else None
+    memory = data.draw(st.sampled_from(MEMORY), label="max_memory") if chunk is None else None
     create_graph = data.draw(st.booleans(), label="create_graph")
     container = data.draw(st.sampled_from(["tensor", "tuple", "dict"]), label="container")
     grad_enabled = data.draw(st.booleans(), label="grad_enabled")
@@ -103,6 +115,8 @@ def test_function_front_doors(name: str, fast: str, data: st.DataObject) -> None
 
         masks = _masks(model, x)
         m64 = oracle_model(model, masks)
+        n_out, n_in = size(m64, x, bd is not None)
+        assume(n_out * n_in <= (MAX_ENTRIES if first else MAX_PAIRS))
         bn = bd is not None and coupled(model)  # BatchNorm in train mode: coupled...
         if bn and couples(as_function(case.arch, m64), x):
             checked_calls(make, grad_enabled, fast, error=(tj.BatchCouplingError, name))
@@ -156,7 +170,7 @@ def test_param_jacobian(fast: str, data: st.DataObject) -> None:
     batches = tuple(b for b in BATCHES if b is not None) if bd == 0 else BATCHES
     case: Case = data.draw(cases(ALL_FAMILIES, batches), label="case")
     chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
-    memory = data.draw(st.sampled_from([None, 4096]), label="max_memory") if chunk is None else None
+    memory = data.draw(st.sampled_from(MEMORY), label="max_memory") if chunk is None else None
     grad_enabled = data.draw(st.booleans(), label="grad_enabled")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(case.seed)
@@ -173,9 +187,9 @@ def test_param_jacobian(fast: str, data: st.DataObject) -> None:
             checked_calls(make, grad_enabled, fast, error=error)
             return
         masks = _masks(model, x)
-        got = checked_calls(
-            make, grad_enabled, fast, may_refuse=_random(bd, x, masks, "param_jacobian")
-        )
+        assume(_entries(case, model, module, names, x, masks) <= MAX_ENTRIES)
+        may = _random(bd, x, masks, "param_jacobian")
+        got = checked_calls(make, grad_enabled, fast, may_refuse=may)
         if got is REFUSED:
             return
     want = param_jacobians(as_module(case.arch, oracle_model(model, masks)), names, x)
@@ -190,7 +204,7 @@ def test_ntk(fast: str, data: st.DataObject) -> None:
     case: Case = data.draw(cases(ALL_FAMILIES), label="case")
     n2 = data.draw(st.sampled_from([None, 1, 3]), label="x2 samples") if case.batch else None
     chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
-    memory = data.draw(st.sampled_from([None, 4096]), label="max_memory") if chunk is None else None
+    memory = data.draw(st.sampled_from(MEMORY), label="max_memory") if chunk is None else None
     grad_enabled = data.draw(st.booleans(), label="grad_enabled")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(case.seed)
@@ -208,6 +222,7 @@ def test_ntk(fast: str, data: st.DataObject) -> None:
             checked_calls(make, grad_enabled, fast, error=(tj.BatchCouplingError, "ntk"))
             return
         m1 = _masks(model, x1)
+        assume(_entries(case, model, module, names, x1, m1) <= MAX_ENTRIES)
         m2 = m1 if x2 is None else _masks(model, x2)
         refusal = _unbatched_refusal(case, model, x1, m1)
         if refusal is not None:
@@ -232,6 +247,19 @@ def _random(bd: int | None, x: Tensor, masks: list[Tensor], name: str) -> tuple[
     if bd is None or not masks or x.dim() == 0 or x.shape[0] < 2:
         return None
     return tj.BatchCouplingError, f"{name}: .*dropout in train mode"
+
+
+def _entries(
+    case: Case,
+    model: nn.Module,
+    module: nn.Module,
+    names: list[str],
+    x: Tensor,
+    masks: list[Tensor],
+) -> int:
+    """Output elements times parameter elements: the size of the parameter Jacobian."""
+    n_out, _ = size(as_module(case.arch, oracle_model(model, masks)), x, False)
+    return n_out * sum(p.numel() for n, p in module.named_parameters() if n in names)
 
 
 def _other_batch(case: Case, n: int) -> Tensor:

@@ -14,7 +14,18 @@ from typing import Any
 
 import pytest
 import torch
-from fuzz_cases import BATCHES, CHUNKS, FLOAT_FAMILIES, MODES, Case, cases, coupled
+from fuzz_cases import (
+    BATCHES,
+    CHUNKS,
+    FLOAT_FAMILIES,
+    MAX_ENTRIES,
+    MAX_PAIRS,
+    MEMORY,
+    MODES,
+    Case,
+    cases,
+    coupled,
+)
 from fuzz_harness import (
     FAST,
     FUZZ,
@@ -25,8 +36,8 @@ from fuzz_harness import (
     draw_fast,
 )
 from fuzz_models import as_module, record_masks
-from fuzz_oracles import couples, graph_jacobians, oracle_model, x64
-from hypothesis import given
+from fuzz_oracles import couples, graph_jacobians, oracle_model, size, x64
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -52,7 +63,7 @@ def test_graph_front_doors(name: str, fast: str, data: st.DataObject) -> None:
     container = data.draw(st.sampled_from(["tensor", "tuple", "dict"]), label="container")
     options: dict[str, Any] = dict(batch_dim=bd, mode=data.draw(st.sampled_from(MODES)))
     options["chunk_size"] = chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
-    options["max_memory"] = data.draw(st.sampled_from([None, 4096])) if chunk is None else None
+    options["max_memory"] = data.draw(st.sampled_from(MEMORY)) if chunk is None else None
     options["retain_graph"] = data.draw(st.sampled_from([None, True, False]), label="retain")
     options["create_graph"] = data.draw(st.booleans(), label="create_graph")
     grad_enabled = data.draw(st.booleans(), label="grad_enabled")
@@ -67,6 +78,10 @@ def test_graph_front_doors(name: str, fast: str, data: st.DataObject) -> None:
         state = torch.get_rng_state()
         masks = record_masks(model, x.detach())
         m64 = as_module(case.arch, oracle_model(model, masks))
+        n_out, n_x = size(m64, x, bd is not None)
+        n_p = sum(params[n].numel() for n in names)
+        n_in = {"x": n_x, "params": n_p, "both": n_x + n_p}[wrt]
+        assume(n_out * n_in <= MAX_ENTRIES and n_out <= MAX_PAIRS)  # gramian: rows x rows
         a = _jac_outputs(m64, x, seq, k, case)
 
         def make() -> Any:
