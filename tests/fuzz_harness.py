@@ -184,6 +184,11 @@ def assert_differentiable(
 
     with quiet():
         ref = torch.func.grad(scalar)({k: v.detach().to(torch.float64) for k, v in leaves.items()})
+    depends = [k for k, r in ref.items() if bool(r.ne(0).any())]
+    detached = not any(t.grad_fn is not None for t in gots)
+    assert not (depends and detached), (
+        f"create_graph=True: the result has no graph, but depends on {depends}"
+    )
     for (name, r), got_g in zip(ref.items(), lib):
         got_g = torch.zeros_like(r) if got_g is None else got_g.to(torch.float64)
         assert_matches(got_g, r, dtype, f"d<R, result>/d{name} (create_graph=True)")
