@@ -2,7 +2,8 @@
 
 Profiles (``TORCHJAC_FUZZ_PROFILE``): ``ci`` (default; derandomized, so every run draws the same
 examples, within a minute on two cores with ``-n 2``) and ``long`` (``make fuzz``: random seeds,
-many more examples; hypothesis prints the seed to reproduce a failure).
+``TORCHJAC_FUZZ_EXAMPLES`` examples per test, default 400; a failure prints the blob to
+reproduce it with ``@reproduce_failure``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ settings.register_profile(
     suppress_health_check=_HEALTH,
 )
 settings.register_profile(
-    "fuzz-long", max_examples=400, deadline=None, print_blob=True, suppress_health_check=_HEALTH
+    "fuzz-long",
+    max_examples=int(os.environ.get("TORCHJAC_FUZZ_EXAMPLES") or 400),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_HEALTH,
 )
 FUZZ = settings.get_profile("fuzz-" + os.environ.get("TORCHJAC_FUZZ_PROFILE", "ci"))
 
