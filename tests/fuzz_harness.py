@@ -29,7 +29,7 @@ from torchjac._engine.fast import fast_paths
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile(
     "fuzz-ci",
-    max_examples=12,
+    max_examples=30,
     derandomize=True,
     database=None,
     deadline=None,
