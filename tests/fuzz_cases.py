@@ -17,8 +17,10 @@ from fuzz_models import ACTS, FNS, Arch
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-ACT_NAMES = sorted(ACTS) + sorted(FNS)
-STYLES = ("seq", "nested", "func", "lambda_seq", "lambda_func")
+# first the plainest choices (hypothesis shrinks towards them): the activations the fast paths
+# know, a plain Sequential
+ACT_NAMES = list(ACTS) + list(FNS)
+STYLES = ("seq", "seq", "nested", "func", "lambda_seq", "lambda_func")
 FLOAT_FAMILIES = ("mlp", "mlp", "conv1d", "conv2d")
 BATCHES = (None, 1, 2, 3, 12)
 MODES = ("auto", "rev", "fwd")
@@ -81,11 +83,11 @@ def _extras(draw: st.DrawFn, width: int, nd: int, bn: bool) -> list[tuple]:
     if draw(st.integers(0, 3)):
         out.append(("act", draw(st.sampled_from(ACT_NAMES))))
     r = draw(st.integers(0, 5))
-    if r == 0 and nd == 0 and width > 1:  # LayerNorm(1) is constant: its derivatives of order
+    if r == 1 and nd == 0 and width > 1:  # LayerNorm(1) is constant: its derivatives of order
         out.append(("layernorm", width))  # 2 and up are rounding noise times eps ** -k / 2
-    elif r == 1:
+    elif r == 2:
         out.append(("dropout", draw(st.sampled_from([0.0, 0.5]))))
-    elif r == 2 and bn:
+    elif r == 3 and bn:
         out.append(("batchnorm", width, max(nd, 1)))
     return out
 
@@ -112,7 +114,7 @@ def archs(draw: st.DrawFn, family: str, bn: bool) -> Arch:
     style = draw(st.sampled_from(STYLES))
     if family == "mlp":
         d0 = draw(st.sampled_from([1, 1, 2, 3, 5]))
-        head = [("scale_embed", 3, d0)] if draw(st.integers(0, 4)) == 0 else []
+        head = [("scale_embed", 3, d0)] if draw(st.integers(0, 4)) == 4 else []
         return Arch((*head, *draw(_mlp(d0, bn))), (d0,), style=style)
     if family == "embed":
         vocab, t, e = draw(st.sampled_from([2, 3, 5])), draw(st.integers(1, 3)), draw(_WIDTH)
@@ -153,9 +155,9 @@ def cases(
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
         seed=draw(st.integers(0, 2**16)),
         training=draw(st.booleans()),
-        flip=draw(st.integers(-1, 1)),
+        flip=draw(st.integers(0, 2)) - 1,
         grads=draw(st.booleans()),
-        frozen=draw(st.integers(0, 3)) == 0,
+        frozen=draw(st.integers(0, 3)) == 3,
     )
 
 

@@ -121,7 +121,7 @@ def test_function_front_doors(name: str, fast: str, data: st.DataObject) -> None
         if bn and couples(as_function(case.arch, m64), x):
             checked_calls(make, grad_enabled, fast, error=(tj.BatchCouplingError, name))
             return
-        # ... unless no output depends on another sample (LayerNorm(1) before it: constant)
+        # ... unless no output depends on another sample (e.g. dead ReLUs before it): may refuse
         may = (tj.BatchCouplingError, name) if bn else None
         got = checked_calls(make, grad_enabled, fast, may_refuse=may)
         if got is REFUSED:
