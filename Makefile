@@ -18,9 +18,29 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The documentation site (MkDocs, Material, mkdocstrings): warnings are errors.
+DOCS_STAMP := $(VENV)/.torchjac-docs-installed
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+.PHONY: docs bench-results
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# Measure every workload into benchmarks/results.json, then render RESULTS.md and the README table.
+bench-results: $(STAMP)
+	$(VENV)/bin/torchjac bench --threads 1 --memory --json benchmarks/results.json
+	$(PY) -m benchmarks.render
+
+# `make test` builds the docs as well (CI runs `make test`).
+test: docs
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check examples docs/*.py docs/_hooks
+	$(VENV)/bin/ruff format --check examples docs/*.py docs/_hooks
 	$(VENV)/bin/mypy
 
 # The oracle suites once more with every fast path off (NOTE [fast paths]): the general paths

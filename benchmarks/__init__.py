@@ -6,5 +6,6 @@ Each workload file builds its problem with fixed seeds, a reference result (floa
 affordable) and a list of strategies; the harness (:mod:`benchmarks._harness`) checks every
 strategy against the reference before timing it, times them in interleaved rounds and reports
 medians and ratios to the fastest peer (:mod:`benchmarks._report`). On a machine shared with
-other work, ``--threads 1`` gives the steadiest ratios.
+other work, ``--threads 1`` gives the steadiest ratios. ``python -m benchmarks.render`` turns the
+``--json`` file ``benchmarks/results.json`` into ``RESULTS.md`` and the README's table.
 """

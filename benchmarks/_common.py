@@ -9,7 +9,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["as_double", "flat_cat", "fork_rng", "mlp", "plain_params", "randn"]
+__all__ = [
+    "FunctionalMLP",
+    "as_double",
+    "flat_cat",
+    "fork_rng",
+    "mlp",
+    "plain_params",
+    "randn",
+    "styles",
+]
 
 
 def mlp(sizes: Sequence[int], activation: Callable[[], nn.Module], *, seed: int) -> nn.Sequential:
@@ -58,3 +67,29 @@ def plain_params(model: nn.Module) -> dict[str, Tensor]:
 def flat_cat(tensors: Sequence[Tensor], lead: int) -> Tensor:
     """Concatenate tensors ``[lead, *p]`` into ``[lead, sum p]``."""
     return torch.cat([t.reshape(lead, -1) for t in tensors], dim=1)
+
+
+class FunctionalMLP(nn.Module):
+    """The layers of an ``mlp`` written as users often write them: a module class whose
+    ``forward`` loops over an ``nn.ModuleList`` and calls a functional activation."""
+
+    def __init__(self, seq: nn.Sequential, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(m for m in seq if isinstance(m, nn.Linear))
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
+
+
+def styles(
+    f: nn.Sequential, activation: Callable[[Tensor], Tensor]
+) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+    """The same function in two more styles than the ``nn.Sequential``: a module class with a
+    functional ``forward``, and a lambda around the model that slices its output."""
+    return [
+        ("module class", FunctionalMLP(f, activation)),
+        ("lambda slicing the output", lambda x: f(x)[..., :]),
+    ]

@@ -12,7 +12,7 @@ from torch.autograd.functional import jacobian as ag_jacobian
 from torch.func import jacfwd, jacrev, vmap
 
 import torchjac as tj
-from benchmarks._common import as_double, mlp, randn
+from benchmarks._common import as_double, mlp, randn, styles
 from benchmarks._harness import Case, Strategy, Workload
 
 __all__ = ["WORKLOADS"]
@@ -67,6 +67,14 @@ def _build(small: bool) -> Case:
             "tj.jacobian(f, x, batch_dim=0)",
             lambda _: tj.jacobian(f, x, batch_dim=0),
             torchjac=True,
+        ),
+        *(
+            Strategy(
+                f"tj.jacobian, {style}",
+                lambda _, g=g: tj.jacobian(g, x, batch_dim=0),  # type: ignore[misc]
+                torchjac=True,
+            )
+            for style, g in styles(f, torch.tanh)
         ),
     ]
     size = f"MLP {'→'.join(map(str, sizes))} tanh, B={b}: [{b}, {sizes[-1]}, {sizes[0]}]"

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 import torchjac as tj
-from benchmarks._common import as_double, mlp, randn
+from benchmarks._common import as_double, mlp, randn, styles
 from benchmarks._harness import Case, Strategy, Workload
 
 __all__ = ["WORKLOADS"]
@@ -60,6 +60,10 @@ def _peers(f: nn.Module, x: Tensor, reduce: Callable[[Tensor], Tensor]) -> list[
     ]
 
 
+def _call(fn: Callable[..., Tensor], g: Callable[[Tensor], Tensor], x: Tensor) -> Callable:
+    return lambda _: fn(g, x, batch_dim=0)
+
+
 def _trace(d: Tensor) -> Tensor:
     return d.sum(-1)
 
@@ -77,6 +81,10 @@ def _build_laplacian(small: bool) -> Case:
             lambda _: tj.laplacian(f, x, batch_dim=0),
             torchjac=True,
         ),
+        *(
+            Strategy(f"tj.laplacian, {style}", _call(tj.laplacian, g, x), torchjac=True)
+            for style, g in styles(f, torch.tanh)
+        ),
     ]
     return Case(diag.sum(-1), strategies, f"{size}: [{x.shape[0]}, 1]")
 
@@ -89,6 +97,12 @@ def _build_diagonal(small: bool) -> Case:
             "tj.hessian_diagonal(f, x, batch_dim=0)",
             lambda _: tj.hessian_diagonal(f, x, batch_dim=0),
             torchjac=True,
+        ),
+        *(
+            Strategy(
+                f"tj.hessian_diagonal, {style}", _call(tj.hessian_diagonal, g, x), torchjac=True
+            )
+            for style, g in styles(f, torch.tanh)
         ),
     ]
     return Case(diag, strategies, f"{size}: [{x.shape[0]}, 1, {x.shape[1]}]")

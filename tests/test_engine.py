@@ -29,6 +29,8 @@ from torchjac._engine.run import run_chunks
         ("64KiB", 65_536),
         ("3b", 3),
         ("1TiB", 2**40),
+        (1.5e9, 1_500_000_000),  # a float number of bytes, rounded down
+        (4096.9, 4096),
     ],
 )
 def test_parse_memory(given, expected) -> None:
@@ -47,7 +49,9 @@ def test_parse_memory(given, expected) -> None:
         (0, ValueError),
         (-5, ValueError),
         ("0GB", ValueError),
-        (1.5e9, TypeError),
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (0.5, ValueError),
         (True, TypeError),
         ([512], TypeError),
     ],

@@ -205,9 +205,8 @@ def test_without_create_graph_the_result_is_detached(gen) -> None:
 # --- retain_graph defaults to create_graph, as in torch.autograd.grad ------------------------
 
 
-# NOTE [retain_graph] in graph_probes.py: the last pass frees the graph when it is not the first
-# vectorised one (a loop, or rows in several chunks); the first vectorised pass keeps it so that a
-# failure can be retried as a loop.
+# NOTE [retain_graph] in graph_release.py: the probes keep the graph and one release pass frees
+# it, whatever the plan (every plan: test_graph_retain.py).
 @pytest.mark.parametrize("chunk_size", [1, 2])
 def test_default_frees_the_graph_like_autograd(chunk_size: int, gen) -> None:
     x = randn(3, gen=gen, grad=True)

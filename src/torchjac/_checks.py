@@ -62,9 +62,10 @@ Container = tuple[str, tuple[str, ...]]
 
 
 def flatten_inputs(
-    fn: str, inputs: Any, arg: str = "inputs"
+    fn: str, inputs: Any, arg: str = "inputs", allow_empty: bool = False
 ) -> tuple[tuple[Tensor, ...], Container]:
-    """Tensor / iterable / mapping (str -> Tensor) -> (tensors, container)."""
+    """Tensor / iterable / mapping (str -> Tensor) -> (tensors, container); an empty sequence or
+    mapping is an error unless ``allow_empty``."""
     if isinstance(inputs, Tensor):
         return (inputs,), ("tensor", ())
     if isinstance(inputs, Mapping):
@@ -84,7 +85,7 @@ def flatten_inputs(
             f"{fn}: `{arg}` must be a Tensor, a sequence of Tensors or a mapping str -> Tensor, "
             f"got {describe(inputs)}."
         )
-    if not tensors:
+    if not tensors and not allow_empty:
         raise ValueError(f"{fn}: `{arg}` is empty; pass at least one Tensor.")
     for name, t in zip(names, tensors):
         require_tensor(fn, name, t)

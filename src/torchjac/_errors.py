@@ -5,7 +5,13 @@ from __future__ import annotations
 import warnings
 from contextvars import ContextVar
 
-__all__ = ["BatchCouplingError", "FallbackWarning", "fallback_scope", "warn_fallback"]
+__all__ = [
+    "BatchCouplingError",
+    "FallbackWarning",
+    "coupling_fix",
+    "fallback_scope",
+    "warn_fallback",
+]
 
 
 class BatchCouplingError(ValueError):
@@ -13,6 +19,21 @@ class BatchCouplingError(ValueError):
 
     Typical causes: BatchNorm in train mode, ``x - x.mean(0)``, attention across the batch.
     """
+
+
+def coupling_fix(fn_name: str) -> str:
+    """The last sentence of a ``BatchCouplingError``: what works instead of ``batch_dim``.
+
+    ``ntk`` has no full-Jacobian mode (its ``batch_dim`` cannot be dropped): the kernel of a
+    coupled batch is the Gramian of the whole batch's output.
+    """
+    if fn_name == "ntk":
+        return (
+            "ntk needs independent samples; the kernel of a coupled batch is the Gramian of its "
+            "whole output: tj.gramian(model(x1), list(model.parameters())) gives "
+            "[N1, *out, N1, *out]."
+        )
+    return "Drop `batch_dim` to get the full Jacobian instead."
 
 
 class FallbackWarning(UserWarning):

@@ -131,7 +131,7 @@ def jacobian(
     mode: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     create_graph: bool = False,
 ) -> Any:
     r"""Jacobian of ``func`` at ``inputs``: :math:`J_{ij} = \partial f_i / \partial x_j`.
@@ -202,7 +202,7 @@ def hessian(
     mode: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     create_graph: bool = False,
 ) -> Any:
     r"""Hessian of ``func``: :math:`H_{oij} = \partial^2 f_o / \partial x_i \partial x_j`.
@@ -258,7 +258,7 @@ def hessian_diagonal(
     mode: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     create_graph: bool = False,
 ) -> Any:
     r"""Diagonal of the Hessian: :math:`d_{oi} = \partial^2 f_o / \partial x_i^2`, exactly.
@@ -289,7 +289,7 @@ def laplacian(
     mode: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     create_graph: bool = False,
 ) -> Any:
     r"""Laplacian: :math:`\Delta f_o = \sum_i \partial^2 f_o / \partial x_i^2` over all inputs.

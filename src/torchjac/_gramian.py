@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from torchjac._engine.gram_graph import graph_gramian
+from torchjac._engine.graph_release import keep_retained_grads
 from torchjac._errors import fallback_scope
 from torchjac._graph_args import graph_call
 
@@ -20,7 +22,7 @@ def gramian(
     batch_dim: int | None = None,
     mode: str = "auto",
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     retain_graph: bool | None = None,
     create_graph: bool = False,
     allow_unused: bool = False,
@@ -44,16 +46,18 @@ def gramian(
     Args:
         outputs: a Tensor or a sequence of Tensors on the autograd graph.
         inputs: a Tensor, an iterable of Tensors or a mapping ``str -> Tensor``, each requiring
-            grad; their blocks are summed.
+            grad; their blocks are summed (none: the zero matrix).
         batch_dim: the batch dimension shared by all outputs and inputs; samples must be
             independent, which is checked (one backward pass): ``BatchCouplingError`` otherwise.
         mode: how each block of ``J`` is probed: ``"auto"`` (fewest probes), ``"rev"`` (rows)
             or ``"fwd"`` (columns by double backward).
         chunk_size: probes per vectorised pass; ``1`` is a plain loop. Default: from
             ``max_memory``.
-        max_memory: bytes (int) or a string like ``"512MiB"``; default: a quarter of the free
+        max_memory: bytes (a number) or a string like ``"512MiB"``; default: a quarter of the free
             memory of the device. Half of it holds blocks of ``J``, the rest the probes.
-        retain_graph: keep the graph of ``outputs`` for later use; default ``create_graph``.
+        retain_graph: keep the graph of ``outputs`` for later use; default ``create_graph``,
+            as in ``torch.autograd.grad``. ``False`` frees it by the time the call returns: pass
+            ``True`` to call ``backward`` through the outputs afterwards (example below).
         create_graph: make the result differentiable.
         allow_unused: an input the outputs do not depend on adds nothing (default: an error).
 
@@ -70,6 +74,19 @@ def gramian(
         >>> x = torch.randn(5, 3, requires_grad=True)
         >>> tj.gramian(x.sin(), x, batch_dim=0).shape  # per sample: [B, out, out]
         torch.Size([5, 3, 3])
+
+        Multi-task training: weigh the tasks from the Gramian of their losses on the shared
+        parameters, then backward through the same losses, so the graph must be kept:
+
+        >>> shared = torch.nn.Linear(3, 4)
+        >>> heads = [torch.nn.Linear(4, 1) for _ in range(2)]
+        >>> features = shared(torch.randn(8, 3)).tanh()
+        >>> losses = torch.stack([head(features).pow(2).mean() for head in heads])
+        >>> g = tj.gramian(losses, list(shared.parameters()), retain_graph=True)  # [2, 2]
+        >>> weights = 1 / g.diagonal().sqrt().clamp_min(1e-12)  # each task's gradient at norm 1
+        >>> losses.backward(weights)
+        >>> shared.weight.grad.shape
+        torch.Size([4, 3])
     """
     call = graph_call(
         "gramian",
@@ -86,9 +103,14 @@ def gramian(
         unused_means="to let it add nothing",
     )
     problem, single = call.problem, call.single
-    with fallback_scope():  # several blocks may each fall back: warn once
-        gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
     g_out = problem.out_group
+    if not problem.inputs:  # no columns: the zero matrix of the rows
+        bsz, m = g_out.batch_size, g_out.numel
+        gram = torch.zeros(bsz, m, m, dtype=problem.dtype, device=problem.device)
+    else:
+        keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
+        with keep, fallback_scope():  # several blocks may each fall back: warn once
+            gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
     rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)
     if problem.batch_dim is None:
         return gram.reshape((*rows, *rows))

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from torchjac._checks import unflatten
 from torchjac._engine.graph_probes import GraphProblem, solve
+from torchjac._engine.graph_release import keep_retained_grads
 from torchjac._graph_args import graph_call
 
 __all__ = ["jac"]
@@ -24,7 +25,7 @@ def jac(
     batch_dim: int | None = None,
     mode: str = "auto",
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     retain_graph: bool | None = None,
     create_graph: bool = False,
     allow_unused: bool = False,
@@ -44,7 +45,7 @@ def jac(
     Args:
         outputs: a Tensor or a sequence of Tensors on the autograd graph.
         inputs: a Tensor, an iterable of Tensors or a mapping ``str -> Tensor``, each requiring
-            grad.
+            grad; an empty one gives ``()`` or ``{}``.
         jac_outputs: left factor, ``[k] + outputs.shape`` (see above). Default: the identity.
         batch_dim: the batch dimension shared by all outputs and inputs; samples must be
             independent, which is checked (one backward pass): ``BatchCouplingError`` otherwise.
@@ -52,11 +53,12 @@ def jac(
             ``"rev"`` (rows, vector-Jacobian products) or ``"fwd"`` (columns).
         chunk_size: probes per vectorised pass; ``1`` is a plain loop. Default: chosen from
             ``max_memory``.
-        max_memory: bytes (int) or a string like ``"512MiB"``; default: a quarter of the free
+        max_memory: bytes (a number) or a string like ``"512MiB"``; default: a quarter of the free
             memory of the device.
-        retain_graph: keep the graph of ``outputs`` for later use; default ``create_graph``.
-            ``False`` lets torchjac free the graph on its last pass; it does so when the rows
-            take several passes or a loop, otherwise the graph goes with the outputs.
+        retain_graph: keep the graph of ``outputs`` for later use; default ``create_graph``,
+            as in ``torch.autograd.grad``. ``False`` frees it by the time the call returns,
+            whatever the plan, as ``torch.autograd.grad(outputs, inputs)`` does: pass ``True``
+            to call ``backward`` through the outputs afterwards.
         create_graph: make the result differentiable (for higher-order derivatives).
         allow_unused: zeros for an input the outputs do not depend on (default: an error).
 
@@ -71,6 +73,8 @@ def jac(
         >>> x = torch.randn(5, 3, requires_grad=True)
         >>> tj.jac(x.sin(), x, batch_dim=0).shape  # per sample: [B, out, in]
         torch.Size([5, 3, 3])
+        >>> tj.jac(x.sin(), []), tj.jac(x.sin(), {})  # no inputs: nothing to compute
+        ((), {})
     """
     call = graph_call(
         "jac",
@@ -87,9 +91,12 @@ def jac(
         unused_means="to get zeros for it",
     )
     problem = call.problem
+    if not problem.inputs:  # nothing to compute: () or {}
+        return unflatten(call.container, [])
     # create_graph=True under torch.no_grad(): differentiable, as with torch.autograd.grad
     enable = problem.create_graph and not torch.is_grad_enabled()
-    with torch.enable_grad() if enable else contextlib.nullcontext():
+    keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
+    with keep, torch.enable_grad() if enable else contextlib.nullcontext():
         flat = solve(problem, call.mode, call.chunk_size, call.budget)
         shaped = [_shape(problem, j, r, call.single) for j, r in enumerate(flat)]
         return unflatten(call.container, shaped)

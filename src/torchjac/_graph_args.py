@@ -61,7 +61,7 @@ def graph_call(
 ) -> GraphCall:
     """Validate every argument before any work; ``unused_means`` completes the unused-input fix."""
     outs, single = flatten_outputs(fn, outputs)
-    ins, container = flatten_inputs(fn, inputs)
+    ins, container = flatten_inputs(fn, inputs, allow_empty=True)  # nothing to compute: no error
     names = input_names(container, len(ins))
     out_names = ("outputs",) if single else tuple(f"outputs[{i}]" for i in range(len(outs)))
     mode = check_mode(fn, mode)
@@ -97,6 +97,7 @@ def graph_call(
                     f"{fn}: the outputs do not depend on {name}. Pass allow_unused=True "
                     f"{unused_means}, or remove it from `inputs`."
                 )
+    out_group = Group.of(outs, batch_dim)
     problem = GraphProblem(
         fn_name=fn,
         outputs=outs,
@@ -104,11 +105,12 @@ def graph_call(
         input_names=names,
         used=tuple(used),
         jac_outputs=jos,
-        out_group=Group.of(outs, batch_dim),
-        in_group=Group.of(ins, batch_dim),
+        out_group=out_group,
+        in_group=Group.of(ins, batch_dim) if ins else Group((), (), out_group.batch_size),
         batch_dim=batch_dim,
         create_graph=create_graph,
         retain_graph=create_graph if retain_graph is None else bool(retain_graph),
+        retained=tuple(t for t in (*outs, *ins) if t.retains_grad),
     )
     return GraphCall(problem, container, single, mode, chunk_size, budget)
 
@@ -131,16 +133,21 @@ def _check_jac_outputs(
         raise ValueError(
             f"{fn}: `jac_outputs` must have one Tensor per output ({len(outs)}), got {len(jos)}."
         )
-    k = None
     for i, (a, y) in enumerate(zip(jos, outs)):
         if not isinstance(a, Tensor):
             raise TypeError(f"{fn}: `jac_outputs[{i}]` must be a Tensor, got {describe(a)}.")
-        if a.dim() != y.dim() + 1 or a.shape[1:] != y.shape or (k is not None and a.shape[0] != k):
+        if a.dim() != y.dim() + 1 or a.shape[1:] != y.shape:
             want = f"[k, {', '.join(map(str, y.shape))}]" if y.dim() else "[k]"
             raise ValueError(
                 f"{fn}: `jac_outputs` {'' if single else f'[{i}] '}must have shape {want} "
-                f"(k rows, then the shape of the output), with the same k for every output; "
-                f"got {list(a.shape)}."
+                f"(k rows, then the shape of the output), got {list(a.shape)}."
             )
-        k = a.shape[0]
+    ks = [a.shape[0] for a in jos]
+    if len(set(ks)) > 1:
+        i = next(i for i, k in enumerate(ks) if k != ks[0])
+        raise ValueError(
+            f"{fn}: every Tensor of `jac_outputs` must have the same number of rows k (its first "
+            f"dimension), but jac_outputs[0] has k={ks[0]} (shape {list(jos[0].shape)}) and "
+            f"jac_outputs[{i}] has k={ks[i]} (shape {list(jos[i].shape)})."
+        )
     return tuple(a.to(device=y.device) for a, y in zip(jos, outs))

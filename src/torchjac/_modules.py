@@ -12,7 +12,7 @@ from torchjac._checks import check_batch_dim, check_chunk_size, describe
 from torchjac._engine.layers import model_state, no_side_effects
 from torchjac._engine.param_probes import full_jacobian, per_sample_jacobian
 from torchjac._engine.plan import memory_budget
-from torchjac._errors import BatchCouplingError
+from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["param_jacobian"]
 
@@ -23,7 +23,7 @@ def param_jacobian(
     params: Iterable[str | Tensor] | str | Tensor | None = None,
     batch_dim: int | None = None,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     r"""Jacobian of ``model(*args, **kwargs)`` with respect to the model's parameters.
@@ -184,6 +184,5 @@ def _check_batchnorm(fn: str, model: nn.Module, batch_dim: int) -> None:
             raise BatchCouplingError(
                 f"{fn}: `batch_dim={batch_dim}` declares the samples independent, but "
                 f"{where} ({type(m).__name__}) is in train mode, where it normalises with "
-                "statistics of the whole batch. Call model.eval() first, or drop `batch_dim` to "
-                "get the full Jacobian."
+                f"statistics of the whole batch. Call model.eval() first. {coupling_fix(fn)}"
             )

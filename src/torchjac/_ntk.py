@@ -25,7 +25,7 @@ def ntk(
     params: Iterable[str | nn.Parameter] | None = None,
     batch_dim: int = 0,
     chunk_size: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: float | str | None = None,
 ) -> Tensor:
     r"""Empirical neural tangent kernel :math:`K = J_1 J_2^\top` of ``model``'s parameters.
 
@@ -130,7 +130,8 @@ def _check_x(fn: str, arg: str, x: object, batch_dim: int) -> tuple[Tensor, ...]
         if not -t.dim() <= batch_dim < t.dim():
             raise ValueError(
                 f"{fn}: `batch_dim={batch_dim}` is out of range for {name} with shape "
-                f"{list(t.shape)}."
+                f"{list(t.shape)}: the input needs a batch dimension there (samples along "
+                f"`batch_dim`). For one sample, pass {name}.unsqueeze({batch_dim})."
             )
         first = xs[0]
         assert isinstance(first, Tensor)

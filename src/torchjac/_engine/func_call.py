@@ -45,6 +45,7 @@ class FuncProblem:
     create_graph: bool
     single: bool = True  # set by the first call: the function returned one Tensor
     state: CallState | None = None  # NOTE [one draw per call], set while a public call runs
+    chain: Any = None  # NOTE [chain from operations]: a Chain, False (none), None (not looked)
 
     @property
     def dtype(self) -> torch.dtype:

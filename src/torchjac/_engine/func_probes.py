@@ -158,6 +158,7 @@ def solve_jacobian(
         except TaylorFailed as err:
             if not err.quiet:
                 warn_fallback(p.fn_name, "Taylor-mode propagation could not follow func", err)
+            mode = "rev" if err.reverse else mode  # NOTE [unreliable nested forward]
     if t is None:
         t = autograd_trace(p, check_batch)
     return _probes_on_trace(p, t, "fwd" if mode != "rev" else "rev", chunk_size, budget), t

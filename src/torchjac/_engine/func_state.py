@@ -47,7 +47,10 @@ class CallState:
         self._cuda_rng = [torch.cuda.get_rng_state(d) for d in self._cuda]
         seen: set[int] = set()
         self._buffers: list[tuple[Tensor, Tensor]] = []
-        for module in reachable_modules(func):
+        modules = reachable_modules(func)
+        # whether func reaches a parameter: a model, worth NOTE [chain from operations]
+        self.runs_a_model = any(next(m.parameters(False), None) is not None for m in modules)
+        for module in modules:
             for buf in module.buffers():
                 if id(buf) not in seen:
                     seen.add(id(buf))

@@ -22,6 +22,7 @@ from torch import Tensor
 from torchjac._engine.basis import Group
 from torchjac._engine.graph_ghost import find_ghost_layers, ghost_gramian
 from torchjac._engine.graph_probes import GraphProblem, solve
+from torchjac._engine.graph_release import release_graph, retained_batch_hint
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 
@@ -29,8 +30,19 @@ __all__ = ["graph_gramian"]
 
 
 def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> Tensor:
-    """Per-sample Gramian ``[B, m, m]`` (``B = 1`` without ``batch_dim``) of ``problem``."""
-    p = problem
+    """Per-sample Gramian ``[B, m, m]`` (``B = 1`` without ``batch_dim``) of ``problem``.
+
+    Every block keeps the graph; it is freed once, at the end (NOTE [retain_graph]).
+    """
+    kept = dataclasses.replace(problem, retain_graph=True)
+    with retained_batch_hint(problem.fn_name):
+        gram = _gramian(kept, mode, chunk_size, budget)
+    if not problem.retain_graph:
+        release_graph(problem.outputs, problem.used_inputs)
+    return gram
+
+
+def _gramian(p: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> Tensor:
     p.check_coupling()
     if p.batch_dim is None and not p.create_graph and mode != "fwd":
         ghosts = find_ghost_layers(p)  # NOTE [graph ghost]
@@ -55,17 +67,15 @@ def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budg
         filled += block_bytes[j]
     if group:
         plan.append(("group", group, filled))
-    for step, (kind, js, held) in enumerate(plan):
-        last = step == len(plan) - 1  # NOTE [retain_graph]: only the last solve may free it
+    for kind, js, held in plan:
         if kind == "stream":
             gram = gram + _streamed(p, js[0], chunk_size, half)
         else:
-            sub = _subproblem(p, js, p.retain_graph or not last)
-            gram = gram + _grouped(sub, mode, chunk_size, budget - held)
+            gram = gram + _grouped(_subproblem(p, js), mode, chunk_size, budget - held)
     return gram
 
 
-def _subproblem(p: GraphProblem, group: list[int], retain_graph: bool = True) -> GraphProblem:
+def _subproblem(p: GraphProblem, group: list[int]) -> GraphProblem:
     ins = tuple(p.inputs[j] for j in group)
     return dataclasses.replace(
         p,
@@ -74,7 +84,6 @@ def _subproblem(p: GraphProblem, group: list[int], retain_graph: bool = True) ->
         used=tuple(True for _ in group),
         in_group=Group.of(ins, p.batch_dim),
         batch_dim=None,  # coupling already checked for all inputs; the groups keep the layout
-        retain_graph=retain_graph,
     )
 
 

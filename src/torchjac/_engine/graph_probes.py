@@ -6,11 +6,8 @@ in ``u``, so a backward pass of ``g`` with cotangent ``v`` gives ``d/du <g(u), v
 column per probe. It needs every backward on the path to be differentiable; when one is not, the
 rows are computed instead (one ``FallbackWarning``).
 
-NOTE [retain_graph]: ``retain_graph=False`` (the default, as in ``torch.autograd.grad``) lets the
-last backward pass free the graph. The first vectorised pass always keeps it, since a failure
-there is retried as a loop (NOTE [fallback]); so rows computed in a single vectorised pass, and
-columns (whose double backward runs on a graph built from the original one), leave the graph to
-be freed with the outputs, like any tensor. Nothing is ever freed while ``retain_graph=True``.
+NOTE [retain_graph] (in ``graph_release``): probes always keep the graph; ``solve`` frees it
+once they are done, when ``retain_graph=False``.
 """
 
 from __future__ import annotations
@@ -24,7 +21,9 @@ import torch
 from torch import Tensor
 
 from torchjac._engine import kernels
+from torchjac._engine.attention import FIX, names_fused_attention
 from torchjac._engine.basis import Group
+from torchjac._engine.graph_release import release_graph, retained_batch_hint
 from torchjac._engine.lean_vmap import batched_grad
 from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import FinalError, run_chunks
@@ -32,24 +31,6 @@ from torchjac._engine.structure import check_independent, reachable
 from torchjac._errors import fallback_scope, warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
-
-
-class Releaser:
-    """When a pass may free the graph: NOTE [retain_graph].
-
-    The last pass frees it (``retain_graph=False``) unless it is the first vectorised pass, which
-    must keep the graph so that a failure can still be retried as a loop (NOTE [fallback]).
-    """
-
-    def __init__(self, n_probes: int, retain_graph: bool) -> None:
-        self.n_probes, self.retain_graph, self.vectorised_ok = n_probes, retain_graph, False
-
-    def retain(self, stop: int, batched: bool) -> bool:
-        first_vectorised = batched and not self.vectorised_ok
-        return self.retain_graph or stop < self.n_probes or first_vectorised
-
-    def succeeded(self, batched: bool) -> None:
-        self.vectorised_ok = self.vectorised_ok or batched
 
 
 @dataclass(frozen=True)
@@ -67,6 +48,7 @@ class GraphProblem:
     batch_dim: int | None
     create_graph: bool
     retain_graph: bool
+    retained: tuple[Tensor, ...] = ()  # retain_grad() outputs and inputs: NOTE [retain_grad]
 
     @property
     def n_rows(self) -> int:
@@ -80,6 +62,10 @@ class GraphProblem:
         for t in (*self.outputs, *self.inputs):
             dtype = torch.promote_types(dtype, t.dtype)
         return dtype
+
+    @property
+    def used_inputs(self) -> tuple[Tensor, ...]:
+        return tuple(x for x, u in zip(self.inputs, self.used) if u)
 
     @property
     def device(self) -> torch.device:
@@ -112,9 +98,9 @@ class GraphProblem:
         cotangents: Sequence[Tensor],
         batched: bool,
         create_graph: bool | None = None,
-        retain_graph: bool = True,
     ) -> tuple[Tensor | None, ...]:
-        """``autograd.grad`` with a leading probe dimension on cotangents and results.
+        """``autograd.grad`` with a leading probe dimension on cotangents and results; the graph
+        is kept (NOTE [retain_graph]).
 
         NOTE [vmap over the graph]: batched probes run functorch's vmap over
         ``torch.autograd.grad`` on the existing graph, not ``is_grads_batched`` (the legacy vmap):
@@ -125,19 +111,24 @@ class GraphProblem:
         An input the outputs do not reach gets ``None`` on both paths.
         """
         cg = self.create_graph if create_graph is None else create_graph
-        outs, ins, retain = list(outputs), list(inputs), retain_graph or cg
+        outs, ins = list(outputs), list(inputs)
+        for t in self.retained:  # NOTE [retain_grad]: a pass never adds to an earlier one's
+            t.grad = None
         if not batched:
             grads = torch.autograd.grad(
-                outs, ins, [c[0] for c in cotangents], retain, cg, allow_unused=True
+                outs, ins, [c[0] for c in cotangents], True, cg, allow_unused=True
             )
             return tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        return batched_grad(outs, ins, list(cotangents), retain, cg)
+        return batched_grad(outs, ins, list(cotangents), True, cg)
 
 
 def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
     """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
-    with fallback_scope():  # NOTE [fallback]: one warning per call, however many paths fail
-        return _solve(problem, mode, chunk_size, budget)
+    with fallback_scope(), retained_batch_hint(problem.fn_name):  # NOTE [fallback]
+        result = _solve(problem, mode, chunk_size, budget)
+    if not problem.retain_graph:  # NOTE [retain_graph]
+        release_graph(problem.outputs, problem.used_inputs)
+    return result
 
 
 def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
@@ -166,7 +157,10 @@ def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int
                 return _columns(p, chunks(n_cols))
             except RuntimeError as err:
                 # one FallbackWarning per call: a later vmap -> loop one is dropped (fallback_scope)
-                warn_fallback(p.fn_name, "columns by double backward failed, computed rows", err)
+                what = "columns by double backward failed, computed rows"
+                if names_fused_attention(err):  # NOTE [fused attention]
+                    what += f"; for columns, {FIX}"
+                warn_fallback(p.fn_name, what, err)
         return _rows(p, chunks(p.n_rows))
 
 
@@ -186,7 +180,6 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
     store: list[Tensor | None] = [
         None if j in live else _storage(p, dims[j], j) for j in range(len(dims))
     ]
-    release = Releaser(p.n_rows, p.retain_graph)
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
         if p.jac_outputs is not None:
@@ -196,10 +189,7 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
             basis = p.out_group.one_hot(start, stop, p.dtype, p.device)
             sel = [i for i, b in enumerate(basis) if b is not None]
             cots = [basis[i].to(outs[i].dtype) for i in sel]  # type: ignore[union-attr]
-        retain = release.retain(stop, batched)
-        grads = p.grad([outs[i] for i in sel], [ins[j] for j in live], cots, batched, None, retain)
-        release.succeeded(batched)
-        return grads
+        return p.grad([outs[i] for i in sel], [ins[j] for j in live], cots, batched)
 
     def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(live, grads):
@@ -254,7 +244,6 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         )
         for j, n in enumerate(g_in.sizes)
     ]
-    release = Releaser(g_in.numel, p.retain_graph)
     left = None
     if p.jac_outputs is not None:  # [k, B, m_i] per output
         left = [g_out.probe_major(i, a).to(p.dtype) for i, a in enumerate(p.jac_outputs)]
@@ -265,10 +254,8 @@ def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
         if not sel:
             return tuple(None for _ in outs)
         tangents = [basis[j].to(p.inputs[j].dtype) for j in sel]  # type: ignore[union-attr]
-        retain = release.retain(stop, batched)
-        jv = p.grad([trans[j] for j in sel], dummies, tangents, batched, None, retain)
+        jv = p.grad([trans[j] for j in sel], dummies, tangents, batched)
         check(jv)
-        release.succeeded(batched)
         return jv
 
     def write(start: int, stop: int, jv: tuple[Tensor | None, ...]) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torchjac._engine.closed_forms import Use
 from torchjac._engine.layers import Capture
 from torchjac._engine.structure import sample_masks
-from torchjac._errors import BatchCouplingError
+from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["CouplingCheck", "deltas"]
 
@@ -143,6 +143,5 @@ def _raise_coupled(fn_name: str, batch_dim: int, where: str) -> None:
         f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only on "
         f"sample i, but the outputs depend on other samples through {where}. Samples are "
         "coupled, e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
-        "`x - x.mean(0)`, or attention across the batch. Drop `batch_dim` to get the full "
-        "Jacobian instead."
+        f"`x - x.mean(0)`, or attention across the batch. {coupling_fix(fn_name)}"
     )

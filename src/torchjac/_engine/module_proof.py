@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
     "DROPOUTS",
+    "as_torch_calls",
     "inactive_dropout",
     "layer_params_like",
     "plain_chain",
@@ -145,13 +146,13 @@ def proven_per_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: in
     rank = args[0].dim()
     if rank < 2 or batch_dim % rank != 0:
         return False
-    if not _as_torch_calls():
+    if not as_torch_calls():
         return False
     out = _walk(model, rank)  # the output keeps the batch at batch_dim too (a negative one too)
     return out is not None and batch_dim % out == 0
 
 
-def _as_torch_calls() -> bool:
+def as_torch_calls() -> bool:
     """No global module hooks and no torch-function or dispatch mode: a module call is its
     ``forward``."""
     if any(getattr(module_globals, g, None) for g in _GLOBAL_HOOKS):
@@ -164,7 +165,7 @@ def plain_chain(model: nn.Module) -> list[nn.Module] | None:
     """The modules of an ``nn.Sequential`` in call order, nested ones flattened, when each is
     called as torch defines it (NOTE [sequential proof]: exact listed types, no hooks, no
     patched ``forward``, no torch-function or dispatch mode); else ``None``."""
-    if not _as_torch_calls():
+    if not as_torch_calls():
         return None
     out: list[nn.Module] = []
 

@@ -62,16 +62,21 @@ def run_side(
     proven = proven_per_sample(model, tuple(xs), {}, batch_dim)  # before any hook of ours
     cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn)
     out = cap.output
+    unbatched = (
+        f" If {arg} (shape {list(xs[0].shape)}) is one sample without a batch dimension, pass "
+        f"{arg}.unsqueeze({batch_dim}): ntk needs the input batched at `batch_dim={batch_dim}`."
+    )
     if not out.is_floating_point() or out.dim() == 0 or not -out.dim() <= batch_dim < out.dim():
         raise ValueError(
             f"{fn}: the model must return a floating Tensor with the batch at dim {batch_dim}; "
-            f"for {arg} it returned {describe(out)}."
+            f"for {arg} it returned {describe(out)}.{unbatched if out.is_floating_point() else ''}"
         )
     group = Group.of([out], batch_dim)
     if group.batch_size != xs[0].shape[batch_dim]:
         raise ValueError(
             f"{fn}: the model's output has {group.batch_size} samples at dim {batch_dim} but "
             f"{arg} has {xs[0].shape[batch_dim]}; the batch must be kept at `batch_dim`."
+            f"{unbatched}"
         )
     names = {m: n for n, m in model.named_modules()}
     tags = [arg] if len(xs) == 1 else [f"{arg}[{i}]" for i in range(len(xs))]
@@ -173,7 +178,7 @@ def _general(
 ) -> Make:
     """Per-sample Jacobians ``[N, c, P]`` of ``names`` (concatenated) for a chunk of probes, on
     the general path (NOTE [general per-sample path])."""
-    problem = SampleProblem(model, state, names, side.args, {}, batch_dim, side.cap.output)
+    problem = SampleProblem(model, state, names, side.args, {}, batch_dim, side.cap.output, fn)
     out = side.cap.output
     if not side.proven:
         problem.check_alone(out, fn, batch_dim)  # couplings only through these parameters

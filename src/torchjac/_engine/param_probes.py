@@ -59,7 +59,7 @@ def full_jacobian(
         in_group=Group.of(leaves, None),
         batch_dim=None,
         create_graph=False,
-        retain_graph=False,
+        retain_graph=True,  # our own graph: it goes with `out` (no release pass)
     )
     flat = solve(problem, "auto", chunk_size, budget)
     return {
@@ -135,7 +135,11 @@ def _fill(
     closed = [name for name in state.names if name not in cap.general]
     uses = [u for u in cap.uses if (u.weight in closed) or (u.bias in closed)]
     live = {id(u) for u in uses}
-    sample = SampleProblem(model, state, general, args, kwargs, batch_dim, out) if general else None
+    sample = (
+        SampleProblem(model, state, general, args, kwargs, batch_dim, out, check.fn_name)
+        if general
+        else None
+    )
     group = Group.of([out], batch_dim)
     n, n_out = targets[state.names[0]].shape[:2]
     item = out.dtype.itemsize

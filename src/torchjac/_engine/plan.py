@@ -9,6 +9,7 @@ double backward (``d/du <J^T u, v>``), which costs about two backward passes plu
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import time
@@ -68,14 +69,23 @@ class Plan:
     chunk_size: int
 
 
-def parse_memory(fn: str, max_memory: int | str | None) -> int | None:
-    """``512MiB``, ``"2 GB"``, ``10**9`` -> bytes; ``None`` stays ``None``."""
+def parse_memory(fn: str, max_memory: float | str | None) -> int | None:
+    """``512MiB``, ``"2 GB"``, ``10**9``, ``1.5e9`` -> bytes (rounded down); ``None`` stays."""
     if max_memory is None:
         return None
     if isinstance(max_memory, bool):
-        raise TypeError(f"{fn}: `max_memory` must be bytes (int) or a string like '512MiB'.")
+        raise TypeError(
+            f"{fn}: `max_memory` must be a number of bytes or a string like '512MiB', got bool."
+        )
     if isinstance(max_memory, int):
         value = max_memory
+    elif isinstance(max_memory, float):
+        if not math.isfinite(max_memory):
+            raise ValueError(
+                f"{fn}: `max_memory` must be a finite number of bytes, got {max_memory!r}. "
+                "Pass None for the default (a share of the free memory)."
+            )
+        value = int(max_memory)
     elif isinstance(max_memory, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", max_memory)
         unit = match.group(2).lower() if match else None
@@ -87,11 +97,13 @@ def parse_memory(fn: str, max_memory: int | str | None) -> int | None:
         value = int(float(match.group(1)) * _UNITS[unit])
     else:
         raise TypeError(
-            f"{fn}: `max_memory` must be bytes (int) or a string like '512MiB', "
+            f"{fn}: `max_memory` must be a number of bytes or a string like '512MiB', "
             f"got {type(max_memory).__name__}."
         )
     if value <= 0:
-        raise ValueError(f"{fn}: `max_memory` must be positive, got {max_memory!r}.")
+        raise ValueError(
+            f"{fn}: `max_memory` must be positive (at least 1 byte), got {max_memory!r}."
+        )
     return value
 
 
@@ -125,7 +137,7 @@ def _read_free(device: torch.device) -> int:
     return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages > 0 else 4 * 2**30
 
 
-def memory_budget(fn: str, max_memory: int | str | None, device: torch.device) -> int:
+def memory_budget(fn: str, max_memory: float | str | None, device: torch.device) -> int:
     """The bytes a call may spend on probes: ``max_memory`` or a safe share of free memory."""
     parsed = parse_memory(fn, max_memory)
     if parsed is not None:

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchjac._engine.layers import ModelState, call
-from torchjac._errors import BatchCouplingError
+from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["SampleProblem"]
 
@@ -39,8 +39,9 @@ class SampleProblem:
         kwargs: dict,
         batch_dim: int,
         out: Tensor,
+        fn_name: str,
     ) -> None:
-        self.model = model
+        self.model, self.fn_name = model, fn_name
         self.names = tuple(names)
         self.params = {n: state.leaves[n].detach() for n in self.names}
         self.base = {
@@ -60,8 +61,9 @@ class SampleProblem:
             self.dims.append(dim if dim is not None and t.shape[dim] == self.n else None)
         if all(d is None for d in self.dims):
             raise ValueError(
-                f"no tensor argument has the output's batch size {self.n} at `batch_dim="
-                f"{batch_dim}`, so samples cannot be split"
+                f"{fn_name}: no tensor argument has the output's batch size {self.n} at "
+                f"`batch_dim={batch_dim}`, so samples cannot be split. Pass the inputs batched "
+                f"at `batch_dim` (the output keeping the batch there)."
             )
 
     def _row(self, params: dict[str, Tensor], flat: Sequence[Any]) -> Tensor:
@@ -71,9 +73,9 @@ class SampleProblem:
             out = call(self.model, {**self.base, **params}, args, kwargs)
         if out.dim() <= self.out_dim or out.shape[self.out_dim] != 1:
             raise ValueError(
-                f"on one sample (a batch of 1) the model returned shape {list(out.shape)}, "
-                f"without a batch of 1 at dim {self.out_dim}: its output does not follow the "
-                "batch of its inputs. Drop `batch_dim` to get the full Jacobian."
+                f"{self.fn_name}: on one sample (a batch of 1) the model returned shape "
+                f"{list(out.shape)}, without a batch of 1 at dim {self.out_dim}: its output does "
+                f"not follow the batch of its inputs (e.g. a squeeze). {coupling_fix(self.fn_name)}"
             )
         return out.movedim(self.out_dim, 0).reshape(-1)
 
@@ -109,8 +111,7 @@ class SampleProblem:
                 f"on sample i, but the model's output for a sample alone differs from its row "
                 f"in the batch: samples are coupled through the parameters "
                 f"{', '.join(self.names)} (e.g. a batch statistic), or the model is random (e.g. "
-                "dropout in train mode: call model.eval()). Drop `batch_dim` to get the full "
-                "Jacobian instead."
+                f"dropout in train mode: call model.eval()). {coupling_fix(fn_name)}"
             )
 
     def _sample(self, s: int) -> list[Any]:

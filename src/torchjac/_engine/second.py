@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torchjac._engine.attention import FIX, math_attention, names_fused_attention
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
@@ -48,7 +49,27 @@ def second_derivatives(
     budget: int,
     check_batch: CheckBatch,
 ) -> tuple[Tensor, Traced | TaylorResult]:
-    """``kind="full"``: ``[B, R, D, D]``; ``"diag"``: ``[B, R, D]``; ``"trace"``: ``[B, R]``."""
+    """``kind="full"``: ``[B, R, D, D]``; ``"diag"``: ``[B, R, D]``; ``"trace"``: ``[B, R]``.
+
+    ``func`` runs with the math attention kernel (NOTE [fused attention]).
+    """
+    try:
+        with math_attention():
+            return _second_derivatives(p, kind, mode, chunk_size, budget, check_batch)
+    except (RuntimeError, NotImplementedError) as err:
+        if not names_fused_attention(err):
+            raise
+        raise type(err)(f"{p.fn_name}: {FIX} ({err})") from err
+
+
+def _second_derivatives(
+    p: FuncProblem,
+    kind: str,
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+    check_batch: CheckBatch,
+) -> tuple[Tensor, Traced | TaylorResult]:
     d = Group.of(p.inputs, p.batch_dim).numel
     t: Traced | None = None
     if mode == "auto":

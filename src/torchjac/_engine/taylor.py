@@ -35,11 +35,14 @@ class TaylorFailed(Exception):
     """The Taylor mode could not follow the function (see NOTE [taylor check]).
 
     ``quiet``: nothing for the user to know (e.g. a constant function): no ``FallbackWarning``.
+    ``reverse``: torch's forward mode itself is wrong for an op of the function (NOTE
+    [unreliable nested forward]): columns by ``jvp`` would be wrong too, rows are right.
     """
 
-    def __init__(self, message: str, *, quiet: bool = False) -> None:
+    def __init__(self, message: str, *, quiet: bool = False, reverse: bool = False) -> None:
         super().__init__(message)
         self.quiet = quiet
+        self.reverse = reverse
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Jacobians, Hessians, their diagonals and Laplacians of a plain chain of Linear layers and
+"""Jacobians, Hessians, their diagonals and Laplacians of a chain of affine maps and
 activations.
 
-NOTE [taylor chain]: for ``nn.Sequential(Linear, φ, Linear, φ, ..., Linear)`` (nested ones included,
-``Identity`` skipped, ``φ`` in ``taylor_activations.MODULES``), the Taylor mode needs no Jets. With
+NOTE [taylor chain]: for a chain ``x -> A_1 -> φ_1 -> ... -> A_L`` and a selection of its output
+(NOTE [chain from operations]: an ``nn.Sequential`` of Linear layers and listed activations, or
+any function the recording proves to be one), the Taylor mode needs no Jets. With
 ``T_l [D, B, n_l]`` the first derivatives of the input of activation ``l`` along the ``D`` input
 directions and ``g_l [R, B, n_l]`` the gradient of output row ``r`` at its output (NOTE [taylor
 tape]), the Hessian of a sample is ``Σ_l T_lᵀ diag(g_l φ_l'') T_l``: its diagonal ``Σ_l Σ_k g_l
@@ -16,9 +17,9 @@ expanded over the batch. A full Hessian costs ``1 + R + D`` passes here, not the
 D(D+1)/2`` of full second-order jets (NOTE [second-order plan] tries the chain first and plans as
 before when it declines).
 
-It applies only where it is exactly the Taylor mode's arithmetic: the model is a chain that
-NOTE [sequential proof] accepts (no hooks, no patched ``forward``, no modes), every module is a
-``Linear`` or an activation listed in ``MODULES`` whose rule covers its arguments, one
+It applies only where it is exactly the Taylor mode's arithmetic: a chain of NOTE [chain from
+operations] (an ``nn.Sequential`` as NOTE [sequential proof] accepts it, or a recorded one whose
+value equals the recorded output), activations whose rule covers their arguments, one
 batched ``[B, D]`` input (or an unbatched ``[D]``), no ``create_graph``, plain float32 or
 float64 tensors of one dtype, and at most ``_MAX_TRACE_ROWS`` output rows for a trace (the
 forward Laplacian carries one row for all outputs; this backward pass one per output).
@@ -36,11 +37,21 @@ from torch import Tensor, nn
 
 from torchjac._engine import fast, kernels
 from torchjac._engine.basis import Group
+from torchjac._engine.chain_steps import (
+    Act,
+    Chain,
+    Linear,
+    Scale,
+    Shift,
+    Step,
+    recorded_chain,
+    sequential_chain,
+)
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.module_proof import layer_params_like, plain_chain, plain_float
-from torchjac._engine.taylor_activations import MODULES, module_parts, tanh_parts
+from torchjac._engine.module_proof import plain_float
+from torchjac._engine.taylor_activations import ACTIVATIONS, tanh_parts
 
-__all__ = ["chain_rows", "chain_taylor"]
+__all__ = ["chain_of", "chain_rows", "chain_taylor"]
 
 _MAX_TRACE_ROWS = 2
 # Directions up to which a full Hessian's pairs are formed at once ([R, D, D, B, n]; measured:
@@ -52,61 +63,105 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
     """``(result, output value, out group, in group)`` by NOTE [taylor chain], or ``None`` where
     it does not apply. ``kind``: ``"first"`` (``[B, R, D]`` Jacobians), ``"trace"`` (``[B, R]``),
     ``"diag"`` (``[B, R, D]``) or ``"full"`` (``[B, R, D, D]`` Hessians)."""
-    chain = _layers(p)
-    if chain is None or (kind == "trace" and chain[1] > _MAX_TRACE_ROWS):
+    chain = chain_of(p)
+    if chain is None or (kind == "trace" and chain.n_rows > _MAX_TRACE_ROWS):
         return None
-    layers = chain[0]
+    steps = chain.steps
     x = p.inputs[0]
     h = x if p.batch_dim is not None else x.unsqueeze(0)
     # forward: values, and each activation's φ' and φ''
     slopes: list[tuple[Tensor, Tensor | None]] = []
     fused = False
-    for i, layer in enumerate(layers):
-        if isinstance(layer, nn.Linear):  # a tanh after it in the product (NOTE [fused tanh])
-            fused = i + 1 < len(layers) and type(layers[i + 1]) is nn.Tanh
-            h = kernels.linear(h, layer.weight, layer.bias, "tanh" if fused else "none")
+    for i, step in enumerate(steps):
+        if isinstance(step, Linear):  # a tanh after it in the product (NOTE [fused tanh])
+            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            fused = isinstance(nxt, Act) and nxt.name == "tanh"
+            h = kernels.linear(h, step.w, step.b, "tanh" if fused else "none")
             continue
-        parts = tanh_parts(h) if fused else module_parts(layer, h)
+        if isinstance(step, Scale):
+            h = h * step.s
+            continue
+        if isinstance(step, Shift):
+            h = h + step.c
+            continue
+        parts = tanh_parts(h) if fused else ACTIVATIONS[step.name](h, **dict(step.kwargs))
         fused = False
         if parts is None:  # arguments the rule does not cover
             return None
         h, dy, ddy = parts
         slopes.append((dy, ddy))
-    n_rows = h.shape[1]
     d = x.shape[-1]
+    rows = chain.rows
     if kind == "first":
-        res = _first_order(layers, slopes, d, h)
+        res = _first_order(steps, slopes, d, h)
+        res = res if rows is None else res[:, rows]
     else:
-        curv = _curvatures(layers, slopes, n_rows, h)
-        res = _contract(layers, slopes, curv, kind, d, h)
+        curv = _curvatures(steps, slopes, _row_basis(chain, h), h)
+        res = _contract(steps, slopes, curv, kind, d, h, chain.n_rows)
         # the Taylor tape keeps g·φ'' from overflowing; one non-finite element makes the sum so
         # (a sum that overflows sends finite results there too: slower, as exact)
         if not bool(torch.isfinite(res.sum())):
             return None
-    value = h if p.batch_dim is not None else h[0]
+    out = h if rows is None else h[:, rows]
+    value = (out if p.batch_dim is not None else out[0]).reshape(chain.out_shape)
+    if not chain.agrees(value):
+        return None
     g_in, g_out = Group.of(p.inputs, p.batch_dim), Group.of((value,), p.batch_dim)
     return res.to(p.dtype), value, g_out, g_in
 
 
 def chain_rows(p: FuncProblem) -> int | None:
-    """Output elements per sample of a problem NOTE [taylor chain] takes, read from its layers
-    (no forward pass to count them), or ``None``."""
-    chain = _layers(p)
-    return None if chain is None else chain[1]
+    """Output elements per sample of a problem NOTE [taylor chain] takes, read from its steps
+    (the recording of NOTE [chain from operations] replaces a counting pass), or ``None``."""
+    chain = chain_of(p)
+    return None if chain is None else chain.n_rows
+
+
+def chain_of(p: FuncProblem) -> Chain | None:
+    """The problem's chain (NOTE [chain from operations]), found once per call."""
+    if p.chain is None:
+        p.chain = _find_chain(p) or False
+    return p.chain or None
+
+
+def _find_chain(p: FuncProblem) -> Chain | None:
+    if not fast.enabled() or p.create_graph or p.has_aux:
+        return None
+    if p.container[0] != "tensor" or len(p.inputs) != 1:
+        return None
+    x = p.inputs[0]
+    batched = p.batch_dim is not None
+    if x.dim() != (2 if batched else 1) or not plain_float(x):
+        return None
+    if p.batch_dim is not None and p.batch_dim % 2 != 0:
+        return None
+    chain = sequential_chain(p.func, x, batched)
+    modelled = p.state is not None and p.state.runs_a_model
+    if chain is None and modelled and not isinstance(p.func, nn.Sequential):
+        chain = recorded_chain(p.call_raw, x, batched)
+        if chain is not None:
+            p.single = True
+    return chain
+
+
+def _row_basis(chain: Chain, out: Tensor) -> Tensor:
+    """``[R, 1, n]``: one-hot rows of the last map's output, the selected ones."""
+    eye = torch.eye(chain.width, dtype=out.dtype, device=out.device)
+    return (eye if chain.rows is None else eye[chain.rows]).unsqueeze(1)
 
 
 def _first_order(
-    layers: list[nn.Module], slopes: list[tuple[Tensor, Tensor | None]], d: int, out: Tensor
+    steps: tuple[Step, ...], slopes: list[tuple[Tensor, Tensor | None]], d: int, out: Tensor
 ) -> Tensor:
-    """``[B, R, D]``: the first order carried through every layer."""
-    t = _tangents(layers, slopes, d, out)
+    """``[B, n, D]``: the first order carried through every step."""
+    t = _tangents(steps, slopes, d, out)
     if t.shape[1] == 1:  # no activation: the same Jacobian for every sample, written out
         return t.expand(d, *out.shape).permute(1, 2, 0).contiguous()
     return t.permute(1, 2, 0)
 
 
 def _tangents(
-    layers: list[nn.Module],
+    steps: tuple[Step, ...],
     slopes: list[tuple[Tensor, Tensor | None]],
     d: int,
     out: Tensor,
@@ -114,21 +169,26 @@ def _tangents(
     visit: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """The first order along the one-hot input directions, ``[D, B, n]`` (``[D, 1, n]`` while it
-    is the same for every sample), carried through the layers; ``visit(l, t)`` sees it at the
+    is the same for every sample), carried through the steps; ``visit(l, t)`` sees it at the
     input of each activation ``l``, and the pass ends there at ``l = upto``."""
     t: Tensor | None = None  # the identity [D, 1, D], until something acts on it
     act = 0
-    for layer in layers:
-        if isinstance(layer, nn.Linear):  # of the identity: the weight's columns, no product
-            w = layer.weight
+    for step in steps:
+        if isinstance(step, Linear):  # of the identity: the weight's columns, no product
             if t is None:  # a copy: t is written in place below (a transpose of a weight with
                 # a dimension of 1 is already contiguous, so .contiguous() would be the weight)
-                t = w.detach().t().clone(memory_format=torch.contiguous_format).unsqueeze(1)
+                w = step.w.detach()
+                t = w.t().clone(memory_format=torch.contiguous_format).unsqueeze(1)
             else:
-                t = kernels.linear(t, w)
+                t = kernels.linear(t, step.w)
+            continue
+        if isinstance(step, Shift):
             continue
         if t is None:
             t = torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1)
+        if isinstance(step, Scale):
+            t = t * step.s
+            continue
         if visit is not None:
             visit(act, t)
         if act == upto:
@@ -139,51 +199,28 @@ def _tangents(
     return torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1) if t is None else t
 
 
-def _layers(p: FuncProblem) -> tuple[list[nn.Module], int] | None:
-    """The chain's modules and its output elements per sample, if NOTE [taylor chain] applies
-    to the problem."""
-    model = p.func
-    if not fast.enabled() or not isinstance(model, nn.Sequential) or p.create_graph or p.has_aux:
-        return None
-    if p.container[0] != "tensor" or len(p.inputs) != 1:
-        return None
-    x = p.inputs[0]
-    if x.dim() != (1 if p.batch_dim is None else 2) or not plain_float(x):
-        return None
-    if p.batch_dim is not None and p.batch_dim % 2 != 0:
-        return None
-    layers = plain_chain(model)
-    if layers is None:
-        return None
-    layers = [m for m in layers if type(m) is not nn.Identity]
-    width = x.shape[-1]
-    for layer in layers:
-        if type(layer) is nn.Linear:
-            w, b = layer.weight, layer.bias
-            if not layer_params_like(x, w, b) or w.dim() != 2 or w.shape[1] != width:
-                return None
-            width = w.shape[0]
-        elif type(layer) not in MODULES or getattr(layer, "approximate", "none") != "none":
-            return None  # GELU's tanh approximation has no closed-form rule
-    if not any(type(m) is nn.Linear for m in layers):
-        return None
-    return layers, width
-
-
 def _curvatures(
-    layers: list[nn.Module], slopes: list[tuple[Tensor, Tensor | None]], n_rows: int, out: Tensor
+    steps: tuple[Step, ...],
+    slopes: list[tuple[Tensor, Tensor | None]],
+    rows: Tensor,
+    out: Tensor,
 ) -> list[Tensor | None]:
     """``g_l φ_l''`` per activation (``None`` where ``φ'' = 0``), from one backward pass of the
-    ``R`` output rows, down to the first activation with a curvature."""
+    ``R`` output rows (``rows [R, 1, n]``), down to the first activation with a curvature."""
     curv: list[Tensor | None] = [None] * len(slopes)
     first = min((i for i, (_, ddy) in enumerate(slopes) if ddy is not None), default=None)
     if first is None:
         return curv
-    g = torch.eye(n_rows, dtype=out.dtype, device=out.device).unsqueeze(1)  # [R, 1, R]
+    g = rows
     act = len(slopes)
-    for layer in reversed(layers):
-        if isinstance(layer, nn.Linear):
-            g = g @ layer.weight  # [R, 1 or B, n_in]
+    for step in reversed(steps):
+        if isinstance(step, Linear):
+            g = g @ step.w  # [R, 1 or B, n_in]
+            continue
+        if isinstance(step, Scale):
+            g = g * step.s
+            continue
+        if isinstance(step, Shift):
             continue
         act -= 1
         dy, ddy = slopes[act]
@@ -196,16 +233,17 @@ def _curvatures(
 
 
 def _contract(
-    layers: list[nn.Module],
+    steps: tuple[Step, ...],
     slopes: list[tuple[Tensor, Tensor | None]],
     curv: list[Tensor | None],
     kind: str,
     d: int,
     out: Tensor,
+    n_rows: int,
 ) -> Tensor:
     """``Σ_l <g_l φ_l'', T_l T_l>`` per sample and row: the diagonal (``"diag"``), its sum (a
     trace) or every pair of directions (``"full"``)."""
-    bsz, n_rows = out.shape
+    bsz = out.shape[0]
     shape = {"trace": (bsz, n_rows), "diag": (bsz, n_rows, d), "full": (bsz, n_rows, d, d)}[kind]
     res = torch.zeros(shape, dtype=out.dtype, device=out.device)
     last = max((i for i, c in enumerate(curv) if c is not None), default=None)
@@ -217,7 +255,7 @@ def _contract(
         if c is not None:
             _accumulate(res, t, c)
 
-    _tangents(layers, slopes, d, out, last, visit)
+    _tangents(steps, slopes, d, out, last, visit)
     if kind == "full":  # (c·t_a)·t_e and (c·t_e)·t_a differ in rounding: one of them, mirrored
         i, j = torch.triu_indices(d, d, 1, device=out.device).unbind()
         res[..., j, i] = res[..., i, j]

@@ -1,0 +1,49 @@
+"""The user documentation stays true: the engine map lists every NOTE, generated files are up to
+date, and the README stays a page for users."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torchjac._bench import _import, find_benchmarks
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "torchjac"
+NOTE = re.compile(r"NOTE \[([^\]]+)\]")
+ENTRY = re.compile(r"\*\*NOTE \[([^\]]+)\]\*\* \(`([^`]+)`\)")
+
+
+def _names(text: str) -> set[str]:
+    """The NOTE names in ``text``; a name broken over lines (and comment marks) is joined."""
+    return {re.sub(r"[\s#]+", " ", name).strip() for name in NOTE.findall(text)}
+
+
+def _notes_in_code() -> set[str]:
+    return {name for path in SRC.rglob("*.py") for name in _names(path.read_text())}
+
+
+def test_internals_page_lists_every_note_of_the_code_in_its_file() -> None:
+    page = (ROOT / "docs" / "internals.md").read_text()
+    entries = dict(ENTRY.findall(page))
+    missing = _notes_in_code() - set(entries)
+    assert not missing, f"add these notes to docs/internals.md: {sorted(missing)}"
+    stale = set(entries) - _notes_in_code()
+    assert not stale, f"docs/internals.md lists notes the code no longer has: {sorted(stale)}"
+    for name, file in entries.items():
+        assert name in _names((SRC / file).read_text()), f"NOTE [{name}] is not in {file}"
+
+
+def test_results_page_and_readme_table_are_rendered_from_the_json() -> None:
+    render = _import("render", find_benchmarks())
+    assert render.main(["--check"]) == 0, "run `python -m benchmarks.render`"
+
+
+def test_readme_is_short_and_for_users() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    assert "../" not in text, "the README points outside the repository"
+    hashes = [w for w in re.findall(r"\b[0-9a-f]{7,40}\b", text) if re.search(r"[a-f]", w)]
+    assert not hashes, f"commit hashes in the README: {hashes}"
+    for command in ("make demo", "make test"):
+        assert command in text

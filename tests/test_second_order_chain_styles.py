@@ -1,0 +1,217 @@
+"""NOTE [chain from operations]: the Taylor chain for every way a chain model is written, and
+the general path wherever the recording cannot prove a chain (float64 torch.func oracles)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import record_answers
+from torch import Tensor, nn
+from torch.func import hessian, jacrev, vmap
+
+import torchjac as tj
+from torchjac._engine import taylor_chain
+from torchjac._engine.fast import fast_paths
+
+DTYPE = torch.float64
+NAMES = ["jacobian", "hessian", "hessian_diagonal", "laplacian"]
+
+
+def _mlp(widths: tuple[int, ...] = (3, 8, 8, 2), act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+    for a, b in itertools.pairwise(widths[1:]):
+        layers += [act(), nn.Linear(a, b)]
+    return nn.Sequential(*layers).to(DTYPE)
+
+
+class Functional(nn.Module):
+    """A module class with its own parameters and a functional forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.w1 = nn.Parameter(torch.randn(8, 3, dtype=DTYPE) / 2)
+        self.b1 = nn.Parameter(torch.randn(8, dtype=DTYPE))
+        self.w2 = nn.Parameter(torch.randn(2, 8, dtype=DTYPE) / 3)
+        self.register_buffer("mean", torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE))
+        self.register_buffer("std", torch.tensor([1.5, 0.5, 2.0], dtype=DTYPE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = (x - self.mean) / self.std
+        h = F.silu(h @ self.w1.T + self.b1)
+        return 2.0 * F.linear(h, self.w2) + 1.0
+
+
+class Loop(nn.Module):
+    """A ``ModuleList`` loop with ``torch.tanh`` between the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in [(3, 6), (6, 6), (6, 1)])
+        self.to(DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers[:-1]:
+            x = torch.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+def _styles() -> dict[str, Callable[[Tensor], Tensor]]:
+    net, loop = _mlp(), Loop()
+    gelu = _mlp((3, 5, 4), nn.GELU)
+
+    def closure(x: Tensor) -> Tensor:
+        return net(x)[..., 1]
+
+    return {
+        "module class, functional forward": Functional(),
+        "ModuleList loop": Loop(),
+        "lambda squeeze": lambda x: loop(x).squeeze(-1),
+        "closure selecting an output": closure,
+        "lambda permuting outputs": lambda x: net(x)[..., [1, 0]],
+        "partial": functools.partial(lambda m, x: m(x), gelu),
+        "wrapper module": nn.Sequential(nn.Identity(), net),  # a Sequential holding a Sequential
+    }
+
+
+STYLES = list(_styles())
+
+
+def _per_sample(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda r: f(r.unsqueeze(0))[0]
+
+
+def _oracle(name: str, f: Callable[[Tensor], Tensor], x: Tensor, batched: bool) -> Tensor:
+    g = _per_sample(f) if batched else f
+    if name == "jacobian":
+        return vmap(jacrev(g))(x) if batched else jacrev(g)(x)
+    h = vmap(hessian(g))(x) if batched else hessian(g)(x)
+    if name == "hessian":
+        return h
+    d = h.diagonal(dim1=-2, dim2=-1)
+    return d if name == "hessian_diagonal" else d.sum(-1)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    yield record_answers(monkeypatch, taylor_chain, "recorded_chain")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("shape", [(5, 3), (1, 3), (3,)], ids=["B=5", "B=1", "unbatched"])
+def test_every_style_takes_the_chain_and_is_exact(
+    style: str, name: str, shape: tuple[int, ...], recorded: list[bool]
+) -> None:
+    f = _styles()[style]
+    x = torch.randn(shape, dtype=DTYPE)
+    batched = len(shape) == 2
+    kwargs = {"batch_dim": 0} if batched else {}
+    got = getattr(tj, name)(f, x, **kwargs)
+    torch.testing.assert_close(got, _oracle(name, f, x, batched))
+    if style != "wrapper module":  # a plain Sequential is read from its layers, not recorded
+        assert recorded and all(recorded)
+
+
+def _residual(net: nn.Module) -> Callable[[Tensor], Tensor]:
+    return lambda x: net[2](torch.tanh(net[0](x)) + torch.tanh(net[0](x)).sin())
+
+
+class _Double(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: Tensor) -> None:
+        return None
+
+    @staticmethod
+    def backward(ctx: object, g: Tensor) -> Tensor:
+        return 2 * g
+
+    @staticmethod
+    def jvp(ctx: object, t: Tensor) -> Tensor:
+        return 2 * t
+
+
+def _declining() -> dict[str, tuple[Callable[[Tensor], Tensor], bool]]:
+    """Functions the recording must not take for a chain: (func, batched)."""
+    net = _mlp((3, 6, 6, 2))
+    w = torch.randn(2, 6, dtype=DTYPE)
+
+    def weight_from_x(x: Tensor) -> Tensor:  # an operand that depends on x
+        return F.linear(torch.tanh(net[0](x)), w * x.sum())
+
+    def weight_written(x: Tensor) -> Tensor:  # an operand changed after its step
+        v = net[2].weight.detach().clone()
+        h = F.linear(torch.tanh(net[0](x)), v)
+        v.mul_(0.5)
+        return torch.tanh(h)
+
+    def in_no_grad(x: Tensor) -> Tensor:
+        h = torch.tanh(net[0](x))
+        with torch.no_grad():
+            h = h * 1.0
+        return net[2](h)
+
+    def script_between(x: Tensor) -> Tensor:
+        return net[2](_scripted(torch.tanh(net[0](x))))
+
+    return {
+        "residual": (_residual(net), True),
+        "custom autograd.Function": (lambda x: net[2](_Double.apply(torch.tanh(net[0](x)))), True),
+        "weight computed from x": (weight_from_x, False),
+        "weight written after its step": (weight_written, True),
+        "no_grad block": (in_no_grad, True),
+        "TorchScript between layers": (script_between, True),
+    }
+
+
+@torch.jit.script
+def _scripted(h: Tensor) -> Tensor:
+    return h * h
+
+
+@pytest.mark.filterwarnings("ignore::torchjac.FallbackWarning")
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", list(_declining()))
+def test_what_is_not_a_proven_chain_takes_the_general_path(
+    case: str, name: str, recorded: list[bool]
+) -> None:
+    f, batched = _declining()[case]
+    if case == "weight written after its step" and name == "hessian":
+        name = "laplacian"  # nested AD (the full Hessian's plan here) refuses the written weight
+    x = torch.randn((4, 3) if batched else (3,), dtype=DTYPE)
+    kwargs = {"batch_dim": 0} if batched else {}
+    got = getattr(tj, name)(f, x, **kwargs)
+    assert not any(recorded)
+    with fast_paths(False):
+        torch.testing.assert_close(got, getattr(tj, name)(f, x, **kwargs))
+    if case != "no_grad block":  # forward and reverse AD read a no_grad block differently
+        torch.testing.assert_close(got, _oracle(name, _reference(case, f), x, batched))
+
+
+def _reference(case: str, f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    if case != "weight written after its step":
+        return f
+    net = _mlp((3, 6, 6, 2))  # the step read the weight before the write
+    return lambda x: torch.tanh(F.linear(torch.tanh(net[0](x)), net[2].weight))
+
+
+@pytest.mark.parametrize("select", ["flip", "other sample"])
+def test_a_selection_across_samples_is_never_a_chain(select: str, recorded: list[bool]) -> None:
+    net = _mlp()
+    f = (lambda x: net(x).flip(0)) if select == "flip" else (lambda x: net(x)[[1, 0, 2]])
+    with pytest.raises(tj.BatchCouplingError, match="laplacian"):
+        tj.laplacian(f, torch.randn(3, 3, dtype=DTYPE), batch_dim=0)
+    assert not any(recorded)
