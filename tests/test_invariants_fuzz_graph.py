@@ -64,8 +64,10 @@ def test_graph_front_doors(name: str, fast: str, data: st.DataObject) -> None:
     options: dict[str, Any] = dict(batch_dim=bd, mode=data.draw(st.sampled_from(MODES)))
     options["chunk_size"] = chunk = data.draw(st.sampled_from(CHUNKS), label="chunk_size")
     options["max_memory"] = data.draw(st.sampled_from(MEMORY)) if chunk is None else None
-    options["retain_graph"] = data.draw(st.sampled_from([None, True, False]), label="retain")
-    options["create_graph"] = data.draw(st.booleans(), label="create_graph")
+    options["create_graph"] = create_graph = data.draw(st.booleans(), label="create_graph")
+    # retain_graph=False frees the forward graph a differentiable result still needs
+    retain = [None, True] if create_graph else [None, True, False]
+    options["retain_graph"] = data.draw(st.sampled_from(retain), label="retain_graph")
     grad_enabled = data.draw(st.booleans(), label="grad_enabled")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(case.seed)
