@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: every later step then sees it satisfied and never resolves a newer one.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,bench]'
-	$(PY) -m pip install -q --no-deps backpack-for-pytorch
+	$(PY) -m pip install -q --no-deps backpack-for-pytorch curvlinops-for-pytorch
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -17,6 +17,8 @@ MODULES = (
     "w5_multitask",
     "w6_ntk",
     "w7_laplacian",
+    "w8_operator_svd",
+    "w8_products",
 )
 
 

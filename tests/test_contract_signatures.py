@@ -27,6 +27,7 @@ REQ = P.empty
 PUBLIC = (
     "BatchCouplingError",
     "FallbackWarning",
+    "JacobianOperator",
     "__version__",
     "gramian",
     "hessian",

@@ -14,7 +14,9 @@ EXAMPLES = ROOT / "examples"
 
 # script -> what its output must contain besides the final "ok"
 EXPECTED = {
+    "gauss_newton_lsmr.py": "first step: lsmr vs dense normal equations",
     "grad_jacobian.py": "max |tj.jac - row loop|",
+    "jacobian_operator_svd.py": "max relative difference",
     "multitask_gramian.py": "no task is harmed",
     "ntk_spectrum.py": "symmetric and positive semi-definite: True",
     "pinn_poisson.py": "relative L2 error against the exact solution",
@@ -37,8 +39,13 @@ def test_every_example_is_tested() -> None:
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
 
 
+# run with their own checks elsewhere: the figure below, JacobianOperator's examples in
+# tests/test_examples_jacobian_operator.py
+OWN_TESTS = {"ntk_spectrum.py", "gauss_newton_lsmr.py", "jacobian_operator_svd.py"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(set(EXPECTED) - {"ntk_spectrum.py"}))
+@pytest.mark.parametrize("script", sorted(set(EXPECTED) - OWN_TESTS))
 def test_example_runs_and_checks_itself(script: str) -> None:
     done = _run(script)
     assert done.returncode == 0, done.stdout + done.stderr

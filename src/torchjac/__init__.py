@@ -13,12 +13,14 @@ from torchjac._gramian import gramian
 from torchjac._graph import jac
 from torchjac._modules import param_jacobian
 from torchjac._ntk import ntk
+from torchjac._operator import JacobianOperator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchCouplingError",
     "FallbackWarning",
+    "JacobianOperator",
     "__version__",
     "gramian",
     "hessian",
