@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.torchjac-installed
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo test fuzz bench lint venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ ORACLE_TESTS := tests/test_modules_oracles.py tests/test_second_order_oracles.py
 test: lint
 	$(VENV)/bin/pytest -n 2 -q
 	TORCHJAC_FAST_PATHS=0 $(VENV)/bin/pytest -n 2 -q $(ORACLE_TESTS)
+
+# The invariants fuzz of issue 15 at length: random examples, a new seed each run (make test runs
+# it derandomized, under a minute); FUZZ_EXAMPLES sets the examples per test (default 400).
+FUZZ_TESTS := tests/test_invariants_fuzz.py tests/test_invariants_fuzz_graph.py
+fuzz: $(STAMP)
+	TORCHJAC_FUZZ_PROFILE=long TORCHJAC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(VENV)/bin/pytest -n 2 -q $(FUZZ_TESTS) --hypothesis-show-statistics
 
 demo: $(STAMP)
 	$(VENV)/bin/torchjac demo
