@@ -111,7 +111,7 @@ def check_independent(
 
 
 # NOTE [node identity]: a walk of the autograd graph keys the nodes it visits by the node objects
-# themselves (identity hash), never by ``id(node)``. Up to torch 2.12 the Python object of a node
+# themselves (identity hash), never by ``id(node)``. Before torch 2.13 the Python object of a node
 # lives only while something refers to it: once a walk drops it, the next node read may get its
 # ``id``, and a walk keyed on ids takes that node for one already seen and skips its subgraph.
 # Holding the objects (a set or dict of nodes) keeps each alive for the walk, and torch hands out
