@@ -33,11 +33,9 @@ test: lint
 COMPAT_TORCH ?= 2.4.1 2.14.1
 COMPAT_DIR   ?= $(HOME)/.cache/torchjac
 COMPAT_DEPS  := pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.27 numpy==2.4.6 \
-                tqdm==4.70.1 matplotlib==3.11.2
+                tqdm==4.70.1 matplotlib==3.11.2 expecttest==0.3.0
 COMPAT_KEY   := $(shell echo '$(COMPAT_DEPS)' | cksum | cut -d' ' -f1)
 VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-
-.PRECIOUS: $(COMPAT_DIR)/venv-torch-%/.deps-$(COMPAT_KEY) $(COMPAT_DIR)/venv-torch-%/.torchjac-$(VERSION)
 
 $(COMPAT_DIR)/venv-torch-%/.deps-$(COMPAT_KEY):
 	rm -rf $(COMPAT_DIR)/venv-torch-$*
@@ -51,7 +49,9 @@ $(COMPAT_DIR)/venv-torch-%/.torchjac-$(VERSION): $(COMPAT_DIR)/venv-torch-%/.dep
 	$(COMPAT_DIR)/venv-torch-$*/bin/python -m pip install -q --no-deps $(CURDIR)
 	touch $@
 
-test-compat: $(foreach v,$(COMPAT_TORCH),$(COMPAT_DIR)/venv-torch-$(v)/.torchjac-$(VERSION))
+# both stamps named here: a missing one is then never skipped as an intermediate file
+test-compat: $(foreach v,$(COMPAT_TORCH),$(COMPAT_DIR)/venv-torch-$(v)/.deps-$(COMPAT_KEY) \
+                                         $(COMPAT_DIR)/venv-torch-$(v)/.torchjac-$(VERSION))
 	set -e; for v in $(COMPAT_TORCH); do \
 	  echo "== the whole suite on torch $$v"; \
 	  PYTHONPATH=$(CURDIR)/src $(COMPAT_DIR)/venv-torch-$$v/bin/python -m pytest -n 2 -q -p no:cacheprovider; \
