@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.torchjac-installed
 
-.PHONY: demo test fuzz bench lint venv clean
+.PHONY: demo test test-compat fuzz bench lint venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,37 @@ FUZZ_TESTS := tests/test_invariants_fuzz.py tests/test_invariants_fuzz_graph.py
 fuzz: $(STAMP)
 	TORCHJAC_FUZZ_PROFILE=long TORCHJAC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
 		$(VENV)/bin/pytest -n 2 -q $(FUZZ_TESTS) --hypothesis-show-statistics
+
+# The declared torch range's two ends (pyproject.toml `dependencies`): the whole suite on each, in
+# its own venv outside the clone, kept between runs (stamps: a second run installs nothing). The
+# venv holds torch, the test deps and an installed torchjac (its metadata and console script);
+# PYTHONPATH puts the clone the target runs from ahead of that copy, so its code is what runs.
+COMPAT_TORCH ?= 2.4.1 2.14.1
+COMPAT_DIR   ?= $(HOME)/.cache/torchjac
+COMPAT_DEPS  := pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.27 numpy==2.4.6 \
+                tqdm==4.70.1 matplotlib==3.11.2 expecttest==0.3.0 scipy==1.17.1
+COMPAT_KEY   := $(shell echo '$(COMPAT_DEPS)' | cksum | cut -d' ' -f1)
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+$(COMPAT_DIR)/venv-torch-%/.deps-$(COMPAT_KEY):
+	rm -rf $(COMPAT_DIR)/venv-torch-$*
+	mkdir -p $(COMPAT_DIR)
+	$(PYTHON) -m venv $(COMPAT_DIR)/venv-torch-$*
+	$(COMPAT_DIR)/venv-torch-$*/bin/python -m pip install -q torch==$* $(COMPAT_DEPS)
+	$(COMPAT_DIR)/venv-torch-$*/bin/python -c "import torch; assert torch.__version__.split('+')[0] == '$*', torch.__version__"
+	touch $@
+
+$(COMPAT_DIR)/venv-torch-%/.torchjac-$(VERSION): $(COMPAT_DIR)/venv-torch-%/.deps-$(COMPAT_KEY)
+	$(COMPAT_DIR)/venv-torch-$*/bin/python -m pip install -q --no-deps $(CURDIR)
+	touch $@
+
+# both stamps named here: a missing one is then never skipped as an intermediate file
+test-compat: $(foreach v,$(COMPAT_TORCH),$(COMPAT_DIR)/venv-torch-$(v)/.deps-$(COMPAT_KEY) \
+                                         $(COMPAT_DIR)/venv-torch-$(v)/.torchjac-$(VERSION))
+	set -e; for v in $(COMPAT_TORCH); do \
+	  echo "== the whole suite on torch $$v"; \
+	  PYTHONPATH=$(CURDIR)/src $(COMPAT_DIR)/venv-torch-$$v/bin/python -m pytest -n 2 -q -p no:cacheprovider; \
+	done
 
 demo: $(STAMP)
 	$(VENV)/bin/torchjac demo

@@ -393,6 +393,11 @@ def test_strided_bias_in_a_taylor_pass() -> None:
     )
 
 
+@pytest.mark.skipif(
+    getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) is None,
+    reason="torch's per-backend precision API (torch.backends.mkldnn.matmul.fp32_precision) "
+    "came in torch 2.9",
+)
 def test_per_backend_precision_setting() -> None:
     """torch's per-backend precision API, set in a fresh process: the legacy getter raises from
     then on; oneDNN is left alone and the doors still work (a subprocess: no earlier legacy
@@ -400,9 +405,7 @@ def test_per_backend_precision_setting() -> None:
     script = """
 import torch, torchjac as tj
 from torchjac._engine import kernels
-matmul = getattr(torch.backends.mkldnn, "matmul", None)
-if getattr(matmul, "fp32_precision", None) is not None:
-    matmul.fp32_precision = "bf16"
+torch.backends.mkldnn.matmul.fp32_precision = "bf16"
 assert not kernels._full_precision()
 w = torch.randn(512, 512, requires_grad=True)
 ys = torch.tanh(torch.randn(256, 512) @ w).sum(0)[:16]

@@ -49,13 +49,15 @@ SCRIPT = textwrap.dedent(
             peak[0] = max(peak[0], rss_kib("VmRSS"))
             time.sleep(0.001)
 
-    thread = threading.Thread(target=sample)
+    thread = threading.Thread(target=sample, daemon=True)  # never keeps a failed run alive
     thread.start()
     t0 = time.perf_counter()
-    jac = tj.jac(y, x, mode=mode, max_memory=budget)
+    try:
+        jac = tj.jac(y, x, mode=mode, max_memory=budget)
+    finally:  # a raising call ends the sampler too: the process exits with the traceback
+        done.set()
+        thread.join()
     seconds = time.perf_counter() - t0
-    done.set()
-    thread.join()
     top = max(peak[0], rss_kib("VmHWM") if hwm else 0)
     shape_got = list(jac.shape)
     err = (jac.reshape(rows, cols) - expected).abs().max().item() / expected.abs().max().item()
@@ -98,3 +100,9 @@ def test_rows_are_chunked_under_max_memory() -> None:
     assert out["shape"] == [1, 8000, 1, 50]
     assert out["rel_err"] < 1e-5, out
     assert out["growth_mib"] < 100, out
+
+
+def test_a_raising_call_fails_the_run_at_once() -> None:
+    """The sampler thread does not keep a failed subprocess alive until the timeout."""
+    with pytest.raises(AssertionError, match=r"ValueError: jac: `mode` must be"):
+        _run("sideways", 10, 10, "16MiB")

@@ -27,10 +27,9 @@ KINDS: dict[type, str] = {
     nn.Conv2d: "outer",
     nn.Embedding: "index",
     nn.LayerNorm: "scale",
+    nn.RMSNorm: "scale",  # torch >= 2.4, the oldest supported
     nn.PReLU: "scale",
 }
-if hasattr(nn, "RMSNorm"):  # torch >= 2.4 (pyproject allows 2.3)
-    KINDS[nn.RMSNorm] = "scale"
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,18 @@ from torchjac._engine.func_state import CallState
 __all__ = ["FuncProblem", "load_forward_ad"]
 
 
+# What ``torch.jit.script`` says on each call: deprecated, a DeprecationWarning in torch 2.13 and a
+# FutureWarning from 2.14 (another text on Python 3.14+); silent before 2.13.
+JIT_SCRIPT_WARNING = r"`torch\.jit\.script` is"
+
+
 @functools.cache
 def load_forward_ad() -> None:
-    """Import torch's forward-AD decompositions once, hiding the ``DeprecationWarning`` their
-    first import issues (``torch.jit.script``): it is torch's, not the user's business."""
+    """Import torch's forward-AD decompositions once, hiding the warnings their first import
+    issues (one ``torch.jit.script`` per decomposition): torch's, not the user's business."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", JIT_SCRIPT_WARNING, category)
         import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 

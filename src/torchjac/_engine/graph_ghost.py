@@ -43,24 +43,25 @@ class GhostLayer:
 
 def find_ghost_layers(p: GraphProblem) -> list[GhostLayer]:
     """The weights of ``p`` whose Gramian blocks are cheaper as ghost products (NOTE above)."""
-    indeg: dict[int, int] = {}
-    consumer: dict[int, tuple[Any, int]] = {}
+    # nodes keyed by themselves (NOTE [node identity] in structure.py); leaves by id (alive)
+    indeg: dict[Any, int] = {}
+    consumer: dict[Any, tuple[Any, int]] = {}
     accs: dict[int, Any] = {}
-    seen: set[int] = set()
+    seen: set[Any] = set()
     stack = [y.grad_fn for y in p.outputs if y.grad_fn is not None]
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if node in seen:
             continue
-        seen.add(id(node))
+        seen.add(node)
         variable = getattr(node, "variable", None)
         if variable is not None:
             accs[id(variable)] = node
         for pos, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
-            indeg[id(child)] = indeg.get(id(child), 0) + 1
-            consumer[id(child)] = (node, pos)
+            indeg[child] = indeg.get(child, 0) + 1
+            consumer[child] = (node, pos)
             stack.append(child)
     m = p.n_rows
     if m > GHOST_MAX_ROWS:
@@ -73,12 +74,12 @@ def find_ghost_layers(p: GraphProblem) -> list[GhostLayer]:
         acc = accs.get(id(w))
         if not p.used[j] or w.dim() != 2 or counts[id(w)] > 1 or acc is None:
             continue
-        if indeg.get(id(acc)) != 1:
+        if indeg.get(acc) != 1:
             continue
-        t_node, _ = consumer[id(acc)]
-        if type(t_node).__name__ != "TBackward0" or indeg.get(id(t_node)) != 1:
+        t_node, _ = consumer[acc]
+        if type(t_node).__name__ != "TBackward0" or indeg.get(t_node) != 1:
             continue
-        node, pos = consumer[id(t_node)]
+        node, pos = consumer[t_node]
         if _LINEAR.get(type(node).__name__) != pos or getattr(node, "_saved_alpha", 1) != 1:
             continue
         try:
@@ -152,14 +153,14 @@ def _reaches(node: Any, targets: list[Tensor]) -> bool:
     """Whether a backward pass through ``node`` continues to one of ``targets``."""
     leaves = {id(t) for t in targets if t.grad_fn is None}
     nodes = {(t.grad_fn, t.output_nr) for t in targets if t.grad_fn is not None}
-    seen: set[int] = set()
+    seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
     stack = [(c, nr) for c, nr in node.next_functions if c is not None]
     while stack:
         child, nr = stack.pop()
         if (child, nr) in nodes or id(getattr(child, "variable", None)) in leaves:
             return True
-        if id(child) in seen:
+        if child in seen:
             continue
-        seen.add(id(child))
+        seen.add(child)
         stack.extend((c, k) for c, k in child.next_functions if c is not None)
     return False

@@ -216,13 +216,13 @@ def _no_dispatch_modes() -> bool:
 def _graph_products(roots: Sequence[Tensor]) -> tuple[int, int]:
     """(multiply-adds of the big ``mm``/``addmm`` nodes, nodes) of the graph behind ``roots``."""
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    seen: set[int] = set()
+    seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
     macs = 0
     while stack and len(seen) < _MAX_WALK:
         node = stack.pop()
-        if id(node) in seen:
+        if node in seen:
             continue
-        seen.add(id(node))
+        seen.add(node)
         sizes = _mm_sizes(node)
         if sizes is not None and min(sizes) >= MIN_SIDE:
             macs += sizes[0] * sizes[1] * sizes[2]

@@ -218,9 +218,9 @@ def capture(
             "to return the Tensor to differentiate."
         )
     cap = Capture(output=output, state=state, uses=uses)
-    blocked: dict[int, set[int]] = {}
+    blocked: dict[Any, set[int]] = {}
     for node, leaves in covered:
-        blocked.setdefault(id(node), set()).update(leaves)
+        blocked.setdefault(node, set()).update(leaves)
     hit = reachable([output], [state.leaves[n] for n in state.names], blocked)
     cap.general = tuple(n for n, h in zip(state.names, hit) if h)
     return cap
@@ -240,14 +240,14 @@ def _layer_nodes(output: Tensor, x: Any) -> list[Any]:
     """The autograd nodes of one layer call: from its output down to (not into) its input."""
     stop = x.grad_fn if isinstance(x, Tensor) else None
     stack = [output.grad_fn] if output.grad_fn is not None else []
-    found: dict[int, Any] = {}
+    found: dict[Any, None] = {}  # the nodes themselves, in order: NOTE [node identity]
     while stack:
         node = stack.pop()
-        if node is stop or id(node) in found or hasattr(node, "variable"):
+        if node is stop or node in found or hasattr(node, "variable"):
             continue
-        found[id(node)] = node
+        found[node] = None
         stack.extend(n for n, _ in node.next_functions if n is not None)
-    return list(found.values())
+    return list(found)
 
 
 def _hookable(model: nn.Module) -> list[nn.Module]:

@@ -110,17 +110,26 @@ def check_independent(
                 )
 
 
+# NOTE [node identity]: a walk of the autograd graph keys the nodes it visits by the node objects
+# themselves (identity hash), never by ``id(node)``. Before torch 2.13 the Python object of a node
+# lives only while something refers to it: once a walk drops it, the next node read may get its
+# ``id``, and a walk keyed on ids takes that node for one already seen and skips its subgraph.
+# Holding the objects (a set or dict of nodes) keeps each alive for the walk, and torch hands out
+# the same object for a node while it lives. Leaves are matched by the ``id`` of tensors that the
+# caller holds, which cannot be reused meanwhile.
+
+
 def reachable(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
-    blocked: Mapping[int, Collection[int]] | None = None,
+    blocked: Mapping[Any, Collection[int]] | None = None,
 ) -> list[bool]:
     """For each input, whether some output depends on it through the autograd graph.
 
     One walk of ``grad_fn.next_functions``, stopped as soon as every input is reached; leaves are
     matched through their ``AccumulateGrad`` node, non-leaves by ``(grad_fn, output_nr)``.
-    ``blocked`` maps ``id(node)`` to the ``id``s of leaves whose edges from that node are not
-    followed (the node objects must be kept alive by the caller).
+    ``blocked`` maps a node to the ``id``s of leaves whose edges from that node are not followed.
+    Nodes are keyed by themselves, never by ``id`` (NOTE [node identity]).
     """
     # lists, not single indices: the same tensor may be passed twice (tied inputs)
     wanted_leaf: dict[int, list[int]] = {}
@@ -136,17 +145,17 @@ def reachable(
             found[k] = True
     missing = found.count(False)
     stack = [(y.grad_fn, y.output_nr) for y in outputs if y.grad_fn is not None]
-    seen: set[int] = set()
+    seen: set[Any] = set()  # the nodes themselves: NOTE [node identity]
     while stack and missing:
         node, nr = stack.pop()
         hits = wanted_node.get((node, nr), [])
-        if id(node) not in seen:
-            seen.add(id(node))
+        if node not in seen:
+            seen.add(node)
             variable = getattr(node, "variable", None)
             if variable is not None:
                 hits = hits + wanted_leaf.get(id(variable), [])
             nexts = [(n, i) for n, i in node.next_functions if n is not None]
-            cut = blocked.get(id(node)) if blocked else None
+            cut = blocked.get(node) if blocked else None
             if cut:
                 nexts = [(n, i) for n, i in nexts if id(getattr(n, "variable", None)) not in cut]
             stack.extend(nexts)
