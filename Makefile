@@ -53,12 +53,14 @@ test: lint
 	$(VENV)/bin/pytest -n 2 -q
 	TORCHJAC_FAST_PATHS=0 $(VENV)/bin/pytest -n 2 -q $(ORACLE_TESTS)
 
-# The invariants fuzz of issue 15 at length: random examples, a new seed each run (make test runs
-# it derandomized, under a minute); FUZZ_EXAMPLES sets the examples per test (default 400).
+# The invariants fuzz: random models through every public function, every invariant checked
+# after every call. At length by default (random examples, a new seed each run; FUZZ_EXAMPLES per
+# test, default 400); TORCHJAC_FUZZ_PROFILE=ci for the short derandomized profile.
 FUZZ_TESTS := tests/test_invariants_fuzz.py tests/test_invariants_fuzz_graph.py
+TORCHJAC_FUZZ_PROFILE ?= long
 fuzz: $(STAMP)
-	TORCHJAC_FUZZ_PROFILE=long TORCHJAC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
-		$(VENV)/bin/pytest -n 2 -q $(FUZZ_TESTS) --hypothesis-show-statistics
+	TORCHJAC_FUZZ_PROFILE=$(TORCHJAC_FUZZ_PROFILE) TORCHJAC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(VENV)/bin/pytest -n 2 -q -m fuzz $(FUZZ_TESTS) --hypothesis-show-statistics
 
 # The declared torch range's two ends (pyproject.toml `dependencies`): the whole suite on each, in
 # its own venv outside the clone, kept between runs (stamps: a second run installs nothing). The

@@ -107,10 +107,12 @@ def graph_pairs(t: Traced, sink: Sink) -> None:
                         xs,
                         [tans[i][0].to(grads[i].dtype) for i in live],
                         retain_graph=True,
+                        create_graph=t.create_graph,
                         allow_unused=True,
                     )
                 flat = [
                     t.in_group.flatten(j, (x.new_zeros(x.shape) if h is None else h).unsqueeze(0))
                     for j, (h, x) in enumerate(zip(hs, xs))
                 ]
-                sink(row, col, torch.cat(flat, dim=2).detach())
+                block = torch.cat(flat, dim=2)
+                sink(row, col, block if t.create_graph else block.detach())
