@@ -17,6 +17,7 @@ __all__ = [
     "check_batch_dim",
     "check_chunk_size",
     "check_flag",
+    "check_func_inputs",
     "check_mode",
     "describe",
     "flatten_inputs",
@@ -184,3 +185,21 @@ def check_same_device(fn: str, named: Sequence[tuple[str, Tensor]]) -> torch.dev
                 f"on {t.device}."
             )
     return dev
+
+
+def check_func_inputs(
+    fn: str, func: Any, inputs: Any, batch_dim: Any
+) -> tuple[tuple[Tensor, ...], Container, tuple[str, ...], torch.device, int | None]:
+    """A callable ``func`` and its floating ``inputs`` on one device, with ``batch_dim`` checked:
+    ``(inputs, container, names, device, batch_dim)``."""
+    if not callable(func):
+        raise TypeError(f"{fn}: `func` must be callable, got {describe(func)}.")
+    ins, container = flatten_inputs(fn, inputs)
+    names = input_names(container, len(ins))
+    named = list(zip(names, ins))
+    device = check_same_device(fn, named)
+    for name, x in named:
+        if not x.is_floating_point():
+            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(x)}.")
+    checked, _ = check_batch_dim(fn, batch_dim, named)
+    return ins, container, names, device, checked

@@ -18,11 +18,8 @@ from torchjac._checks import (
     check_batch_dim,
     check_chunk_size,
     check_flag,
+    check_func_inputs,
     check_mode,
-    check_same_device,
-    describe,
-    flatten_inputs,
-    input_names,
     unflatten,
 )
 from torchjac._engine.func_call import FuncProblem
@@ -49,18 +46,9 @@ def _setup(
     max_memory: Any,
     create_graph: Any,
 ) -> tuple[FuncProblem, str, int | None, int]:
-    if not callable(func):
-        raise TypeError(f"{fn}: `func` must be callable, got {describe(func)}.")
-    ins, container = flatten_inputs(fn, inputs)
-    names = input_names(container, len(ins))
+    ins, container, names, device, batch_dim = check_func_inputs(fn, func, inputs, batch_dim)
     mode = check_mode(fn, mode)
     chunk_size = check_chunk_size(fn, chunk_size)
-    named = list(zip(names, ins))
-    device = check_same_device(fn, named)
-    for name, x in named:
-        if not x.is_floating_point():
-            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(x)}.")
-    batch_dim, _ = check_batch_dim(fn, batch_dim, named)
     has_aux = check_flag(fn, "has_aux", has_aux)
     create_graph = check_flag(fn, "create_graph", create_graph)
     budget = memory_budget(fn, max_memory, device)

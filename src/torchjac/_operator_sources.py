@@ -16,13 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from torchjac._checks import (
-    check_batch_dim,
-    check_same_device,
-    describe,
-    flatten_inputs,
-    input_names,
-)
+from torchjac._checks import check_batch_dim, check_func_inputs, describe
 from torchjac._engine.basis import Group
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import autograd_trace
@@ -57,16 +51,8 @@ def func_source(
     fn: str, func: Any, inputs: Any, batch_dim: Any
 ) -> tuple[CallSource, tuple[Group, Group] | None]:
     """``func`` at ``inputs`` (copied now); with ``batch_dim``, the groups of NOTE [flat layout]."""
-    if not callable(func):
-        raise TypeError(f"{fn}: `func` must be callable, got {describe(func)}.")
-    ins, container = flatten_inputs(fn, inputs)
-    names = input_names(container, len(ins))
+    ins, container, names, device, batch_dim = check_func_inputs(fn, func, inputs, batch_dim)
     named = list(zip(names, ins))
-    device = check_same_device(fn, named)
-    for name, x in named:
-        if not x.is_floating_point():
-            raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(x)}.")
-    batch_dim, _ = check_batch_dim(fn, batch_dim, named)
     with torch.inference_mode(False):  # the operator's point: a copy, never the user's tensors
         xs = tuple(x.detach().clone() for x in ins)
     p = FuncProblem(fn, func, container, xs, names, False, batch_dim, False)
