@@ -9,18 +9,16 @@ outputs, so the graph lives exactly as long as the operator. Where the backward 
 differentiable (``@once_differentiable``), ``J @ V`` is computed from chunks of rows instead,
 ``J[r] @ V`` with ``J[r] = (Jᵀ E_r)ᵀ`` (one ``FallbackWarning``). Autograd writes every pass's
 gradient into the ``.grad`` of a ``retain_grad()`` output or input: each product gives them their
-``.grad`` back as it found it (``_kept_grads``).
+``.grad`` back as it found it (NOTE [retain_grad]).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from torchjac._engine.graph_probes import GraphProblem, _DifferentiableCheck
+from torchjac._engine.graph_release import keep_retained_grads
 from torchjac._engine.op_products import offsets, per_probe_bytes
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
@@ -39,16 +37,6 @@ class GraphSource:
         self.col_sizes = problem.in_group.sizes
         self.dtype, self.device = problem.dtype, problem.device
         self._double: tuple[dict[int, Tensor], list[Tensor], _DifferentiableCheck] | None = None
-        self._retained = [t for t in (*problem.outputs, *problem.inputs) if t.retains_grad]
-
-    @contextmanager
-    def _kept_grads(self) -> Iterator[None]:
-        saved = [t.grad for t in self._retained]
-        try:
-            yield
-        finally:
-            for t, g in zip(self._retained, saved):
-                t.grad = g
 
     def chunk(self, k: int, chunk_size: int | None, budget: int) -> int:
         n = sum(self.col_sizes)
@@ -81,14 +69,14 @@ class GraphSource:
                 if g is not None:
                     out[start:stop, o : o + s] = g.reshape(stop - start, s)
 
-        with fallback_scope(), torch.enable_grad(), self._kept_grads():
+        with fallback_scope(), torch.enable_grad(), keep_retained_grads(self.p.retained):
             run_chunks(self.fn_name, k, self.chunk(k, chunk_size, budget), probe, write)
         return out.T
 
     def push(self, v: Tensor, chunk_size: int | None, budget: int) -> Tensor:
         """``J @ V``: ``V [n, k]`` -> ``[m, k]`` (NOTE [operator on a graph])."""
         size = self.chunk(v.shape[1], chunk_size, budget)
-        with fallback_scope(), torch.enable_grad(), self._kept_grads():
+        with fallback_scope(), torch.enable_grad(), keep_retained_grads(self.p.retained):
             try:
                 return self._columns(v, size)
             except RuntimeError as err:
