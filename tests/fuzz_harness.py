@@ -8,6 +8,7 @@ reproduce it with ``@reproduce_failure``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -84,27 +85,32 @@ def checked_calls(
     fast: str,
     error: tuple[type, str] | None = None,
     may_refuse: tuple[type, str] | None = None,
+    warns: str | None = None,
 ) -> Any:
     """Two calls, each made by ``make`` (the call, the model, the user's other tensors), under
     the grad mode ``grad_enabled`` and the fast-path setting. After each: nothing recorded has
     changed and the result aliases none of it; the two results are bitwise equal. With
     ``error``, each call must raise it (type, ``match``) and still change nothing; with
-    ``may_refuse``, a call may raise it (a documented refusal; ``REFUSED`` is returned then)."""
+    ``may_refuse``, a call may raise it (a documented refusal; ``REFUSED`` is returned then).
+    With ``warns``, a call that returns must warn (a ``UserWarning`` matching it)."""
     results = []
     for _ in range(2):
         call, model, owned = make()
         with torch.set_grad_enabled(grad_enabled), fast_switch(fast), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=tj.FallbackWarning)
             snap = Snapshot.take(model, owned)
+            warned = pytest.warns(UserWarning, match=warns) if warns else contextlib.nullcontext()
             res: Any = REFUSED
             if error is not None:
                 with pytest.raises(error[0], match=error[1]):
                     call()
             elif may_refuse is None:
-                res = call()
+                with warned:
+                    res = call()
             else:
                 try:
-                    res = call()
+                    with warned:
+                        res = call()
                 except may_refuse[0] as e:
                     if not re.search(may_refuse[1], str(e)):
                         raise

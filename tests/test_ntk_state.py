@@ -67,3 +67,25 @@ def test_inference_mode_and_inference_tensors(gen: torch.Generator) -> None:
         got = tj.ntk(model, xi)
     assert model[0].weight.is_inference() and xi.is_inference()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_draws_once_per_call_for_both_batches(gen: torch.Generator) -> None:
+    """x1 and x2 see the same dropout mask (NOTE [one draw per call]): the kernel of one
+    realisation, equal to J1 J2ᵀ of the model with that mask fixed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.5), nn.Linear(6, 1)).to(DT).train()
+    x1, x2 = torch.randn(1, 3, generator=gen, dtype=DT), torch.randn(1, 3, generator=gen, dtype=DT)
+    state = torch.get_rng_state()
+    got = tj.ntk(model, x1, x2)
+    assert torch.equal(torch.get_rng_state(), state)
+    mask = nn.functional.dropout(torch.ones(1, 6, dtype=DT), 0.5, training=True)  # the draw
+
+    def fixed(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.linear(x, p["0.weight"], p["0.bias"]) * mask
+        return nn.functional.linear(h, p["2.weight"], p["2.bias"])
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    j1, j2 = (torch.func.jacrev(fixed)(params, x) for x in (x1, x2))
+    want = sum(j1[k].reshape(1, -1) @ j2[k].reshape(1, -1).T for k in params)
+    assert mask.eq(0).any() and mask.ne(0).any()  # a real draw, not all or nothing
+    torch.testing.assert_close(got.reshape(1, 1), want)

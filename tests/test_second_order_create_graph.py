@@ -77,3 +77,53 @@ def test_create_graph_input_gradients(gen: torch.Generator, fn: str, mode: str) 
     (r,) = torch.autograd.grad((ref**2).sum(), x)
     torch.testing.assert_close(g, r)
     assert x.grad is None
+
+
+def _written_out(norm: str, h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """LayerNorm over the last dim, or BatchNorm with batch statistics, in elementary ops."""
+    dims = -1 if norm == "layer" else 0
+    c = h - h.mean(dims, keepdim=True)
+    return c * torch.rsqrt((c * c).mean(dims, keepdim=True) + 1e-5) * w + b
+
+
+@pytest.mark.parametrize("fn", ["jacobian", "hessian", "laplacian"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_create_graph_through_fused_norms_is_exact(
+    gen: torch.Generator, fn: str, mode: str, norm: str
+) -> None:
+    """NOTE [exact norms]: torch's fused layer/batch norm differentiate wrongly at order 3 (and
+    in mixed second derivatives); a derivative of a Hessian through one must still be right."""
+    lin1, lin2 = randn(3, 2, gen=gen), randn(1, 3, gen=gen)
+    w, b = randn(3, gen=gen), randn(3, gen=gen)
+    params = [t.clone().requires_grad_(True) for t in (lin1, lin2, w, b)]
+    x = randn(4, 2, gen=gen)
+
+    def net(ps: list[Tensor], fused: bool) -> Any:
+        def f(x: Tensor) -> Tensor:
+            h = x @ ps[0].T
+            if not fused:
+                h = _written_out(norm, h, ps[2], ps[3])
+            elif norm == "layer":
+                h = torch.nn.functional.layer_norm(h, (3,), ps[2], ps[3])
+            else:
+                h = torch.nn.functional.batch_norm(h, None, None, ps[2], ps[3], training=True)
+            return (h.tanh() @ ps[1].T).sin()
+
+        return f
+
+    got = getattr(tj, fn)(net(params, True), x, mode=mode, create_graph=True)
+    r = randn(*got.shape, gen=gen)
+    grads = torch.autograd.grad((got * r).sum(), params, allow_unused=True)
+
+    ref_params = [t.detach().clone().requires_grad_(True) for t in params]
+    f = net(ref_params, False)
+    if fn == "jacobian":
+        want = torch.func.jacrev(f)(x)
+    else:
+        h = hessian(f)(x)  # [4, 1, 4, 2, 4, 2]
+        want = h if fn == "hessian" else h.flatten(2, 3).flatten(3).diagonal(0, 2, 3).sum(-1)
+    torch.testing.assert_close(got, want)
+    refs = torch.autograd.grad((want * r).sum(), ref_params, allow_unused=True)
+    for g, ref in zip(grads, refs):
+        torch.testing.assert_close(g, ref)

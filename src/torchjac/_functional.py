@@ -7,6 +7,7 @@ propagation when it is the cheaper plan (NOTE [taylor mode]) and through nested 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from torchjac._checks import (
     check_mode,
     unflatten,
 )
+from torchjac._engine.exact_norms import exact_norms
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import Traced, solve_jacobian
 from torchjac._engine.func_state import call_state
@@ -87,6 +89,7 @@ def _running(p: FuncProblem) -> Iterator[None]:
         call_state(p.func, p.inputs) as state,
         torch.inference_mode(False),
         torch.enable_grad() if p.create_graph else torch.no_grad(),
+        exact_norms() if p.create_graph else contextlib.nullcontext(),  # NOTE [exact norms]
     ):
         p.state = state
         try:

@@ -25,6 +25,7 @@ from torchjac._checks import (
     input_names,
 )
 from torchjac._engine.basis import Group
+from torchjac._engine.exact_norms import warn_fused_norms
 from torchjac._engine.graph_probes import GraphProblem
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.structure import reachable
@@ -97,6 +98,8 @@ def graph_call(
                     f"{fn}: the outputs do not depend on {name}. Pass allow_unused=True "
                     f"{unused_means}, or remove it from `inputs`."
                 )
+    if create_graph:
+        warn_fused_norms(fn, outs)  # NOTE [exact norms]
     out_group = Group.of(outs, batch_dim)
     problem = GraphProblem(
         fn_name=fn,

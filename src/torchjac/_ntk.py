@@ -43,7 +43,9 @@ def ntk(
     of Tensors, called as ``model(*x1)``, each with the batch at ``batch_dim``.
 
     The model is never changed: parameters, ``.grad``, buffers, hooks, train/eval mode and the
-    global RNG state are as before the call.
+    global RNG state are as before the call. A model that draws random numbers (dropout in train
+    mode) draws once per call, from the RNG state the call finds: ``x1`` and ``x2`` see the
+    same draw (the kernel of one realisation).
 
     Args:
         model: an ``nn.Module`` called as ``model(x)`` (or ``model(*x)``), returning a Tensor.
@@ -90,17 +92,16 @@ def ntk(
     _check_batchnorm(fn, model, batch_dim)
     device = xs1[0].device
     budget = memory_budget(fn, max_memory, device)
-    with torch.inference_mode(False), no_side_effects(device), fallback_scope():
+    with torch.inference_mode(False), no_side_effects(device) as reset_rng, fallback_scope():
         state = model_state(model, names)  # NOTE [inference tensors]
         xs1 = tuple(x.clone() if x.is_inference() else x for x in xs1)
         if xs2 is not None:
             xs2 = tuple(x.clone() if x.is_inference() else x for x in xs2)
         side1 = run_side(fn, "x1", model, state, xs1, batch_dim, chunk_size, budget)
-        side2 = (
-            side1
-            if xs2 is None
-            else run_side(fn, "x2", model, state, xs2, batch_dim, chunk_size, budget)
-        )
+        side2 = side1
+        if xs2 is not None:  # NOTE [one draw per call]: x2 sees the random numbers x1 saw
+            reset_rng()
+            side2 = run_side(fn, "x2", model, state, xs2, batch_dim, chunk_size, budget)
         if side2.out_rest != side1.out_rest:
             raise ValueError(
                 f"{fn}: the model maps x1 to per-sample outputs of shape {list(side1.out_rest)} "

@@ -43,7 +43,7 @@ are carried by the first ``deltas`` pass).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,11 +112,23 @@ def model_state(model: nn.Module, names: Sequence[str]) -> ModelState:
 
 
 @contextlib.contextmanager
-def no_side_effects(device: torch.device) -> Iterator[None]:
-    """Grad mode on, the global RNG state restored afterwards (dropout in train mode draws)."""
+def no_side_effects(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Grad mode on, the global RNG state restored afterwards (dropout in train mode draws).
+
+    Yields ``reset``, which puts the RNG state back to the one found: each evaluation of the model
+    that must see the call's draw (``ntk``'s second batch) starts there (NOTE [one draw per
+    call])."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        yield
+        cpu = torch.get_rng_state()
+        cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+        def reset() -> None:
+            torch.set_rng_state(cpu)
+            for d, st in zip(devices, cuda):
+                torch.cuda.set_rng_state(st, d)
+
+        yield reset
 
 
 def call(model: nn.Module, tensors: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:

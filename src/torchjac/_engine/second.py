@@ -23,6 +23,7 @@ from torch import Tensor
 
 from torchjac._engine.attention import FIX, math_attention, names_fused_attention
 from torchjac._engine.basis import Group
+from torchjac._engine.exact_norms import exact_norms
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
 from torchjac._engine.func_second import graph_pairs, hessian_pairs
@@ -95,10 +96,11 @@ def _second_derivatives(
                         "Taylor-mode propagation could not follow func, used nested AD",
                         err,
                     )
-    if t is None:
+    # auto: reverse over reverse, which is right where forward over reverse is not (det, solve);
+    # traced again under NOTE [exact norms] if traced for the plan (graph_pairs uses its graph)
+    with exact_norms():
         t = autograd_trace(p, check_batch)
-    # auto: reverse over reverse, which is right where forward over reverse is not (det, solve)
-    return _nested(p, t, kind, "rev" if mode == "auto" else mode, chunk_size, budget), t
+        return _nested(p, t, kind, "rev" if mode == "auto" else mode, chunk_size, budget), t
 
 
 def _nested(
