@@ -214,11 +214,11 @@ def check_gather(fn: str, gather: Any) -> str | bool:
     """``gather``: ``"all"``, ``"rank0"`` or ``False`` (NOTE [split and gather])."""
     if not any(gather is g or (isinstance(g, str) and gather == g) for g in GATHERS):
         raise ValueError(
-            f"{fn}: `gather` must be \"all\" (the whole result on every rank), \"rank0\" (on "
+            f'{fn}: `gather` must be "all" (the whole result on every rank), "rank0" (on '
             f"rank 0 only, None elsewhere) or False (each rank's own shard and its index), got "
             f"{gather!r}."
         )
-    return gather  # type: ignore[no-any-return]
+    return gather
 
 
 def check_process_group(fn: str, group: Any) -> Any:

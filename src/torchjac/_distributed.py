@@ -103,7 +103,9 @@ def run(fn: str, group: Any, gather: str | bool, plan: Callable[[], Job]) -> Any
     spec, shapes, axes = ref
     if shard is None:  # an empty part: empty leaves of the shapes the others found
         leaves = [
-            torch.empty(_with(s, axes, [b - a for a, b in ranges]), dtype=_dtype(d), device=job.device)
+            torch.empty(
+                _with(s, axes, [b - a for a, b in ranges]), dtype=_dtype(d), device=job.device
+            )
             for s, d in shapes
         ]
     else:
@@ -122,7 +124,9 @@ def _coords(rank: int, grid: tuple[int, ...]) -> tuple[int, ...]:
     return (rank,) if len(grid) == 1 else divmod(rank, grid[1])
 
 
-def _ranges(rank: int, grid: tuple[int, ...], totals: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def _ranges(
+    rank: int, grid: tuple[int, ...], totals: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
     return tuple(balanced(t, g, c) for t, g, c in zip(totals, grid, _coords(rank, grid)))
 
 
@@ -160,9 +164,7 @@ def _gather_leaves(
     ]
     for dtype in dict.fromkeys(d for _, d in shapes):
         which = [i for i, (_, d) in enumerate(shapes) if d == dtype]
-        counts = [
-            0 if p is None else sum(math.prod(p[0][i][0]) for i in which) for p in parts
-        ]
+        counts = [0 if p is None else sum(math.prod(p[0][i][0]) for i in which) for p in parts]
         width = max(counts)
         mine = [leaves[i].reshape(-1) for i in which]
         buf = torch.cat([*mine, leaves[which[0]].new_zeros(width - sum(t.numel() for t in mine))])

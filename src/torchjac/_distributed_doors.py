@@ -142,7 +142,8 @@ def split_function(door: Door, fn: str, a: dict[str, Any]) -> Any:
     group = check_process_group(fn, a["process_group"])
     gather = check_gather(fn, a["gather"])
     opts = {
-        k: a[k] for k in ("batch_dim", "mode", "has_aux", "chunk_size", "max_memory", "create_graph")
+        k: a[k]
+        for k in ("batch_dim", "mode", "has_aux", "chunk_size", "max_memory", "create_graph")
     }
     func, inputs = a["func"], a["inputs"]
     if group is None:
@@ -233,9 +234,10 @@ def split_param_jacobian(door: Door, fn: str, a: dict[str, Any]) -> Any:
             first = next((x for x in tensors), None)
             if first is None:
                 raise ValueError(f"{fn}: `batch_dim={bd}` needs a tensor argument to split.")
-            bd_, n = check_batch_dim(fn, bd, [("the first tensor argument", first)])
+            _, n = check_batch_dim(fn, bd, [("the first tensor argument", first)])
             batched = [
-                isinstance(x, Tensor) and x.dim() > 0 and x.shape[bd % x.dim()] == n for _, x in named
+                isinstance(x, Tensor) and x.dim() > 0 and x.shape[bd % x.dim()] == n
+                for _, x in named
             ]
 
             def samples(ranges: tuple[tuple[int, int], ...]) -> tuple[Any, tuple[int, ...]]:
@@ -297,7 +299,7 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
             raise TypeError(f"{fn}: `model` must be an nn.Module and `batch_dim` an int.")
         xs1 = _check_x(fn, "x1", x1, bd)
         xs2 = xs1 if x2 is None else _check_x(fn, "x2", x2, bd)
-        pack = (lambda xs: xs[0]) if isinstance(x1, Tensor) else tuple  # noqa: E731
+        pack = (lambda xs: xs[0]) if isinstance(x1, Tensor) else tuple
         named1 = [(f"x1[{i}]", x) for i, x in enumerate(xs1)]
         named2 = [(f"x2[{i}]", x) for i, x in enumerate(xs2)]
         params = list(model.named_parameters())

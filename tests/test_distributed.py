@@ -1,0 +1,106 @@
+"""``process_group=`` and ``gather=``: 2 gloo ranks on CPU, spawned once for the module, run
+every scenario of ``distributed_scenarios.py`` against single-process float64 results; the
+arguments and the split itself are checked here, in this process."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any
+
+import distributed_scenarios
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import torchjac as tj
+from torchjac._distributed import balanced
+
+RANKS = 2
+LIMIT = 120  # seconds for the whole spawned run; the group's own timeout is 15 s per collective
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("dist")
+    args = (RANKS, str(tmp / "store"), str(tmp))
+    ctx = mp.spawn(distributed_scenarios.main, args=args, nprocs=RANKS, join=False)
+    deadline = time.monotonic() + LIMIT
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {RANKS} ranks did not finish within {LIMIT} s")
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(RANKS)]
+
+
+@pytest.mark.parametrize("name", [*distributed_scenarios.SCENARIOS, "destroyed_group"])
+def test_on_two_gloo_ranks(outcomes: list[dict[str, str]], name: str) -> None:
+    for rank, got in enumerate(outcomes):
+        assert got[name] == "ok", f"rank {rank}:\n{got[name]}"
+
+
+@pytest.mark.parametrize("total", [0, 1, 2, 5, 7, 64])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+def test_balanced_split_covers_in_order_within_one(total: int, parts: int) -> None:
+    ranges = [balanced(total, parts, k) for k in range(parts)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)  # the same model at every call (the test's RNG state is restored)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+CALLS: dict[str, Any] = {
+    "jacobian": lambda **kw: tj.jacobian(torch.sin, torch.ones(3, 2, dtype=torch.float64), **kw),
+    "hessian": lambda **kw: tj.hessian(lambda x: x.sin().sum(), torch.ones(3), **kw),
+    "hessian_diagonal": lambda **kw: tj.hessian_diagonal(torch.sin, torch.ones(3), **kw),
+    "laplacian": lambda **kw: tj.laplacian(torch.sin, torch.ones(2, 3), batch_dim=0, **kw),
+    "param_jacobian": lambda **kw: tj.param_jacobian(_model(), torch.ones(2, 3).double(), **kw),
+    "ntk": lambda **kw: tj.ntk(_model(), torch.ones(2, 3).double(), **kw),
+}
+
+
+@pytest.mark.parametrize("fn", sorted(CALLS))
+def test_without_a_group_gather_false_pairs_the_result_with_a_whole_index(fn: str) -> None:
+    whole = CALLS[fn]()
+    pair = CALLS[fn](gather=False)
+    assert isinstance(pair, tuple) and pair[1] == (slice(None),)
+    got = pair[0]
+    if isinstance(whole, dict):
+        assert all(torch.equal(got[k], v[pair[1]]) for k, v in whole.items())
+    else:
+        assert torch.equal(got, whole[pair[1]])
+    on0 = CALLS[fn](gather="rank0")
+    assert type(on0) is type(whole)
+
+
+@pytest.mark.parametrize("fn", sorted(CALLS))
+def test_wrong_process_group_or_gather(fn: str) -> None:
+    with pytest.raises(TypeError, match=f"{fn}: `process_group` must be a torch.distributed"):
+        CALLS[fn](process_group="gloo")
+    with pytest.raises(ValueError, match=f'{fn}: `gather` must be "all"'):
+        CALLS[fn](gather="everywhere")
+    with pytest.raises(ValueError, match=f'{fn}: `gather` must be "all"'):
+        CALLS[fn](gather=0)
+
+
+def test_a_group_of_one_rank_in_this_process_then_destroyed() -> None:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        x = torch.randn(4, 3, dtype=torch.float64)
+        got, index = tj.ntk(_model(), x, process_group=group, gather=False)
+        assert index == (slice(0, 4), slice(None), slice(0, 4))
+        assert torch.allclose(got, tj.ntk(_model(), x))
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match=r"ntk: `process_group` was given but torch\.distributed"):
+        tj.ntk(_model(), x, process_group=group)
