@@ -128,3 +128,13 @@ def test_model_of_several_inputs(cls: type[nn.Module], gen: torch.Generator) -> 
         for n in ("fz.weight", "fz.bias", "head.weight")
     )
     torch.testing.assert_close(frozen_fx, want_11, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 16])
+def test_symmetrize_by_blocks_is_bitwise_the_mean_with_the_transpose(n: int) -> None:
+    from torchjac._engine.blocked import symmetrize_
+
+    k = torch.randn(n, n, dtype=torch.float32)
+    want = (k + k.T) / 2
+    assert torch.equal(symmetrize_(k.clone(), block=3), want)
+    assert torch.equal(symmetrize_(k.clone()), want)

@@ -1,7 +1,7 @@
 """How each front door splits its work over a process group (NOTE [split and gather]).
 
 The function doors and ``param_jacobian`` split the samples with ``batch_dim`` and the rows of
-the flattened output without; ``ntk`` splits ``(x1 rows, x2 rows)`` tiles. Each rank calls the
+the flattened output without (``ntk``'s tiles are in ``_distributed_ntk``). Each rank calls the
 door itself (``process_group=None``) on its part.
 
 NOTE [split samples]: a rank computes its samples alone, which equals the whole batch's result
@@ -15,7 +15,6 @@ single-process check sees, through the floating inputs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,18 +33,24 @@ from torchjac._distributed import Job, run
 from torchjac._engine.func_state import call_state
 from torchjac._errors import BatchCouplingError, coupling_fix
 
-__all__ = ["split_function", "split_ntk", "split_param_jacobian"]
+__all__ = [
+    "check_samples",
+    "describe_named",
+    "split_function",
+    "split_param_jacobian",
+    "whole_or_pair",
+]
 
 Door = Callable[..., Any]
 
 
-def _single(gather: Any, call: Callable[[], Any]) -> Any:
+def whole_or_pair(gather: Any, call: Callable[[], Any]) -> Any:
     """``process_group=None``: today's call; ``gather=False`` pairs it with a whole index."""
     result = call()
     return (result, (slice(None),)) if gather is False else result
 
 
-def _describe(named: Sequence[tuple[str, Any]]) -> str:
+def describe_named(named: Sequence[tuple[str, Any]]) -> str:
     return ", ".join(
         f"{n}: {list(t.shape)} {t.dtype}" if isinstance(t, Tensor) else f"{n}: {type(t).__name__}"
         for n, t in named
@@ -147,7 +152,7 @@ def split_function(door: Door, fn: str, a: dict[str, Any]) -> Any:
     }
     func, inputs = a["func"], a["inputs"]
     if group is None:
-        return _single(gather, lambda: door(func, inputs, **opts))
+        return whole_or_pair(gather, lambda: door(func, inputs, **opts))
 
     def plan() -> Job:
         for flag in ("has_aux", "create_graph"):
@@ -163,7 +168,9 @@ def split_function(door: Door, fn: str, a: dict[str, Any]) -> Any:
             built = unflatten(container, list(xs))
             return f(*built) if kind == "tuple" else f(built)
 
-        sig = f"{fn}({_describe(list(zip(names, ins)))}; batch_dim={bd}, mode={opts['mode']!r})"
+        sig = (
+            f"{fn}({describe_named(list(zip(names, ins)))}; batch_dim={bd}, mode={opts['mode']!r})"
+        )
         whole = lambda: door(func, inputs, **opts)  # noqa: E731
         if bd is not None:
 
@@ -218,7 +225,7 @@ def split_param_jacobian(door: Door, fn: str, a: dict[str, Any]) -> Any:
     model, args, kwargs = a["model"], a["args"], a["kwargs"]
     opts = {k: a[k] for k in ("params", "batch_dim", "chunk_size", "max_memory")}
     if group is None:
-        return _single(gather, lambda: door(model, *args, **opts, **kwargs))
+        return whole_or_pair(gather, lambda: door(model, *args, **opts, **kwargs))
 
     def plan() -> Job:
         if not isinstance(model, nn.Module):
@@ -228,7 +235,7 @@ def split_param_jacobian(door: Door, fn: str, a: dict[str, Any]) -> Any:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         params = [(n, p) for n, p in model.named_parameters()]
         bd = opts["batch_dim"]
-        sig = f"{fn}({_describe(named)}; {_describe(params)}; batch_dim={bd})"
+        sig = f"{fn}({describe_named(named)}; {describe_named(params)}; batch_dim={bd})"
         whole = lambda: door(model, *args, **opts, **kwargs)  # noqa: E731
         if bd is not None:
             first = next((x for x in tensors), None)
@@ -280,68 +287,3 @@ def split_param_jacobian(door: Door, fn: str, a: dict[str, Any]) -> Any:
         return Job(f"{sig} -> {list(shape)}", (out.numel(),), device, rows, whole, finish)
 
     return run(fn, group, gather, plan)
-
-
-def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
-    """``ntk`` with ``process_group``: tiles ``(x1 rows, x2 rows)`` on a grid of ranks."""
-    group = check_process_group(fn, a["process_group"])
-    gather = check_gather(fn, a["gather"])
-    model, x1, x2 = a["model"], a["x1"], a["x2"]
-    opts = {k: a[k] for k in ("params", "batch_dim", "chunk_size", "max_memory")}
-    if group is None:
-        return _single(gather, lambda: door(model, x1, x2, **opts))
-
-    def plan() -> Job:
-        from torchjac._ntk import _check_x
-
-        bd = opts["batch_dim"]
-        if not isinstance(model, nn.Module) or isinstance(bd, bool) or not isinstance(bd, int):
-            raise TypeError(f"{fn}: `model` must be an nn.Module and `batch_dim` an int.")
-        xs1 = _check_x(fn, "x1", x1, bd)
-        xs2 = xs1 if x2 is None else _check_x(fn, "x2", x2, bd)
-        pack = (lambda xs: xs[0]) if isinstance(x1, Tensor) else tuple
-        named1 = [(f"x1[{i}]", x) for i, x in enumerate(xs1)]
-        named2 = [(f"x2[{i}]", x) for i, x in enumerate(xs2)]
-        params = list(model.named_parameters())
-        sig = f"{fn}({_describe(named1)}; {_describe(named2) if x2 is not None else 'x2: None'}"
-        sig += f"; {_describe(params)}; batch_dim={bd})"
-
-        def call(xs: list[Tensor]) -> Any:
-            return model(*xs)
-
-        def tile(ranges: tuple[tuple[int, int], ...]) -> tuple[Any, tuple[int, ...]]:
-            (r0, r1), (c0, c1) = ranges
-            floats1 = [(n, x) for n, x in named1 if x.is_floating_point()]
-            check_samples(fn, model, _with_fixed(call, named1), floats1, bd, r0, r1)
-            if x2 is not None:
-                floats2 = [(n, x) for n, x in named2 if x.is_floating_point()]
-                check_samples(fn, model, _with_fixed(call, named2), floats2, bd, c0, c1)
-            rows = pack(tuple(x.narrow(bd, r0, r1 - r0) for x in xs1))
-            cols = pack(tuple(x.narrow(bd, c0, c1 - c0) for x in xs2))
-            k = door(model, rows, cols, **opts)
-            return k, (0, 1 + (k.dim() - 2) // 2)
-
-        def finish(k: Tensor) -> Tensor:
-            if x2 is not None:
-                return k
-            n = math.prod(k.shape[: k.dim() // 2])
-            flat = k.reshape(n, n)
-            return ((flat + flat.T) / 2).reshape(k.shape)  # exactly symmetric, as unsplit
-
-        n1, n2 = xs1[0].shape[bd], xs2[0].shape[bd]
-        whole = lambda: door(model, x1, x2, **opts)  # noqa: E731
-        return Job(sig, (n1, n2), xs1[0].device, tile, whole, finish)
-
-    return run(fn, group, gather, plan)
-
-
-def _with_fixed(
-    call: Callable[[list[Tensor]], Any], named: list[tuple[str, Tensor]]
-) -> Callable[[list[Tensor]], Any]:
-    """``call`` on all of ``named``, the floating ones replaced by the given tensors in order."""
-
-    def wrapped(floats: list[Tensor]) -> Any:
-        it = iter(floats)
-        return call([next(it) if x.is_floating_point() else x for _, x in named])
-
-    return wrapped

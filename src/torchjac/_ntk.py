@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
-from torchjac._distributed_doors import split_ntk
+from torchjac._distributed_ntk import split_ntk
+from torchjac._engine.blocked import symmetrize_
 from torchjac._engine.layers import model_state, no_side_effects
 from torchjac._engine.ntk_kernel import kernel_of, run_side
 from torchjac._engine.plan import memory_budget
@@ -125,7 +126,7 @@ def ntk(
             )
         kernel = kernel_of(fn, model, state, side1, side2, batch_dim, chunk_size, budget)
     if xs2 is None:
-        kernel = (kernel + kernel.T) / 2  # exactly symmetric
+        kernel = symmetrize_(kernel)  # exactly symmetric
     o = tuple(side1.out_rest)
     return kernel.reshape((side1.n, *o, side2.n, *o))
 
