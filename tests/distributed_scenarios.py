@@ -150,6 +150,26 @@ def ntk_tiles_every_gather(rank: int, g: Any) -> None:
     assert on0 is None if rank else torch.equal(on0, got)
 
 
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.lin(a).tanh() * b
+
+
+@scenario
+def ntk_upper_tiles_of_seven_samples_two_inputs(rank: int, g: Any) -> None:
+    torch.manual_seed(4)
+    model = TwoInputs().to(DT)
+    xs = (data(7, 3), data(7, 1, seed=1))
+    got = tj.ntk(model, xs, process_group=g)
+    close(got, tj.ntk(model, xs))
+    assert torch.equal(got, got.permute(2, 3, 0, 1))
+    close(tj.ntk(model, xs, xs, process_group=g), tj.ntk(model, xs, xs))
+
+
 @scenario
 def fast_paths_off_and_shapes_of_one(rank: int, g: Any) -> None:
     model, x = mlp(), data(3, 3)

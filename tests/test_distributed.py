@@ -18,6 +18,7 @@ from torch import nn
 
 import torchjac as tj
 from torchjac._distributed import balanced
+from torchjac._distributed_ntk import upper_tiles
 
 RANKS = 2
 LIMIT = 120  # seconds for the whole spawned run; the group's own timeout is 15 s per collective
@@ -104,3 +105,20 @@ def test_a_group_of_one_rank_in_this_process_then_destroyed() -> None:
         dist.destroy_process_group()
     with pytest.raises(ValueError, match=r"ntk: `process_group` was given but torch\.distributed"):
         tj.ntk(_model(), x, process_group=group)
+
+
+@pytest.mark.parametrize(("n", "size"), [(1, 2), (2, 2), (5, 2), (64, 2), (30, 3), (100, 8)])
+def test_upper_tiles_cover_the_upper_triangle_once_and_balance(n: int, size: int) -> None:
+    dealt = upper_tiles(n, size)
+    assert len(dealt) == size
+    cover = torch.zeros(n, n, dtype=torch.int64)
+    for part in dealt:
+        for (r0, r1), (c0, c1) in part:
+            assert (r0 == c0 and r1 == c1) or r1 <= c0  # on or above the diagonal
+            cover[r0:r1, c0:c1] += 1
+            if r0 != c0:  # mirrored once gathered
+                cover[c0:c1, r0:r1] += 1
+    assert torch.equal(cover, torch.ones(n, n, dtype=torch.int64))
+    loads = [sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in part) for part in dealt]
+    if n >= 4 * size:
+        assert max(loads) * size <= 1.1 * sum(loads)

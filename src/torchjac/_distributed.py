@@ -50,6 +50,9 @@ def _grid(size: int, axes: int) -> tuple[int, ...]:
     return (size // q, q)
 
 
+Ranges = tuple[tuple[int, int], ...]  # a (start, stop) per split axis
+
+
 @dataclass(frozen=True)
 class Job:
     """What a front door asks of the split: built on every rank by its ``plan``.
@@ -57,15 +60,18 @@ class Job:
     ``work(ranges)`` runs the door on one part (a ``(start, stop)`` per axis) and returns the
     result in the user's layout with the position of each split axis in every leaf;
     ``whole()`` runs it unsplit (used when an axis is empty); ``finish`` shapes the gathered
-    result (e.g. rows back to the output's shape).
+    result (e.g. rows back to the output's shape). ``parts(rank, size)``, when given, lists a
+    rank's parts (several, e.g. the upper tiles of a symmetric kernel; not with
+    ``gather=False``); by default a rank has the one cell of a grid over the axes.
     """
 
     signature: str
     totals: tuple[int, ...]
     device: torch.device
-    work: Callable[[tuple[tuple[int, int], ...]], tuple[Any, tuple[int, ...]]]
+    work: Callable[[Ranges], tuple[Any, tuple[int, ...]]]
     whole: Callable[[], Any]
     finish: Callable[[Any], Any] = lambda result: result
+    parts: Callable[[int, int], list[Ranges]] | None = None
 
 
 def run(fn: str, group: Any, gather: str | bool, plan: Callable[[], Job]) -> Any:
@@ -90,33 +96,30 @@ def run(fn: str, group: Any, gather: str | bool, plan: Callable[[], Job]) -> Any
             return result, (slice(None),)
         return result if gather == "all" or rank == 0 else None
     grid = _grid(size, len(job.totals))
-    coords = _coords(rank, grid)
-    ranges = tuple(balanced(t, g, c) for t, g, c in zip(job.totals, grid, coords))
-    shard: tuple[Any, tuple[int, ...]] | None = None
-    if all(b > a for a, b in ranges):
-        shard, err = _attempt(lambda: job.work(ranges))
-    meta = None if shard is None else (_spec(shard[0]), _shapes(shard[0]), shard[1])
+    parts_of = job.parts or (lambda r, n: [_ranges(r, grid, job.totals)])
+    mine = [p for p in parts_of(rank, size) if all(b > a for a, b in p)]
+    done, err = _attempt(lambda: [job.work(p) for p in mine])
+    meta = None
+    if done:  # the container, the split axes, and per part its ranges and leaf shapes
+        meta = (_spec(done[0][0]), done[0][1], [(p, _shapes(d[0])) for p, d in zip(mine, done)])
     said = _exchange(group, size, _failure(err) or ("ok", meta))
     _raise_if_failed(fn, said, err)
     metas = [s[1] for s in said]
-    ref = next(m for m in metas if m is not None)  # rank 0's part is never empty
-    spec, shapes, axes = ref
-    if shard is None:  # an empty part: empty leaves of the shapes the others found
-        leaves = [
-            torch.empty(
-                _with(s, axes, [b - a for a, b in ranges]), dtype=_dtype(d), device=job.device
-            )
+    spec, axes, _ = next(m for m in metas if m is not None)  # rank 0 always has work
+    if gather is False:
+        assert job.parts is None
+        ranges = _ranges(rank, grid, job.totals)
+        if done:
+            return done[0][0], _index(axes, ranges)
+        shapes = next(m for m in metas if m is not None)[2][0][1]
+        sizes = [b - a for a, b in ranges]  # an empty part: empty leaves of the others' shapes
+        empty = [
+            torch.empty(_with(s, axes, sizes), dtype=_dtype(d), device=job.device)
             for s, d in shapes
         ]
-    else:
-        leaves = _leaves(shard[0])
-    if gather is False:
-        return _build(spec, leaves), _index(axes, ranges)
-    parts = [
-        None if m is None else (m[1], _index(axes, _ranges(r, grid, job.totals)))
-        for r, m in enumerate(metas)
-    ]
-    full = _gather_leaves(group, rank, gather, leaves, parts, shapes, axes, job.totals)
+        return _build(spec, empty), _index(axes, ranges)
+    leaves = [leaf for d in done for leaf in _leaves(d[0])]
+    full = _gather_leaves(group, rank, gather, leaves, metas, axes, job.totals, job.device)
     return None if full is None else job.finish(_build(spec, full))
 
 
@@ -150,25 +153,29 @@ def _gather_leaves(
     rank: int,
     gather: str | bool,
     leaves: list[Tensor],
-    parts: list[tuple[list[tuple[list[int], str]], tuple[slice, ...]] | None],
-    shapes: list[tuple[list[int], str]],
+    metas: list[Any],
     axes: tuple[int, ...],
     totals: tuple[int, ...],
+    device: torch.device,
 ) -> list[Tensor] | None:
-    """Step 3: one padded collective per dtype; each rank's shard written at its index."""
+    """Step 3: one padded collective per dtype; every part of every rank written at its index."""
     import torch.distributed as dist
 
+    shapes = next(m for m in metas if m is not None)[2][0][1]
     full = [
-        torch.empty(_with(s, axes, list(totals)), dtype=_dtype(d), device=leaves[0].device)
-        for s, d in shapes
+        torch.empty(_with(s, axes, list(totals)), dtype=_dtype(d), device=device) for s, d in shapes
     ]
     for dtype in dict.fromkeys(d for _, d in shapes):
         which = [i for i, (_, d) in enumerate(shapes) if d == dtype]
-        counts = [0 if p is None else sum(math.prod(p[0][i][0]) for i in which) for p in parts]
+        counts = [
+            0 if m is None else sum(math.prod(sh[i][0]) for _, sh in m[2] for i in which)
+            for m in metas
+        ]
         width = max(counts)
-        mine = [leaves[i].reshape(-1) for i in which]
-        buf = torch.cat([*mine, leaves[which[0]].new_zeros(width - sum(t.numel() for t in mine))])
-        bufs = [torch.empty_like(buf) for _ in parts]
+        mine = [t.reshape(-1) for k, t in enumerate(leaves) if k % len(shapes) in which]
+        pad = torch.zeros(width - counts[rank], dtype=_dtype(dtype), device=device)
+        buf = mine[0] if len(mine) == 1 and not pad.numel() else torch.cat([*mine, pad])
+        bufs = [torch.empty(width, dtype=buf.dtype, device=device) for _ in metas]
         if gather == "all":
             dist.all_gather(bufs, buf, group=group)
         else:
@@ -176,15 +183,13 @@ def _gather_leaves(
             dist.gather(buf, bufs if rank == 0 else None, dst=dst, group=group)
             if rank != 0:
                 continue
-        for p, got in zip(parts, bufs):
-            if p is None:
-                continue
+        for m, got in zip(metas, bufs):
             off = 0
-            for i in which:
-                shape = p[0][i][0]
-                n = math.prod(shape)
-                full[i][p[1]] = got[off : off + n].reshape(shape)
-                off += n
+            for ranges, sh in [] if m is None else m[2]:
+                for i in which:
+                    n = math.prod(sh[i][0])
+                    full[i][_index(axes, ranges)] = got[off : off + n].reshape(sh[i][0])
+                    off += n
     return full if gather == "all" or rank == 0 else None
 
 

@@ -68,13 +68,15 @@ def ntk(
             rank calls with the same arguments): the ranks form a ``p x q`` grid (``p >= q``,
             as square as the number of ranks allows; 2 ranks: ``2 x 1``) and rank ``(i, j)``
             computes the tile of ``x1``'s ``i``-th balanced range of samples against ``x2``'s
-            ``j``-th (``K(x1, x1)`` too). The model runs once on the whole batch to check that
-            no sample reaches another and that it draws no random numbers. An error on any rank
-            raises on every rank. Default ``None``: this process alone.
+            ``j``-th. ``K(x1, x1)`` gathered needs only the tiles on and above the diagonal:
+            they are dealt to the ranks by area (2 ranks: a third of the kernel each) and
+            mirrored. The model runs once on the whole batch to check that no sample reaches
+            another and that it draws no random numbers. An error on any rank raises on every
+            rank. Default ``None``: this process alone.
         gather: ``"all"`` (default, the whole kernel on every rank), ``"rank0"`` (``None`` on
             the other ranks) or ``False``: ``(tile, index)`` with ``K[index]`` this rank's tile
-            (a slice of the ``N1`` and the ``N2`` axes). A tile of ``K(x1, x1)`` is not
-            symmetrised; the gathered kernel is.
+            (a slice of the ``N1`` and the ``N2`` axes, on the grid; for ``K(x1, x1)`` too,
+            not made symmetric).
 
     Example:
         >>> import torch, torchjac as tj
