@@ -138,3 +138,15 @@ def test_symmetrize_by_blocks_is_bitwise_the_mean_with_the_transpose(n: int) -> 
     want = (k + k.T) / 2
     assert torch.equal(symmetrize_(k.clone(), block=3), want)
     assert torch.equal(symmetrize_(k.clone()), want)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (5, 7), (8, 3)])
+def test_copy_transposed_by_blocks(rows: int, cols: int) -> None:
+    from torchjac._engine.blocked import copy_transposed_
+
+    src = torch.randn(rows, cols, dtype=torch.float64)
+    dst = torch.zeros(cols + 2, rows + 1, dtype=torch.float64)
+    copy_transposed_(dst[1 : cols + 1, :rows], src, block=2)
+    want = torch.zeros_like(dst)
+    want[1 : cols + 1, :rows] = src.T
+    assert torch.equal(dst, want)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchjac._checks import check_gather, check_process_group
 from torchjac._distributed import Job, Ranges, balanced, run
 from torchjac._distributed_doors import check_samples, describe_named, whole_or_pair
+from torchjac._engine.blocked import copy_transposed_
 
 __all__ = ["split_ntk", "upper_tiles"]
 
@@ -76,9 +77,8 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
             flat = k.reshape(n1 * c, n1 * c)
             for (r0, r1), (c0, c1) in (t for part in dealt for t in part):
                 if r0 != c0:
-                    flat[c0 * c : c1 * c, r0 * c : r1 * c] = flat[
-                        r0 * c : r1 * c, c0 * c : c1 * c
-                    ].T
+                    upper = flat[r0 * c : r1 * c, c0 * c : c1 * c]
+                    copy_transposed_(flat[c0 * c : c1 * c, r0 * c : r1 * c], upper)
             return k
 
         return Job(sig, (n1, n1), xs1[0].device, tile, whole, mirror, lambda r, _: dealt[r])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["blocked_kernel", "symmetrize_"]
+__all__ = ["blocked_kernel", "copy_transposed_", "symmetrize_"]
 
 Make = Callable[[int, int], Tensor]  # (start, stop) -> [N, c, P]
 
@@ -71,3 +71,13 @@ def symmetrize_(kernel: Tensor, block: int = 256) -> Tensor:
             upper.copy_(mean)
             lower.copy_(mean.T)
     return kernel
+
+
+def copy_transposed_(dst: Tensor, src: Tensor, block: int = 256) -> Tensor:
+    """``dst.copy_(src.T)`` for 2-D tensors, one block at a time (the transposed read of a
+    whole ``[4096, 4096]`` float32 block took ~0.7 s on one thread, by blocks ~0.15 s)."""
+    rows, cols = src.shape
+    for i in range(0, rows, block):
+        for j in range(0, cols, block):
+            dst[j : j + block, i : i + block].copy_(src[i : i + block, j : j + block].T)
+    return dst
