@@ -89,6 +89,22 @@ def jacobian_rows_two_outputs_each_mode(rank: int, g: Any) -> None:
 
 
 @scenario
+def jacobian_columns_of_a_tall_dict_function(rank: int, g: Any) -> None:
+    xs = {"a": data(3), "b": data(2, 2, seed=1)}  # 7 columns: 4 and 3
+
+    def f(d: dict[str, Tensor]) -> Tensor:
+        return torch.outer(d["a"].sin(), d["b"].reshape(-1)).exp()  # [3, 4]: 12 rows
+
+    want = tj.jacobian(f, xs)
+    close(tj.jacobian(f, xs, process_group=g), want)
+    close(tj.jacobian(f, xs, mode="fwd", process_group=g), want)
+    shard, index = tj.jacobian(f, xs, process_group=g, gather=False)
+    flat = torch.cat([want["a"].reshape(3, 4, -1), want["b"].reshape(3, 4, -1)], dim=-1)
+    assert index == (slice(None), slice(None), (slice(0, 4), slice(4, 7))[rank]), index
+    close(shard, flat[index])
+
+
+@scenario
 def hessian_samples_dict(rank: int, g: Any) -> None:
     xs = {"u": data(5, 2), "v": data(5, 1, seed=1)}
 

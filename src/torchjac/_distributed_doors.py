@@ -3,20 +3,12 @@
 The function doors and ``param_jacobian`` split the samples with ``batch_dim`` and the rows of
 the flattened output without (``ntk``'s tiles are in ``_distributed_ntk``). Each rank calls the
 door itself (``process_group=None``) on its part.
-
-NOTE [split samples]: a rank computes its samples alone, which equals the whole batch's result
-only when (a) the function draws no random numbers (a shard cannot repeat the batch's draw) and
-(b) no output sample depends on another sample. The door's own check sees couplings inside a
-rank's samples; ``check_samples`` adds one backward pass on the whole batch with a random
-cotangent on the rank's samples, whose gradient must vanish at every other sample, and the same
-evaluation checks that the RNG state did not move. Together they see every coupling the
-single-process check sees, through the floating inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, final
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +22,9 @@ from torchjac._checks import (
     unflatten,
 )
 from torchjac._distributed import Job, run
-from torchjac._engine.func_state import call_state
-from torchjac._errors import BatchCouplingError, coupling_fix
+from torchjac._distributed_checks import check_samples, evaluate
 
 __all__ = [
-    "check_samples",
     "describe_named",
     "split_function",
     "split_param_jacobian",
@@ -57,75 +47,7 @@ def describe_named(named: Sequence[tuple[str, Any]]) -> str:
     )
 
 
-def _draws(fn: str) -> ValueError:
-    return ValueError(
-        f"{fn}: with `process_group` each rank evaluates only its part, so a function that draws "
-        "random numbers (dropout in train mode) cannot repeat the draw of one call; call "
-        "model.eval() (or draw outside the function), or pass process_group=None."
-    )
-
-
-def evaluate(fn: str, target: Any, call: Callable[[], Any], tensors: tuple[Tensor, ...]) -> Any:
-    """``call()`` once, no graph, RNG and buffers left as found; refuses a function that draws."""
-    with call_state(target, tensors), torch.inference_mode(False), torch.no_grad():
-        before = torch.get_rng_state()
-        out = call()
-        if not torch.equal(before, torch.get_rng_state()):
-            raise _draws(fn)
-    return out
-
-
-def check_samples(
-    fn: str,
-    target: Any,
-    call: Callable[[list[Tensor]], Any],
-    named: Sequence[tuple[str, Tensor]],
-    batch_dim: int,
-    start: int,
-    stop: int,
-) -> None:
-    """NOTE [split samples] for samples ``[start, stop)`` of the batched inputs ``named``."""
-    xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for _, x in named]
-    with call_state(target, tuple(x for _, x in named)), torch.inference_mode(False):
-        with torch.enable_grad():
-            before = torch.get_rng_state()
-            out = call(xs)
-            if not torch.equal(before, torch.get_rng_state()):
-                raise _draws(fn)
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))]
-        outs = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
-        check_batch_dim(fn, batch_dim, [*named, *((f"output {i}", o) for i, o in enumerate(outs))])
-        wrt = [x for x in xs if x.requires_grad]
-        if not outs or not wrt:
-            return
-        gen = torch.Generator().manual_seed(11)
-        cots = []
-        for o in outs:
-            mask = torch.zeros(o.shape[batch_dim], dtype=o.dtype, device=o.device)
-            mask[start:stop] = 1
-            view = [1] * o.dim()
-            view[batch_dim] = -1
-            cot = torch.randn(o.shape, generator=gen, dtype=torch.float64)
-            cots.append(cot.to(o.dtype).to(o.device) * mask.reshape(view))
-        grads = torch.autograd.grad(outs, wrt, cots, allow_unused=True)
-    names = [n for (n, x) in named if x.is_floating_point()]
-    for name, g in zip(names, grads):
-        if g is None:
-            continue
-        per = g.movedim(batch_dim, 0).reshape(g.shape[batch_dim], -1).abs().amax(1)
-        per[start:stop] = 0
-        if bool((per.nan_to_num(0.0) > 0).any()):
-            where = torch.nonzero(per).flatten()[:5].tolist()
-            raise BatchCouplingError(
-                f"{fn}: `batch_dim={batch_dim}` declares that output sample i depends only on "
-                f"sample i, but the outputs of samples [{start}, {stop}) (this rank's part with "
-                f"`process_group`) depend on {name} at samples {where}. Samples are coupled, "
-                "e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
-                f"`x - x.mean(0)`, or attention across the batch. {coupling_fix(fn)}"
-            )
-
-
-def _rows_of(func: Any, sizes: list[int], container: Any, start: int, stop: int) -> Any:
+def _rows_of(func: Any, sizes: list[int], start: int, stop: int) -> Any:
     """``func`` with only rows ``[start, stop)`` of its flattened outputs, as a sequence."""
 
     def rows(*args: Any) -> tuple[Tensor, ...]:
@@ -187,9 +109,16 @@ def split_function(door: Door, fn: str, a: dict[str, Any]) -> Any:
         sizes = [o.numel() for o in outs if isinstance(o, Tensor)]
         single = isinstance(out, Tensor)
 
+        m, n = sum(sizes), sum(x.numel() for x in ins)
+        fwd = opts["mode"] == "fwd" or (opts["mode"] == "auto" and m > n)
+        if fn == "jacobian" and fwd and len({x.dtype for x in ins}) == 1:
+            lead = shapes[0] if single else (m,)
+            cols = _Columns(door, func, ins, container, opts, lead)
+            return Job(f"{sig} -> {shapes} by columns", (n,), device, cols, whole, cols.finish)
+
         def rows(ranges: tuple[tuple[int, int], ...]) -> tuple[Any, tuple[int, ...]]:
             start, stop = ranges[0]
-            return door(_rows_of(func, sizes, container, start, stop), inputs, **opts), (0,)
+            return door(_rows_of(func, sizes, start, stop), inputs, **opts), (0,)
 
         def finish(result: Any) -> Any:
             return _map(result, lambda t: t.reshape(*shapes[0], *t.shape[1:])) if single else result
@@ -197,6 +126,50 @@ def split_function(door: Door, fn: str, a: dict[str, Any]) -> Any:
         return Job(f"{sig} -> {shapes}", (sum(sizes),), device, rows, whole, finish)
 
     return run(fn, group, gather, plan)
+
+
+@final
+class _Columns:
+    """A tall Jacobian by columns: rank ``r`` differentiates with respect to its range of the
+    inputs' elements (flattened and concatenated, one dtype), the others held fixed. A shard is
+    ``[*rows, n_r]``; ``finish`` cuts the gathered ``[*rows, n]`` back into the inputs."""
+
+    def __init__(
+        self,
+        door: Door,
+        func: Any,
+        ins: tuple[Tensor, ...],
+        container: Any,
+        opts: dict[str, Any],
+        lead: tuple[int, ...],
+    ) -> None:
+        self.door, self.func, self.container, self.opts, self.lead = (
+            door,
+            func,
+            container,
+            opts,
+            lead,
+        )
+        self.shapes = [x.shape for x in ins]
+        self.sizes = [x.numel() for x in ins]
+        self.flat = torch.cat([x.detach().reshape(-1) for x in ins])  # a copy, never a view
+
+    def __call__(self, ranges: tuple[tuple[int, int], ...]) -> tuple[Any, tuple[int, ...]]:
+        start, stop = ranges[0]
+        flat, func, kind = self.flat, self.func, self.container[0]
+
+        def part(z: Tensor) -> Any:
+            whole = torch.cat([flat[:start], z, flat[stop:]]).split(self.sizes)
+            built = unflatten(self.container, [t.reshape(s) for t, s in zip(whole, self.shapes)])
+            return func(*built) if kind == "tuple" else func(built)
+
+        return self.door(part, flat[start:stop].clone(), **self.opts), (len(self.lead),)
+
+    def finish(self, result: Tensor) -> Any:
+        pieces = result.split(self.sizes, dim=-1)
+        return unflatten(
+            self.container, [p.reshape(*self.lead, *s) for p, s in zip(pieces, self.shapes)]
+        )
 
 
 def _map(x: Any, f: Callable[[Tensor], Tensor]) -> Any:

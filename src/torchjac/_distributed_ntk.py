@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from torchjac._checks import check_gather, check_process_group
 from torchjac._distributed import Job, Ranges, balanced, run
-from torchjac._distributed_doors import check_samples, describe_named, whole_or_pair
+from torchjac._distributed_checks import check_samples
+from torchjac._distributed_doors import describe_named, whole_or_pair
 from torchjac._engine.blocked import copy_transposed_
 
 __all__ = ["split_ntk", "upper_tiles"]

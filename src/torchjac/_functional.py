@@ -170,14 +170,18 @@ def jacobian(
             balanced range of samples (``func`` is called on that range, and on the whole batch
             once to check that no sample reaches another and that ``func`` draws no random
             numbers: ``BatchCouplingError`` / ``ValueError``); without, a range of the rows of
-            the flattened output (``func`` is called whole). Not with ``has_aux`` or
-            ``create_graph``. An error on any rank raises on every rank. Default ``None``: this
-            process alone. See the docs page "Several processes".
+            the flattened output, or for a tall ``jacobian`` (``mode="fwd"``, or ``"auto"``
+            with more output than input elements, inputs of one dtype) a range of its columns
+            (``func`` is called whole). Not with ``has_aux`` or ``create_graph``. An error on
+            any rank raises on every rank. Default ``None``: this process alone. See the docs
+            page "Several processes".
         gather: ``"all"`` (default): the whole result on every rank; ``"rank0"``: on rank 0,
             ``None`` elsewhere; ``False``: ``(shard, index)``, this rank's part and the slice
-            it covers: ``result[index]`` with ``batch_dim``, ``result.reshape(m, *rest)[index]``
-            for the ``m`` rows of the flattened output without (``index`` is ``(slice(None),)``
-            without ``process_group``). The same two options for every function of this module.
+            it covers: ``result[index]`` with ``batch_dim``; ``result.reshape(m, *rest)[index]``
+            by rows (``m`` elements of the output); by columns the shard is one Tensor
+            ``[*rows, n_r]`` of ``R[index]``, ``R`` the result with every input flattened and
+            concatenated on the last axis (``index`` is ``(slice(None),)`` without
+            ``process_group``). The same two options for every function of this module.
 
     Example:
         >>> import torch, torchjac as tj
