@@ -187,6 +187,25 @@ def ntk_upper_tiles_of_seven_samples_two_inputs(rank: int, g: Any) -> None:
 
 
 @scenario
+def jacobian_operator_products(rank: int, g: Any) -> None:
+    x = data(4, 3)
+
+    def f(x: Tensor) -> Tensor:
+        return (x.sin() @ x.T).tanh()
+
+    J, alone = tj.JacobianOperator(f, x, process_group=g), tj.JacobianOperator(f, x)
+    V, U = data(12, 5, seed=1), data(16, 3, seed=2)
+    close(J @ V, alone @ V)
+    close(J.T @ U, alone.T @ U)
+    close(J @ V[:, 0], alone @ V[:, 0])  # a vector: no collective
+    close(J.to_dense(), tj.jacobian(f, x).reshape(16, 12))
+    close(J.gram() @ U, alone.gram() @ U)
+    model, batches = mlp(), [data(3, 3, seed=3), data(2, 3, seed=4)]
+    P = tj.JacobianOperator.from_module(model, data=batches, process_group=g)
+    close(P.to_dense(), tj.JacobianOperator.from_module(model, data=batches).to_dense())
+
+
+@scenario
 def fast_paths_off_and_shapes_of_one(rank: int, g: Any) -> None:
     model, x = mlp(), data(3, 3)
     with fast_paths(False):

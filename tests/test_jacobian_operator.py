@@ -292,6 +292,7 @@ def test_signatures_are_the_contract() -> None:
         ("batch_dim", "KEYWORD_ONLY", None),
         ("chunk_size", "KEYWORD_ONLY", None),
         ("max_memory", "KEYWORD_ONLY", None),
+        ("process_group", "KEYWORD_ONLY", None),
     ]
     assert described(tj.JacobianOperator.from_module) == [
         ("model", "POSITIONAL_OR_KEYWORD", empty),
@@ -300,6 +301,7 @@ def test_signatures_are_the_contract() -> None:
         ("data", "KEYWORD_ONLY", None),
         ("chunk_size", "KEYWORD_ONLY", None),
         ("max_memory", "KEYWORD_ONLY", None),
+        ("process_group", "KEYWORD_ONLY", None),
         ("kwargs", "VAR_KEYWORD", empty),
     ]
     assert described(tj.JacobianOperator.from_graph) == [

@@ -20,6 +20,7 @@ __all__ = [
     "check_func_inputs",
     "check_gather",
     "check_mode",
+    "check_operand",
     "check_process_group",
     "describe",
     "flatten_inputs",
@@ -249,3 +250,29 @@ def check_process_group(fn: str, group: Any) -> Any:
             "`process_group`; call with a group it belongs to."
         )
     return group
+
+
+def check_operand(fn: str, x: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``x`` for ``op @ x``: a vector ``[n]`` or a block ``[n, k]`` of the operator's dtype."""
+    if not isinstance(x, Tensor):
+        hint = " (numpy arrays: use .to_scipy())" if type(x).__module__.startswith("numpy") else ""
+        raise TypeError(f"{fn}: `@` needs a torch.Tensor, got {describe(x)}{hint}.")
+    if x.dim() not in (1, 2):
+        raise ValueError(
+            f"{fn}: `@` needs a vector [{n}] or a block of columns [{n}, k], got a {x.dim()}-D "
+            f"tensor of shape {list(x.shape)}. Flatten it, or reshape a stack to [{n}, k]."
+        )
+    if x.shape[0] != n:
+        raise ValueError(
+            f"{fn}: `@` needs {n} rows (the operator's columns, flattened in the layout rule's "
+            f"order), got shape {list(x.shape)}."
+        )
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{fn}: `@` needs the operator's dtype {dtype}, got {x.dtype}; cast with x.to({dtype})."
+        )
+    if x.device != device:
+        raise ValueError(f"{fn}: `@` needs a tensor on {device}, got one on {x.device}.")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: products are not differentiable; pass x.detach().")
+    return x

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from torchjac import _errors
 
-__all__ = ["Job", "balanced", "run"]
+__all__ = ["Job", "balanced", "run", "split_columns"]
 
 
 def balanced(total: int, parts: int, k: int) -> tuple[int, int]:
@@ -121,6 +121,25 @@ def run(fn: str, group: Any, gather: str | bool, plan: Callable[[], Job]) -> Any
     leaves = [leaf for d in done for leaf in _leaves(d[0])]
     full = _gather_leaves(group, rank, gather, leaves, metas, axes, job.totals, job.device)
     return None if full is None else job.finish(_build(spec, full))
+
+
+def split_columns(
+    fn: str, group: Any, local: Callable[[Tensor], Tensor], block: Tensor, device: torch.device
+) -> Tensor:
+    """``local(block)`` (``[rows, k]``, one column per column of ``block``) with the block's
+    columns split over the ranks, the whole on every rank: ``JacobianOperator``'s products."""
+
+    def plan() -> Job:
+        def part(ranges: Ranges) -> tuple[Tensor, tuple[int, ...]]:
+            (start, stop), *_ = ranges
+            return local(block[:, start:stop]), (1,)
+
+        sig = f"{fn} @ {list(block.shape)} {block.dtype}"
+        return Job(sig, (block.shape[1],), device, part, lambda: local(block))
+
+    result = run(fn, group, "all", plan)
+    assert isinstance(result, Tensor)
+    return result
 
 
 def _coords(rank: int, grid: tuple[int, ...]) -> tuple[int, ...]:
