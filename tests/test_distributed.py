@@ -122,3 +122,18 @@ def test_upper_tiles_cover_the_upper_triangle_once_and_balance(n: int, size: int
     loads = [sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1) in part) for part in dealt]
     if n >= 4 * size:
         assert max(loads) * size <= 1.1 * sum(loads)
+
+
+def test_kernel_grid_is_the_squarest() -> None:
+    from torchjac._distributed import _grid
+
+    assert [_grid(r, 2) for r in (1, 2, 3, 4, 6, 8, 64)] == [
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (2, 2),
+        (3, 2),
+        (4, 2),
+        (8, 8),
+    ]
+    assert _grid(5, 1) == (5,)
