@@ -166,6 +166,33 @@ def ntk_tiles_every_gather(rank: int, g: Any) -> None:
     assert on0 is None if rank else torch.equal(on0, got)
 
 
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor, scale: Tensor, *, shift: Tensor) -> Tensor:
+        return self.lin(x).tanh() * scale + shift  # scale [3] is not batched, shift [N, 3] is
+
+
+@scenario
+def param_jacobian_keyword_and_unbatched_arguments(rank: int, g: Any) -> None:
+    torch.manual_seed(5)
+    model, x, scale, shift = Scaled().to(DT), data(5, 3), data(3, seed=1), data(5, 3, seed=2)
+    for bd in (0, -2):
+        got = tj.param_jacobian(model, x, scale, shift=shift, batch_dim=bd, process_group=g)
+        close(got, tj.param_jacobian(model, x, scale, shift=shift, batch_dim=bd))
+
+
+@scenario
+def ntk_of_an_embedding_on_integer_inputs(rank: int, g: Any) -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2)).to(DT)
+    tokens = torch.randint(0, 10, (5, 2), generator=torch.Generator().manual_seed(0))
+    close(tj.ntk(model, tokens, process_group=g), tj.ntk(model, tokens))
+    close(tj.ntk(model, tokens, tokens[:3], process_group=g), tj.ntk(model, tokens, tokens[:3]))
+
+
 class TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
