@@ -145,6 +145,17 @@ def param_jacobian_samples_and_rows(rank: int, g: Any) -> None:
     close(tj.param_jacobian(model, x, process_group=g), want)
     some = tj.param_jacobian(model, x, params=["2.bias", "0.weight"], process_group=g)
     close(some, tj.param_jacobian(model, x, params=["2.bias", "0.weight"]))
+    first = model[0].weight
+    for bd in (None, 0):
+        lazy = (p for p in [first])  # an iterator, read once
+        got = tj.param_jacobian(model, x, params=lazy, batch_dim=bd, process_group=g)
+        close(got, tj.param_jacobian(model, x, params=[first], batch_dim=bd))
+    one = ["0.bias", "2.bias"][rank]
+    raises(
+        ValueError,
+        "same arguments",
+        lambda: tj.param_jacobian(model, x, params=one, batch_dim=0, process_group=g),
+    )
     shard, index = tj.param_jacobian(model, x, batch_dim=0, process_group=g, gather=False)
     close(shard, {k: v[index] for k, v in want.items()})
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))

@@ -26,6 +26,7 @@ from torchjac._distributed_checks import check_samples, evaluate
 
 __all__ = [
     "describe_named",
+    "selected_params",
     "split_function",
     "split_param_jacobian",
     "whole_or_pair",
@@ -172,6 +173,18 @@ class _Columns:
         )
 
 
+def selected_params(fn: str, model: nn.Module, opts: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The parameters differentiated, for the signature (``opts["params"]`` made a tuple once,
+    so an iterator is not used up before the door reads it)."""
+    from torchjac._modules import _select
+
+    chosen = opts["params"]
+    if chosen is not None and not isinstance(chosen, (str, Tensor)):
+        opts["params"] = tuple(chosen)
+    names = set(_select(fn, model, opts["params"]))
+    return [(n, p) for n, p in model.named_parameters() if n in names]
+
+
 def _map(x: Any, f: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(x, Tensor):
         return f(x)
@@ -206,7 +219,7 @@ def split_param_jacobian(door: Door, fn: str, a: dict[str, Any]) -> Any:
         named = [*((f"args[{i}]", x) for i, x in enumerate(args)), *kwargs.items()]
         tensors = tuple(x for _, x in named if isinstance(x, Tensor))
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        params = [(n, p) for n, p in model.named_parameters()]
+        params = selected_params(fn, model, opts)
         bd = opts["batch_dim"]
         sig = f"{fn}({describe_named(named)}; {describe_named(params)}; batch_dim={bd})"
         whole = lambda: door(model, *args, **opts, **kwargs)  # noqa: E731

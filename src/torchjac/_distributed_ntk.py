@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchjac._checks import check_gather, check_process_group
 from torchjac._distributed import Job, Ranges, balanced, run
 from torchjac._distributed_checks import check_samples
-from torchjac._distributed_doors import describe_named, whole_or_pair
+from torchjac._distributed_doors import describe_named, selected_params, whole_or_pair
 from torchjac._engine.blocked import copy_transposed_
 
 __all__ = ["split_ntk", "upper_tiles"]
@@ -41,7 +41,7 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
         pack = (lambda xs: xs[0]) if isinstance(x1, Tensor) else tuple
         named1 = [(f"x1[{i}]", x) for i, x in enumerate(xs1)]
         named2 = [(f"x2[{i}]", x) for i, x in enumerate(xs2)]
-        params = list(model.named_parameters())
+        params = selected_params(fn, model, opts)
         second = "x2: None" if x2 is None else describe_named(named2)
         sig = f"{fn}({describe_named(named1)}; {second}"
         sig += f"; {describe_named(params)}; batch_dim={bd})"
