@@ -244,3 +244,26 @@ def test_create_graph_under_no_grad_is_differentiable_like_autograd(mode: str, g
     assert ref.requires_grad and got.requires_grad
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(tj.jac(got, x), jacrev(jacrev(_scalar_fn))(x.detach()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_gramian_with_create_graph_under_no_grad_has_a_graph(
+    mode: str, chunk_size: int | None, gen
+) -> None:
+    """The Gramian's final reshape happens with the graph on: a leaf claiming requires_grad
+    (a view made under no_grad) would carry no derivative at all."""
+    x = randn(3, gen=gen, grad=True)
+    y = torch.tanh(x) * x.sum()
+    with torch.no_grad():
+        got = tj.gramian(y, x, create_graph=True, mode=mode, chunk_size=chunk_size)
+        assert not torch.is_grad_enabled()
+    assert got.grad_fn is not None
+
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        j = jacrev(lambda x: torch.tanh(x) * x.sum())(x)
+        return j @ j.T
+
+    torch.testing.assert_close(got, gram(x.detach()))
+    (g,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(g, jacrev(lambda x: gram(x).sum())(x.detach()))

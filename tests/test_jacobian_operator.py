@@ -278,6 +278,22 @@ def test_forward_ad_missing_falls_back_with_one_warning(gen: torch.Generator) ->
     torch.testing.assert_close(got, 2 * x)
 
 
+def test_block_products_take_any_layout_of_v(gen: torch.Generator) -> None:
+    """``J @ V`` for a block ``V`` given as a transposed view, over a matrix and a 0-d input,
+    by forward mode and by the double-backward fallback: both equal the dense Jacobian's."""
+    a, s = randn(2, 3, gen=gen), randn(gen=gen)
+    V = randn(4, 7, gen=gen).T  # [7, 4], not contiguous
+    want = torch.cat([j.reshape(6, -1) for j in tj.jacobian(lambda a, s: a.sin() * s, (a, s))], 1)
+    got = tj.JacobianOperator(lambda a, s: a.sin() * s, (a, s)) @ V
+    torch.testing.assert_close(got, want @ V)
+    J = tj.JacobianOperator(lambda a, s: _NoJvp.apply(a) * s, (a, s))
+    want = torch.cat([torch.diag(2 * a.flatten() * s), (a**2).reshape(6, 1)], 1)
+    with pytest.warns(tj.FallbackWarning, match="double backward"):
+        got = J @ V
+    torch.testing.assert_close(got, want @ V)
+    assert V.stride() == (1, 7)  # V untouched
+
+
 def test_signatures_are_the_contract() -> None:
     import inspect
 

@@ -105,16 +105,16 @@ def gramian(
     )
     problem, single = call.problem, call.single
     g_out = problem.out_group
+    rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)
+    lead = () if problem.batch_dim is None else (g_out.batch_size,)
     if not problem.inputs:  # no columns: the zero matrix of the rows
         bsz, m = g_out.batch_size, g_out.numel
         gram = torch.zeros(bsz, m, m, dtype=problem.dtype, device=problem.device)
-    else:
-        keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
-        # create_graph=True under torch.no_grad(): differentiable, as jac and autograd.grad
-        grad_on = torch.enable_grad() if create_graph else contextlib.nullcontext()
-        with keep, grad_on, fallback_scope():  # several blocks may each fall back: warn once
-            gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
-    rows = tuple(g_out.rest_shape(0)) if single else (g_out.numel,)
-    if problem.batch_dim is None:
-        return gram.reshape((*rows, *rows))
-    return gram.reshape((g_out.batch_size, *rows, *rows))
+        return gram.reshape((*lead, *rows, *rows))
+    keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
+    # create_graph=True under torch.no_grad(): differentiable, as jac and autograd.grad, down to
+    # the final reshape (a view made under no_grad would be a leaf that only claims a graph)
+    grad_on = torch.enable_grad() if create_graph else contextlib.nullcontext()
+    with keep, grad_on, fallback_scope():  # several blocks may each fall back: warn once
+        gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
+        return gram.reshape((*lead, *rows, *rows))

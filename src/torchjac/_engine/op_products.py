@@ -116,14 +116,15 @@ class CallSource:
     def push(self, v: Tensor, chunk_size: int | None, budget: int) -> Tensor:
         """``J @ V``: ``V [n, k]`` -> ``[m, k]`` (a view of probe-major ``[k, m]`` storage)."""
         k = v.shape[1]
-        vt = v.T.contiguous()  # [k, n]: each column's tangents contiguous
         out = torch.empty(k, self.n_rows, dtype=self.dtype, device=self.device)
         cols = offsets(self.col_sizes)
         with fallback_scope(), self.open() as (leaves, pieces):
             # plain tensors: jvp on primals requiring grad ran 20-30% slower (W8a), even in no_grad
             primals = tuple(x.detach() for x in leaves)
+            # [*shape, k]: views of V's rows, the columns last (vmapped over in_dims=-1), so no
+            # transposed copy of V is made before the passes (W8a)
             tans = [
-                vt[:, o : o + s].reshape(k, *shape).to(x.dtype)
+                v[o : o + s].reshape(*shape, k).to(x.dtype)
                 for o, s, shape, x in zip(cols, self.col_sizes, self.col_shapes, primals)
             ]
             row = 0
@@ -145,9 +146,9 @@ class CallSource:
 
         def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
             if batched:  # NOTE [operator draw]: one draw for every column of the chunk
-                vm = torch.func.vmap(jvp, randomness="same")
-                return tuple(vm(*(t[start:stop] for t in tans)))
-            return tuple(y.unsqueeze(0) for y in jvp(*(t[start] for t in tans)))
+                vm = torch.func.vmap(jvp, in_dims=-1, randomness="same")
+                return tuple(vm(*(t[..., start:stop] for t in tans)))
+            return tuple(y.unsqueeze(0) for y in jvp(*(t[..., start] for t in tans)))
 
         def write(start: int, stop: int, ys: tuple[Tensor, ...]) -> None:
             for o, y in zip(row_offs, ys):
@@ -180,7 +181,11 @@ class CallSource:
             for j in range(0, out.shape[0], size):
                 stop = min(out.shape[0], j + size)
                 res = batched_grad(
-                    [gj for gj, _ in pairs], dummies, [t[j:stop] for _, t in pairs], True, False
+                    [gj for gj, _ in pairs],
+                    dummies,
+                    [t[..., j:stop].movedim(-1, 0) for _, t in pairs],
+                    True,
+                    False,
                 )
                 it = iter(res)
                 for o, y in zip(offsets(tuple(y.numel() for y in ys)), ys):
