@@ -63,6 +63,8 @@ class Job:
     result (e.g. rows back to the output's shape). ``parts(rank, size)``, when given, lists a
     rank's parts (several, e.g. the upper tiles of a symmetric kernel; not with
     ``gather=False``); by default a rank has the one cell of a grid over the axes.
+    ``place(full, ranges, piece)``, when given, writes a gathered piece of a one-leaf result
+    into ``full`` (by default at its index; a symmetric kernel also writes the transpose).
     """
 
     signature: str
@@ -72,6 +74,7 @@ class Job:
     whole: Callable[[], Any]
     finish: Callable[[Any], Any] = lambda result: result
     parts: Callable[[int, int], list[Ranges]] | None = None
+    place: Callable[[Tensor, Ranges, Tensor], None] | None = None
 
 
 def run(fn: str, group: Any, gather: str | bool, plan: Callable[[], Job]) -> Any:
@@ -119,7 +122,7 @@ def run(fn: str, group: Any, gather: str | bool, plan: Callable[[], Job]) -> Any
         ]
         return _build(spec, empty), _index(axes, ranges)
     leaves = [leaf for d in done for leaf in _leaves(d[0])]
-    full = _gather_leaves(group, rank, gather, leaves, metas, axes, job.totals, job.device)
+    full = _gather_leaves(group, rank, gather, leaves, metas, axes, job)
     return None if full is None else job.finish(_build(spec, full))
 
 
@@ -174,12 +177,12 @@ def _gather_leaves(
     leaves: list[Tensor],
     metas: list[Any],
     axes: tuple[int, ...],
-    totals: tuple[int, ...],
-    device: torch.device,
+    job: Job,
 ) -> list[Tensor] | None:
     """Step 3: one padded collective per dtype; every part of every rank written at its index."""
     import torch.distributed as dist
 
+    totals, device = job.totals, job.device
     shapes = next(m for m in metas if m is not None)[2][0][1]
     full = [
         torch.empty(_with(s, axes, list(totals)), dtype=_dtype(d), device=device) for s, d in shapes
@@ -207,7 +210,11 @@ def _gather_leaves(
             for ranges, sh in [] if m is None else m[2]:
                 for i in which:
                     n = math.prod(sh[i][0])
-                    full[i][_index(axes, ranges)] = got[off : off + n].reshape(sh[i][0])
+                    piece = got[off : off + n].reshape(sh[i][0])
+                    if job.place is None:
+                        full[i][_index(axes, ranges)] = piece
+                    else:
+                        job.place(full[i], ranges, piece)
                     off += n
     return full if gather == "all" or rank == 0 else None
 

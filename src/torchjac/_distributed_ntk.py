@@ -72,17 +72,19 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
             return Job(sig, (n1, n2), xs1[0].device, tile, whole)
         dealt = upper_tiles(n1, dist.get_world_size(group))
 
-        def mirror(k: Tensor) -> Tensor:
-            """The tiles below the diagonal are the transposes of those above: exactly."""
+        def place(k: Tensor, ranges: Ranges, piece: Tensor) -> None:
+            """A tile at its place and, below the diagonal, its transpose: exactly symmetric,
+            read from the contiguous piece received (NOTE [symmetric tiles])."""
+            (r0, r1), (c0, c1) = ranges
             c = math.prod(k.shape[1 : k.dim() // 2])
-            flat = k.reshape(n1 * c, n1 * c)
-            for (r0, r1), (c0, c1) in (t for part in dealt for t in part):
-                if r0 != c0:
-                    upper = flat[r0 * c : r1 * c, c0 * c : c1 * c]
-                    copy_transposed_(flat[c0 * c : c1 * c, r0 * c : r1 * c], upper)
-            return k
+            flat = k.view(n1 * c, n1 * c)
+            tile = piece.reshape((r1 - r0) * c, (c1 - c0) * c)
+            flat[r0 * c : r1 * c, c0 * c : c1 * c] = tile
+            if r0 != c0:
+                copy_transposed_(flat[c0 * c : c1 * c, r0 * c : r1 * c], tile)
 
-        return Job(sig, (n1, n1), xs1[0].device, tile, whole, mirror, lambda r, _: dealt[r])
+        parts = lambda r, _: dealt[r]  # noqa: E731
+        return Job(sig, (n1, n1), xs1[0].device, tile, whole, parts=parts, place=place)
 
     return run(fn, group, gather, plan)
 
