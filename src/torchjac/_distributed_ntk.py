@@ -51,8 +51,8 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
 
         def tile(ranges: Ranges) -> tuple[Any, tuple[int, ...]]:
             (r0, r1), (c0, c1) = ranges
-            diagonal = x2 is None and gather is not False
-            if not diagonal or (r0, r1) == (c0, c1):  # each block checked once over the ranks
+            triangle = x2 is None and gather is not False  # NOTE [symmetric tiles]
+            if not triangle or (r0, r1) == (c0, c1):  # each block checked once over the ranks
                 floats1 = [(n, x) for n, x in named1 if x.is_floating_point()]
                 check_samples(fn, model, _with_fixed(call, named1), floats1, bd, r0, r1)
             if x2 is not None:
@@ -60,7 +60,7 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
                 check_samples(fn, model, _with_fixed(call, named2), floats2, bd, c0, c1)
             rows = pack(tuple(x.narrow(bd, r0, r1 - r0) for x in xs1))
             cols = pack(tuple(x.narrow(bd, c0, c1 - c0) for x in xs2))
-            same = diagonal and (r0, r1) == (c0, c1)
+            same = triangle and (r0, r1) == (c0, c1)
             k = door(model, rows, None if same else cols, **opts)
             return k, (0, 1 + (k.dim() - 2) // 2)
 
