@@ -184,8 +184,10 @@ def _gather_leaves(
 
     totals, device = job.totals, job.device
     shapes = next(m for m in metas if m is not None)[2][0][1]
+    receives = gather == "all" or rank == 0  # with "rank0", the others only send
     full = [
-        torch.empty(_with(s, axes, list(totals)), dtype=_dtype(d), device=device) for s, d in shapes
+        torch.empty(_with(s, axes, list(totals)) if receives else 0, dtype=_dtype(d), device=device)
+        for s, d in shapes
     ]
     for dtype in dict.fromkeys(d for _, d in shapes):
         which = [i for i, (_, d) in enumerate(shapes) if d == dtype]
@@ -197,7 +199,9 @@ def _gather_leaves(
         mine = [t.reshape(-1) for k, t in enumerate(leaves) if k % len(shapes) in which]
         pad = torch.zeros(width - counts[rank], dtype=_dtype(dtype), device=device)
         buf = mine[0] if len(mine) == 1 and not pad.numel() else torch.cat([*mine, pad])
-        bufs = [torch.empty(width, dtype=buf.dtype, device=device) for _ in metas]
+        bufs = [
+            torch.empty(width if receives else 0, dtype=buf.dtype, device=device) for _ in metas
+        ]
         if gather == "all":
             dist.all_gather(bufs, buf, group=group)
         else:
@@ -216,7 +220,7 @@ def _gather_leaves(
                     else:
                         job.place(full[i], ranges, piece)
                     off += n
-    return full if gather == "all" or rank == 0 else None
+    return full if receives else None
 
 
 # results: a Tensor, or tuples and dicts of them (nested for hessian); specs are picklable.
