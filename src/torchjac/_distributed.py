@@ -170,6 +170,10 @@ def _with(shape: list[int], axes: tuple[int, ...], sizes: list[int]) -> list[int
     return out
 
 
+# bytes a rank sends per collective round of step 3: bounds the receive buffers (ranks x this)
+_ROUND_BYTES = 64 << 20
+
+
 def _gather_leaves(
     group: Any,
     rank: int,
@@ -179,48 +183,94 @@ def _gather_leaves(
     axes: tuple[int, ...],
     job: Job,
 ) -> list[Tensor] | None:
-    """Step 3: one padded collective per dtype; every part of every rank written at its index."""
+    """Step 3: every part of every rank written at its index in the whole result.
+
+    Parts are cut along the first split axis into rounds of at most ``_ROUND_BYTES`` per rank;
+    each round is one padded all-gather (or gather to rank 0) per dtype, so the receive buffers
+    hold ``ranks x _ROUND_BYTES``, never the whole result a second time.
+    """
     import torch.distributed as dist
 
-    totals, device = job.totals, job.device
+    totals, device, ax = job.totals, job.device, axes[0]
     shapes = next(m for m in metas if m is not None)[2][0][1]
     receives = gather == "all" or rank == 0  # with "rank0", the others only send
     full = [
         torch.empty(_with(s, axes, list(totals)) if receives else 0, dtype=_dtype(d), device=device)
         for s, d in shapes
     ]
-    for dtype in dict.fromkeys(d for _, d in shapes):
-        which = [i for i, (_, d) in enumerate(shapes) if d == dtype]
-        counts = [
-            0 if m is None else sum(math.prod(sh[i][0]) for _, sh in m[2] for i in which)
-            for m in metas
-        ]
-        width = max(counts)
-        mine = [t.reshape(-1) for k, t in enumerate(leaves) if k % len(shapes) in which]
-        pad = torch.zeros(width - counts[rank], dtype=_dtype(dtype), device=device)
-        buf = mine[0] if len(mine) == 1 and not pad.numel() else torch.cat([*mine, pad])
-        bufs = [
-            torch.empty(width if receives else 0, dtype=buf.dtype, device=device) for _ in metas
-        ]
-        if gather == "all":
-            dist.all_gather(bufs, buf, group=group)
-        else:
-            dst = dist.get_global_rank(group, 0)
-            dist.gather(buf, bufs if rank == 0 else None, dst=dst, group=group)
-            if rank != 0:
+    slabs = [[] if m is None else _slabs(m[2], ax) for m in metas]  # per rank: (part, lo, hi)
+    count = len(shapes)
+    for step in range(max(len(s) for s in slabs)):
+        for dtype in dict.fromkeys(d for _, d in shapes):
+            which = [i for i, (_, d) in enumerate(shapes) if d == dtype]
+            sizes = [_round_size(metas[r], slabs[r], step, which, ax) for r in range(len(metas))]
+            width = max(sizes)
+            send = []
+            if step < len(slabs[rank]):
+                q, lo, hi = slabs[rank][step]
+                send = [leaves[q * count + i].narrow(ax, lo, hi - lo).reshape(-1) for i in which]
+            pad = torch.zeros(width - sizes[rank], dtype=_dtype(dtype), device=device)
+            buf = torch.cat([*send, pad])
+            bufs = [
+                torch.empty(width if receives else 0, dtype=buf.dtype, device=device) for _ in metas
+            ]
+            if gather == "all":
+                dist.all_gather(bufs, buf, group=group)
+            else:
+                dist.gather(
+                    buf,
+                    bufs if rank == 0 else None,
+                    dst=dist.get_global_rank(group, 0),
+                    group=group,
+                )
+            if not receives:
                 continue
-        for m, got in zip(metas, bufs):
-            off = 0
-            for ranges, sh in [] if m is None else m[2]:
+            for r, got in enumerate(bufs):
+                if step >= len(slabs[r]):
+                    continue
+                q, lo, hi = slabs[r][step]
+                ranges, sh = metas[r][2][q]
+                (a, _), *rest = ranges
+                sub = ((a + lo, a + hi), *rest)
+                off = 0
                 for i in which:
-                    n = math.prod(sh[i][0])
-                    piece = got[off : off + n].reshape(sh[i][0])
+                    shape = _with(sh[i][0], (ax,), [hi - lo])
+                    n = math.prod(shape)
+                    piece = got[off : off + n].reshape(shape)
                     if job.place is None:
-                        full[i][_index(axes, ranges)] = piece
+                        full[i][_index(axes, sub)] = piece
                     else:
-                        job.place(full[i], ranges, piece)
+                        job.place(full[i], sub, piece)
                     off += n
     return full if receives else None
+
+
+def _round_size(
+    meta: Any, slabs: list[tuple[int, int, int]], step: int, which: list[int], ax: int
+) -> int:
+    """Elements a rank sends in round ``step`` for the leaves ``which`` (0 past its last)."""
+    if step >= len(slabs):
+        return 0
+    q, lo, hi = slabs[step]
+    return sum(_numel(meta[2][q][1][i][0], ax, hi - lo) for i in which)
+
+
+def _slabs(parts: list[Any], ax: int) -> list[tuple[int, int, int]]:
+    """A rank's parts cut along the first split axis: ``(part, lo, hi)`` rounds of at most
+    ``_ROUND_BYTES`` (at least one index of the axis per round)."""
+    out = []
+    for q, (ranges, sh) in enumerate(parts):
+        length = ranges[0][1] - ranges[0][0]
+        per_index = sum(
+            _numel(s, ax, 1) * _dtype(d).itemsize for s, d in sh
+        )  # bytes of one index along the axis, all leaves
+        step = max(1, _ROUND_BYTES // max(per_index, 1))
+        out += [(q, lo, min(lo + step, length)) for lo in range(0, length, step)]
+    return out
+
+
+def _numel(shape: list[int], ax: int, length: int) -> int:
+    return math.prod(_with(shape, (ax,), [length]))
 
 
 # results: a Tensor, or tuples and dicts of them (nested for hessian); specs are picklable.

@@ -80,7 +80,7 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
             flat = k.view(n1 * c, n1 * c)
             tile = piece.reshape((r1 - r0) * c, (c1 - c0) * c)
             flat[r0 * c : r1 * c, c0 * c : c1 * c] = tile
-            if r0 != c0:
+            if r1 <= c0:  # above the diagonal (a round of a diagonal tile is not)
                 copy_transposed_(flat[c0 * c : c1 * c, r0 * c : r1 * c], tile)
 
         parts = lambda r, _: dealt[r]  # noqa: E731
