@@ -12,8 +12,9 @@ no rank waits in a collective that another skipped:
    error; an error anywhere, or two signatures that differ, raise on every rank.
 2. work, then agree again: each rank's error or the layout of its shard (container, shapes,
    dtypes, where the split axes are), so a rank whose part is empty learns the shapes.
-3. the numbers: one padded all-gather (or gather to rank 0) per dtype, each shard written at
-   its index into the full result. ``gather=False`` skips this step.
+3. the numbers: padded all-gathers (or gathers to rank 0) in rounds of at most
+   ``_ROUND_BYTES`` per rank, each piece written at its index into the full result.
+   ``gather=False`` skips this step.
 
 A rank that raised re-raises its own exception; the others raise the same type (built-in or
 torchjac's) naming the rank. The group's timeout bounds every wait.
