@@ -67,6 +67,8 @@ FUNCTIONAL = (
     ("chunk_size", KO, None),
     ("max_memory", KO, None),
     ("create_graph", KO, False),
+    ("process_group", KO, None),
+    ("gather", KO, "all"),
 )
 
 
@@ -77,6 +79,8 @@ PARAM_JACOBIAN = (
     ("batch_dim", KO, None),
     ("chunk_size", KO, None),
     ("max_memory", KO, None),
+    ("process_group", KO, None),
+    ("gather", KO, "all"),
     ("kwargs", VARKW, REQ),
 )
 

@@ -308,6 +308,7 @@ def test_signatures_are_the_contract() -> None:
         ("batch_dim", "KEYWORD_ONLY", None),
         ("chunk_size", "KEYWORD_ONLY", None),
         ("max_memory", "KEYWORD_ONLY", None),
+        ("process_group", "KEYWORD_ONLY", None),
     ]
     assert described(tj.JacobianOperator.from_module) == [
         ("model", "POSITIONAL_OR_KEYWORD", empty),
@@ -316,6 +317,7 @@ def test_signatures_are_the_contract() -> None:
         ("data", "KEYWORD_ONLY", None),
         ("chunk_size", "KEYWORD_ONLY", None),
         ("max_memory", "KEYWORD_ONLY", None),
+        ("process_group", "KEYWORD_ONLY", None),
         ("kwargs", "VAR_KEYWORD", empty),
     ]
     assert described(tj.JacobianOperator.from_graph) == [

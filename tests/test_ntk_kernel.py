@@ -128,3 +128,25 @@ def test_model_of_several_inputs(cls: type[nn.Module], gen: torch.Generator) -> 
         for n in ("fz.weight", "fz.bias", "head.weight")
     )
     torch.testing.assert_close(frozen_fx, want_11, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 16])
+def test_symmetrize_by_blocks_is_bitwise_the_mean_with_the_transpose(n: int) -> None:
+    from torchjac._engine.blocked import symmetrize_
+
+    k = torch.randn(n, n, dtype=torch.float32)
+    want = (k + k.T) / 2
+    assert torch.equal(symmetrize_(k.clone(), block=3), want)
+    assert torch.equal(symmetrize_(k.clone()), want)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (5, 7), (8, 3)])
+def test_copy_transposed_by_blocks(rows: int, cols: int) -> None:
+    from torchjac._engine.blocked import copy_transposed_
+
+    src = torch.randn(rows, cols, dtype=torch.float64)
+    dst = torch.zeros(cols + 2, rows + 1, dtype=torch.float64)
+    copy_transposed_(dst[1 : cols + 1, :rows], src, block=2)
+    want = torch.zeros_like(dst)
+    want[1 : cols + 1, :rows] = src.T
+    assert torch.equal(dst, want)

@@ -18,7 +18,10 @@ __all__ = [
     "check_chunk_size",
     "check_flag",
     "check_func_inputs",
+    "check_gather",
     "check_mode",
+    "check_operand",
+    "check_process_group",
     "describe",
     "flatten_inputs",
     "flatten_outputs",
@@ -203,3 +206,73 @@ def check_func_inputs(
             raise TypeError(f"{fn}: {name} must have a real floating dtype, got {describe(x)}.")
     checked, _ = check_batch_dim(fn, batch_dim, named)
     return ins, container, names, device, checked
+
+
+GATHERS = ("all", "rank0", False)
+
+
+def check_gather(fn: str, gather: Any) -> str | bool:
+    """``gather``: ``"all"``, ``"rank0"`` or ``False`` (NOTE [split and gather])."""
+    if not any(gather is g or (isinstance(g, str) and gather == g) for g in GATHERS):
+        raise ValueError(
+            f'{fn}: `gather` must be "all" (the whole result on every rank), "rank0" (on '
+            f"rank 0 only, None elsewhere) or False (each rank's own shard and its index), got "
+            f"{gather!r}."
+        )
+    return gather
+
+
+def check_process_group(fn: str, group: Any) -> Any:
+    """``None`` or a ``torch.distributed.ProcessGroup`` of an initialised run this rank is in."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError(
+            f"{fn}: `process_group` needs torch.distributed, which this build of torch lacks; "
+            "pass process_group=None."
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{fn}: `process_group` must be a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD) or None, got {describe(group)}."
+        )
+    if not dist.is_initialized():
+        raise ValueError(
+            f"{fn}: `process_group` was given but torch.distributed is not initialised (or was "
+            "destroyed): call torch.distributed.init_process_group(...) first on every rank "
+            "(torchrun sets the environment it reads), or pass process_group=None."
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"{fn}: this process (global rank {dist.get_rank()}) is not a member of "
+            "`process_group`; call with a group it belongs to."
+        )
+    return group
+
+
+def check_operand(fn: str, x: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``x`` for ``op @ x``: a vector ``[n]`` or a block ``[n, k]`` of the operator's dtype."""
+    if not isinstance(x, Tensor):
+        hint = " (numpy arrays: use .to_scipy())" if type(x).__module__.startswith("numpy") else ""
+        raise TypeError(f"{fn}: `@` needs a torch.Tensor, got {describe(x)}{hint}.")
+    if x.dim() not in (1, 2):
+        raise ValueError(
+            f"{fn}: `@` needs a vector [{n}] or a block of columns [{n}, k], got a {x.dim()}-D "
+            f"tensor of shape {list(x.shape)}. Flatten it, or reshape a stack to [{n}, k]."
+        )
+    if x.shape[0] != n:
+        raise ValueError(
+            f"{fn}: `@` needs {n} rows (the operator's columns, flattened in the layout rule's "
+            f"order), got shape {list(x.shape)}."
+        )
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{fn}: `@` needs the operator's dtype {dtype}, got {x.dtype}; cast with x.to({dtype})."
+        )
+    if x.device != device:
+        raise ValueError(f"{fn}: `@` needs a tensor on {device}, got one on {x.device}.")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: products are not differentiable; pass x.detach().")
+    return x

@@ -23,6 +23,7 @@ from torchjac._checks import (
     check_mode,
     unflatten,
 )
+from torchjac._distributed_doors import split_function
 from torchjac._engine.exact_norms import exact_norms
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import Traced, solve_jacobian
@@ -125,6 +126,8 @@ def jacobian(
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
     create_graph: bool = False,
+    process_group: Any = None,
+    gather: str | bool = "all",
 ) -> Any:
     r"""Jacobian of ``func`` at ``inputs``: :math:`J_{ij} = \partial f_i / \partial x_j`.
 
@@ -165,6 +168,23 @@ def jacobian(
             ``max_memory`` (bytes or a string like ``"512MiB"``; default a share of free memory).
         create_graph: make the result differentiable (w.r.t. the inputs and anything ``func``
             closes over, such as model parameters).
+        process_group: a ``torch.distributed`` process group to split the work over; every
+            rank calls with the same arguments (SPMD). With ``batch_dim`` each rank computes a
+            balanced range of samples (``func`` is called on that range, and on the whole batch
+            once to check that no sample reaches another and that ``func`` draws no random
+            numbers: ``BatchCouplingError`` / ``ValueError``); without, a range of the rows of
+            the flattened output, or for a tall ``jacobian`` (``mode="fwd"``, or ``"auto"``
+            with more output than input elements, inputs of one dtype) a range of its columns
+            (``func`` is called whole). Not with ``has_aux`` or ``create_graph``. An error on
+            any rank raises on every rank. Default ``None``: this process alone. See the docs
+            page "Several processes".
+        gather: ``"all"`` (default): the whole result on every rank; ``"rank0"``: on rank 0,
+            ``None`` elsewhere; ``False``: ``(shard, index)``, this rank's part and the slice
+            it covers: ``result[index]`` with ``batch_dim``; ``result.reshape(m, *rest)[index]``
+            by rows (``m`` elements of the output); by columns the shard is one Tensor
+            ``[*rows, n_r]`` of ``R[index]``, ``R`` the result with every input flattened and
+            concatenated on the last axis (``index`` is ``(slice(None),)`` without
+            ``process_group``). The same two options for every function of this module.
 
     Example:
         >>> import torch, torchjac as tj
@@ -175,6 +195,8 @@ def jacobian(
         >>> tj.jacobian(net, torch.randn(8, 3), batch_dim=0).shape  # [B, out, in]
         torch.Size([8, 4, 3])
     """
+    if process_group is not None or gather != "all":  # NOTE [split and gather]
+        return split_function(jacobian, "jacobian", locals())
     fn = "jacobian"
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
@@ -196,6 +218,8 @@ def hessian(
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
     create_graph: bool = False,
+    process_group: Any = None,
+    gather: str | bool = "all",
 ) -> Any:
     r"""Hessian of ``func``: :math:`H_{oij} = \partial^2 f_o / \partial x_i \partial x_j`.
 
@@ -213,6 +237,8 @@ def hessian(
         tensor([[ 6.,  0.],
                 [ 0., 12.]])
     """
+    if process_group is not None or gather != "all":  # NOTE [split and gather]
+        return split_function(hessian, "hessian", locals())
     fn = "hessian"
     p, mode, chunk_size, budget = _setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
@@ -252,6 +278,8 @@ def hessian_diagonal(
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
     create_graph: bool = False,
+    process_group: Any = None,
+    gather: str | bool = "all",
 ) -> Any:
     r"""Diagonal of the Hessian: :math:`d_{oi} = \partial^2 f_o / \partial x_i^2`, exactly.
 
@@ -270,6 +298,8 @@ def hessian_diagonal(
         >>> tj.hessian_diagonal(lambda x: x.sin().sum() + x.sum() ** 2, x)  # -sin(x) + 2
         tensor([1.5206, 1.1585])
     """
+    if process_group is not None or gather != "all":  # NOTE [split and gather]
+        return split_function(hessian_diagonal, "hessian_diagonal", locals())
     return _diagonal_or_trace("hessian_diagonal", "diag", locals())
 
 
@@ -283,6 +313,8 @@ def laplacian(
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
     create_graph: bool = False,
+    process_group: Any = None,
+    gather: str | bool = "all",
 ) -> Any:
     r"""Laplacian: :math:`\Delta f_o = \sum_i \partial^2 f_o / \partial x_i^2` over all inputs.
 
@@ -298,6 +330,8 @@ def laplacian(
         >>> tj.laplacian(lambda x: (x ** 3).sum(-1), x, batch_dim=0)  # 6 (x1 + x2)
         tensor([18., 18.])
     """
+    if process_group is not None or gather != "all":  # NOTE [split and gather]
+        return split_function(laplacian, "laplacian", locals())
     return _diagonal_or_trace("laplacian", "trace", locals())
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from torchjac._checks import check_batch_dim, check_chunk_size, describe
+from torchjac._distributed_doors import split_param_jacobian
 from torchjac._engine.layers import model_state, no_side_effects
 from torchjac._engine.param_probes import full_jacobian, per_sample_jacobian
 from torchjac._engine.plan import memory_budget
@@ -24,8 +25,10 @@ def param_jacobian(
     batch_dim: int | None = None,
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
+    process_group: Any = None,
+    gather: str | bool = "all",
     **kwargs: Any,
-) -> dict[str, Tensor]:
+) -> Any:
     r"""Jacobian of ``model(*args, **kwargs)`` with respect to the model's parameters.
 
     Math: for the output :math:`y = f_\theta(x)` and each parameter :math:`p \subset \theta`,
@@ -55,6 +58,16 @@ def param_jacobian(
             from ``max_memory``.
         max_memory: bytes (int) or a string like ``"512MiB"``; default: a quarter of the free
             memory of the device.
+        process_group: a ``torch.distributed`` process group to split the work over (every
+            rank calls with the same arguments): with ``batch_dim``, balanced ranges of samples
+            (the tensor arguments with the first one's batch size at ``batch_dim`` are cut; the
+            model runs once on the whole batch to check that no sample reaches another and that
+            it draws no random numbers); without, ranges of the rows of the flattened output.
+            An error on any rank raises on every rank. Default ``None``: this process alone.
+        gather: ``"all"`` (default, the whole dict on every rank), ``"rank0"`` (``None`` on the
+            other ranks) or ``False``: ``(shard, index)``, this rank's dict and the slice it
+            covers: ``full[name][index]`` with ``batch_dim``, ``full[name].reshape(m,
+            *p.shape)[index]`` for the ``m`` output elements without.
 
     Returns:
         ``{name: Tensor of shape out.shape + p.shape}``.
@@ -75,6 +88,8 @@ def param_jacobian(
         >>> torch.allclose(jac["0.weight"], full["0.weight"], atol=1e-6)
         True
     """
+    if process_group is not None or gather != "all":  # NOTE [split and gather]
+        return split_param_jacobian(param_jacobian, "param_jacobian", locals())
     fn = "param_jacobian"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: `model` must be a torch.nn.Module, got {describe(model)}.")

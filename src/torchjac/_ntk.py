@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
+from torchjac._distributed_ntk import split_ntk
+from torchjac._engine.blocked import symmetrize_
 from torchjac._engine.layers import model_state, no_side_effects
 from torchjac._engine.ntk_kernel import kernel_of, run_side
 from torchjac._engine.plan import memory_budget
@@ -26,7 +29,9 @@ def ntk(
     batch_dim: int = 0,
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
-) -> Tensor:
+    process_group: Any = None,
+    gather: str | bool = "all",
+) -> Any:
     r"""Empirical neural tangent kernel :math:`K = J_1 J_2^\top` of ``model``'s parameters.
 
     Math: :math:`K[i, a, j, b] = \sum_\theta \partial f(x_1)_{i,a} / \partial\theta \;
@@ -61,6 +66,19 @@ def ntk(
             memory of the device. Per-sample Jacobians that must be formed (general path,
             materialised closed forms) are built in chunks of output elements under it; the
             ``δ`` of every layer for all output elements and the result are held whole.
+        process_group: a ``torch.distributed`` process group to split the kernel over (every
+            rank calls with the same arguments): the ranks form a ``p x q`` grid (``p >= q``,
+            as square as the number of ranks allows; 2 ranks: ``2 x 1``) and rank ``(i, j)``
+            computes the tile of ``x1``'s ``i``-th balanced range of samples against ``x2``'s
+            ``j``-th. ``K(x1, x1)`` gathered needs only the tiles on and above the diagonal:
+            they are dealt to the ranks by area (2 ranks: a third of the kernel each) and
+            mirrored. The model runs once on the whole batch to check that no sample reaches
+            another and that it draws no random numbers. An error on any rank raises on every
+            rank. Default ``None``: this process alone.
+        gather: ``"all"`` (default, the whole kernel on every rank), ``"rank0"`` (``None`` on
+            the other ranks) or ``False``: ``(tile, index)`` with ``K[index]`` this rank's tile
+            (a slice of the ``N1`` and the ``N2`` axes, on the grid; for ``K(x1, x1)`` too,
+            not made symmetric).
 
     Example:
         >>> import torch, torchjac as tj
@@ -75,6 +93,8 @@ def ntk(
         >>> tj.ntk(model, x, torch.randn(4, 3)).shape
         torch.Size([5, 2, 4, 2])
     """
+    if process_group is not None or gather != "all":  # NOTE [split and gather]
+        return split_ntk(ntk, "ntk", locals())
     fn = "ntk"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: `model` must be a torch.nn.Module, got {describe(model)}.")
@@ -109,7 +129,7 @@ def ntk(
             )
         kernel = kernel_of(fn, model, state, side1, side2, batch_dim, chunk_size, budget)
     if xs2 is None:
-        kernel = (kernel + kernel.T) / 2  # exactly symmetric
+        kernel = symmetrize_(kernel)  # exactly symmetric
     o = tuple(side1.out_rest)
     return kernel.reshape((side1.n, *o, side2.n, *o))
 

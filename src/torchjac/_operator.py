@@ -9,7 +9,8 @@ from typing import Any, final
 import torch
 from torch import Tensor, nn
 
-from torchjac._checks import check_chunk_size, describe
+from torchjac._checks import check_chunk_size, check_operand, check_process_group
+from torchjac._distributed import split_columns
 from torchjac._engine.basis import Group
 from torchjac._engine.op_graph import GraphSource
 from torchjac._engine.op_products import CallSource
@@ -21,32 +22,6 @@ from torchjac._operator_sources import func_source, module_source
 __all__ = ["GramOperator", "JacobianOperator"]
 
 _FN = "JacobianOperator"
-
-
-def check_operand(fn: str, x: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``x`` for ``op @ x``: a vector ``[n]`` or a block ``[n, k]`` of the operator's dtype."""
-    if not isinstance(x, Tensor):
-        hint = " (numpy arrays: use .to_scipy())" if type(x).__module__.startswith("numpy") else ""
-        raise TypeError(f"{fn}: `@` needs a torch.Tensor, got {describe(x)}{hint}.")
-    if x.dim() not in (1, 2):
-        raise ValueError(
-            f"{fn}: `@` needs a vector [{n}] or a block of columns [{n}, k], got a {x.dim()}-D "
-            f"tensor of shape {list(x.shape)}. Flatten it, or reshape a stack to [{n}, k]."
-        )
-    if x.shape[0] != n:
-        raise ValueError(
-            f"{fn}: `@` needs {n} rows (the operator's columns, flattened in the layout rule's "
-            f"order), got shape {list(x.shape)}."
-        )
-    if x.dtype != dtype:
-        raise TypeError(
-            f"{fn}: `@` needs the operator's dtype {dtype}, got {x.dtype}; cast with x.to({dtype})."
-        )
-    if x.device != device:
-        raise ValueError(f"{fn}: `@` needs a tensor on {device}, got one on {x.device}.")
-    if x.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{fn}: products are not differentiable; pass x.detach().")
-    return x
 
 
 @final
@@ -76,6 +51,11 @@ class JacobianOperator:
     operator is still the full, block-diagonal ``J``, and ``to_dense`` then needs only the
     per-sample probes. ``chunk_size``: columns per vectorised pass (``1``: a loop); default from
     ``max_memory`` (bytes or ``"512MiB"``; default a share of the free memory).
+    ``process_group`` (``__init__`` and :meth:`from_module`; every rank builds the operator
+    with the same arguments and calls the same products): a block's columns are split over the
+    group's ranks (balanced ranges), each rank applies the operator to its columns and every
+    rank gets the whole product back; a vector is computed by every rank alone. ``to_dense``
+    and ``gram`` products split the same way. Default ``None``: this process alone.
     Every evaluation uses the random draw of the moment the operator was built (dropout: one
     fixed ``J``); the model, its buffers and the global RNG state are left as found.
 
@@ -107,7 +87,7 @@ class JacobianOperator:
         torch.Size([26])
     """
 
-    __slots__ = ("_batch", "_budget", "_chunk", "_source", "_transposed")
+    __slots__ = ("_batch", "_budget", "_chunk", "_group", "_source", "_transposed")
 
     def __init__(
         self,
@@ -117,11 +97,14 @@ class JacobianOperator:
         batch_dim: int | None = None,
         chunk_size: int | None = None,
         max_memory: float | str | None = None,
+        process_group: Any = None,
     ) -> None:
         chunk = check_chunk_size(_FN, chunk_size)
+        group = check_process_group(_FN, process_group)
         parse_memory(_FN, max_memory)  # checked before func runs
         source, batch = func_source(_FN, func, inputs, batch_dim)
         self._init(source, chunk, memory_budget(_FN, max_memory, source.device), batch, False)
+        self._group = group
 
     def _init(
         self,
@@ -130,9 +113,10 @@ class JacobianOperator:
         budget: int,
         batch: tuple[Group, Group] | None,
         transposed: bool,
+        group: Any = None,
     ) -> None:
         self._source, self._chunk, self._budget = source, chunk, budget
-        self._batch, self._transposed = batch, transposed
+        self._batch, self._transposed, self._group = batch, transposed, group
 
     @classmethod
     def from_module(
@@ -143,6 +127,7 @@ class JacobianOperator:
         data: Iterable[Any] | None = None,
         chunk_size: int | None = None,
         max_memory: float | str | None = None,
+        process_group: Any = None,
         **kwargs: Any,
     ) -> JacobianOperator:
         """The Jacobian of ``model(*args, **kwargs)`` w.r.t. its parameters (``params`` as in
@@ -161,10 +146,12 @@ class JacobianOperator:
         """
         fn = f"{_FN}.from_module"
         chunk = check_chunk_size(fn, chunk_size)
+        group = check_process_group(fn, process_group)
         parse_memory(fn, max_memory)  # checked before the model runs
         source = module_source(fn, model, args, params, data, kwargs)
         op = cls.__new__(cls)
-        op._init(source, chunk, memory_budget(fn, max_memory, source.device), None, False)
+        budget = memory_budget(fn, max_memory, source.device)
+        op._init(source, chunk, budget, None, False, group)
         return op
 
     @classmethod
@@ -222,7 +209,9 @@ class JacobianOperator:
     def T(self) -> JacobianOperator:
         """The transposed operator (products ``Jᵀ @ U``); ``J.T.T`` is ``J`` again."""
         op = JacobianOperator.__new__(JacobianOperator)
-        op._init(self._source, self._chunk, self._budget, self._batch, not self._transposed)
+        op._init(
+            self._source, self._chunk, self._budget, self._batch, not self._transposed, self._group
+        )
         return op
 
     def _name(self) -> str:
@@ -231,11 +220,15 @@ class JacobianOperator:
     def __matmul__(self, x: Tensor) -> Tensor:
         x = check_operand(self._name(), x, self.shape[1], self.dtype, self.device)
         block = x.detach().reshape(x.shape[0], -1)
-        src = self._source
-        if self._transposed:
-            res = src.pull(block, self._chunk, self._budget)
+        src, chunk, budget = self._source, self._chunk, self._budget
+
+        def local(b: Tensor) -> Tensor:
+            return src.pull(b, chunk, budget) if self._transposed else src.push(b, chunk, budget)
+
+        if self._group is None or block.shape[1] < 2:  # a vector: every rank computes it
+            res = local(block)
         else:
-            res = src.push(block, self._chunk, self._budget)
+            res = split_columns(self._name(), self._group, local, block, self.device)
         return res[:, 0] if x.dim() == 1 else res
 
     def __rmatmul__(self, x: Tensor) -> Tensor:
