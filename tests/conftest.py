@@ -3,6 +3,7 @@ on the engine's optional fast paths."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,11 @@ import pytest
 import torch
 
 DTYPE = torch.float64
+
+# `pytest -n N` runs N workers on the machine's cores: one intra-op thread each, or each worker's
+# thread pool competes with the others' for the same cores (small ops then wait on each other)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def randn(
