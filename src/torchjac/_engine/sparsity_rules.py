@@ -1,0 +1,289 @@
+"""Rules of NOTE [sparsity tracing]: an aten op's outputs' index sets from its inputs'.
+
+A rule returns one :class:`Sets` per written tensor (rows in its row-major order), or ``None``
+when the call is outside what it understands (the tracer then takes the dense rule and reports
+the op). Each rule holds for every value of the tracked inputs:
+
+- elementwise ops (torch's ``pointwise`` tag): output element ``i`` reads the broadcast element
+  ``i`` of each input; a floating output does not depend on a boolean or integer input (a
+  ``where`` condition, a mask): no derivative flows through it and it selects nothing;
+- data movement (NOTE [movement codes]): the op is run on codes ``1..numel`` of one input (the
+  others zero), and each output code names the element it copied;
+- reductions (``reduction`` tag) and ops along one dimension (softmax, cumsum, sort): an output
+  element reads every element of its slice;
+- scatters, ``index_put`` and ``copy_``: the written positions read the source elements sent
+  there, the others keep their sets; products and convolutions: ``sparsity_products``.
+
+NOTE [movement codes]: codes are float64, exact up to ``2**53`` elements; a constant the op
+writes itself (a padding value) can only be mistaken for a code, which adds a dependence (a
+superset), never removes one. An index, mask or condition computed from ``x`` makes the op read
+the union of its data inputs' sets: which element moves where then depends on the value of ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from torchjac._engine.index_sets import Sets
+from torchjac._engine.sparsity_products import convolution_rule, matmul_rule
+
+__all__ = ["Reader", "Rule", "bind", "choose_rule", "dense_rule"]
+
+aten = torch.ops.aten
+
+
+class Reader:
+    """The tracer's index sets of a tensor (cached per call)."""
+
+    def __init__(self, read: Callable[[Tensor], Sets]) -> None:
+        self.read = read
+
+    def __call__(self, t: Tensor) -> Sets:
+        return self.read(t)
+
+    def tracked(self, value: Any) -> bool:
+        return any(isinstance(t, Tensor) and self.read(t).nnz for t in tree_flatten(value)[0])
+
+
+Rule = Callable[[Any, Any, Any, list[Tensor], Reader], list[Sets] | None]
+
+
+def bind(func: Any, args: Any, kwargs: Any) -> dict[str, Any]:
+    """The op's arguments by name, defaults filled in."""
+    out: dict[str, Any] = {}
+    for i, a in enumerate(func._schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
+
+
+def dense_rule(targets: list[Tensor], tracked: list[Tensor], read: Callable[[Tensor], Sets]):
+    """Every written element depends on every element the op read (a superset)."""
+    n = read(tracked[0]).n
+    union = Sets.union([read(t) for t in tracked], sum(t.numel() for t in tracked), n)
+    return [union.dense_to(t.numel()) for t in targets]
+
+
+def broadcast(sets: Sets, src: Tensor, shape: torch.Size) -> Sets:
+    """Sets of ``src`` broadcast to ``shape``."""
+    return sets.take(torch.arange(src.numel()).view(src.shape).expand(shape))
+
+
+def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+    leaves = [t for t in _tensors((args, kwargs)) if read(t).nnz]
+    result = []
+    for out in targets:
+        floating = out.is_floating_point() or out.is_complex()
+        parts = []
+        for a in leaves:
+            if floating and not (a.is_floating_point() or a.is_complex()):
+                continue  # NOTE [sparsity tracing]: a mask selects, it carries no derivative
+            try:
+                parts.append(broadcast(read(a), a, out.shape))
+            except RuntimeError:
+                return None
+        result.append(Sets.union(parts, out.numel(), read(leaves[0]).n))
+    return result
+
+
+def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+    n = read(_tensors((args, kwargs))[0]).n if _tensors((args, kwargs)) else 0
+    return [Sets.empty(t.numel(), n) for t in targets]
+
+
+INDEX_ARGS = frozenset({"index", "indices", "mask", "condition", "repeats"})
+
+
+def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+    b = bind(func, args, kwargs)
+    index = [t for k, v in b.items() if k in INDEX_ARGS for t in _tensors(v)]
+    data = [t for t in _tensors((args, kwargs)) if not any(t is i for i in index)]
+    live = [t for t in data if read(t).nnz]
+    n = read(live[0]).n if live else 0
+    if any(read(t).nnz for t in index) or len(targets) != 1:
+        return None if not live else dense_rule(targets, live, read)
+    (out,) = targets
+    parts = []
+    for k in live:
+
+        def code(t: Any, k: Tensor = k) -> Any:
+            if not isinstance(t, Tensor) or not any(t is d for d in data):
+                return t
+            if t is k:
+                return torch.arange(1, t.numel() + 1, dtype=torch.float64).view(t.shape)
+            return torch.zeros(t.shape, dtype=torch.float64)
+
+        a2, k2 = tree_map(code, (args, kwargs))
+        (res,) = [t for t in _tensors(func(*a2, **k2))][:1] or [None]
+        if res is None or res.shape != out.shape:
+            return None
+        c = res.reshape(-1).double()
+        valid = (c >= 1) & (c <= k.numel()) & (c == c.round())
+        pos = valid.nonzero().reshape(-1)
+        parts.append(read(k).pairs(pos, c[pos].long() - 1, out.numel()))
+    return [Sets.union(parts, out.numel(), n)]
+
+
+def _dims(value: Any, ndim: int) -> list[int]:
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return list(range(ndim))
+    dims = [value] if isinstance(value, int) else list(value)
+    return sorted({d % max(ndim, 1) for d in dims}) if ndim else []
+
+
+def _group_code(shape: torch.Size, dims: list[int]) -> tuple[Tensor, int, list[int]]:
+    """For each element of ``shape``: the index of its slice when ``dims`` are reduced."""
+    kept = [1 if d in dims else s for d, s in enumerate(shape)]
+    groups = math.prod(kept)
+    return torch.arange(groups).view(kept).expand(shape).reshape(-1), groups, kept
+
+
+def _reduction(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+    b = bind(func, args, kwargs)
+    self = args[0]
+    if any(read(t).nnz for t in _tensors((args[1:], kwargs))):
+        return None
+    code, groups, _ = _group_code(self.shape, _dims(b.get("dim"), self.dim()))
+    grouped = read(self).relabel(code, groups)
+    if any(t.numel() != groups for t in targets):
+        return None
+    return [grouped for _ in targets]
+
+
+def _along_dim(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+    b = bind(func, args, kwargs)
+    self = args[0]
+    if any(read(t).nnz for t in _tensors((args[1:], kwargs))):
+        return None
+    dim = b.get("dim")
+    dims = _dims(-1 if dim is None else dim, self.dim())
+    code, groups, kept = _group_code(self.shape, dims)
+    grouped = read(self).relabel(code, groups)
+    result = []
+    for t in targets:
+        if t.numel() == groups:  # one element per slice (kthvalue, median, keepdim or not)
+            result.append(grouped)
+        elif t.dim() == self.dim():  # k per slice (topk) or the whole slice (softmax, sort)
+            result.append(grouped.take(torch.arange(groups).view(kept).expand(t.shape)))
+        else:
+            return None
+    return result
+
+
+def _copy(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+    self, src = args[0], args[1]
+    return [broadcast(read(src), src, self.shape) for _ in targets]
+
+
+def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+    b = bind(func, args, kwargs)
+    self = args[0]
+    src = next((b[k] for k in ("src", "source", "values") if isinstance(b.get(k), Tensor)), None)
+    if len(targets) != 1 or targets[0].shape != self.shape:
+        return None
+    (out,) = targets
+    n = read(next(t for t in _tensors((args, kwargs)) if read(t).nnz)).n
+    parts = [read(self)]
+    if src is not None and read(src).nnz:
+        idx = b.get("index", b.get("indices"))
+        if read.tracked(idx):
+            parts.append(read(src).dense_to(out.numel()))
+        else:
+            code = torch.arange(self.numel()).view(self.shape)
+            pos = torch.arange(src.numel()).view(src.shape)
+            name = func.overloadpacket.__name__.strip("_")
+            if name.startswith("scatter"):
+                tgt = code.gather(b["dim"], idx)
+                pos = pos[tuple(slice(0, s) for s in idx.shape)]
+            elif name.startswith("index_put"):
+                tgt = aten.index.Tensor(code, idx)
+                pos = pos.expand(tgt.shape)
+            else:  # index_add, index_copy, index_reduce
+                tgt = code.index_select(b["dim"], idx) if self.dim() else code
+            if pos.shape != tgt.shape:
+                return None
+            parts.append(read(src).pairs(tgt.reshape(-1), pos.reshape(-1), out.numel()))
+    return [Sets.union(parts, out.numel(), n)]
+
+
+def _names(*names: str) -> frozenset[str]:
+    return frozenset(names) | frozenset(f"{n}_" for n in names)
+
+
+POINTWISE = _names("_to_copy", "clone", "lift_fresh_copy", "native_dropout", "masked_fill")
+CONSTANT = frozenset(
+    "zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros "
+    "new_ones new_empty new_full new_empty_strided zero_ fill_ fill uniform_ normal_ "
+    "bernoulli_ exponential_ random_ cauchy_ geometric_ log_normal_".split()
+)
+MOVEMENT = _names(
+    *"roll flip constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d "
+    "replication_pad1d replication_pad2d replication_pad3d cat stack index_select gather index "
+    "_unsafe_index take repeat tril triu diag_embed diag embedding im2col narrow_copy view_copy "
+    "permute_copy expand_copy slice_copy select_copy diagonal_copy unsqueeze_copy squeeze_copy "
+    "transpose_copy t_copy alias_copy unfold_copy as_strided_copy _reshape_copy pixel_shuffle "
+    "pixel_unshuffle channel_shuffle upsample_nearest1d upsample_nearest2d upsample_nearest3d "
+    "_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d "
+    "slice_scatter select_scatter diagonal_scatter as_strided_scatter masked_scatter "
+    "index_fill repeat_interleave".split()
+)
+ALONG_DIM = _names(
+    *"_softmax _log_softmax softmax log_softmax cumsum cumprod logcumsumexp cummax cummin "
+    "sort topk kthvalue argsort median nanmedian mode".split()
+)
+SCATTER = _names(
+    *"scatter scatter_add scatter_reduce index_add index_copy index_reduce index_put "
+    "_index_put_impl".split()
+)
+COPY = frozenset({"copy_", "copy", "_copy_from"})
+
+
+def choose_rule(func: Any) -> Rule | None:
+    """The rule for an aten op overload, or ``None`` (dense, reported)."""
+    name = func.overloadpacket.__name__
+    if name in ("fill", "fill_") and func._overloadname == "Tensor":
+        return _pointwise  # filled with a (maybe tracked) 0-d tensor
+    if name in CONSTANT:
+        return _constant
+    if name in COPY:
+        return _copy
+    if name in MOVEMENT:
+        return _movement
+    if name in SCATTER:
+        return _scatter
+    if name in ALONG_DIM and (name not in ("median", "nanmedian") or "dim" in func._overloadname):
+        return _along_dim
+    if name in ("convolution", "_convolution"):
+        return convolution_rule
+    if name in ("mm", "bmm", "addmm", "baddbmm", "mv", "addmv", "dot", "vdot", "_sparse_mm"):
+        return matmul_rule
+    if torch.Tag.reduction in func.tags or name in ("median", "nanmedian", "logsumexp"):
+        return _reduction
+    if name in POINTWISE or _pointwise_tagged(func):
+        return _pointwise
+    return None
+
+
+def _pointwise_tagged(func: Any) -> bool:
+    if torch.Tag.pointwise in func.tags:
+        return True
+    name = func.overloadpacket.__name__
+    if not name.endswith("_"):
+        return False  # an in-place op is pointwise when its functional form is
+    packet = getattr(aten, name[:-1], None)
+    overload = getattr(packet, func._overloadname, None) if packet is not None else None
+    return overload is not None and torch.Tag.pointwise in overload.tags
