@@ -66,9 +66,10 @@ class Sets:
         if self.nnz == 0 or idx.numel() == 0:
             return Sets.empty(idx.numel(), self.n)
         c = self.counts[idx]
-        new_row = torch.repeat_interleave(torch.arange(idx.numel()), c)
-        first = torch.cumsum(c, 0) - c  # where each new row begins in the result
-        pos = self.starts[idx][new_row] + torch.arange(new_row.numel()) - first[new_row]
+        total = int(c.sum())
+        new_row = torch.repeat_interleave(torch.arange(idx.numel()), c, output_size=total)
+        shift = self.starts[idx] - (torch.cumsum(c, 0) - c)  # source start - result start
+        pos = torch.repeat_interleave(shift, c, output_size=total) + torch.arange(total)
         return Sets(idx.numel(), self.n, new_row, self.col[pos])
 
     def relabel(self, to: Tensor, rows: int) -> Sets:

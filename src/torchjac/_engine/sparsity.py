@@ -77,6 +77,17 @@ class _Storages:
         return e
 
     @staticmethod
+    def _whole(t: Tensor, itemsize: int) -> bool:
+        """``t`` is its whole storage in order: its sets are the storage's, as they are."""
+        size = t.untyped_storage().nbytes() // itemsize
+        return (
+            t.element_size() == itemsize
+            and t.numel() == size
+            and t.storage_offset() == 0
+            and t.is_contiguous()
+        )
+
+    @staticmethod
     def _offsets(t: Tensor, itemsize: int) -> Tensor:
         scale = t.element_size() / itemsize
         size = t.untyped_storage().nbytes() // itemsize
@@ -90,6 +101,8 @@ class _Storages:
         e = self._entry(t)
         if e is None:
             return Sets.empty(t.numel(), self.n)
+        if self._whole(t, e.itemsize):
+            return e.sets
         off = self._offsets(t, e.itemsize)
         if off.numel() != t.numel():
             return e.sets.dense_to(t.numel())
@@ -103,9 +116,12 @@ class _Storages:
         if e is None and sets.nnz == 0:
             return
         itemsize = t.element_size() if e is None else e.itemsize
-        off = self._offsets(t, itemsize)
         size = t.untyped_storage().nbytes() // itemsize
-        if off.numel() != t.numel():  # a dtype view written: the storage depends on it all
+        if self._whole(t, itemsize):
+            new = sets
+        elif (
+            off := self._offsets(t, itemsize)
+        ).numel() != t.numel():  # a dtype view written: the storage depends on it all
             old = e.sets if e is not None else Sets.empty(size, self.n)
             new = Sets.union([old, sets.dense_to(size)], size, self.n)
         else:
@@ -131,9 +147,7 @@ class _Tracer(TorchDispatchMode):
         self.storages = storages
         self.trace = trace
 
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         cache: dict[int, Sets] = {}

@@ -34,8 +34,8 @@ def _nonzero_flat(t: Tensor, read: Any) -> Tensor | None:
             return None
         strides = [math.prod(t.shape[d + 1 :]) for d in range(t.dim())]
         flat = sum(idx[d] * strides[d] for d in range(t.dim()))
-        return torch.as_tensor(flat)[vals != 0]
-    return (t.reshape(-1) != 0).nonzero().reshape(-1)
+        return torch.as_tensor(flat)[vals != 0].cpu()
+    return (t.reshape(-1) != 0).nonzero().reshape(-1).cpu()
 
 
 def _as_batched(t: Tensor, role: str, name: str) -> tuple[int, int, int]:

@@ -80,6 +80,8 @@ def dense_rule(targets: list[Tensor], tracked: list[Tensor], read: Callable[[Ten
 
 def broadcast(sets: Sets, src: Tensor, shape: torch.Size) -> Sets:
     """Sets of ``src`` broadcast to ``shape``."""
+    if src.shape == shape:
+        return sets
     return sets.take(torch.arange(src.numel()).view(src.shape).expand(shape))
 
 
@@ -124,14 +126,15 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
             if not isinstance(t, Tensor) or not any(t is d for d in data):
                 return t
             if t is k:
-                return torch.arange(1, t.numel() + 1, dtype=torch.float64).view(t.shape)
-            return torch.zeros(t.shape, dtype=torch.float64)
+                codes = torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device)
+                return codes.view(t.shape)
+            return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
         a2, k2 = tree_map(code, (args, kwargs))
         (res,) = [t for t in _tensors(func(*a2, **k2))][:1] or [None]
         if res is None or res.shape != out.shape:
             return None
-        c = res.reshape(-1).double()
+        c = res.reshape(-1).double().cpu()
         valid = (c >= 1) & (c <= k.numel()) & (c == c.round())
         pos = valid.nonzero().reshape(-1)
         parts.append(read(k).pairs(pos, c[pos].long() - 1, out.numel()))
@@ -203,8 +206,8 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
         if read.tracked(idx):
             parts.append(read(src).dense_to(out.numel()))
         else:
-            code = torch.arange(self.numel()).view(self.shape)
-            pos = torch.arange(src.numel()).view(src.shape)
+            code = torch.arange(self.numel(), device=self.device).view(self.shape)
+            pos = torch.arange(src.numel(), device=self.device).view(src.shape)
             name = func.overloadpacket.__name__.strip("_")
             if name.startswith("scatter"):
                 tgt = code.gather(b["dim"], idx)
@@ -216,7 +219,8 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
                 tgt = code.index_select(b["dim"], idx) if self.dim() else code
             if pos.shape != tgt.shape:
                 return None
-            parts.append(read(src).pairs(tgt.reshape(-1), pos.reshape(-1), out.numel()))
+            tgt, pos = tgt.reshape(-1).cpu(), pos.reshape(-1).cpu()
+            parts.append(read(src).pairs(tgt, pos, out.numel()))
     return [Sets.union(parts, out.numel(), n)]
 
 

@@ -1,0 +1,153 @@
+"""Compressed probes of a sparse Jacobian, their decompression by gathers, and their check.
+
+NOTE [compressed probes]: with a column colouring (NOTE [colouring]) the forward probes are the
+``C`` indicator vectors of the colours, pushed through ``func`` by ``torch.func.jvp`` vmapped
+over chunks (``run_chunks``: chunk size from ``max_memory``, a loop when vmap fails); with a row
+colouring the reverse probes are pulled back through one autograd graph by batched backward
+passes. Entry ``(i, j)`` of the pattern is then one gather from the compressed ``[m, C]`` (or
+``[C, n]``) block. One more probe, along a fixed pseudo-random direction ``r`` (its own
+generator: the user's RNG is not drawn from), checks the result: ``J r`` (or ``rᵀ J``) computed
+by AD must equal the sparse product, else a nonzero outside the pattern was lost or folded into
+another entry, and the call raises instead of returning a wrong Jacobian.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from torchjac._engine.colouring import Colouring
+from torchjac._engine.func_call import FuncProblem
+from torchjac._engine.func_probes import autograd_trace
+from torchjac._engine.plan import choose_chunk_size
+from torchjac._engine.run import run_chunks
+from torchjac._errors import warn_fallback
+
+__all__ = ["compressed_jacobian"]
+
+CHECK_SEED = 20_261_207
+CHECK_TOLERANCE = 256  # in units of eps times the size of the terms summed
+
+
+def _direction(size: int, dtype: torch.dtype) -> Tensor:
+    g = torch.Generator().manual_seed(CHECK_SEED)
+    signs = torch.randint(0, 2, (size,), generator=g) * 2 - 1
+    return ((torch.rand(size, generator=g, dtype=torch.float64) + 0.5) * signs).to(dtype)
+
+
+def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
+    """Probes ``start..stop-1``: the colours' indicators, then the check direction ``r``."""
+    top = min(stop, col.count)
+    parts = [col.seeds(start, top, r.dtype)] if start < top else []
+    if stop > col.count:
+        parts.append(r.view(1, -1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _forward(p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor):
+    def push(t: Tensor) -> Tensor:
+        return torch.func.jvp(p.outputs_only, (x,), (t,))[1][0]
+
+    def probe(start: int, stop: int, batched: bool) -> Tensor:
+        seeds = _seeds(col, r, start, stop).to(x.device).view(stop - start, *x.shape)
+        if batched:
+            return torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
+        return push(seeds[0]).unsqueeze(0)
+
+    def write(start: int, stop: int, jv: Tensor) -> None:
+        _check_output(p, jv[0], out.shape[0])
+        out[:, start:stop] = jv.reshape(stop - start, -1).T
+
+    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
+
+
+def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> None:
+    t = autograd_trace(p, lambda outs: None)
+    y = t.outputs[0]
+    _check_output(p, y, r.numel())
+
+    def probe(start: int, stop: int, batched: bool) -> Tensor:
+        seeds = _seeds(col, r, start, stop).to(y.device, y.dtype).view(stop - start, *y.shape)
+        if batched:
+            return t.pullback((seeds,), True)[0]
+        return t.pullback((seeds[0],))[0].unsqueeze(0)
+
+    def write(start: int, stop: int, g: Tensor) -> None:
+        out[start:stop] = g.reshape(stop - start, -1)
+
+    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
+
+
+def compressed_jacobian(
+    p: FuncProblem,
+    x: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    shape: tuple[int, int],
+    colourings: Callable[[str], Colouring],
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+) -> Tensor:
+    """The values of the pattern's nonzeros ``(rows, cols)`` (NOTE [compressed probes])."""
+    m, n = shape
+    dev = x.device
+    rows, cols = rows.to(dev), cols.to(dev)
+    per_probe = 16 * (m + n) * p.dtype.itemsize
+    if mode == "fwd":
+        col = colourings("fwd")
+        r = _direction(n, p.dtype)
+        block = torch.zeros(m, col.count + 1, dtype=p.dtype, device=dev)
+        try:
+            chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
+            _forward(p, x, col, r, chunk, block)
+            values = block[rows, col.colour.to(dev)[cols]]
+            _check(p.fn_name, "row", rows, values, r.to(dev)[cols], block[:, -1])
+            return values
+        except (RuntimeError, NotImplementedError) as err:
+            if isinstance(err, PatternError):
+                raise
+            warn_fallback(p.fn_name, "forward-mode AD failed, computed rows in reverse mode", err)
+    col = colourings("rev")
+    r = _direction(m, p.dtype)
+    block = torch.zeros(col.count + 1, n, dtype=p.dtype, device=dev)
+    _reverse(p, col, r, choose_chunk_size(col.count + 1, per_probe, budget, chunk_size), block)
+    values = block[col.colour.to(dev)[rows], cols]
+    _check(p.fn_name, "column", cols, values, r.to(dev)[rows], block[-1])
+    return values
+
+
+def _check_output(p: FuncProblem, y: Tensor, m: int) -> None:
+    if not p.single:
+        raise TypeError(f"{p.fn_name}: func must return one Tensor, got a sequence.")
+    if y.numel() != m:
+        raise PatternError(
+            f"{p.fn_name}: `pattern` has {m} rows but func returns {y.numel()} elements "
+            f"(shape {list(y.shape)}); pass the pattern of this func, or pattern=None."
+        )
+
+
+class PatternError(ValueError):
+    """The Jacobian has a nonzero outside the pattern (raised as a ``ValueError``)."""
+
+
+def _check(fn: str, what: str, at: Tensor, values: Tensor, weights: Tensor, probe: Tensor):
+    """``probe`` (the AD product with the check direction) equals the sparse product."""
+    size = probe.numel()
+    terms = values * weights
+    zeros = torch.zeros(size, dtype=values.dtype, device=values.device)
+    sparse = zeros.index_add(0, at, terms)
+    scale = zeros.index_add(0, at, terms.abs()) + probe.abs()
+    eps = torch.finfo(values.dtype).eps
+    bad = (sparse - probe).abs() > CHECK_TOLERANCE * eps * scale + 1e-300
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise PatternError(
+            f"{fn}: the Jacobian has nonzeros outside the sparsity pattern (at least in "
+            f"{what} {i} of the flattened Jacobian: the product with a test direction differs by "
+            f"{float((sparse - probe)[i].abs()):.3g}). A `pattern` must hold every entry that "
+            "can be nonzero: pass the one of tj.sparsity_pattern(func, x) for this func, or "
+            "pattern=None to detect it."
+        )
