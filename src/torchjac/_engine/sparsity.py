@@ -159,12 +159,11 @@ class _Tracer(TorchDispatchMode):
 
         tracked = [t for t in leaves if reader(t).nnz]  # read before a write can change them
         out = func(*args, **kwargs)
+        if torch.Tag.inplace_view in func.tags and func is not aten.resize_.default:
+            return out  # metadata only (squeeze_, t_): the storage's sets are unchanged
         if func in _BRANCHES and tracked:
             self.trace.branches.append(str(func.overloadpacket.__name__))
-        if not tracked:
-            if _writes(func):  # constants written over tracked elements, or a fresh output
-                for t in _targets(func, args, kwargs, out, leaves):
-                    self.storages.write(t, Sets.empty(t.numel(), self.storages.n))
+        if not tracked:  # constants: nothing to write (an untracked target has no sets)
             return out
         targets = _targets(func, args, kwargs, out, leaves)
         if not targets:

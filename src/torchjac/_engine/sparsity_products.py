@@ -52,7 +52,7 @@ def _as_batched(t: Tensor, role: str, name: str) -> tuple[int, int, int]:
 def matmul_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Any):
     """``mm``, ``bmm``, ``mv``, ``dot`` and their ``add`` forms: NOTE [structural products]."""
     name = func.overloadpacket.__name__
-    bias = args[0] if name in ("addmm", "baddbmm", "addmv") else None
+    bias = args[0] if name in ("addmm", "baddbmm", "addmv", "_sparse_addmm") else None
     a, b = args[1:3] if bias is not None else args[0:2]
     if len(targets) != 1:
         return None

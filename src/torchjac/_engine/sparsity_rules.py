@@ -273,7 +273,7 @@ def choose_rule(func: Any) -> Rule | None:
         return _along_dim
     if name in ("convolution", "_convolution"):
         return convolution_rule
-    if name in ("mm", "bmm", "addmm", "baddbmm", "mv", "addmv", "dot", "vdot", "_sparse_mm"):
+    if name in ("mm", "bmm", "addmm", "baddbmm", "mv", "addmv", "dot", "vdot", "_sparse_mm", "_sparse_addmm"):
         return matmul_rule
     if torch.Tag.reduction in func.tags or name in ("median", "nanmedian", "logsumexp"):
         return _reduction
