@@ -1,0 +1,130 @@
+"""``tj.sparse_jacobian``: equal to the dense Jacobian, in every mode, chunked or not."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from sparse_cases import CASES, DTYPE, SparseCase, bratu_roll, dirichlet_1d, sparse_matrix
+from test_sparse_pattern import dense_jacobian
+
+import torchjac as tj
+from torchjac._engine import colouring
+from torchjac._engine.colouring import colour_columns
+from torchjac._engine.fast import fast_paths
+
+
+
+def csr(dense: torch.Tensor) -> torch.Tensor:
+    """``dense.to_sparse_csr()`` without torch's "beta" warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return dense.to_sparse_csr()
+
+
+def _expect_warning(case: SparseCase) -> bool:
+    return case.func is sparse_matrix  # torch.func has no sparse jvp, vmap no sparse expand
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_equals_the_dense_jacobian(case: SparseCase, mode: str, gen: torch.Generator) -> None:
+    x = torch.randn(case.shape, generator=gen, dtype=DTYPE)
+    if _expect_warning(case):
+        with pytest.warns(tj.FallbackWarning, match="reverse mode|loop"):
+            J = tj.sparse_jacobian(case.func, x, mode=mode)
+    else:
+        J = tj.sparse_jacobian(case.func, x, mode=mode)
+    assert J.layout == torch.sparse_csr and J.dtype == DTYPE
+    torch.testing.assert_close(J.to_dense(), dense_jacobian(case, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, None])
+@pytest.mark.parametrize("fast", [True, False])
+def test_chunks_and_fast_paths_agree(chunk_size: int | None, fast: bool) -> None:
+    x = torch.randn(6, 5, dtype=DTYPE)
+    want = dense_jacobian(CASES[2], x)
+    with fast_paths(fast):
+        for mode in ("fwd", "rev"):
+            J = tj.sparse_jacobian(bratu_roll, x, mode=mode, chunk_size=chunk_size)
+            torch.testing.assert_close(J.to_dense(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_stencil_needs_few_probes_at_any_size() -> None:
+    for n in (8, 32):
+        P = tj.sparsity_pattern(bratu_roll, torch.zeros(n, n, dtype=DTYPE))
+        crow, col = P.crow_indices(), P.col_indices()
+        count = colour_columns(crow, col, n * n).count
+        assert 5 <= count <= 9  # greedy on the 13-point distance-2 neighbourhood
+
+
+def test_colouring_is_distance_two(gen: torch.Generator) -> None:
+    mask = torch.rand(30, 40, generator=gen) < 0.1
+    P = csr(mask)
+    c = colour_columns(P.crow_indices(), P.col_indices(), 40).colour
+    same = c.view(-1, 1) == c.view(1, -1)
+    share = (mask.T.double() @ mask.double()) > 0
+    assert not (same & share & ~torch.eye(40, dtype=torch.bool)).any()
+
+
+def test_a_pattern_is_reused_with_its_colouring(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(5, 6, dtype=DTYPE)
+    P = tj.sparsity_pattern(bratu_roll, x)
+    calls = []
+    real = colouring.colour_columns
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr("torchjac._sparse.colour_columns", spy)
+    for step in range(3):
+        x = x + 0.1
+        J = tj.sparse_jacobian(bratu_roll, x, pattern=P, mode="fwd")
+        torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[2], x))
+    assert len(calls) == 1
+
+
+def test_a_pattern_missing_a_nonzero_raises() -> None:
+    x = torch.randn(6, dtype=DTYPE)
+    diagonal = csr(torch.eye(6, dtype=torch.bool))
+    for mode in ("fwd", "rev"):
+        with pytest.raises(ValueError, match="nonzeros outside the sparsity pattern"):
+            tj.sparse_jacobian(dirichlet_1d, x, pattern=diagonal, mode=mode)
+
+
+def test_input_and_rng_left_alone() -> None:
+    x = torch.randn(7, dtype=DTYPE)
+    before, state = x.clone(), torch.get_rng_state()
+    J = tj.sparse_jacobian(lambda u: torch.roll(u, 1) * u, x)
+    assert torch.equal(x, before) and torch.equal(torch.get_rng_state(), state)
+    assert J.values().data_ptr() != x.data_ptr()
+
+
+def test_float32_and_an_empty_pattern() -> None:
+    x = torch.randn(5)
+    J = tj.sparse_jacobian(lambda u: u.sin() * torch.roll(u, 1), x)
+    assert J.dtype == torch.float32
+    torch.testing.assert_close(J.to_dense(), torch.func.jacrev(lambda u: u.sin() * torch.roll(u, 1))(x))
+    zero = tj.sparse_jacobian(lambda u: torch.ones(3), x)
+    assert zero.shape == (3, 5) and zero.values().numel() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "sideways"}, ValueError, "sparse_jacobian: `mode` must be one of"),
+        ({"chunk_size": 0}, ValueError, "`chunk_size` must be >= 1"),
+        ({"pattern": torch.ones(3, 3, dtype=torch.bool)}, TypeError, "to_sparse_csr"),
+        ({"pattern": (3, 4, torch.float32)}, ValueError, r"boolean with shape \[m, 3\]"),
+        ({"pattern": (2, 3, torch.bool)}, ValueError, "has 2 rows"),
+        ({"max_memory": "lots"}, ValueError, "max_memory"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match) -> None:  # type: ignore[no-untyped-def]
+    if isinstance(kwargs.get("pattern"), tuple):
+        m, n, dtype = kwargs["pattern"]
+        kwargs = {"pattern": csr(torch.ones(m, n, dtype=dtype))}
+    with pytest.raises(error, match=match):
+        tj.sparse_jacobian(torch.sin, torch.ones(3), **kwargs)
