@@ -15,7 +15,6 @@ from torchjac._engine.colouring import colour_columns
 from torchjac._engine.fast import fast_paths
 
 
-
 def csr(dense: torch.Tensor) -> torch.Tensor:
     """``dense.to_sparse_csr()`` without torch's "beta" warning."""
     with warnings.catch_warnings():
@@ -79,7 +78,7 @@ def test_a_pattern_is_reused_with_its_colouring(monkeypatch: pytest.MonkeyPatch)
         return real(*args)
 
     monkeypatch.setattr("torchjac._sparse.colour_columns", spy)
-    for step in range(3):
+    for _step in range(3):
         x = x + 0.1
         J = tj.sparse_jacobian(bratu_roll, x, pattern=P, mode="fwd")
         torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[2], x))
@@ -106,7 +105,9 @@ def test_float32_and_an_empty_pattern() -> None:
     x = torch.randn(5)
     J = tj.sparse_jacobian(lambda u: u.sin() * torch.roll(u, 1), x)
     assert J.dtype == torch.float32
-    torch.testing.assert_close(J.to_dense(), torch.func.jacrev(lambda u: u.sin() * torch.roll(u, 1))(x))
+    torch.testing.assert_close(
+        J.to_dense(), torch.func.jacrev(lambda u: u.sin() * torch.roll(u, 1))(x)
+    )
     zero = tj.sparse_jacobian(lambda u: torch.ones(3), x)
     assert zero.shape == (3, 5) and zero.values().numel() == 0
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sparse_cases import CASES, DTYPE, SparseCase
 from torch.autograd.functional import jacobian
 
 import torchjac as tj
-from sparse_cases import CASES, DTYPE, SparseCase
 from torchjac._engine.index_sets import Sets
 
 

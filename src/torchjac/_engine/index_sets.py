@@ -12,8 +12,8 @@ the number of (element, input) pairs moved, never ``rows × n``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 

@@ -46,7 +46,7 @@ def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _forward(p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor):
+def _forward(p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> None:
     def push(t: Tensor) -> Tensor:
         return torch.func.jvp(p.outputs_only, (x,), (t,))[1][0]
 
@@ -133,7 +133,7 @@ class PatternError(ValueError):
     """The Jacobian has a nonzero outside the pattern (raised as a ``ValueError``)."""
 
 
-def _check(fn: str, what: str, at: Tensor, values: Tensor, weights: Tensor, probe: Tensor):
+def _check(fn: str, what: str, at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> None:
     """``probe`` (the AD product with the check direction) equals the sparse product."""
     size = probe.numel()
     terms = values * weights

@@ -23,17 +23,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented dispatch modes
 from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.index_sets import Sets
 from torchjac._engine.sparsity_rules import Reader, Rule, choose_rule, dense_rule
 
-try:  # public since torch 2.0 under this name; a tested fallback keeps storages alive instead
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.weak import StorageWeakRef
-except ImportError:  # pragma: no cover - every supported torch has both
-    StorageWeakRef = None
-    from torch.utils._python_dispatch import TorchDispatchMode
+try:  # without it (a torch that moved it), storages are kept alive: no address is reused
+    from torch.multiprocessing.reductions import StorageWeakRef
+except ImportError:  # pragma: no cover
+    StorageWeakRef = None  # type: ignore[assignment,misc]
 
 __all__ = ["Trace", "trace_pattern"]
 

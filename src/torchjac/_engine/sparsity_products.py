@@ -49,7 +49,9 @@ def _as_batched(t: Tensor, role: str, name: str) -> tuple[int, int, int]:
     return 1, t.shape[0], t.shape[1]
 
 
-def matmul_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Any):
+def matmul_rule(
+    func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Any
+) -> list[Sets] | None:
     """``mm``, ``bmm``, ``mv``, ``dot`` and their ``add`` forms: NOTE [structural products]."""
     name = func.overloadpacket.__name__
     bias = args[0] if name in ("addmm", "baddbmm", "addmv", "_sparse_addmm") else None
@@ -113,7 +115,9 @@ def _spatial_pairs(
     return result
 
 
-def convolution_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Any):
+def convolution_rule(
+    func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Any
+) -> list[Sets] | None:
     """``aten.convolution`` (not transposed): NOTE [structural products]."""
     x, w, bias, stride, pad, dil, transposed, _, groups = args[:9]
     if transposed or len(targets) != 1 or x.dim() != w.dim():

@@ -51,7 +51,8 @@ class Reader:
         return any(isinstance(t, Tensor) and self.read(t).nnz for t in tree_flatten(value)[0])
 
 
-Rule = Callable[[Any, Any, Any, list[Tensor], Reader], list[Sets] | None]
+Result = list[Sets] | None
+Rule = Callable[[Any, Any, Any, list[Tensor], Reader], Result]
 
 
 def bind(func: Any, args: Any, kwargs: Any) -> dict[str, Any]:
@@ -71,7 +72,9 @@ def _tensors(value: Any) -> list[Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
 
 
-def dense_rule(targets: list[Tensor], tracked: list[Tensor], read: Callable[[Tensor], Sets]):
+def dense_rule(
+    targets: list[Tensor], tracked: list[Tensor], read: Callable[[Tensor], Sets]
+) -> list[Sets]:
     """Every written element depends on every element the op read (a superset)."""
     n = read(tracked[0]).n
     union = Sets.union([read(t) for t in tracked], sum(t.numel() for t in tracked), n)
@@ -85,7 +88,7 @@ def broadcast(sets: Sets, src: Tensor, shape: torch.Size) -> Sets:
     return sets.take(torch.arange(src.numel()).view(src.shape).expand(shape))
 
 
-def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     leaves = [t for t in _tensors((args, kwargs)) if read(t).nnz]
     result = []
     for out in targets:
@@ -102,7 +105,7 @@ def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: R
     return result
 
 
-def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     n = read(_tensors((args, kwargs))[0]).n if _tensors((args, kwargs)) else 0
     return [Sets.empty(t.numel(), n) for t in targets]
 
@@ -110,7 +113,7 @@ def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
 INDEX_ARGS = frozenset({"index", "indices", "mask", "condition", "repeats"})
 
 
-def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     b = bind(func, args, kwargs)
     index = [t for k, v in b.items() if k in INDEX_ARGS for t in _tensors(v)]
     data = [t for t in _tensors((args, kwargs)) if not any(t is i for i in index)]
@@ -131,7 +134,8 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
             return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
         a2, k2 = tree_map(code, (args, kwargs))
-        (res,) = [t for t in _tensors(func(*a2, **k2))][:1] or [None]
+        found = _tensors(func(*a2, **k2))
+        res = found[0] if found else None
         if res is None or res.shape != out.shape:
             return None
         c = res.reshape(-1).double().cpu()
@@ -155,7 +159,7 @@ def _group_code(shape: torch.Size, dims: list[int]) -> tuple[Tensor, int, list[i
     return torch.arange(groups).view(kept).expand(shape).reshape(-1), groups, kept
 
 
-def _reduction(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+def _reduction(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     b = bind(func, args, kwargs)
     self = args[0]
     if any(read(t).nnz for t in _tensors((args[1:], kwargs))):
@@ -167,7 +171,7 @@ def _reduction(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: R
     return [grouped for _ in targets]
 
 
-def _along_dim(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+def _along_dim(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     b = bind(func, args, kwargs)
     self = args[0]
     if any(read(t).nnz for t in _tensors((args[1:], kwargs))):
@@ -187,12 +191,12 @@ def _along_dim(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: R
     return result
 
 
-def _copy(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+def _copy(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     self, src = args[0], args[1]
     return [broadcast(read(src), src, self.shape) for _ in targets]
 
 
-def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader):
+def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     b = bind(func, args, kwargs)
     self = args[0]
     src = next((b[k] for k in ("src", "source", "values") if isinstance(b.get(k), Tensor)), None)
@@ -202,7 +206,7 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
     n = read(next(t for t in _tensors((args, kwargs)) if read(t).nnz)).n
     parts = [read(self)]
     if src is not None and read(src).nnz:
-        idx = b.get("index", b.get("indices"))
+        idx: Any = b.get("index", b.get("indices"))
         if read.tracked(idx):
             parts.append(read(src).dense_to(out.numel()))
         else:
@@ -224,34 +228,45 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
     return [Sets.union(parts, out.numel(), n)]
 
 
-def _names(*names: str) -> frozenset[str]:
-    return frozenset(names) | frozenset(f"{n}_" for n in names)
+def _names(text: str, inplace: bool = True) -> frozenset[str]:
+    """Op names from a whitespace-separated list, with their in-place forms (``name_``)."""
+    names = frozenset(text.split())
+    return names | frozenset(f"{n}_" for n in names) if inplace else names
 
 
-POINTWISE = _names("_to_copy", "clone", "lift_fresh_copy", "native_dropout", "masked_fill")
-CONSTANT = frozenset(
-    "zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros "
-    "new_ones new_empty new_full new_empty_strided zero_ fill_ fill uniform_ normal_ "
-    "bernoulli_ exponential_ random_ cauchy_ geometric_ log_normal_".split()
+POINTWISE = _names("_to_copy clone lift_fresh_copy native_dropout masked_fill")
+CONSTANT = _names(
+    """
+    zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros
+    new_ones new_empty new_full new_empty_strided zero_ fill_ fill uniform_ normal_
+    bernoulli_ exponential_ random_ cauchy_ geometric_ log_normal_
+    """,
+    inplace=False,
 )
 MOVEMENT = _names(
-    *"roll flip constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d "
-    "replication_pad1d replication_pad2d replication_pad3d cat stack index_select gather index "
-    "_unsafe_index take repeat tril triu diag_embed diag embedding im2col narrow_copy view_copy "
-    "permute_copy expand_copy slice_copy select_copy diagonal_copy unsqueeze_copy squeeze_copy "
-    "transpose_copy t_copy alias_copy unfold_copy as_strided_copy _reshape_copy pixel_shuffle "
-    "pixel_unshuffle channel_shuffle upsample_nearest1d upsample_nearest2d upsample_nearest3d "
-    "_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d "
-    "slice_scatter select_scatter diagonal_scatter as_strided_scatter masked_scatter "
-    "index_fill repeat_interleave".split()
+    """
+    roll flip constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d
+    replication_pad1d replication_pad2d replication_pad3d cat stack index_select gather
+    index _unsafe_index take repeat tril triu diag_embed diag embedding im2col narrow_copy
+    view_copy permute_copy expand_copy slice_copy select_copy diagonal_copy unsqueeze_copy
+    squeeze_copy transpose_copy t_copy alias_copy unfold_copy as_strided_copy _reshape_copy
+    pixel_shuffle pixel_unshuffle channel_shuffle upsample_nearest1d upsample_nearest2d
+    upsample_nearest3d _upsample_nearest_exact1d _upsample_nearest_exact2d
+    _upsample_nearest_exact3d slice_scatter select_scatter diagonal_scatter
+    as_strided_scatter masked_scatter index_fill repeat_interleave
+    """
 )
 ALONG_DIM = _names(
-    *"_softmax _log_softmax softmax log_softmax cumsum cumprod logcumsumexp cummax cummin "
-    "sort topk kthvalue argsort median nanmedian mode".split()
+    """
+    _softmax _log_softmax softmax log_softmax cumsum cumprod logcumsumexp cummax cummin
+    sort topk kthvalue argsort median nanmedian mode
+    """
 )
 SCATTER = _names(
-    *"scatter scatter_add scatter_reduce index_add index_copy index_reduce index_put "
-    "_index_put_impl".split()
+    """
+    scatter scatter_add scatter_reduce index_add index_copy index_reduce index_put
+    _index_put_impl
+    """
 )
 COPY = frozenset({"copy_", "copy", "_copy_from"})
 
@@ -273,7 +288,18 @@ def choose_rule(func: Any) -> Rule | None:
         return _along_dim
     if name in ("convolution", "_convolution"):
         return convolution_rule
-    if name in ("mm", "bmm", "addmm", "baddbmm", "mv", "addmv", "dot", "vdot", "_sparse_mm", "_sparse_addmm"):
+    if name in (
+        "mm",
+        "bmm",
+        "addmm",
+        "baddbmm",
+        "mv",
+        "addmv",
+        "dot",
+        "vdot",
+        "_sparse_mm",
+        "_sparse_addmm",
+    ):
         return matmul_rule
     if torch.Tag.reduction in func.tags or name in ("median", "nanmedian", "logsumexp"):
         return _reduction
