@@ -18,6 +18,7 @@ EXPECTED = {
     "grad_jacobian.py": "max |tj.jac - row loop|",
     "jacobian_operator_svd.py": "max relative difference",
     "multitask_gramian.py": "no task is harmed",
+    "newton_bratu.py": "Newton iterations: sparse",
     "ntk_spectrum.py": "symmetric and positive semi-definite: True",
     "pinn_poisson.py": "relative L2 error against the exact solution",
 }

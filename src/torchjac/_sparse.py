@@ -117,6 +117,8 @@ def _colourings(pattern: Tensor, rows: Tensor, cols: Tensor) -> Callable[[str], 
         setattr(pattern, _CACHE, cache)
 
     def get(side: str) -> Colouring:
+        if side == "rev" and "rev" not in cache and _symmetric(rows, cols, m, n):
+            cache["rev"] = get("fwd")  # rows conflict exactly as columns do
         if side not in cache:
             r, c, size, other = (rows, cols, m, n) if side == "fwd" else (cols, rows, n, m)
             order = torch.sort(r * other + c).indices  # by row then column: CSR order
@@ -126,6 +128,13 @@ def _colourings(pattern: Tensor, rows: Tensor, cols: Tensor) -> Callable[[str], 
         return cache[side]
 
     return get
+
+
+def _symmetric(rows: Tensor, cols: Tensor, m: int, n: int) -> bool:
+    if m != n:
+        return False
+    keys = torch.sort(cols * n + rows).values
+    return torch.equal(keys, rows * n + cols)  # (rows, cols) are sorted by row then column
 
 
 def sparse_jacobian(

@@ -52,16 +52,14 @@ def colour_columns(crow: Tensor, col: Tensor, n: int) -> Colouring:
     starts = col_start.tolist()
     used = [0] * m
     colour = [0] * n
-    count = 0
     for j in order:
         rows = col_rows[starts[j] : starts[j + 1]]
         mask = 0
         for r in rows:
             mask |= used[r]
-        c = (~mask & (mask + 1)).bit_length() - 1  # the lowest colour free in all its rows
-        colour[j] = c
-        bit = 1 << c
+        bit = ~mask & (mask + 1)  # the lowest colour free in all its rows
+        colour[j] = bit.bit_length() - 1
         for r in rows:
             used[r] |= bit
-        count = max(count, c + 1)
-    return Colouring(torch.tensor(colour, dtype=torch.long), count)
+    colours = torch.tensor(colour, dtype=torch.long)
+    return Colouring(colours, int(colours.max()) + 1)
