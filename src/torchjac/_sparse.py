@@ -8,6 +8,7 @@ once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from torchjac._checks import (
     check_pattern,
     check_sparse_args,
 )
-from torchjac._engine.colouring import Colouring, colour_columns
+from torchjac._engine.colouring import Colouring, colour_columns, lattice_colouring
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_state import call_state
 from torchjac._engine.index_sets import csr
@@ -107,8 +108,11 @@ def _nonzeros(pattern: Tensor) -> tuple[Tensor, Tensor]:
     return rows[keep], col[keep].clone()
 
 
-def _colourings(pattern: Tensor, rows: Tensor, cols: Tensor) -> Callable[[str], Colouring]:
-    """Column (``"fwd"``) and row (``"rev"``) colourings, cached on the pattern object."""
+def _colourings(
+    pattern: Tensor, rows: Tensor, cols: Tensor, grid: tuple[int, ...]
+) -> Callable[[str], Colouring]:
+    """Column (``"fwd"``) and row (``"rev"``) colourings, cached on the pattern object; the
+    lattice colouring over ``grid`` (``x``'s shape) first (NOTE [lattice colouring])."""
     m, n = pattern.shape
     key = (m, n, rows.numel(), int(rows.sum()), int(cols.sum()))
     cache = getattr(pattern, _CACHE, None)
@@ -124,7 +128,9 @@ def _colourings(pattern: Tensor, rows: Tensor, cols: Tensor) -> Callable[[str], 
             order = torch.sort(r * other + c).indices  # by row then column: CSR order
             crow = torch.zeros(size + 1, dtype=torch.long)
             crow[1:] = torch.cumsum(torch.bincount(r, minlength=size), 0)
-            cache[side] = colour_columns(crow, c[order], other)
+            shape = grid if other == math.prod(grid) else (other,)
+            found = lattice_colouring(crow, c[order], shape)
+            cache[side] = colour_columns(crow, c[order], other) if found is None else found
         return cache[side]
 
     return get
@@ -197,7 +203,7 @@ def sparse_jacobian(
         if pattern is None:
             pattern = _detect(p)
         (m, n), (rows, cols) = pattern.shape, _nonzeros(pattern)
-        colourings = _colourings(pattern, rows, cols)
+        colourings = _colourings(pattern, rows, cols, tuple(x.shape))
         if mode == "auto":
             mode = "fwd" if colourings("fwd").count <= colourings("rev").count else "rev"
         with torch.no_grad():

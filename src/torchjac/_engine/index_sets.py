@@ -76,7 +76,10 @@ class Sets:
         """Row ``i`` goes to row ``to[i]`` of a ``rows``-row result; rows meeting there merge."""
         if self.nnz == 0:
             return Sets.empty(rows, self.n)
-        return Sets.from_keys(rows, self.n, to.reshape(-1).long()[self.row] * self.n + self.col)
+        to = to.reshape(-1).long()
+        if to.numel() < 2 or bool((to[1:] > to[:-1]).all()):  # order kept: nothing merges
+            return Sets(rows, self.n, to[self.row], self.col)
+        return Sets.from_keys(rows, self.n, to[self.row] * self.n + self.col)
 
     def pairs(self, out: Tensor, src: Tensor, rows: int) -> Sets:
         """``D_out = L D``: output ``out[k]`` reads element ``src[k]`` (the pairs of ``L``)."""
@@ -101,7 +104,12 @@ class Sets:
             return Sets.empty(rows, n)
         if len(live) == 1:
             return live[0]
-        return Sets.from_keys(rows, n, torch.cat([p.row * n + p.col for p in live]))
+        if len(live) > 3:
+            return Sets.from_keys(rows, n, torch.cat([p.row * n + p.col for p in live]))
+        keys = live[0].row * n + live[0].col
+        for p in live[1:]:
+            keys = _merge(keys, p.row * n + p.col)
+        return Sets(rows, n, keys // max(n, 1), keys % max(n, 1))
 
     def keep_rows(self, mask: Tensor) -> Sets:
         """The nonzeros of the rows where ``mask`` (``[rows]`` bool) is False."""
@@ -121,3 +129,19 @@ def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Ten
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _merge(a: Tensor, b: Tensor) -> Tensor:
+    """The sorted union of two sorted, duplicate-free int64 vectors (binary searches, no sort)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return a if b.numel() == 0 else b
+    at = torch.searchsorted(a, b)
+    present = a[at.clamp(max=a.numel() - 1)] == b
+    fresh, at = b[~present], at[~present]
+    out = torch.empty(a.numel() + fresh.numel(), dtype=a.dtype)
+    where = at + torch.arange(fresh.numel())  # each new key lands after the a's below it
+    taken = torch.zeros(out.numel(), dtype=torch.bool)
+    taken[where] = True
+    out[where] = fresh
+    out[~taken] = a
+    return out
