@@ -6,12 +6,20 @@ import warnings
 
 import pytest
 import torch
-from sparse_cases import CASES, DTYPE, SparseCase, bratu_roll, dirichlet_1d, sparse_matrix
+from sparse_cases import (
+    CASES,
+    DTYPE,
+    SparseCase,
+    bratu_roll,
+    dirichlet_1d,
+    sparse_matrix,
+    stencil_3d,
+)
 from test_sparse_pattern import dense_jacobian
 
 import torchjac as tj
 from torchjac._engine import colouring
-from torchjac._engine.colouring import colour_columns
+from torchjac._engine.colouring import colour_columns, lattice_colouring, valid
 from torchjac._engine.fast import fast_paths
 
 
@@ -129,3 +137,22 @@ def test_bad_arguments(kwargs, error, match) -> None:  # type: ignore[no-untyped
         kwargs = {"pattern": csr(torch.ones(m, n, dtype=dtype))}
     with pytest.raises(error, match=match):
         tj.sparse_jacobian(torch.sin, torch.ones(3), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("func", "shape", "count"), [(bratu_roll, (10, 10), 5), (stencil_3d, (7, 7, 7), 7)]
+)
+def test_a_lattice_colours_grid_stencils_optimally(func, shape, count) -> None:  # type: ignore[no-untyped-def]
+    P = tj.sparsity_pattern(func, torch.zeros(shape, dtype=DTYPE))
+    found = lattice_colouring(P.crow_indices(), P.col_indices(), shape)
+    assert found is not None and found.count == count
+    assert valid(P.crow_indices(), P.col_indices(), found.colour, count)
+    with fast_paths(False):
+        assert lattice_colouring(P.crow_indices(), P.col_indices(), shape) is None
+
+
+def test_a_lattice_declines_what_it_cannot_colour(gen: torch.Generator) -> None:
+    mask = torch.rand(40, 36, generator=gen) < 0.15
+    P = csr(mask)
+    found = lattice_colouring(P.crow_indices(), P.col_indices(), (6, 6))
+    assert found is None or valid(P.crow_indices(), P.col_indices(), found.colour, found.count)

@@ -8,6 +8,7 @@ from sparse_cases import CASES, DTYPE, SparseCase
 from torch.autograd.functional import jacobian
 
 import torchjac as tj
+from torchjac._engine import sparsity
 from torchjac._engine.index_sets import Sets
 
 
@@ -90,3 +91,17 @@ def test_index_sets_take_relabel_union() -> None:
 def test_bad_arguments(func, x, error, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         tj.sparsity_pattern(func, x)
+
+
+def test_an_index_read_as_a_python_int_is_reported() -> None:
+    with pytest.warns(tj.FallbackWarning, match="_local_scalar_dense"):
+        tj.sparsity_pattern(lambda u: u[u.argmax()] * u, torch.randn(4, dtype=DTYPE))
+
+
+def test_without_storage_weak_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback for a torch without ``StorageWeakRef``: storages kept alive instead."""
+    monkeypatch.setattr(sparsity, "StorageWeakRef", None)
+    for case in CASES[:6]:
+        x = torch.randn(case.shape, dtype=DTYPE)
+        found = tj.sparsity_pattern(case.func, x).to_dense()
+        assert torch.equal(found, dense_jacobian(case, x) != 0)

@@ -22,10 +22,9 @@ large grids. A fast path (NOTE [fast paths]): the Jacobian is the same either wa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
