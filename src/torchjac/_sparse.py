@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from torchjac._checks import (
+    check_batch_dim,
     check_chunk_size,
     check_mode,
     check_pattern,
@@ -29,6 +30,7 @@ from torchjac._engine.plan import memory_budget
 from torchjac._engine.sparse_probes import compressed_jacobian
 from torchjac._engine.sparsity import trace_pattern
 from torchjac._errors import fallback_scope, warn_fallback
+from torchjac._sparse_batch import per_sample_blocks
 
 __all__ = ["sparse_jacobian", "sparsity_pattern"]
 
@@ -148,6 +150,7 @@ def sparse_jacobian(
     x: Tensor,
     *,
     pattern: Tensor | None = None,
+    batch_dim: int | None = None,
     mode: str = "auto",
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
@@ -155,7 +158,8 @@ def sparse_jacobian(
     r"""The Jacobian :math:`J_{ij} = \partial f_i / \partial x_j` of ``func`` at ``x``, sparse.
 
     Columns that share no row of the pattern (:func:`sparsity_pattern`, detected when
-    ``pattern`` is ``None``) get one colour (greedy distance-2 colouring, largest first); one
+    ``pattern`` is ``None``) get one colour (a lattice colouring over ``x``'s grid where one
+    fits, else greedy distance-2 colouring, largest first); one
     forward probe per colour, :math:`J s_c` with :math:`s_c` the sum of its columns' unit
     vectors, holds every entry of those columns, read back by a gather. ``mode="rev"`` colours
     rows and pulls back :math:`s_c^T J`; ``"auto"`` takes the side with fewer colours (forward
@@ -173,6 +177,12 @@ def sparse_jacobian(
         pattern: a boolean sparse CSR ``[m, n]`` holding every entry that can be nonzero (as
             :func:`sparsity_pattern` returns). The colourings are cached on it, so passing the
             same pattern again (a Newton loop) skips detection and colouring.
+        batch_dim: the batch dimension of ``x`` and of the output: the result is then the
+            per-sample blocks, a batched sparse CSR ``[B, m_s, n_s]`` (``m_s``, ``n_s`` the
+            elements of one sample, the batch dimension set aside), all blocks with one pattern
+            (the union of the samples'). ``pattern`` is still the whole batch's ``[m, n]``. A
+            nonzero linking two samples raises ``BatchCouplingError``. The probes cost what one
+            sample's would: colours are shared across the batch.
         mode: ``"auto"``, ``"fwd"`` (column colouring, ``jvp``) or ``"rev"`` (row colouring,
             batched backward passes); forward falls back to reverse, with one
             ``FallbackWarning``, when forward-mode AD cannot follow ``func``.
@@ -194,6 +204,7 @@ def sparse_jacobian(
     fn = "sparse_jacobian"
     x = check_sparse_args(fn, func, x)
     pattern = check_pattern(fn, pattern, x.numel())
+    batch_dim, _ = check_batch_dim(fn, batch_dim, [("x", x)])
     mode = check_mode(fn, mode)
     chunk_size = check_chunk_size(fn, chunk_size)
     budget = memory_budget(fn, max_memory, x.device)
@@ -207,9 +218,11 @@ def sparse_jacobian(
         if mode == "auto":
             mode = "fwd" if colourings("fwd").count <= colourings("rev").count else "rev"
         with torch.no_grad():
-            values = compressed_jacobian(
+            values, y_shape = compressed_jacobian(
                 p, p.inputs[0], rows, cols, (m, n), colourings, mode, chunk_size, budget
             )
+    if batch_dim is not None:
+        return per_sample_blocks(fn, rows, cols, values, tuple(x.shape), tuple(y_shape), batch_dim)
     crow = torch.zeros(m + 1, dtype=torch.long)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=m), 0)
     dev = x.device

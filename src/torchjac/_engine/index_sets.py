@@ -124,7 +124,7 @@ class Sets:
         return csr(crow, self.col.clone(), values, (self.rows, self.n))
 
 
-def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, ...]) -> Tensor:
     """``torch.sparse_csr_tensor`` without torch's "beta" warning (torch's, not the user's)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)

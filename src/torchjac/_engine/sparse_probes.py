@@ -46,7 +46,9 @@ def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _forward(p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> None:
+def _forward(
+    p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor
+) -> torch.Size:
     def push(t: Tensor) -> Tensor:
         return torch.func.jvp(p.outputs_only, (x,), (t,))[1][0]
 
@@ -56,14 +58,18 @@ def _forward(p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, o
             return torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
         return push(seeds[0]).unsqueeze(0)
 
+    shape: list[torch.Size] = []
+
     def write(start: int, stop: int, jv: Tensor) -> None:
         _check_output(p, jv[0], out.shape[0])
+        shape[:] = [jv[0].shape]
         out[:, start:stop] = jv.reshape(stop - start, -1).T
 
     run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
+    return shape[0]
 
 
-def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> None:
+def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> torch.Size:
     t = autograd_trace(p, lambda outs: None)
     y = t.outputs[0]
     _check_output(p, y, r.numel())
@@ -78,6 +84,7 @@ def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor)
         out[start:stop] = g.reshape(stop - start, -1)
 
     run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
+    return y.shape
 
 
 def compressed_jacobian(
@@ -90,8 +97,9 @@ def compressed_jacobian(
     mode: str,
     chunk_size: int | None,
     budget: int,
-) -> Tensor:
-    """The values of the pattern's nonzeros ``(rows, cols)`` (NOTE [compressed probes])."""
+) -> tuple[Tensor, torch.Size]:
+    """The values of the pattern's nonzeros ``(rows, cols)`` (NOTE [compressed probes]), and
+    the shape of the output."""
     m, n = shape
     dev = x.device
     rows, cols = rows.to(dev), cols.to(dev)
@@ -102,10 +110,10 @@ def compressed_jacobian(
         block = torch.zeros(m, col.count + 1, dtype=p.dtype, device=dev)
         try:
             chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
-            _forward(p, x, col, r, chunk, block)
+            y_shape = _forward(p, x, col, r, chunk, block)
             values = block[rows, col.colour.to(dev)[cols]]
             _check(p.fn_name, "row", rows, values, r.to(dev)[cols], block[:, -1])
-            return values
+            return values, y_shape
         except (RuntimeError, NotImplementedError) as err:
             if isinstance(err, PatternError):
                 raise
@@ -113,10 +121,11 @@ def compressed_jacobian(
     col = colourings("rev")
     r = _direction(m, p.dtype)
     block = torch.zeros(col.count + 1, n, dtype=p.dtype, device=dev)
-    _reverse(p, col, r, choose_chunk_size(col.count + 1, per_probe, budget, chunk_size), block)
+    chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
+    y_shape = _reverse(p, col, r, chunk, block)
     values = block[col.colour.to(dev)[rows], cols]
     _check(p.fn_name, "column", cols, values, r.to(dev)[rows], block[-1])
-    return values
+    return values, y_shape
 
 
 def _check_output(p: FuncProblem, y: Tensor, m: int) -> None:
