@@ -150,10 +150,10 @@ def sparse_jacobian(
     x: Tensor,
     *,
     pattern: Tensor | None = None,
-    batch_dim: int | None = None,
     mode: str = "auto",
     chunk_size: int | None = None,
     max_memory: float | str | None = None,
+    batch_dim: int | None = None,
 ) -> Tensor:
     r"""The Jacobian :math:`J_{ij} = \partial f_i / \partial x_j` of ``func`` at ``x``, sparse.
 
@@ -177,17 +177,17 @@ def sparse_jacobian(
         pattern: a boolean sparse CSR ``[m, n]`` holding every entry that can be nonzero (as
             :func:`sparsity_pattern` returns). The colourings are cached on it, so passing the
             same pattern again (a Newton loop) skips detection and colouring.
+        mode: ``"auto"``, ``"fwd"`` (column colouring, ``jvp``) or ``"rev"`` (row colouring,
+            batched backward passes); forward falls back to reverse, with one
+            ``FallbackWarning``, when forward-mode AD cannot follow ``func``.
+        chunk_size: probes per vectorised pass (``1``: a loop). Default: from ``max_memory``
+            (bytes or a string like ``"512MiB"``; default a share of free memory).
         batch_dim: the batch dimension of ``x`` and of the output: the result is then the
             per-sample blocks, a batched sparse CSR ``[B, m_s, n_s]`` (``m_s``, ``n_s`` the
             elements of one sample, the batch dimension set aside), all blocks with one pattern
             (the union of the samples'). ``pattern`` is still the whole batch's ``[m, n]``. A
             nonzero linking two samples raises ``BatchCouplingError``. The probes cost what one
             sample's would: colours are shared across the batch.
-        mode: ``"auto"``, ``"fwd"`` (column colouring, ``jvp``) or ``"rev"`` (row colouring,
-            batched backward passes); forward falls back to reverse, with one
-            ``FallbackWarning``, when forward-mode AD cannot follow ``func``.
-        chunk_size: probes per vectorised pass (``1``: a loop). Default: from ``max_memory``
-            (bytes or a string like ``"512MiB"``; default a share of free memory).
 
     Example:
         >>> import torch, torchjac as tj
