@@ -164,9 +164,10 @@ def sparse_jacobian(
     vectors, holds every entry of those columns, read back by a gather. ``mode="rev"`` colours
     rows and pulls back :math:`s_c^T J`; ``"auto"`` takes the side with fewer colours (reverse
     on ties: one batched backward pass has less overhead than ``jvp`` under ``vmap``, 2x
-    faster on W9 at N = 64, even at N = 256). A 2-D five-point stencil needs 5 probes at any grid size, where a dense Jacobian
-    needs one per input element. One extra probe along a fixed test direction checks the result:
-    a Jacobian with a nonzero outside ``pattern`` raises ``ValueError``, never a wrong answer.
+    faster on W9 at N = 64, even at N = 256). A 2-D five-point stencil needs 5 probes at any
+    grid size, where a dense Jacobian needs one per input element. One extra probe along a
+    fixed test direction checks the result: a Jacobian with a nonzero outside ``pattern``
+    raises ``ValueError``, never a wrong answer.
 
     Shapes: ``func`` maps one Tensor ``x`` to one Tensor ``y``; the result is a sparse CSR
     Tensor ``[m, n]`` (``m = y.numel()``, ``n = x.numel()``, flattened row-major) with ``x``'s

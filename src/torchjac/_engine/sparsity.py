@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented dispatch modes
-from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.index_sets import Sets
-from torchjac._engine.sparsity_rules import Reader, Rule, choose_rule, dense_rule
+from torchjac._engine.sparsity_rules import Reader, Rule, choose_rule, dense_rule, tensors
 
 try:  # without it (a torch that moved it), storages are kept alive: no address is reused
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -148,7 +147,7 @@ class _Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        leaves = tensors((args, kwargs))
         cache: dict[int, Sets] = {}
 
         def reader(t: Tensor) -> Sets:
@@ -184,7 +183,7 @@ def _writes(func: Any) -> bool:
 def _targets(func: Any, args: Any, kwargs: Any, out: Any, leaves: list[Tensor]) -> list[Tensor]:
     """The tensors whose data the op wrote: fresh outputs and mutated arguments (not views)."""
     mine = {t.untyped_storage().data_ptr() for t in leaves if t.layout == torch.strided}
-    outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    outs = tensors(out)
     written = [t for t in outs if t.layout == torch.strided]
     if _writes(func):
         found = [t for t in written if any(t is a for a in leaves)]
@@ -199,7 +198,7 @@ def _mutated(func: Any, args: Any, kwargs: Any) -> list[Tensor]:
         if a.alias_info is None or not a.alias_info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(a.name)
-        found += [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
+        found += tensors(value)
     return found
 
 

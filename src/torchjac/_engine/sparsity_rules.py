@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from torchjac._engine.index_sets import Sets
 from torchjac._engine.sparsity_products import convolution_rule, matmul_rule
 
-__all__ = ["Reader", "Rule", "bind", "choose_rule", "dense_rule"]
+__all__ = ["Reader", "Rule", "bind", "choose_rule", "dense_rule", "tensors"]
 
 aten = torch.ops.aten
 
@@ -48,7 +48,7 @@ class Reader:
         return self.read(t)
 
     def tracked(self, value: Any) -> bool:
-        return any(isinstance(t, Tensor) and self.read(t).nnz for t in tree_flatten(value)[0])
+        return any(self.read(t).nnz for t in tensors(value))
 
 
 Result = list[Sets] | None
@@ -68,8 +68,16 @@ def bind(func: Any, args: Any, kwargs: Any) -> dict[str, Any]:
     return out
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    return [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
+def tensors(value: Any) -> list[Tensor]:
+    """The Tensors in an aten op's arguments or results (Tensors, lists, tuples, dicts of them:
+    aten schemas nest no deeper than ``Tensor?[]``)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors(v)]
+    return []
 
 
 def dense_rule(
@@ -89,7 +97,7 @@ def broadcast(sets: Sets, src: Tensor, shape: torch.Size) -> Sets:
 
 
 def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    leaves = [t for t in _tensors((args, kwargs)) if read(t).nnz]
+    leaves = [t for t in tensors((args, kwargs)) if read(t).nnz]
     result = []
     for out in targets:
         floating = out.is_floating_point() or out.is_complex()
@@ -106,7 +114,7 @@ def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: R
 
 
 def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    n = read(_tensors((args, kwargs))[0]).n if _tensors((args, kwargs)) else 0
+    n = read(tensors((args, kwargs))[0]).n if tensors((args, kwargs)) else 0
     return [Sets.empty(t.numel(), n) for t in targets]
 
 
@@ -115,8 +123,8 @@ INDEX_ARGS = frozenset({"index", "indices", "mask", "condition", "repeats"})
 
 def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     b = bind(func, args, kwargs)
-    index = [t for k, v in b.items() if k in INDEX_ARGS for t in _tensors(v)]
-    data = [t for t in _tensors((args, kwargs)) if not any(t is i for i in index)]
+    index = [t for k, v in b.items() if k in INDEX_ARGS for t in tensors(v)]
+    data = [t for t in tensors((args, kwargs)) if not any(t is i for i in index)]
     live = [t for t in data if read(t).nnz]
     n = read(live[0]).n if live else 0
     if any(read(t).nnz for t in index) or len(targets) != 1:
@@ -134,7 +142,7 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
             return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
         a2, k2 = tree_map(code, (args, kwargs))
-        found = _tensors(func(*a2, **k2))
+        found = tensors(func(*a2, **k2))
         res = found[0] if found else None
         if res is None or res.shape != out.shape:
             return None
@@ -162,7 +170,7 @@ def _group_code(shape: torch.Size, dims: list[int]) -> tuple[Tensor, int, list[i
 def _reduction(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     b = bind(func, args, kwargs)
     self = args[0]
-    if any(read(t).nnz for t in _tensors((args[1:], kwargs))):
+    if any(read(t).nnz for t in tensors((args[1:], kwargs))):
         return None
     code, groups, _ = _group_code(self.shape, _dims(b.get("dim"), self.dim()))
     grouped = read(self).relabel(code, groups)
@@ -174,7 +182,7 @@ def _reduction(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: R
 def _along_dim(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     b = bind(func, args, kwargs)
     self = args[0]
-    if any(read(t).nnz for t in _tensors((args[1:], kwargs))):
+    if any(read(t).nnz for t in tensors((args[1:], kwargs))):
         return None
     dim = b.get("dim")
     dims = _dims(-1 if dim is None else dim, self.dim())
@@ -203,7 +211,7 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
     if len(targets) != 1 or targets[0].shape != self.shape:
         return None
     (out,) = targets
-    n = read(next(t for t in _tensors((args, kwargs)) if read(t).nnz)).n
+    n = read(next(t for t in tensors((args, kwargs)) if read(t).nnz)).n
     parts = [read(self)]
     if src is not None and read(src).nnz:
         idx: Any = b.get("index", b.get("indices"))
