@@ -137,6 +137,30 @@ def tail_and_head(u: Tensor) -> Tensor:  # transposes, views and in-place ops on
     return v.T.reshape(-1)[1:]
 
 
+W_GROUPS = torch.randn(4, 2, 3, generator=_g(6), dtype=DTYPE)
+
+
+def conv1d_groups(u: Tensor) -> Tensor:
+    return F.conv1d(u, W_GROUPS, groups=2, padding=2).tanh()
+
+
+def movement_zoo(u: Tensor) -> Tensor:  # u [1, 1, 4, 5]
+    parts = [
+        F.interpolate(u, scale_factor=2, mode="nearest"),
+        F.unfold(u, 2),
+        F.pad(u, (2, 2, 1, 1), mode="reflect"),
+        F.pad(u, (1, 2, 1, 0), mode="replicate"),
+        F.pad(u, (2, 2, 1, 1), mode="circular"),
+        torch.rot90(u, 1, (2, 3)),
+        u.expand(3, 1, 4, 5) * torch.arange(3.0, dtype=u.dtype).view(3, 1, 1, 1),
+    ]
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+def float32_inside(u: Tensor) -> Tensor:
+    return (u.float().sin() * torch.roll(u, 1).float()).double() + u.sum(0, dtype=torch.float32)
+
+
 CASES = [
     SparseCase("periodic_1d", periodic_1d, (7,)),
     SparseCase("dirichlet_1d", dirichlet_1d, (6,)),
@@ -156,6 +180,9 @@ CASES = [
     SparseCase("masks_and_where", masks_and_where, (8,), exact=False),
     SparseCase("data_dependent_index", data_dependent_index, (5,), exact=False),
     SparseCase("tail_and_head", tail_and_head, (3, 4)),
+    SparseCase("conv1d_groups", conv1d_groups, (2, 4, 7)),
+    SparseCase("movement_zoo", movement_zoo, (1, 1, 4, 5), exact=False),  # times 0
+    SparseCase("float32_inside", float32_inside, (5,)),
     SparseCase("size_one", lambda u: (u * 3).exp(), (1,)),
     SparseCase("one_by_one", lambda u: torch.roll(u, 1, 0) * u, (1, 1)),
     SparseCase("scalar_output", lambda u: (u**2).sum(), (4,)),

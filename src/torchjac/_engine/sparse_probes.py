@@ -8,7 +8,9 @@ passes. Entry ``(i, j)`` of the pattern is then one gather from the compressed `
 ``[C, n]``) block. One more probe, along a fixed pseudo-random direction ``r`` (its own
 generator: the user's RNG is not drawn from), checks the result: ``J r`` (or ``rᵀ J``) computed
 by AD must equal the sparse product, else a nonzero outside the pattern was lost or folded into
-another entry, and the call raises instead of returning a wrong Jacobian.
+another entry, and the call raises instead of returning a wrong Jacobian. The tolerance is
+``CHECK_TOLERANCE`` float32 epsilons of the terms summed, whatever ``x``'s dtype: a float64
+function may compute in float32 inside, and the probes then differ by float32 roundings.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def _check(fn: str, what: str, at: Tensor, values: Tensor, weights: Tensor, prob
     zeros = torch.zeros(size, dtype=values.dtype, device=values.device)
     sparse = zeros.index_add(0, at, terms)
     scale = zeros.index_add(0, at, terms.abs()) + probe.abs()
-    eps = torch.finfo(values.dtype).eps
+    eps = max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
     bad = (sparse - probe).abs() > CHECK_TOLERANCE * eps * scale + 1e-300
     if bool(bad.any()):
         i = int(bad.nonzero()[0])

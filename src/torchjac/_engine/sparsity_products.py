@@ -91,7 +91,7 @@ def _spatial_pairs(
 ) -> list[tuple[Tensor, Tensor]]:
     """Per flat kernel offset: the (output position, input position) pairs it links."""
     d = len(size)
-    stride, pad, dil = ([v] * d if len(v) == 1 else list(v) for v in (stride, pad, dil))
+    stride, pad, dil = (list(v) * d if len(v) == 1 else list(v) for v in (stride, pad, dil))
     per_dim = []
     for s, o, k, st, p, di in zip(size, out, kernel, stride, pad, dil):
         pos = torch.arange(o).view(-1, 1) * st - p + torch.arange(k).view(1, -1) * di  # [o, k]

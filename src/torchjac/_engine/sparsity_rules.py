@@ -253,7 +253,7 @@ CONSTANT = _names(
 )
 MOVEMENT = _names(
     """
-    roll flip constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d
+    roll flip rot90 constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d
     replication_pad1d replication_pad2d replication_pad3d cat stack index_select gather
     index _unsafe_index take repeat tril triu diag_embed diag embedding im2col narrow_copy
     view_copy permute_copy expand_copy slice_copy select_copy diagonal_copy unsqueeze_copy
