@@ -17,6 +17,7 @@ the op that uses it depend on all the elements it could select. A Python branch 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,6 +177,7 @@ class _Tracer(TorchDispatchMode):
         return out
 
 
+@functools.cache
 def _writes(func: Any) -> bool:
     return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
 

@@ -22,6 +22,7 @@ the union of its data inputs' sets: which element moves where then depends on th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -279,6 +280,7 @@ SCATTER = _names(
 COPY = frozenset({"copy_", "copy", "_copy_from"})
 
 
+@functools.cache
 def choose_rule(func: Any) -> Rule | None:
     """The rule for an aten op overload, or ``None`` (dense, reported)."""
     name = func.overloadpacket.__name__
