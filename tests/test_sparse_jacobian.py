@@ -156,3 +156,19 @@ def test_a_lattice_declines_what_it_cannot_colour(gen: torch.Generator) -> None:
     P = csr(mask)
     found = lattice_colouring(P.crow_indices(), P.col_indices(), (6, 6))
     assert found is None or valid(P.crow_indices(), P.col_indices(), found.colour, found.count)
+
+
+@pytest.mark.parametrize(
+    ("func", "x", "dense"),
+    [
+        (lambda u: torch.stack([u, u**2]), torch.tensor(1.5, dtype=DTYPE), [[1.0], [3.0]]),
+        (lambda u: u.sum(), torch.ones(3, dtype=DTYPE), [[1.0, 1.0, 1.0]]),
+        (lambda u: u[:0], torch.ones(3, dtype=DTYPE), torch.zeros(0, 3).tolist()),
+        (lambda u: u * 2, torch.zeros(0, dtype=DTYPE), []),
+    ],
+    ids=["0-d input", "0-d output", "empty output", "empty input"],
+)
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_zero_dimensional_and_empty(func, x, dense, mode) -> None:  # type: ignore[no-untyped-def]
+    J = tj.sparse_jacobian(func, x, mode=mode)
+    assert J.to_dense().tolist() == dense
