@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -123,26 +124,24 @@ def _colourings(
         setattr(pattern, _CACHE, cache)
 
     def get(side: str) -> Colouring:
-        if side == "rev" and "rev" not in cache and _symmetric(rows, cols, m, n):
-            cache["rev"] = get("fwd")  # rows conflict exactly as columns do
-        if side not in cache:
-            r, c, size, other = (rows, cols, m, n) if side == "fwd" else (cols, rows, n, m)
-            order = torch.sort(r * other + c).indices  # by row then column: CSR order
-            crow = torch.zeros(size + 1, dtype=torch.long)
-            crow[1:] = torch.cumsum(torch.bincount(r, minlength=size), 0)
-            shape = grid if other == math.prod(grid) else (other,)
-            found = lattice_colouring(crow, c[order], shape)
-            cache[side] = colour_columns(crow, c[order], other) if found is None else found
+        if side in cache:
+            return cache[side]
+        if side == "fwd":
+            size, other, r, c = m, n, rows, cols  # CSR order already
+        else:  # the transposed pattern, in CSR order (NumPy's stable sort: see index_sets)
+            order = torch.from_numpy(np.argsort((cols * m + rows).numpy(), kind="stable"))
+            size, other, r, c = n, m, cols[order], rows[order]
+            if m == n and torch.equal(r * n + c, rows * n + cols):  # symmetric
+                cache["rev"] = get("fwd")  # rows conflict exactly as columns do
+                return cache["rev"]
+        crow = torch.zeros(size + 1, dtype=torch.long)
+        crow[1:] = torch.cumsum(torch.bincount(r, minlength=size), 0)
+        shape = grid if other == math.prod(grid) else (other,)
+        found = lattice_colouring(crow, c, shape)
+        cache[side] = colour_columns(crow, c, other) if found is None else found
         return cache[side]
 
     return get
-
-
-def _symmetric(rows: Tensor, cols: Tensor, m: int, n: int) -> bool:
-    if m != n:
-        return False
-    keys = torch.sort(cols * n + rows).values
-    return torch.equal(keys, rows * n + cols)  # (rows, cols) are sorted by row then column
 
 
 def sparse_jacobian(
