@@ -1,6 +1,7 @@
 """Functions with sparse Jacobians, each with a point: stencils, bands, blocks, arrows, random
 index structure and dense parts. ``exact`` says whether the detected pattern must equal the
-Jacobian's nonzeros at a random point (else it must contain them)."""
+Jacobian's nonzeros at a random point (else it must contain them); ``warns`` is the
+``FallbackWarning`` the pattern's detection must give (an op without a rule)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class SparseCase:
     func: Callable[[Tensor], Tensor]
     shape: tuple[int, ...]
     exact: bool = True
+    warns: str | None = None  # the FallbackWarning expected (sparse_jacobian and the pattern)
 
 
 def _g(seed: int) -> torch.Generator:
@@ -161,6 +163,13 @@ def float32_inside(u: Tensor) -> Tensor:
     return (u.float().sin() * torch.roll(u, 1).float()).double() + u.sum(0, dtype=torch.float32)
 
 
+BN = torch.nn.BatchNorm1d(3, dtype=DTYPE)  # train mode: each channel over the whole batch
+
+
+def batch_norm_train(u: Tensor) -> Tensor:
+    return BN(u) * u.roll(1, 1)
+
+
 CASES = [
     SparseCase("periodic_1d", periodic_1d, (7,)),
     SparseCase("dirichlet_1d", dirichlet_1d, (6,)),
@@ -183,6 +192,7 @@ CASES = [
     SparseCase("conv1d_groups", conv1d_groups, (2, 4, 7)),
     SparseCase("movement_zoo", movement_zoo, (1, 1, 4, 5), exact=False),  # times 0
     SparseCase("float32_inside", float32_inside, (5,)),
+    SparseCase("batch_norm_train", batch_norm_train, (4, 3), False, "native_batch_norm"),
     SparseCase("size_one", lambda u: (u * 3).exp(), (1,)),
     SparseCase("one_by_one", lambda u: torch.roll(u, 1, 0) * u, (1, 1)),
     SparseCase("scalar_output", lambda u: (u**2).sum(), (4,)),

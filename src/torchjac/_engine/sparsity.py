@@ -185,13 +185,15 @@ def _writes(func: Any) -> bool:
 def _targets(func: Any, args: Any, kwargs: Any, out: Any, leaves: list[Tensor]) -> list[Tensor]:
     """The tensors whose data the op wrote: fresh outputs and mutated arguments (not views)."""
     mine = {t.untyped_storage().data_ptr() for t in leaves if t.layout == torch.strided}
-    outs = tensors(out)
-    written = [t for t in outs if t.layout == torch.strided]
-    if _writes(func):
-        found = [t for t in written if any(t is a for a in leaves)]
-        extra = _mutated(func, args, kwargs)
-        return found + [t for t in extra if not any(t is f for f in found)]
-    return [t for t in written if t.numel() and t.untyped_storage().data_ptr() not in mine]
+    fresh = [
+        t
+        for t in tensors(out)
+        if t.layout == torch.strided and t.numel() and t.untyped_storage().data_ptr() not in mine
+    ]
+    if not _writes(func):
+        return fresh
+    # an op may write an argument and return fresh outputs too (batch norm's running stats)
+    return fresh + [t for t in _mutated(func, args, kwargs) if not any(t is f for f in fresh)]
 
 
 def _mutated(func: Any, args: Any, kwargs: Any) -> list[Tensor]:

@@ -277,7 +277,7 @@ SCATTER = _names(
     _index_put_impl
     """
 )
-COPY = frozenset({"copy_", "copy", "_copy_from"})
+COPY = frozenset({"copy_", "copy"})
 
 
 @functools.cache
