@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented dispatch modes
 
 from torchjac._engine.index_sets import Sets
-from torchjac._engine.sparsity_rules import Reader, Rule, choose_rule, dense_rule, tensors
+from torchjac._engine.sparsity_base import Reader, Rule, dense_rule, tensors
+from torchjac._engine.sparsity_rules import choose_rule
 
 try:  # without it (a torch that moved it), storages are kept alive: no address is reused
     from torch.multiprocessing.reductions import StorageWeakRef

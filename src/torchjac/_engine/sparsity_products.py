@@ -20,7 +20,7 @@ from torch import Tensor
 
 from torchjac._engine.index_sets import Sets
 
-__all__ = ["convolution_rule", "matmul_rule"]
+__all__ = ["convolution_rule", "matmul_rule", "spatial_pairs"]
 
 
 def _nonzero_flat(t: Tensor, read: Any) -> Tensor | None:
@@ -86,7 +86,7 @@ def matmul_rule(
     return [Sets.union(parts, out.numel(), n)]
 
 
-def _spatial_pairs(
+def spatial_pairs(
     size: list[int], out: list[int], kernel: list[int], stride: Any, pad: Any, dil: Any
 ) -> list[tuple[Tensor, Tensor]]:
     """Per flat kernel offset: the (output position, input position) pairs it links."""
@@ -135,7 +135,7 @@ def convolution_rule(
         co, cil, f = nz // (cin_g * ksz), (nz // ksz) % cin_g, nz % ksz
         ci = (co // (cout // groups)) * cin_g + cil
         batch = torch.arange(nb).view(-1, 1, 1)
-        for fk, (o_sp, i_sp) in enumerate(_spatial_pairs(size, osize, kernel, stride, pad, dil)):
+        for fk, (o_sp, i_sp) in enumerate(spatial_pairs(size, osize, kernel, stride, pad, dil)):
             sel = f == fk
             if not bool(sel.any()) or o_sp.numel() == 0:
                 continue

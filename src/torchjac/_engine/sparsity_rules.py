@@ -9,8 +9,8 @@ the op). Each rule holds for every value of the tracked inputs:
   ``where`` condition, a mask): no derivative flows through it and it selects nothing;
 - data movement (NOTE [movement codes]): the op is run on codes ``1..numel`` of one input (the
   others zero), and each output code names the element it copied;
-- reductions (``reduction`` tag) and ops along one dimension (softmax, cumsum, sort): an output
-  element reads every element of its slice;
+- reductions, ops along one dimension (softmax, cumsum, sort), layer norm and pooling:
+  ``sparsity_groups``;
 - scatters, ``index_put`` and ``copy_``: the written positions read the source elements sent
   there, the others keep their sets; products and convolutions: ``sparsity_products``.
 
@@ -23,8 +23,6 @@ the union of its data inputs' sets: which element moves where then depends on th
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,69 +30,26 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from torchjac._engine.index_sets import Sets
+from torchjac._engine.sparsity_base import (
+    Reader,
+    Result,
+    Rule,
+    bind,
+    broadcast,
+    dense_rule,
+    tensors,
+)
+from torchjac._engine.sparsity_groups import (
+    along_dim_rule,
+    layer_norm_rule,
+    pool_rule,
+    reduction_rule,
+)
 from torchjac._engine.sparsity_products import convolution_rule, matmul_rule
 
-__all__ = ["Reader", "Rule", "bind", "choose_rule", "dense_rule", "tensors"]
+__all__ = ["choose_rule"]
 
 aten = torch.ops.aten
-
-
-class Reader:
-    """The tracer's index sets of a tensor (cached per call)."""
-
-    def __init__(self, read: Callable[[Tensor], Sets]) -> None:
-        self.read = read
-
-    def __call__(self, t: Tensor) -> Sets:
-        return self.read(t)
-
-    def tracked(self, value: Any) -> bool:
-        return any(self.read(t).nnz for t in tensors(value))
-
-
-Result = list[Sets] | None
-Rule = Callable[[Any, Any, Any, list[Tensor], Reader], Result]
-
-
-def bind(func: Any, args: Any, kwargs: Any) -> dict[str, Any]:
-    """The op's arguments by name, defaults filled in."""
-    out: dict[str, Any] = {}
-    for i, a in enumerate(func._schema.arguments):
-        if i < len(args):
-            out[a.name] = args[i]
-        elif a.name in kwargs:
-            out[a.name] = kwargs[a.name]
-        else:
-            out[a.name] = a.default_value if a.has_default_value() else None
-    return out
-
-
-def tensors(value: Any) -> list[Tensor]:
-    """The Tensors in an aten op's arguments or results (Tensors, lists, tuples, dicts of them:
-    aten schemas nest no deeper than ``Tensor?[]``)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors(v)]
-    return []
-
-
-def dense_rule(
-    targets: list[Tensor], tracked: list[Tensor], read: Callable[[Tensor], Sets]
-) -> list[Sets]:
-    """Every written element depends on every element the op read (a superset)."""
-    n = read(tracked[0]).n
-    union = Sets.union([read(t) for t in tracked], sum(t.numel() for t in tracked), n)
-    return [union.dense_to(t.numel()) for t in targets]
-
-
-def broadcast(sets: Sets, src: Tensor, shape: torch.Size) -> Sets:
-    """Sets of ``src`` broadcast to ``shape``."""
-    if src.shape == shape:
-        return sets
-    return sets.take(torch.arange(src.numel()).view(src.shape).expand(shape))
 
 
 def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
@@ -152,52 +107,6 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
         pos = valid.nonzero().reshape(-1)
         parts.append(read(k).pairs(pos, c[pos].long() - 1, out.numel()))
     return [Sets.union(parts, out.numel(), n)]
-
-
-def _dims(value: Any, ndim: int) -> list[int]:
-    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
-        return list(range(ndim))
-    dims = [value] if isinstance(value, int) else list(value)
-    return sorted({d % max(ndim, 1) for d in dims}) if ndim else []
-
-
-def _group_code(shape: torch.Size, dims: list[int]) -> tuple[Tensor, int, list[int]]:
-    """For each element of ``shape``: the index of its slice when ``dims`` are reduced."""
-    kept = [1 if d in dims else s for d, s in enumerate(shape)]
-    groups = math.prod(kept)
-    return torch.arange(groups).view(kept).expand(shape).reshape(-1), groups, kept
-
-
-def _reduction(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    b = bind(func, args, kwargs)
-    self = args[0]
-    if any(read(t).nnz for t in tensors((args[1:], kwargs))):
-        return None
-    code, groups, _ = _group_code(self.shape, _dims(b.get("dim"), self.dim()))
-    grouped = read(self).relabel(code, groups)
-    if any(t.numel() != groups for t in targets):
-        return None
-    return [grouped for _ in targets]
-
-
-def _along_dim(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    b = bind(func, args, kwargs)
-    self = args[0]
-    if any(read(t).nnz for t in tensors((args[1:], kwargs))):
-        return None
-    dim = b.get("dim")
-    dims = _dims(-1 if dim is None else dim, self.dim())
-    code, groups, kept = _group_code(self.shape, dims)
-    grouped = read(self).relabel(code, groups)
-    result = []
-    for t in targets:
-        if t.numel() == groups:  # one element per slice (kthvalue, median, keepdim or not)
-            result.append(grouped)
-        elif t.dim() == self.dim():  # k per slice (topk) or the whole slice (softmax, sort)
-            result.append(grouped.take(torch.arange(groups).view(kept).expand(t.shape)))
-        else:
-            return None
-    return result
 
 
 def _copy(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
@@ -278,6 +187,12 @@ SCATTER = _names(
     """
 )
 COPY = frozenset({"copy_", "copy"})
+POOLS = _names(
+    """
+    avg_pool2d avg_pool3d max_pool2d_with_indices max_pool3d_with_indices
+    max_pool1d_with_indices max_pool1d max_pool2d max_pool3d
+    """
+)
 
 
 @functools.cache
@@ -295,9 +210,13 @@ def choose_rule(func: Any) -> Rule | None:
     if name in SCATTER:
         return _scatter
     if name in ALONG_DIM and (name not in ("median", "nanmedian") or "dim" in func._overloadname):
-        return _along_dim
+        return along_dim_rule
     if name in ("convolution", "_convolution"):
         return convolution_rule
+    if name in POOLS:
+        return pool_rule
+    if name == "native_layer_norm":
+        return layer_norm_rule
     if name in (
         "mm",
         "bmm",
@@ -312,7 +231,7 @@ def choose_rule(func: Any) -> Rule | None:
     ):
         return matmul_rule
     if torch.Tag.reduction in func.tags or name in ("median", "nanmedian", "logsumexp"):
-        return _reduction
+        return reduction_rule
     if name in POINTWISE or _pointwise_tagged(func):
         return _pointwise
     return None
