@@ -8,9 +8,15 @@ passes. Entry ``(i, j)`` of the pattern is then one gather from the compressed `
 ``[C, n]``) block. One more probe, along a fixed pseudo-random direction ``r`` (its own
 generator: the user's RNG is not drawn from), checks the result: ``J r`` (or ``rᵀ J``) computed
 by AD must equal the sparse product, else a nonzero outside the pattern was lost or folded into
-another entry, and the call raises instead of returning a wrong Jacobian. The tolerance is
-``CHECK_TOLERANCE`` float32 epsilons of the terms summed, whatever ``x``'s dtype: a float64
-function may compute in float32 inside, and the probes then differ by float32 roundings.
+another entry, and the call raises instead of returning a wrong Jacobian. A line whose two
+products differ by more than ``CHECK_TOLERANCE`` float32 epsilons of its terms (plus those of
+the largest line: a float64 function may compute in float32 inside) is only a suspect: roundoff
+of entries that cancel to nearly zero is relative to the terms that cancelled, which no
+tolerance knows. A suspect row is confirmed by one more ``jvp`` with NaN on every column outside
+its pattern (zero inside): AD can only turn its output into NaN along a path from one of them
+(``0 * NaN`` is NaN), the very thing a pattern rules out. So roundoff never raises, and a
+missed nonzero above the tolerance always does (a suspect column in reverse mode is confirmed
+by a NaN cotangent).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch import Tensor
 
 from torchjac._engine.colouring import Colouring
 from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_probes import autograd_trace
+from torchjac._engine.func_probes import Traced, autograd_trace
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._errors import warn_fallback
@@ -31,6 +37,7 @@ __all__ = ["compressed_jacobian"]
 
 CHECK_SEED = 20_261_207
 CHECK_TOLERANCE = 256  # in units of eps times the size of the terms summed
+CONFIRM_LINES = 8  # suspect lines confirmed by a NaN probe each, worst first
 
 
 def _direction(size: int, dtype: torch.dtype) -> Tensor:
@@ -71,7 +78,7 @@ def _forward(
     return shape[0]
 
 
-def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> torch.Size:
+def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> Traced:
     t = autograd_trace(p, lambda outs: None)
     y = t.outputs[0]
     _check_output(p, y, r.numel())
@@ -86,7 +93,7 @@ def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor)
         out[start:stop] = g.reshape(stop - start, -1)
 
     run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
-    return y.shape
+    return t
 
 
 def compressed_jacobian(
@@ -114,7 +121,15 @@ def compressed_jacobian(
             chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
             y_shape = _forward(p, x, col, r, chunk, block)
             values = block[rows, col.colour.to(dev)[cols]]
-            _check(p.fn_name, "row", rows, values, r.to(dev)[cols], block[:, -1])
+            lines = _suspects(rows, values, r.to(dev)[cols], block[:, -1])
+
+            def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
+                t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
+                t[cols[rows == i]] = 0
+                y = torch.func.jvp(p.outputs_only, (x,), (t.view(x.shape),))[1][0]
+                return bool(y.reshape(-1)[i].isnan())
+
+            _confirm(p.fn_name, "row", lines, push_nan)
             return values, y_shape
         except (RuntimeError, NotImplementedError) as err:
             if isinstance(err, PatternError):
@@ -124,10 +139,18 @@ def compressed_jacobian(
     r = _direction(m, p.dtype)
     block = torch.zeros(col.count + 1, n, dtype=p.dtype, device=dev)
     chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
-    y_shape = _reverse(p, col, r, chunk, block)
+    traced = _reverse(p, col, r, chunk, block)
     values = block[col.colour.to(dev)[rows], cols]
-    _check(p.fn_name, "column", cols, values, r.to(dev)[rows], block[-1])
-    return values, y_shape
+    lines = _suspects(cols, values, r.to(dev)[rows], block[-1])
+
+    def pull_nan(j: int) -> bool:
+        y = traced.outputs[0]
+        u = torch.full((m,), float("nan"), dtype=y.dtype, device=dev)
+        u[rows[cols == j]] = 0
+        return bool(traced.pullback((u.view(y.shape),))[0].reshape(-1)[j].isnan())
+
+    _confirm(p.fn_name, "column", lines, pull_nan)
+    return values, traced.outputs[0].shape
 
 
 def _check_output(p: FuncProblem, y: Tensor, m: int) -> None:
@@ -144,21 +167,33 @@ class PatternError(ValueError):
     """The Jacobian has a nonzero outside the pattern (raised as a ``ValueError``)."""
 
 
-def _check(fn: str, what: str, at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> None:
-    """``probe`` (the AD product with the check direction) equals the sparse product."""
+def _suspects(at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> list[int]:
+    """Lines where ``probe`` (the AD product with the check direction) and the sparse product
+    differ beyond roundoff, worst first (at most ``CONFIRM_LINES``)."""
     size = probe.numel()
     terms = values * weights
     zeros = torch.zeros(size, dtype=values.dtype, device=values.device)
-    sparse = zeros.index_add(0, at, terms)
+    diff = (zeros.index_add(0, at, terms) - probe).abs()
     scale = zeros.index_add(0, at, terms.abs()) + probe.abs()
     eps = max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
-    bad = (sparse - probe).abs() > CHECK_TOLERANCE * eps * scale + 1e-300
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise PatternError(
-            f"{fn}: the Jacobian has nonzeros outside the sparsity pattern (at least in "
-            f"{what} {i} of the flattened Jacobian: the product with a test direction differs by "
-            f"{float((sparse - probe)[i].abs()):.3g}). A `pattern` must hold every entry that "
-            "can be nonzero: pass the one of tj.sparsity_pattern(func, x) for this func, or "
-            "pattern=None to detect it."
-        )
+    floor = scale.max() if scale.numel() else scale.new_zeros(())  # roundoff of cancellations
+    excess = diff - CHECK_TOLERANCE * eps * (scale + floor)
+    bad = (excess > 0).nonzero().reshape(-1)
+    worst = bad[torch.argsort(excess[bad], descending=True)][:CONFIRM_LINES]
+    return [int(i) for i in worst]
+
+
+def _confirm(fn: str, what: str, lines: list[int], reached: Callable[[int], bool]) -> None:
+    """Raise if a suspect line is reached from outside its pattern (NaN probes)."""
+    for i in lines:
+        try:
+            found = reached(i)
+        except Exception:  # the NaN probe itself failed: no proof of roundoff
+            found = True
+        if found:
+            raise PatternError(
+                f"{fn}: the Jacobian has nonzeros outside the sparsity pattern (at least in "
+                f"{what} {i} of the flattened Jacobian). A `pattern` must hold every entry "
+                "that can be nonzero: pass the one of tj.sparsity_pattern(func, x) for this "
+                "func, or pattern=None to detect it."
+            )

@@ -169,7 +169,11 @@ class _Tracer(TorchDispatchMode):
         if not targets:
             return out
         rule: Rule | None = choose_rule(func)
-        sets = None if rule is None else rule(func, args, kwargs, targets, Reader(reader))
+        sets = (
+            None
+            if rule is None
+            else rule(func, args, kwargs, targets, Reader(reader, self.storages.n))
+        )
         if sets is None:
             self.trace.dense_ops.append(str(func))
             sets = dense_rule(targets, tracked, reader)

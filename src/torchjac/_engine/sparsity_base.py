@@ -17,8 +17,9 @@ __all__ = ["Reader", "Result", "Rule", "bind", "broadcast", "dense_rule", "tenso
 class Reader:
     """The tracer's index sets of a tensor (cached per call)."""
 
-    def __init__(self, read: Callable[[Tensor], Sets]) -> None:
+    def __init__(self, read: Callable[[Tensor], Sets], n: int) -> None:
         self.read = read
+        self.n = n  # the number of input elements (columns of every set)
 
     def __call__(self, t: Tensor) -> Sets:
         return self.read(t)

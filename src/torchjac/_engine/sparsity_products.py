@@ -62,7 +62,7 @@ def matmul_rule(
     (nb, i, k), (_, k2, j) = _as_batched(a, "a", name), _as_batched(b, "b", name)
     if out.numel() != nb * i * j or k != k2:
         return None
-    n = read(a).n
+    n = read.n
     parts = []
     if a.layout == torch.strided and read(a).nnz:
         nz = _nonzero_flat(b, read)
@@ -126,7 +126,7 @@ def convolution_rule(
     nb, cin, size = x.shape[0], x.shape[1], list(x.shape[2:])
     cout, cin_g, kernel = w.shape[0], w.shape[1], list(w.shape[2:])
     osize = list(out.shape[2:])
-    n = read(x).n
+    n = read.n
     isz, osz, ksz = math.prod(size), math.prod(osize), math.prod(kernel)
     parts = []
     if read(x).nnz:

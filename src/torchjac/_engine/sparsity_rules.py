@@ -70,7 +70,7 @@ def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: R
 
 
 def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    n = read(tensors((args, kwargs))[0]).n if tensors((args, kwargs)) else 0
+    n = read.n
     return [Sets.empty(t.numel(), n) for t in targets]
 
 
@@ -82,7 +82,7 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
     index = [t for k, v in b.items() if k in INDEX_ARGS for t in tensors(v)]
     data = [t for t in tensors((args, kwargs)) if not any(t is i for i in index)]
     live = [t for t in data if read(t).nnz]
-    n = read(live[0]).n if live else 0
+    n = read.n
     if any(read(t).nnz for t in index) or len(targets) != 1:
         return None if not live else dense_rule(targets, live, read)
     (out,) = targets
@@ -121,7 +121,7 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
     if len(targets) != 1 or targets[0].shape != self.shape:
         return None
     (out,) = targets
-    n = read(next(t for t in tensors((args, kwargs)) if read(t).nnz)).n
+    n = read.n
     parts = [read(self)]
     if src is not None and read(src).nnz:
         idx: Any = b.get("index", b.get("indices"))
