@@ -163,13 +163,13 @@ def float32_inside(u: Tensor) -> Tensor:
     return (u.float().sin() * torch.roll(u, 1).float()).double() + u.sum(0, dtype=torch.float32)
 
 
-def pools_and_norms(u: Tensor) -> Tensor:  # u [1, 2, 6, 6]
+def pools_and_norms(u: Tensor) -> Tensor:  # u [1, 1, 4, 6]
     parts = [
         F.max_pool2d(u, 3, stride=2, padding=1),
         F.avg_pool2d(u, 2, stride=1, ceil_mode=True),
         F.max_pool1d(u[0], 2),
         F.layer_norm(u, (6,), torch.linspace(0.5, 1.0, 6, dtype=u.dtype)),
-        F.layer_norm(u[0], (6, 6)),
+        F.layer_norm(u[0], (4, 6)),
     ]
     return torch.cat([p.reshape(-1) for p in parts])
 
@@ -203,7 +203,7 @@ CASES = [
     SparseCase("conv1d_groups", conv1d_groups, (2, 4, 7)),
     SparseCase("movement_zoo", movement_zoo, (1, 1, 4, 5), exact=False),  # times 0
     SparseCase("float32_inside", float32_inside, (5,)),
-    SparseCase("pools_and_norms", pools_and_norms, (1, 2, 6, 6), exact=False),  # max: one
+    SparseCase("pools_and_norms", pools_and_norms, (1, 1, 4, 6), exact=False),  # max: one
     SparseCase("batch_norm_train", batch_norm_train, (4, 3), False, "native_batch_norm"),
     SparseCase("size_one", lambda u: (u * 3).exp(), (1,)),
     SparseCase("one_by_one", lambda u: torch.roll(u, 1, 0) * u, (1, 1)),
