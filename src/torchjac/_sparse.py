@@ -144,6 +144,25 @@ def _colourings(
     return get
 
 
+def _fewer_colours(
+    colourings: Callable[[str], Colouring], rows: Tensor, cols: Tensor, m: int, n: int
+) -> str:
+    """The side with fewer colours, reverse on ties. The longest row (column) bounds the column
+    (row) colours from below: the second side is coloured only if that bound can beat the
+    first's count (a dense row makes column colouring useless, and costly on large ``n``)."""
+    low = {
+        "fwd": int(torch.bincount(rows, minlength=m).max()) if rows.numel() else 0,
+        "rev": int(torch.bincount(cols, minlength=n).max()) if cols.numel() else 0,
+    }
+    first, second = sorted(("rev", "fwd"), key=lambda side: low[side])  # rev first on ties
+    count = colourings(first).count
+    if low[second] < count or (low[second] == count and second == "rev"):
+        other = colourings(second).count
+        if other < count or (other == count and second == "rev"):
+            return second
+    return first
+
+
 def sparse_jacobian(
     func: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -217,7 +236,7 @@ def sparse_jacobian(
         (m, n), (rows, cols) = pattern.shape, _nonzeros(pattern)
         colourings = _colourings(pattern, rows, cols, tuple(x.shape))
         if mode == "auto":
-            mode = "fwd" if colourings("fwd").count < colourings("rev").count else "rev"
+            mode = _fewer_colours(colourings, rows, cols, m, n)
         with torch.no_grad():
             values, y_shape = compressed_jacobian(
                 p, p.inputs[0], rows, cols, (m, n), colourings, mode, chunk_size, budget
