@@ -10,7 +10,7 @@ from sparse_cases import CASES, DTYPE, SparseCase
 from torch.autograd.functional import jacobian
 
 import torchjac as tj
-from torchjac._engine import sparsity
+from torchjac._engine import sparsity, sparsity_rules
 from torchjac._engine.index_sets import Sets
 
 
@@ -115,3 +115,27 @@ def test_without_storage_weak_references(monkeypatch: pytest.MonkeyPatch) -> Non
         x = torch.randn(case.shape, dtype=DTYPE)
         found = tj.sparsity_pattern(case.func, x).to_dense()
         assert torch.equal(found, dense_jacobian(case, x) != 0)
+
+
+@pytest.mark.parametrize("tag", [True, False])
+def test_reductions_with_and_without_torchs_reduction_tag(
+    tag: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older torch versions lack the ``reduction`` tag: the names cover them."""
+    if not tag:
+        monkeypatch.setattr(sparsity_rules, "_REDUCTION", None)
+    sparsity_rules.choose_rule.cache_clear()
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        m = u.view(2, 3)
+        parts = [torch.maximum(u, u.roll(1)), m.max(1).values, m.median(1).values, m.amin(0)]
+        return torch.cat([*parts, u.max().view(1), u.median().view(1), u.logsumexp(0).view(1)])
+
+    try:
+        x = torch.randn(6, dtype=DTYPE)
+        pattern = tj.sparsity_pattern(f, x).to_dense()
+        dense = jacobian(f, x) != 0
+        assert not (dense & ~pattern).any()
+        assert int(pattern.sum()) == 12 + 6 + 6 + 6 + 18
+    finally:
+        sparsity_rules.choose_rule.cache_clear()

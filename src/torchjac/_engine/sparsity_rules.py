@@ -187,6 +187,15 @@ SCATTER = _names(
     """
 )
 COPY = frozenset({"copy_", "copy"})
+# torch's ``reduction`` tag marks these and more; the names keep a torch without it covered
+_REDUCTION = getattr(torch.Tag, "reduction", None)
+REDUCTIONS = _names(
+    """
+    sum mean amax amin max min aminmax prod logsumexp norm linalg_vector_norm var std var_mean
+    std_mean argmax argmin any all nansum count_nonzero
+    """,
+    inplace=False,
+)
 POOLS = _names(
     """
     avg_pool2d avg_pool3d max_pool2d_with_indices max_pool3d_with_indices
@@ -230,11 +239,19 @@ def choose_rule(func: Any) -> Rule | None:
         "_sparse_addmm",
     ):
         return matmul_rule
-    if torch.Tag.reduction in func.tags or name in ("median", "nanmedian", "logsumexp"):
+    if _reduces(func, name):
         return reduction_rule
     if name in POINTWISE or _pointwise_tagged(func):
         return _pointwise
     return None
+
+
+def _reduces(func: Any, name: str) -> bool:
+    if name in ("median", "nanmedian"):  # the whole tensor (the dim overloads are along_dim)
+        return True
+    if _REDUCTION is not None:
+        return _REDUCTION in func.tags
+    return name in REDUCTIONS and func._overloadname not in ("other", "binary_out")
 
 
 def _pointwise_tagged(func: Any) -> bool:
