@@ -171,3 +171,18 @@ def test_a_lattice_declines_what_it_cannot_colour(gen: torch.Generator) -> None:
 def test_zero_dimensional_and_empty(func, x, dense, mode) -> None:  # type: ignore[no-untyped-def]
     J = tj.sparse_jacobian(func, x, mode=mode)
     assert J.to_dense().tolist() == dense
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_an_input_requiring_grad_keeps_no_grad_and_the_result_no_graph(mode: str) -> None:
+    x = torch.randn(5, dtype=DTYPE, requires_grad=True)
+    with torch.inference_mode():
+        frozen = torch.randn(5, dtype=DTYPE)  # an inference tensor is copied, not refused
+    for point in (x, frozen):
+        J = tj.sparse_jacobian(lambda u: torch.roll(u, 1) * u, point, mode=mode)
+        assert not J.requires_grad and x.grad is None
+        want = (
+            torch.diag(torch.roll(point.detach(), 1))
+            + torch.roll(torch.eye(5), 1, 0) * point.detach()
+        )
+        torch.testing.assert_close(J.to_dense(), want.to(DTYPE))
