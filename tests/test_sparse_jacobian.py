@@ -31,9 +31,11 @@ def csr(dense: torch.Tensor) -> torch.Tensor:
         return dense.to_sparse_csr()
 
 
-def _warning(case: SparseCase) -> str | None:
+def _warning(case: SparseCase, mode: str) -> str | None:
     if case.func is sparse_matrix:  # torch.func has no sparse jvp, vmap no sparse expand
         return "reverse mode|loop"
+    if case.name == "batch_norm_train" and mode == "fwd":  # num_batches_tracked += 1 under jvp
+        return "reverse mode"
     return case.warns
 
 
@@ -49,7 +51,7 @@ def _point_and_oracle(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_equals_the_dense_jacobian(case: SparseCase, mode: str) -> None:
     x, want = _point_and_oracle(case.name)
-    with expect(_warning(case)):
+    with expect(_warning(case, mode)):
         J = tj.sparse_jacobian(case.func, x.clone(), mode=mode)
     assert J.layout == torch.sparse_csr and J.dtype == DTYPE
     torch.testing.assert_close(J.to_dense(), want, rtol=1e-12, atol=1e-12)

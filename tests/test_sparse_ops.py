@@ -27,6 +27,9 @@ def _write_through_view(x: Tensor) -> Tensor:
     return y
 
 
+BN_EVAL = torch.nn.BatchNorm1d(3, dtype=D).eval()
+GN = torch.nn.GroupNorm(2, 4, dtype=D)
+
 Op = tuple[tuple[int, ...], Callable[[Tensor], Tensor], str | None]
 OPS: dict[str, Op] = {
     "unfold": ((1, 2, 4, 4), lambda x: F.unfold(x, 2).sin(), None),
@@ -74,6 +77,9 @@ OPS: dict[str, Op] = {
     ),
     "mv_dot": ((4,), lambda x: torch.cat([W @ torch.cat([x, x[:2]]), (x @ x).view(1)]), None),
     "where_clamp_relu": ((5,), lambda x: torch.where(x > 0, x.clamp(max=1), F.relu(-x)), None),
+    "batch_norm_train": ((2, 3, 2), lambda x: F.batch_norm(x, None, None, training=True), None),
+    "batch_norm_eval": ((4, 3), lambda x: BN_EVAL(x) * x.roll(1, 0), None),
+    "group_norm": ((2, 4, 3), lambda x: GN(x) + F.group_norm(x, 4), None),
     "fold": ((1, 8, 9), lambda x: F.fold(x, (4, 4), 2), "col2im"),
     "bilinear": (
         (1, 1, 3, 4),

@@ -4,8 +4,10 @@ ops along one dimension (softmax, cumulative ops, sorting), layer norm and pooli
 An output element of a reduction reads every element of its slice; one of softmax, ``cumsum``
 or ``sort`` every element of the slice along the dimension (``cumsum`` reads only a prefix: a
 superset); one of layer norm every element of its normalized group, and the weight and bias
-elements at its position; one of a pooling window every input element the window covers (the
-windows of NOTE [structural products], every channel on its own).
+elements at its position; one of batch norm in training every element of its channel (in
+eval mode its own element), one of group norm every element of its sample's group, with the
+per-channel weight, bias and statistics; one of a pooling window every input element the
+window covers (the windows of NOTE [structural products], every channel on its own).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torchjac._engine.index_sets import Sets
 from torchjac._engine.sparsity_base import Reader, Result, bind, broadcast, tensors
 from torchjac._engine.sparsity_products import spatial_pairs
 
-__all__ = ["along_dim_rule", "layer_norm_rule", "pool_rule", "reduction_rule"]
+__all__ = ["along_dim_rule", "layer_norm_rule", "norm_rule", "pool_rule", "reduction_rule"]
 
 
 def _dims(value: Any, ndim: int) -> list[int]:
@@ -119,3 +121,38 @@ def pool_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
     o, src = channel * osz + o_sp.view(1, -1), channel * isz + i_sp.view(1, -1)
     sets = read(x).pairs(o.reshape(-1), src.reshape(-1), lead * osz)
     return [sets for _ in targets]
+
+
+def norm_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
+    """Batch norm (training: each channel over the whole batch; else elementwise) and group
+    norm (each group of channels of a sample); the per-channel tensors (weight, bias, running
+    statistics) join each element of their channel."""
+    b = bind(func, args, kwargs)
+    x = b["input"]
+    if x.dim() < 2:
+        return None
+    nb, c = x.shape[0], x.shape[1]
+    idx = torch.arange(x.numel())
+    inner = x.numel() // max(nb * c, 1)
+    channel = (idx // max(inner, 1)) % max(c, 1)
+    if func.overloadpacket.__name__ == "native_group_norm":
+        g = int(b["group"])
+        gid, groups = (idx // max(inner * c, 1)) * g + channel // max(c // g, 1), nb * g
+    elif b.get("training", False):
+        gid, groups = channel, c
+    else:
+        gid, groups = idx, x.numel()
+    grouped = read(x).relabel(gid, groups)
+    extra = [v for k, v in b.items() if k != "input" and isinstance(v, Tensor)]
+    if any(read(t).nnz and t.numel() != c for t in extra):
+        return None
+    per_channel = [read(t).take(channel) for t in extra if read(t).nnz]
+    result = []
+    for t in targets:
+        if t.shape == x.shape:
+            result.append(Sets.union([grouped.take(gid), *per_channel], t.numel(), read.n))
+        elif t.numel() == groups:  # the statistics of each group (and running ones updated)
+            result.append(grouped)
+        else:
+            return None
+    return result

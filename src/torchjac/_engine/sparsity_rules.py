@@ -42,6 +42,7 @@ from torchjac._engine.sparsity_base import (
 from torchjac._engine.sparsity_groups import (
     along_dim_rule,
     layer_norm_rule,
+    norm_rule,
     pool_rule,
     reduction_rule,
 )
@@ -187,6 +188,13 @@ SCATTER = _names(
     """
 )
 COPY = frozenset({"copy_", "copy"})
+NORMS = _names(
+    """
+    native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
+    _native_batch_norm_legit_functional native_group_norm
+    """,
+    inplace=False,
+)
 # torch's ``reduction`` tag marks these and more; the names keep a torch without it covered
 _REDUCTION = getattr(torch.Tag, "reduction", None)
 REDUCTIONS = _names(
@@ -226,6 +234,8 @@ def choose_rule(func: Any) -> Rule | None:
         return pool_rule
     if name == "native_layer_norm":
         return layer_norm_rule
+    if name in NORMS:
+        return norm_rule
     if name in (
         "mm",
         "bmm",
