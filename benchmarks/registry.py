@@ -19,6 +19,7 @@ MODULES = (
     "w7_laplacian",
     "w8_operator_svd",
     "w8_products",
+    "w9_sparse_bratu",
 )
 
 

@@ -37,6 +37,8 @@ PUBLIC = (
     "laplacian",
     "ntk",
     "param_jacobian",
+    "sparse_jacobian",
+    "sparsity_pattern",
 )
 
 
@@ -85,7 +87,21 @@ PARAM_JACOBIAN = (
 )
 
 
+# DESIGN.md's, then ``batch_dim`` (issue 20: per-sample blocks).
+SPARSE_JACOBIAN = (
+    ("func", POK, REQ),
+    ("x", POK, REQ),
+    ("pattern", KO, None),
+    ("mode", KO, "auto"),
+    ("chunk_size", KO, None),
+    ("max_memory", KO, None),
+    ("batch_dim", KO, None),
+)
+
+
 EXACT = {
+    "sparse_jacobian": SPARSE_JACOBIAN,
+    "sparsity_pattern": (("func", POK, REQ), ("x", POK, REQ)),
     "jac": JAC,
     "jacobian": FUNCTIONAL,
     "hessian": FUNCTIONAL,

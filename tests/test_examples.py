@@ -19,6 +19,7 @@ EXPECTED = {
     "jacobian_operator_svd.py": "max relative difference",
     "multitask_gramian.py": "no task is harmed",
     "ntk_distributed.py": "top eigenvalues, split over ranks",
+    "newton_bratu.py": "Newton iterations: sparse",
     "ntk_spectrum.py": "symmetric and positive semi-definite: True",
     "pinn_poisson.py": "relative L2 error against the exact solution",
 }

@@ -14,6 +14,7 @@ from torchjac._graph import jac
 from torchjac._modules import param_jacobian
 from torchjac._ntk import ntk
 from torchjac._operator import JacobianOperator
+from torchjac._sparse import sparse_jacobian, sparsity_pattern
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,6 @@ __all__ = [
     "laplacian",
     "ntk",
     "param_jacobian",
+    "sparse_jacobian",
+    "sparsity_pattern",
 ]

@@ -276,3 +276,39 @@ def check_operand(fn: str, x: Any, n: int, dtype: torch.dtype, device: torch.dev
     if x.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{fn}: products are not differentiable; pass x.detach().")
     return x
+
+
+def check_sparse_args(fn: str, func: Any, x: Any) -> Tensor:
+    """``func`` callable and ``x`` one floating, strided Tensor (the sparse Jacobian doors)."""
+    if not callable(func):
+        raise TypeError(f"{fn}: `func` must be callable, got {describe(func)}.")
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{fn}: `x` must be one torch.Tensor, got {describe(x)}. For several inputs, "
+            "concatenate them into one flat Tensor and split it inside func."
+        )
+    if x.layout != torch.strided or not x.is_floating_point():
+        raise TypeError(
+            f"{fn}: `x` must be a dense Tensor with a real floating dtype, got {describe(x)} "
+            f"with layout {x.layout}."
+        )
+    return x
+
+
+def check_pattern(fn: str, pattern: Any, n: int) -> Tensor | None:
+    """``None`` or a boolean sparse CSR ``[m, n]`` (``m`` is checked against the output later)."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, Tensor) or pattern.layout != torch.sparse_csr:
+        raise TypeError(
+            f"{fn}: `pattern` must be None or a boolean sparse CSR Tensor [m, n] such as "
+            f"tj.sparsity_pattern(func, x) returns, got {describe(pattern)}"
+            + (f" with layout {pattern.layout}" if isinstance(pattern, Tensor) else "")
+            + ". Convert a dense boolean mask with mask.to_sparse_csr()."
+        )
+    if pattern.dtype != torch.bool or pattern.dim() != 2 or pattern.shape[1] != n:
+        raise ValueError(
+            f"{fn}: `pattern` must be boolean with shape [m, {n}] (x has {n} elements), got "
+            f"dtype {pattern.dtype} and shape {list(pattern.shape)}."
+        )
+    return pattern

@@ -3,7 +3,8 @@
 NOTE [fast paths]: a fast path shortcuts a general path it must agree with to floating point
 (DESIGN: it declines by returning ``None``, never returns or writes a view of a user tensor). The
 fast paths are NOTE [taylor chain], NOTE [parameter chain], NOTE [dense kernels] (oneDNN products,
-NOTE [fused tanh] and the backward-pass mode) and NOTE [convolution input gradient]'s scatter.
+NOTE [fused tanh] and the backward-pass mode), NOTE [convolution input gradient]'s scatter and
+NOTE [lattice colouring].
 Each asks ``enabled()`` before it answers. They are on unless the environment sets
 ``TORCHJAC_FAST_PATHS=0`` (read at every call) or the code runs inside ``fast_paths(False)``;
 the test registry runs both ways, so every fast path is checked against the path it shortcuts.

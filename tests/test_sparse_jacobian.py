@@ -1,0 +1,197 @@
+"""``tj.sparse_jacobian``: equal to the dense Jacobian, in every mode, chunked or not."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from sparse_cases import (
+    CASES,
+    DTYPE,
+    SparseCase,
+    bratu_roll,
+    dirichlet_1d,
+    sparse_matrix,
+    stencil_3d,
+)
+from test_sparse_pattern import dense_jacobian, expect
+
+import torchjac as tj
+from torchjac._engine import colouring
+from torchjac._engine.colouring import colour_columns, lattice_colouring, valid
+from torchjac._engine.fast import fast_paths
+
+
+def csr(dense: torch.Tensor) -> torch.Tensor:
+    """``dense.to_sparse_csr()`` without torch's "beta" warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return dense.to_sparse_csr()
+
+
+def _warning(case: SparseCase, mode: str) -> str | None:
+    if case.func is sparse_matrix:  # torch.func has no sparse jvp, vmap no sparse expand
+        return "reverse mode|loop"
+    if case.name == "batch_norm_train" and mode == "fwd":  # num_batches_tracked += 1 under jvp
+        return "reverse mode"
+    return case.warns
+
+
+@functools.cache
+def _point_and_oracle(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A point of the case and its dense Jacobian, computed once for the three modes."""
+    (case,) = [c for c in CASES if c.name == name]
+    x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    return x, dense_jacobian(case, x)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_equals_the_dense_jacobian(case: SparseCase, mode: str) -> None:
+    x, want = _point_and_oracle(case.name)
+    with expect(_warning(case, mode)):
+        J = tj.sparse_jacobian(case.func, x.clone(), mode=mode)
+    assert J.layout == torch.sparse_csr and J.dtype == DTYPE
+    torch.testing.assert_close(J.to_dense(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, None])
+@pytest.mark.parametrize("fast", [True, False])
+def test_chunks_and_fast_paths_agree(chunk_size: int | None, fast: bool) -> None:
+    x = torch.randn(6, 5, dtype=DTYPE)
+    want = dense_jacobian(CASES[2], x)
+    with fast_paths(fast):
+        for mode in ("fwd", "rev"):
+            J = tj.sparse_jacobian(bratu_roll, x, mode=mode, chunk_size=chunk_size)
+            torch.testing.assert_close(J.to_dense(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_stencil_needs_few_probes_at_any_size() -> None:
+    for n in (8, 32):
+        P = tj.sparsity_pattern(bratu_roll, torch.zeros(n, n, dtype=DTYPE))
+        crow, col = P.crow_indices(), P.col_indices()
+        count = colour_columns(crow, col, n * n).count
+        assert 5 <= count <= 9  # greedy on the 13-point distance-2 neighbourhood
+
+
+def test_colouring_is_distance_two(gen: torch.Generator) -> None:
+    mask = torch.rand(30, 40, generator=gen) < 0.1
+    P = csr(mask)
+    c = colour_columns(P.crow_indices(), P.col_indices(), 40).colour
+    same = c.view(-1, 1) == c.view(1, -1)
+    share = (mask.T.double() @ mask.double()) > 0
+    assert not (same & share & ~torch.eye(40, dtype=torch.bool)).any()
+
+
+def test_a_pattern_is_reused_with_its_colouring(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(5, 6, dtype=DTYPE)
+    P = tj.sparsity_pattern(bratu_roll, x)
+    calls = []
+    real = colouring.colour_columns
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr("torchjac._sparse.colour_columns", spy)
+    for _step in range(3):
+        x = x + 0.1
+        J = tj.sparse_jacobian(bratu_roll, x, pattern=P, mode="fwd")
+        torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[2], x))
+    assert len(calls) == 1
+
+
+def test_a_pattern_missing_a_nonzero_raises() -> None:
+    x = torch.randn(6, dtype=DTYPE)
+    diagonal = csr(torch.eye(6, dtype=torch.bool))
+    for mode in ("fwd", "rev"):
+        with pytest.raises(ValueError, match="nonzeros outside the sparsity pattern"):
+            tj.sparse_jacobian(dirichlet_1d, x, pattern=diagonal, mode=mode)
+
+
+def test_input_and_rng_left_alone() -> None:
+    x = torch.randn(7, dtype=DTYPE)
+    before, state = x.clone(), torch.get_rng_state()
+    J = tj.sparse_jacobian(lambda u: torch.roll(u, 1) * u, x)
+    assert torch.equal(x, before) and torch.equal(torch.get_rng_state(), state)
+    assert J.values().data_ptr() != x.data_ptr()
+
+
+def test_float32_and_an_empty_pattern() -> None:
+    x = torch.randn(5)
+    J = tj.sparse_jacobian(lambda u: u.sin() * torch.roll(u, 1), x)
+    assert J.dtype == torch.float32
+    torch.testing.assert_close(
+        J.to_dense(), torch.func.jacrev(lambda u: u.sin() * torch.roll(u, 1))(x)
+    )
+    zero = tj.sparse_jacobian(lambda u: torch.ones(3), x)
+    assert zero.shape == (3, 5) and zero.values().numel() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "sideways"}, ValueError, "sparse_jacobian: `mode` must be one of"),
+        ({"chunk_size": 0}, ValueError, "`chunk_size` must be >= 1"),
+        ({"pattern": torch.ones(3, 3, dtype=torch.bool)}, TypeError, "to_sparse_csr"),
+        ({"pattern": (3, 4, torch.float32)}, ValueError, r"boolean with shape \[m, 3\]"),
+        ({"pattern": (2, 3, torch.bool)}, ValueError, "has 2 rows"),
+        ({"max_memory": "lots"}, ValueError, "max_memory"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match) -> None:  # type: ignore[no-untyped-def]
+    if isinstance(kwargs.get("pattern"), tuple):
+        m, n, dtype = kwargs["pattern"]
+        kwargs = {"pattern": csr(torch.ones(m, n, dtype=dtype))}
+    with pytest.raises(error, match=match):
+        tj.sparse_jacobian(torch.sin, torch.ones(3), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("func", "shape", "count"), [(bratu_roll, (10, 10), 5), (stencil_3d, (7, 7, 7), 7)]
+)
+def test_a_lattice_colours_grid_stencils_optimally(func, shape, count) -> None:  # type: ignore[no-untyped-def]
+    P = tj.sparsity_pattern(func, torch.zeros(shape, dtype=DTYPE))
+    found = lattice_colouring(P.crow_indices(), P.col_indices(), shape)
+    assert found is not None and found.count == count
+    assert valid(P.crow_indices(), P.col_indices(), found.colour, count)
+    with fast_paths(False):
+        assert lattice_colouring(P.crow_indices(), P.col_indices(), shape) is None
+
+
+def test_a_lattice_declines_what_it_cannot_colour(gen: torch.Generator) -> None:
+    mask = torch.rand(40, 36, generator=gen) < 0.15
+    P = csr(mask)
+    found = lattice_colouring(P.crow_indices(), P.col_indices(), (6, 6))
+    assert found is None or valid(P.crow_indices(), P.col_indices(), found.colour, found.count)
+
+
+@pytest.mark.parametrize(
+    ("func", "x", "dense"),
+    [
+        (lambda u: torch.stack([u, u**2]), torch.tensor(1.5, dtype=DTYPE), [[1.0], [3.0]]),
+        (lambda u: u.sum(), torch.ones(3, dtype=DTYPE), [[1.0, 1.0, 1.0]]),
+        (lambda u: u[:0], torch.ones(3, dtype=DTYPE), torch.zeros(0, 3).tolist()),
+        (lambda u: u * 2, torch.zeros(0, dtype=DTYPE), []),
+    ],
+    ids=["0-d input", "0-d output", "empty output", "empty input"],
+)
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_zero_dimensional_and_empty(func, x, dense, mode) -> None:  # type: ignore[no-untyped-def]
+    J = tj.sparse_jacobian(func, x, mode=mode)
+    assert J.to_dense().tolist() == dense
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_an_input_requiring_grad_keeps_no_grad_and_the_result_no_graph(mode: str) -> None:
+    x = torch.randn(5, dtype=DTYPE, requires_grad=True)
+    with torch.inference_mode():
+        frozen = torch.randn(5, dtype=DTYPE)  # an inference tensor is copied, not refused
+    for point in (x, frozen):
+        J = tj.sparse_jacobian(lambda u: torch.roll(u, 1) * u, point, mode=mode)
+        assert not J.requires_grad and x.grad is None
+        u = point.detach()
+        want = torch.diag(torch.roll(u, 1)) + torch.roll(torch.eye(5), 1, 0) * u.view(-1, 1)
+        torch.testing.assert_close(J.to_dense(), want.to(DTYPE))

@@ -1,0 +1,141 @@
+"""``tj.sparsity_pattern``: every nonzero of the Jacobian, at every point, from the ops run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from sparse_cases import CASES, DTYPE, SparseCase
+from torch.autograd.functional import jacobian
+
+import torchjac as tj
+from torchjac._engine import sparsity, sparsity_rules
+from torchjac._engine.index_sets import Sets
+
+
+def expect(warns: str | None) -> contextlib.AbstractContextManager[object]:
+    """``pytest.warns`` of a ``FallbackWarning`` matching ``warns``; nothing when ``None``."""
+    if warns is None:
+        return contextlib.nullcontext()
+    return pytest.warns(tj.FallbackWarning, match=warns)
+
+
+def dense_jacobian(case: SparseCase, x: torch.Tensor) -> torch.Tensor:
+    """The float64 oracle: a loop of backward passes (``torch.func`` has no sparse products)."""
+    y = case.func(x)
+    return jacobian(case.func, x).reshape(y.numel(), x.numel())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_pattern_holds_every_nonzero(case: SparseCase, gen: torch.Generator) -> None:
+    x = torch.randn(case.shape, generator=gen, dtype=DTYPE)
+    with expect(case.warns):
+        pattern = tj.sparsity_pattern(case.func, x)
+    assert pattern.layout == torch.sparse_csr and pattern.dtype == torch.bool
+    dense = pattern.to_dense()
+    for trial in range(3):  # the pattern of one call holds at other points too
+        point = x if trial == 0 else torch.randn(case.shape, generator=gen, dtype=DTYPE) * 2
+        nonzero = dense_jacobian(case, point) != 0
+        assert dense.shape == nonzero.shape
+        missed = nonzero & ~dense
+        assert not missed.any(), f"missed entries at {missed.nonzero()[:5].tolist()}"
+        if case.exact and trial == 0:
+            assert torch.equal(dense, nonzero)
+
+
+def test_pattern_leaves_input_and_rng_alone(gen: torch.Generator) -> None:
+    x = torch.randn(6, generator=gen, dtype=DTYPE)
+    before, state = x.clone(), torch.get_rng_state()
+
+    def writes(u: torch.Tensor) -> torch.Tensor:
+        u.mul_(2.0)
+        return u + torch.randn(6, dtype=u.dtype)
+
+    pattern = tj.sparsity_pattern(writes, x)
+    assert torch.equal(x, before) and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(pattern.to_dense(), torch.eye(6, dtype=torch.bool))
+
+
+def test_an_op_without_a_rule_is_dense_and_reported() -> None:
+    def f(u: torch.Tensor) -> torch.Tensor:
+        m = u[:4].view(2, 2)
+        return torch.cat([torch.linalg.det(m).view(1), u[4:] * 2])
+
+    with pytest.warns(tj.FallbackWarning, match="superset.*linalg_det"):
+        pattern = tj.sparsity_pattern(f, torch.randn(6, dtype=DTYPE))
+    expected = torch.zeros(3, 6, dtype=torch.bool)
+    expected[0, :4] = True
+    expected[1, 4] = expected[2, 5] = True
+    assert torch.equal(pattern.to_dense(), expected)
+
+
+def test_a_branch_on_values_is_reported() -> None:
+    def f(u: torch.Tensor) -> torch.Tensor:
+        return u * 2 if u.sum() > 0 else u.roll(1)
+
+    with pytest.warns(tj.FallbackWarning, match="branch"):
+        tj.sparsity_pattern(f, torch.ones(3, dtype=DTYPE))
+
+
+def test_index_sets_take_relabel_union() -> None:
+    s = Sets(3, 4, torch.tensor([0, 0, 2]), torch.tensor([1, 3, 2]))
+    t = s.take(torch.tensor([2, 0, 0, 1]))
+    assert t.row.tolist() == [0, 1, 1, 2, 2] and t.col.tolist() == [2, 1, 3, 1, 3]
+    r = t.relabel(torch.tensor([0, 0, 1, 1]), 2)
+    assert r.row.tolist() == [0, 0, 0, 1, 1] and r.col.tolist() == [1, 2, 3, 1, 3]
+    u = Sets.union([r, Sets.identity(4).take(torch.tensor([3, 0]))], 2, 4)
+    assert torch.equal(u.to_csr().to_dense(), torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]]).bool())
+
+
+@pytest.mark.parametrize(
+    ("func", "x", "error", "match"),
+    [
+        (None, torch.ones(2), TypeError, "sparsity_pattern: `func` must be callable"),
+        (torch.sin, [1.0], TypeError, "`x` must be one torch.Tensor, got list"),
+        (torch.sin, torch.ones(2, dtype=torch.long), TypeError, "real floating dtype"),
+        (lambda u: (u, u), torch.ones(2), TypeError, "func must return one Tensor"),
+        (lambda u: u.long(), torch.ones(2), TypeError, "real floating dtype"),
+    ],
+)
+def test_bad_arguments(func, x, error, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=match):
+        tj.sparsity_pattern(func, x)
+
+
+def test_an_index_read_as_a_python_int_is_reported() -> None:
+    with pytest.warns(tj.FallbackWarning, match="_local_scalar_dense"):
+        tj.sparsity_pattern(lambda u: u[u.argmax()] * u, torch.randn(4, dtype=DTYPE))
+
+
+def test_without_storage_weak_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback for a torch without ``StorageWeakRef``: storages kept alive instead."""
+    monkeypatch.setattr(sparsity, "StorageWeakRef", None)
+    for case in CASES[:6]:
+        x = torch.randn(case.shape, dtype=DTYPE)
+        found = tj.sparsity_pattern(case.func, x).to_dense()
+        assert torch.equal(found, dense_jacobian(case, x) != 0)
+
+
+@pytest.mark.parametrize("tag", [True, False])
+def test_reductions_with_and_without_torchs_reduction_tag(
+    tag: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older torch versions lack the ``reduction`` tag: the names cover them."""
+    if not tag:
+        monkeypatch.setattr(sparsity_rules, "_REDUCTION", None)
+    sparsity_rules.choose_rule.cache_clear()
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        m = u.view(2, 3)
+        parts = [torch.maximum(u, u.roll(1)), m.max(1).values, m.median(1).values, m.amin(0)]
+        return torch.cat([*parts, u.max().view(1), u.median().view(1), u.logsumexp(0).view(1)])
+
+    try:
+        x = torch.randn(6, dtype=DTYPE)
+        pattern = tj.sparsity_pattern(f, x).to_dense()
+        dense = jacobian(f, x) != 0
+        assert not (dense & ~pattern).any()
+        assert int(pattern.sum()) == 12 + 6 + 6 + 6 + 18
+    finally:
+        sparsity_rules.choose_rule.cache_clear()
