@@ -25,7 +25,7 @@ from torchjac._engine.attention import FIX, names_fused_attention
 from torchjac._engine.basis import Group
 from torchjac._engine.graph_release import release_graph, retained_batch_hint
 from torchjac._engine.lean_vmap import batched_grad
-from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
+from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_graph_chunk_size, choose_mode
 from torchjac._engine.run import FinalError, run_chunks
 from torchjac._engine.structure import check_independent, reachable
 from torchjac._errors import fallback_scope, warn_fallback
@@ -122,60 +122,94 @@ class GraphProblem:
         return batched_grad(outs, ins, list(cotangents), True, cg)
 
 
-def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
-    """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
+def solve(
+    problem: GraphProblem,
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+    *,
+    native: bool = False,
+) -> list[Tensor]:
+    """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage).
+
+    ``native`` (only without ``batch_dim``): ``[rows, *x.shape]`` per input instead, in whatever
+    strides the pass produced (NOTE [native rows]).
+    """
+    native = native and problem.batch_dim is None
     with fallback_scope(), retained_batch_hint(problem.fn_name):  # NOTE [fallback]
-        result = _solve(problem, mode, chunk_size, budget)
+        result = _solve(problem, mode, chunk_size, budget, native)
     if not problem.retain_graph:  # NOTE [retain_graph]
         release_graph(problem.outputs, problem.used_inputs)
     return result
 
 
-def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
+def _solve(
+    problem: GraphProblem, mode: str, chunk_size: int | None, budget: int, native: bool
+) -> list[Tensor]:
     p = problem
     p.check_coupling()
     n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
     chosen = choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST)
     full = sum(t.numel() for t in (*p.outputs, *p.inputs))
     per_probe = 4 * full * p.dtype.itemsize
-    products = kernels.backward_products(p.outputs, p.dtype, p.device, min(p.n_rows, n_cols) * full)
+    counted = kernels.graph_products(p.outputs)
+    work = min(p.n_rows, n_cols) * full
+    products = kernels.backward_products(p.outputs, p.dtype, p.device, work, counted)
 
     def chunks(n_probes: int) -> int:
-        # NOTE [loop or vmap]: under the oneDNN mode a loop pays its per-operator cost per probe
-        return choose_chunk_size(
+        # NOTE [loop or vmap on a graph]: a row's backward does about twice the forward's products
+        return choose_graph_chunk_size(
             n_probes,
             per_probe,
             budget,
             chunk_size,
-            work_per_probe=full if products is None else 0,
+            nodes=counted.nodes,
+            macs=2 * counted.macs,
+            products=2 * counted.products,
             device=p.device,
         )
 
     with products or contextlib.nullcontext():
         if chosen == "fwd" and n_cols > 0:
             try:
-                return _columns(p, chunks(n_cols))
+                flat = _columns(p, chunks(n_cols))
+                if not native:
+                    return flat
+                return [f.reshape(p.n_rows, *s) for f, s in zip(flat, p.in_group.shapes)]
             except RuntimeError as err:
                 # one FallbackWarning per call: a later vmap -> loop one is dropped (fallback_scope)
                 what = "columns by double backward failed, computed rows"
                 if names_fused_attention(err):  # NOTE [fused attention]
                     what += f"; for columns, {FIX}"
                 warn_fallback(p.fn_name, what, err)
-        return _rows(p, chunks(p.n_rows))
+        return _rows(p, chunks(p.n_rows), native)
 
 
-def _storage(p: GraphProblem, dims: tuple[int, int, int], j: int) -> Tensor:
+def _storage(p: GraphProblem, dims: tuple[int, ...], j: int) -> Tensor:
     """Uninitialised storage for input ``j``; zeros for an input the outputs do not use."""
     alloc = torch.empty if p.used[j] else torch.zeros
     return alloc(dims, dtype=p.dtype, device=p.device)
 
 
-def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
-    """Rows by backward passes; storage ``[R, B, n_j]``."""
+def _rows(p: GraphProblem, chunk_size: int, native: bool = False) -> list[Tensor]:
+    """Rows by backward passes; storage ``[R, B, n_j]`` (``native``: ``[R, *x_j.shape]``).
+
+    NOTE [native rows]: a vectorised pass of all rows at once returns each input's rows in the
+    strides autograd chose (a Linear weight's rows come transposed, ``[R, out, in]`` with ``in``
+    outermost), and that result is adopted as the answer (``_adoptable``). Flattening it to
+    ``[R, 1, n_j]`` would copy all of ``J`` (3-8% of a multi-task Jacobian, measured on W5), so
+    ``jac`` and ``gramian``, which need no flat layout, ask for the native shape and reshape it
+    only where the public layout differs.
+    """
     outs, ins, g_in = p.outputs, p.inputs, p.in_group
     live = [j for j, u in enumerate(p.used) if u]
-    dims = [(p.n_rows, g_in.batch_size, n) for n in g_in.sizes]
+    if native:
+        dims: list[tuple[int, ...]] = [(p.n_rows, *s) for s in g_in.shapes]
+    else:
+        dims = [(p.n_rows, g_in.batch_size, n) for n in g_in.sizes]
     if not live:  # allow_unused and nothing is used: all zeros, and autograd.grad needs inputs
+        if native:
+            return [_storage(p, d, j) for j, d in enumerate(dims)]
         return [_storage(p, d, j).permute(1, 0, 2) for j, d in enumerate(dims)]
     store: list[Tensor | None] = [
         None if j in live else _storage(p, dims[j], j) for j in range(len(dims))
@@ -193,7 +227,7 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
 
     def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(live, grads):
-            block = None if g is None else g_in.probe_major(j, g)
+            block = g if native or g is None else g_in.probe_major(j, g)
             if start == 0 and stop == p.n_rows and store[j] is None and _adoptable(p, block):
                 store[j] = block  # one pass made every row: its result is the storage, no copy
                 continue
@@ -203,10 +237,8 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
             target[start:stop] = 0 if block is None else block
 
     run_chunks(p.fn_name, p.n_rows, chunk_size, probe, write)
-    return [
-        (_storage(p, d, j) if s is None else s).permute(1, 0, 2)
-        for j, (s, d) in enumerate(zip(store, dims))
-    ]
+    done = [_storage(p, d, j) if s is None else s for j, (s, d) in enumerate(zip(store, dims))]
+    return done if native else [s.permute(1, 0, 2) for s in done]
 
 
 def _adoptable(p: GraphProblem, block: Tensor | None) -> bool:

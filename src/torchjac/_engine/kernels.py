@@ -44,7 +44,7 @@ Never inside a forward-AD level (for every product): the op has no forward deriv
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchjac._engine import fast
 
-__all__ = ["MIN_SIDE", "backward_products", "linear"]
+__all__ = ["MIN_SIDE", "GraphProducts", "backward_products", "graph_products", "linear"]
 
 _MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
 MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
@@ -187,12 +187,46 @@ def _onednn() -> Callable[..., Tensor] | None:
     return _op
 
 
+class GraphProducts(NamedTuple):
+    """What one walk of a graph counts: its nodes, its ``mm``/``addmm`` nodes and their
+    multiply-adds (forward), and those of the products big enough for oneDNN."""
+
+    nodes: int
+    products: int
+    macs: int
+    big_macs: int
+
+
+def graph_products(roots: Sequence[Tensor]) -> GraphProducts:
+    """Count the graph behind ``roots`` (at most ``_MAX_WALK`` nodes)."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
+    products = macs = big = 0
+    while stack and len(seen) < _MAX_WALK:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        sizes = _mm_sizes(node)
+        if sizes is not None:
+            products += 1
+            macs += sizes[0] * sizes[1] * sizes[2]
+            if min(sizes) >= MIN_SIDE:
+                big += sizes[0] * sizes[1] * sizes[2]
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return GraphProducts(len(seen), products, macs, big)
+
+
 def backward_products(
-    roots: Sequence[Tensor], dtype: torch.dtype, device: torch.device, work: int
+    roots: Sequence[Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    work: int,
+    counted: GraphProducts | None = None,
 ) -> TorchDispatchMode | None:
     """The oneDNN mode of NOTE [dense kernels] for backward passes over ``roots``' graph, when
     it pays; else ``None``. ``work``: probes times the elements of outputs and inputs, below
-    ``_MIN_PROBE_WORK`` the graph is not even walked."""
+    ``_MIN_PROBE_WORK`` the graph is not even walked; ``counted``: a walk already made."""
     if not (
         fast.enabled()
         and work >= _MIN_PROBE_WORK
@@ -204,30 +238,13 @@ def backward_products(
         and _onednn() is not None
     ):
         return None
-    macs, nodes = _graph_products(roots)
-    return _OneDnnProducts() if macs >= _MACS_PER_NODE * max(nodes, 1) else None
+    c = graph_products(roots) if counted is None else counted
+    return _OneDnnProducts() if c.big_macs >= _MACS_PER_NODE * max(c.nodes, 1) else None
 
 
 def _no_dispatch_modes() -> bool:
     length = getattr(torch._C, "_len_torch_dispatch_stack", None)
     return length is not None and length() == 0
-
-
-def _graph_products(roots: Sequence[Tensor]) -> tuple[int, int]:
-    """(multiply-adds of the big ``mm``/``addmm`` nodes, nodes) of the graph behind ``roots``."""
-    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
-    macs = 0
-    while stack and len(seen) < _MAX_WALK:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        sizes = _mm_sizes(node)
-        if sizes is not None and min(sizes) >= MIN_SIDE:
-            macs += sizes[0] * sizes[1] * sizes[2]
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return macs, len(seen)
 
 
 def _mm_sizes(node: Any) -> tuple[int, int, int] | None:
