@@ -68,6 +68,7 @@ _MACS_PER_NODE = 2**22
 _MIN_PROBE_WORK = 2**22
 _MAX_WALK = 4096  # graph nodes looked at when counting
 _PLAIN = (Tensor, torch.nn.Parameter)  # a subclass may override what the product means
+_CUSTOM = torch.autograd.function.BackwardCFunction  # a custom Function's node
 _op: Callable[..., Tensor] | None = None
 _state = {"checked": False, "usable": True, "tanh": True}
 
@@ -195,6 +196,7 @@ class GraphProducts(NamedTuple):
     products: int
     macs: int
     big_macs: int
+    builtin: bool  # every node is torch's own (no custom Function), the walk saw them all
 
 
 def graph_products(roots: Sequence[Tensor]) -> GraphProducts:
@@ -202,11 +204,16 @@ def graph_products(roots: Sequence[Tensor]) -> GraphProducts:
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
     products = macs = big = 0
-    while stack and len(seen) < _MAX_WALK:
+    builtin = True
+    while stack:
+        if len(seen) >= _MAX_WALK:
+            builtin = False
+            break
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
+        builtin = builtin and not isinstance(node, _CUSTOM)
         sizes = _mm_sizes(node)
         if sizes is not None:
             products += 1
@@ -214,7 +221,7 @@ def graph_products(roots: Sequence[Tensor]) -> GraphProducts:
             if min(sizes) >= MIN_SIDE:
                 big += sizes[0] * sizes[1] * sizes[2]
         stack.extend(n for n, _ in node.next_functions if n is not None)
-    return GraphProducts(len(seen), products, macs, big)
+    return GraphProducts(len(seen), products, macs, big, builtin)
 
 
 def backward_products(
