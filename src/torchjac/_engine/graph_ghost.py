@@ -73,26 +73,25 @@ def find_ghost_layers(
     if _EDGE is None or not fast.enabled():
         return []
     cheaper = ghost_is_cheaper if cheaper is None else cheaper
+    if not any(x.dim() == 2 for x in p.inputs):
+        return []
     # nodes keyed by themselves (NOTE [node identity] in structure.py); leaves by id (alive)
     indeg: dict[Any, int] = {}
     consumer: dict[Any, tuple[Any, int]] = {}
     accs: dict[int, Any] = {}
-    seen: set[Any] = set()
-    stack = [y.grad_fn for y in p.outputs if y.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+
+    def visit(node: Any) -> None:
         variable = getattr(node, "variable", None)
         if variable is not None:
             accs[id(variable)] = node
         for pos, (child, _) in enumerate(node.next_functions):
-            if child is None:
-                continue
-            indeg[child] = indeg.get(child, 0) + 1
-            consumer[child] = (node, pos)
-            stack.append(child)
+            if child is not None:
+                indeg[child] = indeg.get(child, 0) + 1
+                consumer[child] = (node, pos)
+
+    p.walk(visit)  # the planner's walk (NOTE [loop or vmap on a graph]), made once
+    if p.counted.nodes >= kernels.MAX_WALK:
+        return []  # a graph too big to have been walked whole
     counts: dict[int, int] = {}
     for x in p.inputs:
         counts[id(x)] = counts.get(id(x), 0) + 1
@@ -237,5 +236,5 @@ def _ghost_block(a: Tensor, d: Tensor) -> Tensor:
 def _row_matrix(g: Tensor) -> Tensor:
     """``[m, *shape]`` -> ``[m, n]``, a view when the trailing dimensions are only permuted: the
     Gramian ``R Rᵀ`` does not depend on the order of the columns."""
-    order = sorted(range(1, g.dim()), key=lambda i: -g.stride(i))
+    order = sorted(range(1, g.dim()), key=lambda i: -g.stride()[i])
     return g.permute(0, *order).reshape(g.shape[0], -1)

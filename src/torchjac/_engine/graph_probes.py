@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,6 +76,10 @@ class GraphProblem:
     def counted(self) -> kernels.GraphProducts:
         """One walk of the graph for the planners (NOTE [loop or vmap on a graph])."""
         return kernels.graph_products(self.outputs)
+
+    def walk(self, visit: Callable[[Any], None]) -> None:
+        """Call ``visit`` on every node of the graph, in the walk that sets ``counted``."""
+        self.__dict__["counted"] = kernels.graph_products(self.outputs, visit)
 
     @property
     def used_inputs(self) -> tuple[Tensor, ...]:

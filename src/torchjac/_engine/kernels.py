@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchjac._engine import fast
 
-__all__ = ["MIN_SIDE", "GraphProducts", "backward_products", "graph_products", "linear"]
+__all__ = ["MAX_WALK", "MIN_SIDE", "GraphProducts", "backward_products", "graph_products", "linear"]
 
 _MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
 MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
@@ -66,7 +66,7 @@ _MACS_PER_NODE = 2**22
 # Probes times the elements they read and write, below which the products cannot be big enough
 # to pay for walking the graph (W4, 64 columns of 21k gradients: 1.4M, a 0.1 ms walk skipped).
 _MIN_PROBE_WORK = 2**22
-_MAX_WALK = 4096  # graph nodes looked at when counting
+MAX_WALK = 4096  # graph nodes looked at when counting
 _PLAIN = (Tensor, torch.nn.Parameter)  # a subclass may override what the product means
 _CUSTOM = torch.autograd.function.BackwardCFunction  # a custom Function's node
 _op: Callable[..., Tensor] | None = None
@@ -199,20 +199,25 @@ class GraphProducts(NamedTuple):
     builtin: bool  # every node is torch's own (no custom Function), the walk saw them all
 
 
-def graph_products(roots: Sequence[Tensor]) -> GraphProducts:
-    """Count the graph behind ``roots`` (at most ``_MAX_WALK`` nodes)."""
+def graph_products(
+    roots: Sequence[Tensor], visit: Callable[[Any], None] | None = None
+) -> GraphProducts:
+    """Count the graph behind ``roots`` (at most ``MAX_WALK`` nodes); ``visit(node)`` is called
+    on each node, once, so that a caller's own walk can ride this one."""
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
     products = macs = big = 0
     builtin = True
     while stack:
-        if len(seen) >= _MAX_WALK:
+        if len(seen) >= MAX_WALK:
             builtin = False
             break
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
+        if visit is not None:
+            visit(node)
         builtin = builtin and not isinstance(node, _CUSTOM)
         sizes = _mm_sizes(node)
         if sizes is not None:
