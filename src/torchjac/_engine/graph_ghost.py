@@ -108,6 +108,8 @@ def find_ghost_layers(
         node, pos = consumer[t_node]
         if _LINEAR.get(type(node).__name__) != pos or getattr(node, "_saved_alpha", 1) != 1:
             continue
+        if not isinstance(node, torch.autograd.graph.Node):  # not a node an edge can name
+            continue
         try:
             a = node._saved_mat1 if pos == 2 else node._saved_self
         except RuntimeError:  # freed by an earlier backward: the ordinary path will say so
