@@ -108,7 +108,7 @@ def find_ghost_layers(
         node, pos = consumer[t_node]
         if _LINEAR.get(type(node).__name__) != pos or getattr(node, "_saved_alpha", 1) != 1:
             continue
-        if not isinstance(node, torch.autograd.graph.Node):  # not a node an edge can name
+        if not _nameable(node):  # not a node an edge can name
             continue
         try:
             a = node._saved_mat1 if pos == 2 else node._saved_self
@@ -224,6 +224,10 @@ def ghost_gramian(
         assert d is not None
         gram += _ghost_block(layer.a.detach().to(dtype), d.to(dtype))
     return gram.unsqueeze(0)
+
+
+def _nameable(node: Any) -> bool:
+    return isinstance(node, torch.autograd.graph.Node)
 
 
 def _ghost_block(a: Tensor, d: Tensor) -> Tensor:
