@@ -37,7 +37,8 @@ DEFAULT_MEMORY_SHARE = 0.25
 # of its own. On a CPU, when there are few probes and each one moves many elements (so its
 # operators are compute-bound), a plain loop is as fast or faster (measured on W5 when graph rows
 # still went through this rule: 16 probes of a 512-wide trunk, loop 3-5% ahead; rows on a graph
-# now follow NOTE [loop or vmap on a graph], and this rule serves the other families). On CUDA kernel launches dominate, so vmap always wins there.
+# now follow NOTE [loop or vmap on a graph], and this rule serves the other families). On CUDA
+# kernel launches dominate, so vmap always wins there.
 # Under the oneDNN dispatch mode of NOTE [dense kernels] every operator costs ~8 µs more, once
 # per probe in a loop and once per chunk under vmap: vmap wins again (W5: 39 against 45 ms).
 LOOP_MAX_PROBES = 2
