@@ -231,12 +231,15 @@ def _nameable(node: Any) -> bool:
 
 
 def _ghost_block(a: Tensor, d: Tensor) -> Tensor:
-    """``G[r, s] = <δ_r, (a aᵀ) δ_s>`` for ``a [N, in]``, ``δ [m, N, out]``: NOTE [graph ghost]."""
+    """``G[r, s] = <δ_r, (a aᵀ) δ_s>`` for ``a [N, in]``, ``δ [m, N, out]``: NOTE [graph ghost].
+
+    ``δ`` is copied once, to ``[m·out, N]``; ``K = a aᵀ`` is symmetric, so ``(K δ_r)ᵀ`` for every
+    ``r`` is one product ``δᵀ K`` through ``kernels.linear`` (the biggest product here)."""
     m, n, out = d.shape
     k = kernels.linear(a, a)  # [N, N]
-    sample_major = d.transpose(0, 1).reshape(n, m * out)
-    kd = (k @ sample_major).view(n, m, out).transpose(0, 1).reshape(m, n * out)
-    return d.reshape(m, n * out) @ kd.T
+    dt = d.transpose(1, 2).reshape(m * out, n)
+    t = kernels.linear(dt, k)  # [m·out, N]: row (r, o) is (K δ_r)[:, o]
+    return dt.view(m, out * n) @ t.view(m, out * n).T
 
 
 def _row_matrix(g: Tensor) -> Tensor:

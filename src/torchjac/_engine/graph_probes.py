@@ -179,7 +179,6 @@ def _solve(
     per_probe = 4 * full * p.dtype.itemsize
     counted = p.counted
     work = min(p.n_rows, n_cols) * full
-    products = kernels.backward_products(p.outputs, p.dtype, p.device, work, counted)
 
     def chunks(n_probes: int) -> int:
         # NOTE [loop or vmap on a graph]: a row's backward does about twice the forward's products
@@ -194,6 +193,9 @@ def _solve(
             device=p.device,
         )
 
+    row_chunk = chunks(p.n_rows) if chosen == "rev" or n_cols == 0 else 0
+    per_pass = 2 * row_chunk * counted.big_macs if row_chunk > 1 else 0
+    products = kernels.backward_products(p.outputs, p.dtype, p.device, work, counted, per_pass)
     with products or contextlib.nullcontext():
         if chosen == "fwd" and n_cols > 0:
             try:
@@ -207,7 +209,7 @@ def _solve(
                 if names_fused_attention(err):  # NOTE [fused attention]
                     what += f"; for columns, {FIX}"
                 warn_fallback(p.fn_name, what, err)
-        chunk = chunks(p.n_rows)
+        chunk = row_chunk or chunks(p.n_rows)
         if one_pass_frees(p, chunk, counted.builtin):
             freed.append(True)
         return _rows(p, chunk, native, freeing=bool(freed))

@@ -67,6 +67,15 @@ _MACS_PER_NODE = 2**22
 # to pay for walking the graph (W4, 64 columns of 21k gradients: 1.4M, a 0.1 ms walk skipped).
 _MIN_PROBE_WORK = 2**22
 MAX_WALK = 4096  # graph nodes looked at when counting
+# NOTE [products per pass]: a vectorised pass of c rows multiplies products c times bigger than
+# the forward's, while the mode's cost is per operator, once per pass. So the mode is also taken
+# when one pass's big products (``per_pass`` multiply-adds) save, at the measured difference of
+# the two GEMMs (78-80 against 100-108 GFLOP/s at [2048-4096, 128-256] x [128-256, 256] on one
+# thread of the benchmark CPU: ~3 ps a multiply-add), ``_PASS_MARGIN`` times what the mode costs
+# (~3 operators a node at ~8 µs): 64 rows of W5's trunk 64→256→256 (N=128), but not 16.
+_SAVED_S_PER_MAC = 3e-12
+_MODE_S_PER_NODE = 24e-6
+_PASS_MARGIN = 3.0
 _PLAIN = (Tensor, torch.nn.Parameter)  # a subclass may override what the product means
 _CUSTOM = torch.autograd.function.BackwardCFunction  # a custom Function's node
 _op: Callable[..., Tensor] | None = None
@@ -235,13 +244,16 @@ def backward_products(
     device: torch.device,
     work: int,
     counted: GraphProducts | None = None,
+    per_pass: int = 0,
 ) -> TorchDispatchMode | None:
     """The oneDNN mode of NOTE [dense kernels] for backward passes over ``roots``' graph, when
     it pays; else ``None``. ``work``: probes times the elements of outputs and inputs, below
-    ``_MIN_PROBE_WORK`` the graph is not even walked; ``counted``: a walk already made."""
+    ``_MIN_PROBE_WORK`` the graph is not even walked; ``counted``: a walk already made;
+    ``per_pass``: the big products' multiply-adds in one vectorised pass (NOTE [products per
+    pass])."""
     if not (
         fast.enabled()
-        and work >= _MIN_PROBE_WORK
+        and (work >= _MIN_PROBE_WORK or per_pass > 0)
         and device.type == "cpu"
         and dtype is torch.float32
         and _state["usable"]
@@ -251,7 +263,9 @@ def backward_products(
     ):
         return None
     c = graph_products(roots) if counted is None else counted
-    return _OneDnnProducts() if c.big_macs >= _MACS_PER_NODE * max(c.nodes, 1) else None
+    pays = c.big_macs >= _MACS_PER_NODE * max(c.nodes, 1)
+    pays = pays or per_pass * _SAVED_S_PER_MAC >= _PASS_MARGIN * _MODE_S_PER_NODE * c.nodes
+    return _OneDnnProducts() if pays else None
 
 
 def _no_dispatch_modes() -> bool:
