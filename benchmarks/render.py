@@ -49,9 +49,10 @@ def machine_line(env: dict[str, Any], rows: Sequence[Row]) -> str:
     threads = env.get("threads")
     thread_text = f"{threads} thread" + ("" if threads == 1 else "s")
     memory = " (with peak memory)" if any(r.peak_mib is not None for r in rows) else ""
+    note = f" {env['note']}." if env.get("note") else ""
     return (
         f"Measured with `torchjac bench` on {env['utc']}: {env['cpu']}, {thread_text}, "
-        f"torch {env['torch']}, Python {env['python']}{memory}."
+        f"torch {env['torch']}, Python {env['python']}{memory}.{note}"
     )
 
 
