@@ -35,17 +35,15 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def record_answers(
-    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, truthy: bool = False
-) -> list[bool]:
+def record_answers(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[bool]:
     """Wrap ``module.name`` (a fast path that returns ``None`` where it does not apply): the
-    returned list gets, per call, whether it answered (``truthy``: whether its answer is)."""
+    returned list gets, per call, whether it answered."""
     seen: list[bool] = []
     real = getattr(module, name)
 
     def spy(*args: Any) -> Any:
         res = real(*args)
-        seen.append(bool(res) if truthy else res is not None)
+        seen.append(res is not None)
         return res
 
     monkeypatch.setattr(module, name, spy)

@@ -54,7 +54,7 @@ def _gramian(
     p.check_coupling()
     if p.batch_dim is None and not p.create_graph and mode != "fwd":
         ghosts = find_ghost_layers(p)  # NOTE [graph ghost]
-        ghosted = {g.j for g in ghosts}
+        ghosted = {g.j for g in ghosts if g.ghost}
         n_cols = sum(s for j, s in enumerate(p.in_group.sizes) if p.used[j] and j not in ghosted)
         if not n_cols or choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST) == "rev":
             one_pass = ghost_gramian(p, ghosts, chunk_size, budget, free)

@@ -18,8 +18,13 @@ drop out; what differs is the multiply-adds,
 
     rows:  m·N·out·in + m²·out·in          ghost: N²·in + m·N²·out + m²·N·out
 
-and the operators: a ghost product takes ~5 more (``a aᵀ``, two copies to put ``δ`` sample-major
-and back, two products), each ~``plan.LOOP_NODE_S`` on a CPU, which decides tiny layers. A ghost
+and the operators: a ghost product takes ~5 more (``a aᵀ``, a copy of ``δ``, two products, the
+sum), each ~``plan.LOOP_NODE_S`` on a CPU, which decides tiny layers. A weight left as rows is
+still taken through its edge when ``N`` or ``out`` is small (``ROWS_FROM_DELTA_MAX``): its rows
+are then one product ``δᵀ a`` after one copy of ``δ``, where autograd's weight gradient under
+vmap is a batch of small products against a broadcast ``a`` (measured: 64→512 on N=32, 4 rows,
+3.5 against 3.0 ms; 64→64 on N=256, 16 rows, 4.2 against 3.5 ms; but 64→256 on N=128 was
+7-15% slower from δ, so larger layers keep autograd's rows). A ghost
 wins when ``N`` is below ``in`` (wide layers, small batches) or ``m`` is large; measured on the
 sweep of ``benchmarks/w5_multitask.py`` (W5c). Everything is held at once (``δ`` of every ghost
 and the rows of every other input); when that does not fit half the memory budget, or a pass
@@ -46,16 +51,21 @@ __all__ = ["GhostLayer", "find_ghost_layers", "ghost_gramian", "ghost_is_cheaper
 
 _LINEAR = {"AddmmBackward0": 2, "MmBackward0": 1}  # node name -> position of the weight edge
 GHOST_EXTRA_OPS = 5  # NOTE [ghost or rows]
+ROWS_FROM_DELTA_MAX = 64  # NOTE [ghost or rows]: rows from δ when N or out is at most this
+_ONEDNN_MIN_N = 128  # oneDNN ran [2048, 32] @ [32, 32] several times slower than MKL
 _EDGE = getattr(torch.autograd.graph, "GradientEdge", None)
 
 
 @dataclass(frozen=True)
 class GhostLayer:
-    """Input ``j`` is the weight of a linear node ``node`` whose saved input is ``a``."""
+    """Input ``j`` is the weight of a linear node ``node`` whose saved input is ``a``; its block
+    is a ghost product, or (``ghost=False``) its rows ``δ_rᵀ a``, made here from ``δ`` in one
+    product (NOTE [ghost or rows])."""
 
     j: int
     node: Any
     a: Tensor
+    ghost: bool = True
 
 
 def ghost_is_cheaper(m: int, n: int, out: int, inp: int) -> bool:
@@ -116,8 +126,9 @@ def find_ghost_layers(
             continue
         if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != w.shape[1]:
             continue
-        if cheaper(p.n_rows, a.shape[0], w.shape[0], w.shape[1]):
-            found.append(GhostLayer(j, node, a))
+        ghost = cheaper(p.n_rows, a.shape[0], w.shape[0], w.shape[1])
+        if ghost or min(a.shape[0], w.shape[0]) <= ROWS_FROM_DELTA_MAX:
+            found.append(GhostLayer(j, node, a, ghost))
     return found
 
 
@@ -145,7 +156,13 @@ def ghost_gramian(
     shapes += [torch.Size((g.a.shape[0], p.inputs[g.j].shape[0])) for g in ghosts]
     per_row = sum(math.prod(s) for s in shapes)
     big = max(
-        (g.a.shape[0] ** 2 + m * g.a.shape[0] * p.inputs[g.j].shape[0] for g in ghosts), default=0
+        (
+            g.a.shape[0] ** 2
+            + m * p.inputs[g.j].numel()
+            + m * g.a.shape[0] * p.inputs[g.j].shape[0]
+            for g in ghosts
+        ),
+        default=0,
     )
     if (m * per_row + 2 * big) * dtype.itemsize > budget // 2:
         return None
@@ -222,7 +239,12 @@ def ghost_gramian(
         gram.addmm_(r, r.T)
     for layer, d in zip(ghosts, store[len(rest) :]):
         assert d is not None
-        gram += _ghost_block(layer.a.detach().to(dtype), d.to(dtype))
+        a = layer.a.detach().to(dtype)
+        if layer.ghost:
+            gram += _ghost_block(a, d.to(dtype))
+        else:
+            r = _rows_from_delta(a, d.to(dtype))
+            gram.addmm_(r, r.T)
     return gram.unsqueeze(0)
 
 
@@ -236,10 +258,20 @@ def _ghost_block(a: Tensor, d: Tensor) -> Tensor:
     ``δ`` is copied once, to ``[m·out, N]``; ``K = a aᵀ`` is symmetric, so ``(K δ_r)ᵀ`` for every
     ``r`` is one product ``δᵀ K`` through ``kernels.linear`` (the biggest product here)."""
     m, n, out = d.shape
-    k = kernels.linear(a, a)  # [N, N]
+    product = kernels.linear if n >= _ONEDNN_MIN_N else torch.nn.functional.linear
+    k = product(a, a)  # [N, N]
     dt = d.transpose(1, 2).reshape(m * out, n)
-    t = kernels.linear(dt, k)  # [m·out, N]: row (r, o) is (K δ_r)[:, o]
+    t = product(dt, k)  # [m·out, N]: row (r, o) is (K δ_r)[:, o]
     return dt.view(m, out * n) @ t.view(m, out * n).T
+
+
+def _rows_from_delta(a: Tensor, d: Tensor) -> Tensor:
+    """The rows ``δ_rᵀ a`` of a Linear weight, ``[m, out·in]``: ``δ`` copied once to ``[m·out,
+    N]``, then one product (autograd's own weight gradient under vmap multiplies a batch of
+    ``[out, N] @ [N, in]`` against a broadcast ``a``, several times slower on a CPU)."""
+    m, n, out = d.shape
+    dt = d.transpose(1, 2).reshape(m * out, n)
+    return (dt @ a).view(m, out * a.shape[1])
 
 
 def _row_matrix(g: Tensor) -> Tensor:
