@@ -1,4 +1,4 @@
-"""All workloads, in order, and selection by key (``W5`` selects W5 and W5b; ``W5b`` only W5b)."""
+"""All workloads, in order, and selection by key (``W5`` selects W5 and W5b-d; ``W5b`` only W5b)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from benchmarks._harness import Case, Workload
 
 __all__ = ["MODULES", "all_workloads", "select"]
 
+_VARIANTS = "ABCD"  # W5 selects W5, W5b, W5c and W5d
+
 MODULES = (
     "w1_batch_jacobian",
     "w2_pinn",
     "w3_param_jacobian",
     "w4_grad_jacobian",
     "w5_multitask",
+    "w5_sweep",
     "w6_ntk",
     "w7_laplacian",
     "w8_operator_svd",
@@ -50,12 +53,12 @@ def select(workloads: Sequence[Workload], keys: Sequence[str] | None) -> list[Wo
         return list(workloads)
     wanted = [k.strip().upper() for k in keys if k.strip()]
     chosen = [
-        w for w in workloads if w.key.upper() in wanted or w.key.upper().rstrip("AB") in wanted
+        w for w in workloads if w.key.upper() in wanted or w.key.upper().rstrip(_VARIANTS) in wanted
     ]
     unknown = [
         k
         for k in wanted
-        if not any(k in (w.key.upper(), w.key.upper().rstrip("AB")) for w in workloads)
+        if not any(k in (w.key.upper(), w.key.upper().rstrip(_VARIANTS)) for w in workloads)
     ]
     if unknown:
         known = ", ".join(w.key for w in workloads)

@@ -49,9 +49,10 @@ def machine_line(env: dict[str, Any], rows: Sequence[Row]) -> str:
     threads = env.get("threads")
     thread_text = f"{threads} thread" + ("" if threads == 1 else "s")
     memory = " (with peak memory)" if any(r.peak_mib is not None for r in rows) else ""
+    note = f" {env['note']}." if env.get("note") else ""
     return (
         f"Measured with `torchjac bench` on {env['utc']}: {env['cpu']}, {thread_text}, "
-        f"torch {env['torch']}, Python {env['python']}{memory}."
+        f"torch {env['torch']}, Python {env['python']}{memory}.{note}"
     )
 
 
@@ -66,13 +67,14 @@ def _peer(name: str) -> str:
     return re.sub(r"^seeds? [0-9, ]+: ", "", name)
 
 
-def summary_table(rows: Sequence[Row]) -> str:
-    """One line per torchjac strategy: its time, the fastest peer's, the ratio."""
+def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
+    """One line per torchjac strategy: its time, the fastest peer's, the ratio (``sweep=False``:
+    without W5c's cells, which RESULTS.md shows as a grid)."""
     lines = [
         "| workload | torchjac | ms | fastest peer | ms | ratio |",
         "|---|---|---:|---|---:|---:|",
     ]
-    for mine in (r for r in rows if r.torchjac):
+    for mine in (r for r in rows if r.torchjac and (sweep or r.workload != "W5c")):
         peers = [
             r
             for r in rows
@@ -92,6 +94,30 @@ def summary_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+_SWEEP = re.compile(r"m=(\d+) task losses, N=(\d+), width (\d+)")
+
+
+def sweep_table(rows: Sequence[Row]) -> str | None:
+    """W5c's grid: torchjac's ratio to the fastest peer against m (columns), N and width (rows);
+    ``None`` when the run has no W5c rows."""
+    cells: dict[tuple[int, int], dict[int, str]] = {}
+    for r in rows:
+        found = _SWEEP.search(r.title) if r.torchjac and r.workload == "W5c" else None
+        if found:
+            m, n, w = (int(g) for g in found.groups())
+            cells.setdefault((w, n), {})[m] = "—" if r.ratio is None else f"{r.ratio:.2f}×"
+    if not cells:
+        return None
+    ms = sorted({m for row in cells.values() for m in row})
+    lines = [
+        "| width | N | " + " | ".join(f"m={m}" for m in ms) + " |",
+        "|---:|---:|" + "---:|" * len(ms),
+    ]
+    for (w, n), row in sorted(cells.items()):
+        lines.append(f"| {w} | {n} | " + " | ".join(row.get(m, "—") for m in ms) + " |")
+    return "\n".join(lines)
+
+
 def results_page(env: dict[str, Any], rows: Sequence[Row], source: str) -> str:
     """The whole of ``benchmarks/RESULTS.md``."""
     parts = [
@@ -105,9 +131,14 @@ def results_page(env: dict[str, Any], rows: Sequence[Row], source: str) -> str:
         workload_legend(rows),
         "## Summary",
         summary_table(rows),
-        "## Every strategy",
-        markdown_table(rows),
     ]
+    sweep = sweep_table(rows)
+    if sweep is not None:
+        parts += [
+            "## W5c: the Gramian of task losses, torchjac's ratio to the fastest peer",
+            sweep,
+        ]
+    parts += ["## Every strategy", markdown_table(rows)]
     if any(r.peak_mib is not None for r in rows):
         parts.append(
             "Peak MiB: memory a call needs on top of what existed before it, its result "
@@ -123,7 +154,8 @@ def results_page(env: dict[str, Any], rows: Sequence[Row], source: str) -> str:
 
 def readme_block(env: dict[str, Any], rows: Sequence[Row]) -> str:
     """The README's marked block: the machine line and the summary table, between markers."""
-    return "\n".join([BEGIN, machine_line(env, rows), "", summary_table(rows), END])
+    table = summary_table(rows, sweep=False)
+    return "\n".join([BEGIN, machine_line(env, rows), "", table, END])
 
 
 def replace_block(text: str, block: str) -> str:

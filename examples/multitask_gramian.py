@@ -6,7 +6,9 @@ G = J Jᵀ (G[i, j] = <∇L_i, ∇L_j>), with `tj.gramian`, which never forms J.
 multi-objective optimisation read only G. This example writes one, UPGrad (each task's unit
 weight projected onto the dual cone {w : G w ≥ 0}, then averaged), with a small exact solver of
 its quadratic programs; MGDA's min-norm weights on the simplex are computed too, for comparison.
-The trunk's update is Jᵀ w, one weighted backward pass; the heads take their own gradients.
+The trunk's update is Jᵀ w, one weighted `losses.backward(w)` through the graph the Gramian
+kept (`retain_graph=True`); the heads take their own gradients. `benchmarks/w5_sweep.py` (W5d)
+times this step against TorchJD's `autogram.Engine`.
 
     python examples/multitask_gramian.py [--steps 150] [--tasks 4]
 
@@ -96,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
     model = MultiTask(d, args.tasks)
     trunk = list(model.trunk.parameters())
-    heads = list(model.heads.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
     first = model(x, ys).detach()
@@ -117,13 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             ok &= bool((G @ w >= -1e-6 * G.trace()).all())
             ok &= torch.allclose(G, J @ J.T, rtol=1e-4, atol=1e-6)
         opt.zero_grad()
-        # The trunk's direction is Jᵀ w: one backward pass of the losses weighted by w. Head i
-        # only meets loss i, so it gets w_i times its own gradient.
-        grads = torch.autograd.grad(losses, trunk + heads, grad_outputs=w)
-        for p, g in zip(trunk, grads[: len(trunk)]):
-            p.grad = g
-        for p, g in zip(heads, grads[len(trunk) :]):
-            p.grad = g
+        # The trunk's direction is Jᵀ w: one backward pass of the losses weighted by w, through
+        # the graph that `retain_graph=True` kept (the step TorchJD's autogram Engine serves).
+        # Head i only meets loss i, so it gets w_i times its own gradient.
+        losses.backward(w)
         opt.step()
 
     last = model(x, ys).detach()

@@ -47,3 +47,18 @@ def test_readme_is_short_and_for_users() -> None:
     assert not hashes, f"commit hashes in the README: {hashes}"
     for command in ("make demo", "make test"):
         assert command in text
+
+
+def test_the_w5c_sweep_renders_as_a_grid_of_ratios() -> None:
+    render = _import("render", find_benchmarks())
+    harness = _import("_harness", find_benchmarks())
+
+    def row(m: int, n: int, ratio: float | None) -> object:
+        title = f"Gramian of m={m} task losses, N={n}, width 64 (issue 21 sweep)"
+        return harness.Row("W5c", title, "", "tj.gramian", True, "ok", ratio=ratio)
+
+    assert render.sweep_table([]) is None
+    table = render.sweep_table([row(4, 32, 0.5), row(16, 32, None), row(4, 256, 1.25)])
+    assert table.splitlines()[0] == "| width | N | m=4 | m=16 |"
+    assert "| 64 | 32 | 0.50× | — |" in table
+    assert "| 64 | 256 | 1.25× | — |" in table

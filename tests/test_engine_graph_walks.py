@@ -20,11 +20,13 @@ import test_gramian
 import torch
 from conftest import randn
 from torch import Tensor, nn
+from torch.func import jacrev
 
 import torchjac as tj
-from torchjac._engine.graph_ghost import _reaches
-from torchjac._engine.kernels import _graph_products
+from torchjac._engine import graph_ghost
+from torchjac._engine.kernels import graph_products
 from torchjac._engine.structure import reachable
+from torchjac._graph_args import _walk
 
 _LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _TYPES: dict[type, type] = {}
@@ -101,16 +103,21 @@ def test_reachable_finds_every_leaf(short_lived_nodes: None) -> None:
     assert reachable([mid.sum() + out], [mid, *leaves]) == [True] * (len(leaves) + 1)
 
 
-def test_reaches_finds_every_leaf(short_lived_nodes: None) -> None:
+def test_the_front_doors_walk_finds_every_leaf(short_lived_nodes: None) -> None:
     out, leaves = _wide_graph()
-    node = out.grad_fn
-    assert all(_reaches(node, [x]) for x in leaves)
+    counted, used = _walk((out,), tuple(leaves))
+    assert used == [True] * len(leaves)
+    assert counted is not None and counted.nodes == 7 * len(leaves)
+    mid = (leaves[0] * 3).cos()
+    _, used = _walk((mid.sum() + out,), (mid, *leaves))
+    assert used == [True] * (len(leaves) + 1)
 
 
 def test_graph_products_counts_every_node(short_lived_nodes: None) -> None:
     out, leaves = _wide_graph()
     # per branch: sum, add, exp, sin, mul, AccumulateGrad, and the add into the running sum
-    assert _graph_products([out]) == (0, 7 * len(leaves))
+    counted = graph_products([out])
+    assert (counted.macs, counted.nodes, counted.builtin) == (0, 7 * len(leaves), True)
 
 
 def test_readme_jac_and_gramian(short_lived_nodes: None) -> None:
@@ -145,5 +152,13 @@ def test_param_jacobian_without_batch_dim(short_lived_nodes: None) -> None:
         torch.testing.assert_close(got[name], want[name])
 
 
-def test_ghost_products_find_their_layers(short_lived_nodes: None, gen: torch.Generator) -> None:
-    test_gramian.test_linear_weights_as_ghost_products(gen)  # ghost layers found, values exact
+def test_ghost_products_stay_exact(
+    short_lived_nodes: None, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stand-ins cannot be named by a ``GradientEdge``: the ghosts decline, values exact."""
+    params, losses = test_gramian._linear_losses(gen)
+    jacs = jacrev(losses, argnums=(0, 1, 2, 3, 4))(*[p.detach() for p in params])
+    j = torch.cat([a.reshape(3, -1) for a in jacs], dim=1)
+    monkeypatch.setattr(graph_ghost, "ghost_is_cheaper", lambda *_: True)
+    got = tj.gramian(list(losses(*params).unbind()), params)
+    torch.testing.assert_close(got, j @ j.T, rtol=1e-12, atol=1e-12)

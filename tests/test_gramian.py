@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.func import jacrev
 
 import torchjac as tj
+from torchjac._engine import graph_ghost
 from torchjac._engine.basis import Group
 from torchjac._engine.graph_ghost import find_ghost_layers
 from torchjac._engine.graph_probes import GraphProblem
@@ -221,7 +222,9 @@ def _linear_losses(gen: torch.Generator) -> tuple[list[Tensor], Any]:
     return params, losses
 
 
-def test_linear_weights_as_ghost_products(gen: torch.Generator) -> None:
+def test_linear_weights_as_ghost_products(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params, losses = _linear_losses(gen)
     jacs = jacrev(losses, argnums=(0, 1, 2, 3, 4))(*[p.detach() for p in params])
     j = torch.cat([a.reshape(3, -1) for a in jacs], dim=1)
@@ -239,7 +242,10 @@ def test_linear_weights_as_ghost_products(gen: torch.Generator) -> None:
         create_graph=False,
         retain_graph=True,
     )
-    assert [g.j for g in find_ghost_layers(problem)] == [0, 2]  # w1 (addmm), w2 (mm)
+    found = find_ghost_layers(problem, lambda *_: True)
+    assert [g.j for g in found] == [0, 2]  # w1 (addmm), w2 (mm)
+    assert [g.ghost for g in find_ghost_layers(problem, lambda *_: False)] == [False, False]
+    monkeypatch.setattr(graph_ghost, "ghost_is_cheaper", lambda *_: True)
     first = tj.gramian(ys, params, retain_graph=True)
     torch.testing.assert_close(first, j @ j.T, rtol=1e-12, atol=1e-12)
     again = tj.gramian(ys, params)  # the graph was kept

@@ -97,16 +97,17 @@ def jac(
     enable = problem.create_graph and not torch.is_grad_enabled()
     keep = keep_retained_grads(problem.retained)  # NOTE [retain_grad]
     with keep, torch.enable_grad() if enable else contextlib.nullcontext():
-        flat = solve(problem, call.mode, call.chunk_size, call.budget)
+        flat = solve(problem, call.mode, call.chunk_size, call.budget, native=True)
         shaped = [_shape(problem, j, r, call.single) for j, r in enumerate(flat)]
         return unflatten(call.container, shaped)
 
 
 def _shape(problem: GraphProblem, j: int, res: Tensor, single: bool) -> Tensor:
-    """``[B, R, n_j]`` -> the public layout (see ``jac``'s docstring)."""
+    """``[B, R, n_j]``, or ``[R, *x_j.shape]`` without ``batch_dim`` (NOTE [native rows]) -> the
+    public layout (see ``jac``'s docstring)."""
     g_out, g_in = problem.out_group, problem.in_group
     if problem.jac_outputs is not None:
-        rows: tuple[int, ...] = (res.shape[1],)
+        rows: tuple[int, ...] = (res.shape[0 if problem.batch_dim is None else 1],)
     elif single:
         rows = tuple(g_out.rest_shape(0))
     else:

@@ -24,6 +24,7 @@ from torchjac._checks import (
     flatten_outputs,
     input_names,
 )
+from torchjac._engine import kernels
 from torchjac._engine.basis import Group
 from torchjac._engine.exact_norms import warn_fused_norms
 from torchjac._engine.graph_probes import GraphProblem
@@ -90,7 +91,7 @@ def graph_call(
     batch_dim, _ = check_batch_dim(fn, batch_dim, named)
     jos = _check_jac_outputs(fn, jac_outputs, outs, single)
     budget = memory_budget(fn, max_memory, device)
-    used = reachable(outs, ins)
+    counted, used = _walk(outs, ins)
     if not allow_unused:
         for name, u in zip(names, used):
             if not u:
@@ -115,7 +116,32 @@ def graph_call(
         retain_graph=create_graph if retain_graph is None else bool(retain_graph),
         retained=tuple(t for t in (*outs, *ins) if t.retains_grad),
     )
+    if counted is not None:  # the planner's count rides this walk (NOTE [loop or vmap on a graph])
+        problem.__dict__["counted"] = counted
     return GraphCall(problem, container, single, mode, chunk_size, budget)
+
+
+def _walk(
+    outs: tuple[Tensor, ...], ins: tuple[Tensor, ...]
+) -> tuple[kernels.GraphProducts | None, list[bool]]:
+    """One walk of the graph: the planner's count, and which inputs the outputs reach (as
+    ``structure.reachable``, which runs instead on a graph too big to be counted whole)."""
+    leaves: set[int] = set()
+    edges: set[tuple[Any, int]] = {(y.grad_fn, y.output_nr) for y in outs if y.grad_fn is not None}
+
+    def visit(node: Any) -> None:
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        edges.update((c, nr) for c, nr in node.next_functions if c is not None)
+
+    counted = kernels.graph_products(outs, visit)
+    if counted.nodes >= kernels.MAX_WALK:
+        return None, reachable(outs, ins)
+    leaves.update(id(y) for y in outs if y.grad_fn is None)  # an output that is itself an input
+    return counted, [
+        id(x) in leaves if x.grad_fn is None else (x.grad_fn, x.output_nr) in edges for x in ins
+    ]
 
 
 def _check_jac_outputs(

@@ -8,8 +8,9 @@ memory budget. An input whose block alone does not fit is streamed by row chunks
 ``G[r, s] = J_r J_sᵀ`` for every pair of row chunks, recomputing ``J_s`` (``m·(1 + m/2c)`` row
 probes in all, but only two ``[B, c, n_j]`` chunks alive). With ``batch_dim`` the samples are
 independent, ``J`` is block-diagonal and only the per-sample Gramians ``[B, m, m]`` are formed.
-Without ``batch_dim``, weights used once by ``F.linear`` are first taken out as ghost products
-(NOTE [graph ghost]) when that is cheaper.
+Without ``batch_dim``, when rows are the cheaper probes, one vectorised pass gives every block
+at once and weights used once by ``F.linear`` are taken as ghost products where that is cheaper
+(NOTE [graph ghost], NOTE [ghost or rows]); the blocks above are the path when that does not fit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torchjac._engine.basis import Group
 from torchjac._engine.graph_ghost import find_ghost_layers, ghost_gramian
 from torchjac._engine.graph_probes import GraphProblem, solve
 from torchjac._engine.graph_release import release_graph, retained_batch_hint
-from torchjac._engine.plan import choose_chunk_size
+from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.run import run_chunks
 
 __all__ = ["graph_gramian"]
@@ -35,20 +36,30 @@ def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budg
     Every block keeps the graph; it is freed once, at the end (NOTE [retain_graph]).
     """
     kept = dataclasses.replace(problem, retain_graph=True)
+    freed: list[bool] = []  # NOTE [one pass frees]
     with retained_batch_hint(problem.fn_name):
-        gram = _gramian(kept, mode, chunk_size, budget)
-    if not problem.retain_graph:
+        gram = _gramian(kept, mode, chunk_size, budget, (not problem.retain_graph, freed))
+    if not problem.retain_graph and not freed:
         release_graph(problem.outputs, problem.used_inputs)
     return gram
 
 
-def _gramian(p: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> Tensor:
+def _gramian(
+    p: GraphProblem,
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+    free: tuple[bool, list[bool]],
+) -> Tensor:
     p.check_coupling()
     if p.batch_dim is None and not p.create_graph and mode != "fwd":
         ghosts = find_ghost_layers(p)  # NOTE [graph ghost]
-        ghost = ghost_gramian(p, ghosts, budget) if ghosts else None
-        if ghost is not None:
-            return ghost
+        ghosted = {g.j for g in ghosts if g.ghost}
+        n_cols = sum(s for j, s in enumerate(p.in_group.sizes) if p.used[j] and j not in ghosted)
+        if not n_cols or choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST) == "rev":
+            one_pass = ghost_gramian(p, ghosts, chunk_size, budget, free)
+            if one_pass is not None:
+                return one_pass
     bsz, m = p.in_group.batch_size, p.n_rows
     gram = torch.zeros(bsz, m, m, dtype=p.dtype, device=p.device)
     block_bytes = [bsz * m * n * p.dtype.itemsize for n in p.in_group.sizes]

@@ -8,14 +8,23 @@ rows are computed instead (one ``FallbackWarning``).
 
 NOTE [retain_graph] (in ``graph_release``): probes always keep the graph; ``solve`` frees it
 once they are done, when ``retain_graph=False``.
+
+NOTE [one pass frees]: when the rows take one vectorised pass, with ``retain_graph=False`` and no
+``create_graph``, and every node of the graph is torch's own (no custom ``Function``, whose
+backward may do what vmap cannot: ``.item()``, data-dependent control flow), that pass frees the
+graph itself, as ``torch.autograd.grad`` does, and the release pass is skipped: it cost 0.1-0.25
+ms, a fifth of the Gramian of 4 losses of a 64-wide trunk. Should such a pass still fail (a
+user's hook), it cannot be retried as a loop, part of the graph may be gone: the error says so
+and names the fixes (``chunk_size=1``, ``retain_graph=True``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,11 +32,12 @@ from torch import Tensor
 from torchjac._engine import kernels
 from torchjac._engine.attention import FIX, names_fused_attention
 from torchjac._engine.basis import Group
+from torchjac._engine.graph_columns import columns
 from torchjac._engine.graph_release import release_graph, retained_batch_hint
 from torchjac._engine.lean_vmap import batched_grad
-from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
-from torchjac._engine.run import FinalError, run_chunks
-from torchjac._engine.structure import check_independent, reachable
+from torchjac._engine.plan import GRAPH_COLUMN_COST, choose_graph_chunk_size, choose_mode
+from torchjac._engine.run import run_chunks
+from torchjac._engine.structure import check_independent
 from torchjac._errors import fallback_scope, warn_fallback
 
 __all__ = ["GraphProblem", "solve"]
@@ -62,6 +72,15 @@ class GraphProblem:
         for t in (*self.outputs, *self.inputs):
             dtype = torch.promote_types(dtype, t.dtype)
         return dtype
+
+    @functools.cached_property
+    def counted(self) -> kernels.GraphProducts:
+        """One walk of the graph for the planners (NOTE [loop or vmap on a graph])."""
+        return kernels.graph_products(self.outputs)
+
+    def walk(self, visit: Callable[[Any], None]) -> None:
+        """Call ``visit`` on every node of the graph, in the walk that sets ``counted``."""
+        self.__dict__["counted"] = kernels.graph_products(self.outputs, visit)
 
     @property
     def used_inputs(self) -> tuple[Tensor, ...]:
@@ -98,6 +117,7 @@ class GraphProblem:
         cotangents: Sequence[Tensor],
         batched: bool,
         create_graph: bool | None = None,
+        retain: bool = True,
     ) -> tuple[Tensor | None, ...]:
         """``autograd.grad`` with a leading probe dimension on cotangents and results; the graph
         is kept (NOTE [retain_graph]).
@@ -116,66 +136,128 @@ class GraphProblem:
             t.grad = None
         if not batched:
             grads = torch.autograd.grad(
-                outs, ins, [c[0] for c in cotangents], True, cg, allow_unused=True
+                outs, ins, [c[0] for c in cotangents], retain, cg, allow_unused=True
             )
             return tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        return batched_grad(outs, ins, list(cotangents), True, cg)
+        return batched_grad(outs, ins, list(cotangents), retain, cg)
 
 
-def solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
-    """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage)."""
+def solve(
+    problem: GraphProblem,
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+    *,
+    native: bool = False,
+) -> list[Tensor]:
+    """Run the plan; one ``[B, rows, n_j]`` tensor per input (a view of probe-major storage).
+
+    ``native`` (only without ``batch_dim``): ``[rows, *x.shape]`` per input instead, in whatever
+    strides the pass produced (NOTE [native rows]).
+    """
+    native = native and problem.batch_dim is None
+    freed: list[bool] = []
     with fallback_scope(), retained_batch_hint(problem.fn_name):  # NOTE [fallback]
-        result = _solve(problem, mode, chunk_size, budget)
-    if not problem.retain_graph:  # NOTE [retain_graph]
+        result = _solve(problem, mode, chunk_size, budget, native, freed)
+    if not problem.retain_graph and not freed:  # NOTE [retain_graph]
         release_graph(problem.outputs, problem.used_inputs)
     return result
 
 
-def _solve(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> list[Tensor]:
+def _solve(
+    problem: GraphProblem,
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+    native: bool,
+    freed: list[bool],
+) -> list[Tensor]:
     p = problem
     p.check_coupling()
     n_cols = sum(s for s, u in zip(p.in_group.sizes, p.used) if u)
     chosen = choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST)
     full = sum(t.numel() for t in (*p.outputs, *p.inputs))
     per_probe = 4 * full * p.dtype.itemsize
-    products = kernels.backward_products(p.outputs, p.dtype, p.device, min(p.n_rows, n_cols) * full)
+    counted = p.counted
+    work = min(p.n_rows, n_cols) * full
 
     def chunks(n_probes: int) -> int:
-        # NOTE [loop or vmap]: under the oneDNN mode a loop pays its per-operator cost per probe
-        return choose_chunk_size(
+        # NOTE [loop or vmap on a graph]: a row's backward does about twice the forward's products
+        return choose_graph_chunk_size(
             n_probes,
             per_probe,
             budget,
             chunk_size,
-            work_per_probe=full if products is None else 0,
+            nodes=counted.nodes,
+            macs=2 * counted.macs,
+            products=2 * counted.products,
             device=p.device,
         )
 
+    row_chunk = chunks(p.n_rows) if chosen == "rev" or n_cols == 0 else 0
+    per_pass = 2 * row_chunk * counted.big_macs if row_chunk > 1 else 0
+    products = kernels.backward_products(p.outputs, p.dtype, p.device, work, counted, per_pass)
     with products or contextlib.nullcontext():
         if chosen == "fwd" and n_cols > 0:
             try:
-                return _columns(p, chunks(n_cols))
+                flat = columns(p, chunks(n_cols))
+                if not native:
+                    return flat
+                return [f.reshape(p.n_rows, *s) for f, s in zip(flat, p.in_group.shapes)]
             except RuntimeError as err:
                 # one FallbackWarning per call: a later vmap -> loop one is dropped (fallback_scope)
                 what = "columns by double backward failed, computed rows"
                 if names_fused_attention(err):  # NOTE [fused attention]
                     what += f"; for columns, {FIX}"
                 warn_fallback(p.fn_name, what, err)
-        return _rows(p, chunks(p.n_rows))
+        chunk = row_chunk or chunks(p.n_rows)
+        if one_pass_frees(p, chunk, counted.builtin):
+            freed.append(True)
+        return _rows(p, chunk, native, freeing=bool(freed))
 
 
-def _storage(p: GraphProblem, dims: tuple[int, int, int], j: int) -> Tensor:
+def freed_message(fn_name: str, err: Exception) -> str:
+    """NOTE [one pass frees]: a failed pass that may have freed part of the graph."""
+    return (
+        f"{fn_name}: the vectorised pass failed ({type(err).__name__}: {err}) and, with "
+        "retain_graph=False, "
+        "it may have freed part of the graph, so it cannot be retried as a loop: pass "
+        "chunk_size=1 (a loop) or retain_graph=True"
+    )
+
+
+def _storage(p: GraphProblem, dims: tuple[int, ...], j: int) -> Tensor:
     """Uninitialised storage for input ``j``; zeros for an input the outputs do not use."""
     alloc = torch.empty if p.used[j] else torch.zeros
     return alloc(dims, dtype=p.dtype, device=p.device)
 
 
-def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
-    """Rows by backward passes; storage ``[R, B, n_j]``."""
+def one_pass_frees(p: GraphProblem, chunk: int, builtin: bool) -> bool:
+    """NOTE [one pass frees]: whether the rows' only pass may free the graph itself."""
+    return not p.retain_graph and not p.create_graph and builtin and chunk >= max(p.n_rows, 2)
+
+
+def _rows(
+    p: GraphProblem, chunk_size: int, native: bool = False, freeing: bool = False
+) -> list[Tensor]:
+    """Rows by backward passes; storage ``[R, B, n_j]`` (``native``: ``[R, *x_j.shape]``).
+
+    NOTE [native rows]: a vectorised pass of all rows at once returns each input's rows in the
+    strides autograd chose (a Linear weight's rows come transposed, ``[R, out, in]`` with ``in``
+    outermost), and that result is adopted as the answer (``_adoptable``). Flattening it to
+    ``[R, 1, n_j]`` would copy all of ``J`` (3-8% of a multi-task Jacobian, measured on W5), so
+    ``jac`` and ``gramian``, which need no flat layout, ask for the native shape and reshape it
+    only where the public layout differs.
+    """
     outs, ins, g_in = p.outputs, p.inputs, p.in_group
     live = [j for j, u in enumerate(p.used) if u]
-    dims = [(p.n_rows, g_in.batch_size, n) for n in g_in.sizes]
+    if native:
+        dims: list[tuple[int, ...]] = [(p.n_rows, *s) for s in g_in.shapes]
+    else:
+        dims = [(p.n_rows, g_in.batch_size, n) for n in g_in.sizes]
     if not live:  # allow_unused and nothing is used: all zeros, and autograd.grad needs inputs
+        if native:
+            return [_storage(p, d, j) for j, d in enumerate(dims)]
         return [_storage(p, d, j).permute(1, 0, 2) for j, d in enumerate(dims)]
     store: list[Tensor | None] = [
         None if j in live else _storage(p, dims[j], j) for j in range(len(dims))
@@ -189,11 +271,17 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
             basis = p.out_group.one_hot(start, stop, p.dtype, p.device)
             sel = [i for i, b in enumerate(basis) if b is not None]
             cots = [basis[i].to(outs[i].dtype) for i in sel]  # type: ignore[union-attr]
-        return p.grad([outs[i] for i in sel], [ins[j] for j in live], cots, batched)
+        targets = [outs[i] for i in sel]
+        if not freeing:
+            return p.grad(targets, [ins[j] for j in live], cots, batched)
+        try:
+            return p.grad(targets, [ins[j] for j in live], cots, batched, retain=False)
+        except Exception as err:
+            raise RuntimeError(freed_message(p.fn_name, err)) from err
 
     def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(live, grads):
-            block = None if g is None else g_in.probe_major(j, g)
+            block = g if native or g is None else g_in.probe_major(j, g)
             if start == 0 and stop == p.n_rows and store[j] is None and _adoptable(p, block):
                 store[j] = block  # one pass made every row: its result is the storage, no copy
                 continue
@@ -203,10 +291,8 @@ def _rows(p: GraphProblem, chunk_size: int) -> list[Tensor]:
             target[start:stop] = 0 if block is None else block
 
     run_chunks(p.fn_name, p.n_rows, chunk_size, probe, write)
-    return [
-        (_storage(p, d, j) if s is None else s).permute(1, 0, 2)
-        for j, (s, d) in enumerate(zip(store, dims))
-    ]
+    done = [_storage(p, d, j) if s is None else s for j, (s, d) in enumerate(zip(store, dims))]
+    return done if native else [s.permute(1, 0, 2) for s in done]
 
 
 def _adoptable(p: GraphProblem, block: Tensor | None) -> bool:
@@ -222,104 +308,3 @@ def _adoptable(p: GraphProblem, block: Tensor | None) -> bool:
         and torch._debug_has_internal_overlap(block) == 0
         and use_count(block.untyped_storage()._cdata) <= 3
     )
-
-
-def _columns(p: GraphProblem, chunk_size: int) -> list[Tensor]:
-    """Columns by double backward (NOTE [double backward]); storage ``[n_j, B, R]``."""
-    outs, g_in, g_out = p.outputs, p.in_group, p.out_group
-    live = [j for j, u in enumerate(p.used) if u]
-    dummies = [torch.zeros_like(y).requires_grad_(True) for y in outs]
-    # The dummies go in as they are: a view of them would put its backward on every column's path.
-    g = torch.autograd.grad(
-        outs, [p.inputs[j] for j in live], dummies, create_graph=True, allow_unused=True
-    )
-    trans = {j: gj for j, gj in zip(live, g) if gj is not None}
-    for j, gj in trans.items():
-        if not gj.requires_grad:
-            raise FinalError(f"the backward of {p.input_names[j]} is not differentiable")
-    check = _DifferentiableCheck(p, trans, dummies)
-    store = [
-        (torch.empty if j in trans else torch.zeros)(
-            (n, g_in.batch_size, p.n_rows), dtype=p.dtype, device=p.device
-        )
-        for j, n in enumerate(g_in.sizes)
-    ]
-    left = None
-    if p.jac_outputs is not None:  # [k, B, m_i] per output
-        left = [g_out.probe_major(i, a).to(p.dtype) for i, a in enumerate(p.jac_outputs)]
-
-    def probe(start: int, stop: int, batched: bool) -> tuple[Tensor | None, ...]:
-        basis = g_in.one_hot(start, stop, p.dtype, p.device)
-        sel = [j for j in trans if basis[j] is not None]
-        if not sel:
-            return tuple(None for _ in outs)
-        tangents = [basis[j].to(p.inputs[j].dtype) for j in sel]  # type: ignore[union-attr]
-        jv = p.grad([trans[j] for j in sel], dummies, tangents, batched)
-        check(jv)
-        return jv
-
-    def write(start: int, stop: int, jv: tuple[Tensor | None, ...]) -> None:
-        c = stop - start
-        if left is not None:  # one block of k rows: [c, B, k]
-            terms = [
-                torch.einsum("cbm,kbm->cbk", g_out.probe_major(i, t).to(p.dtype), left[i])
-                for i, t in enumerate(jv)
-                if t is not None
-            ]
-            blocks: list[Tensor | None] = [torch.stack(terms).sum(0) if terms else None]
-            sizes: tuple[int, ...] = (p.n_rows,)
-        else:
-            blocks = [None if t is None else g_out.probe_major(i, t) for i, t in enumerate(jv)]
-            sizes = g_out.sizes
-        parts = [
-            torch.zeros(c, g_in.batch_size, m, dtype=p.dtype, device=p.device) if b is None else b
-            for b, m in zip(blocks, sizes)
-        ]
-        for j, lo, hi in g_in.touched(start, stop):
-            skip = g_in.offsets[j] + lo - start
-            dest = store[j][lo:hi]  # contiguous [w, B, R]
-            if len(parts) > 1 and not p.create_graph:  # one pass straight into the storage
-                torch.cat([t[skip : skip + hi - lo] for t in parts], dim=2, out=dest)
-                continue
-            for off, size, t in zip(g_out.offsets if left is None else (0,), sizes, parts):
-                dest[:, :, off : off + size].copy_(t[skip : skip + hi - lo])
-
-    run_chunks(p.fn_name, g_in.numel, chunk_size, probe, write)
-    return [s.permute(1, 2, 0) for s in store]
-
-
-class _DifferentiableCheck:
-    """Raise unless ``J^T u`` for each input is a differentiable function of the dummies.
-
-    A backward that cannot be differentiated (``@once_differentiable``, or one computed outside
-    autograd) still returns a tensor that requires grad, but its graph stops short of the dummy
-    ``u_i`` of an output i that depends on the input: those columns would silently be zero. An
-    ``Error`` node on the path raises by itself. With one input, the probes tell: such a column
-    comes back as ``None``. With several, a probe chunk may span them and another input may
-    reach ``u_i``, so each input's graph is walked once, up front. (Reachability is all that is
-    checked: a second path that does reach ``u_i`` hides a cut one.)
-    """
-
-    def __init__(self, p: GraphProblem, trans: dict[int, Tensor], dummies: list[Tensor]) -> None:
-        self.p, self.inputs = p, list(trans)
-        self.depends: list[list[bool]] | None = None  # [output][k] for input inputs[k]
-        if len(trans) > 1:
-            for k, gj in enumerate(trans.values()):
-                self._verify(k, reachable([gj], dummies))
-
-    def __call__(self, jv: tuple[Tensor | None, ...]) -> None:
-        if len(self.inputs) == 1:
-            self._verify(0, [t is not None for t in jv])
-
-    def _verify(self, k: int, reached: list[bool]) -> None:
-        if all(reached):
-            return
-        p = self.p
-        if self.depends is None:
-            ins = [p.inputs[j] for j in self.inputs]
-            self.depends = [reachable([y], ins) for y in p.outputs]
-        if any(row[k] and not r for row, r in zip(self.depends, reached)):
-            raise FinalError(
-                f"the backward from outputs to {p.input_names[self.inputs[k]]} is not "
-                "differentiable (e.g. @once_differentiable)"
-            )

@@ -44,7 +44,7 @@ Never inside a forward-AD level (for every product): the op has no forward deriv
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchjac._engine import fast
 
-__all__ = ["MIN_SIDE", "backward_products", "linear"]
+__all__ = ["MAX_WALK", "MIN_SIDE", "GraphProducts", "backward_products", "graph_products", "linear"]
 
 _MIN_MACS = 2**21  # multiply-adds below which MKL's lower call overhead wins (measured)
 MIN_SIDE = 16  # a narrow weight (e.g. a scalar output layer): oneDNN is no faster there
@@ -66,8 +66,18 @@ _MACS_PER_NODE = 2**22
 # Probes times the elements they read and write, below which the products cannot be big enough
 # to pay for walking the graph (W4, 64 columns of 21k gradients: 1.4M, a 0.1 ms walk skipped).
 _MIN_PROBE_WORK = 2**22
-_MAX_WALK = 4096  # graph nodes looked at when counting
+MAX_WALK = 4096  # graph nodes looked at when counting
+# NOTE [products per pass]: a vectorised pass of c rows multiplies products c times bigger than
+# the forward's, while the mode's cost is per operator, once per pass. So the mode is also taken
+# when one pass's big products (``per_pass`` multiply-adds) save, at the measured difference of
+# the two GEMMs (78-80 against 100-108 GFLOP/s at [2048-4096, 128-256] x [128-256, 256] on one
+# thread of the benchmark CPU: ~3 ps a multiply-add), ``_PASS_MARGIN`` times what the mode costs
+# (~3 operators a node at ~8 µs): 64 rows of W5's trunk 64→256→256 (N=128), but not 16.
+_SAVED_S_PER_MAC = 3e-12
+_MODE_S_PER_NODE = 24e-6
+_PASS_MARGIN = 3.0
 _PLAIN = (Tensor, torch.nn.Parameter)  # a subclass may override what the product means
+_CUSTOM = torch.autograd.function.BackwardCFunction  # a custom Function's node
 _op: Callable[..., Tensor] | None = None
 _state = {"checked": False, "usable": True, "tanh": True}
 
@@ -187,15 +197,63 @@ def _onednn() -> Callable[..., Tensor] | None:
     return _op
 
 
+class GraphProducts(NamedTuple):
+    """What one walk of a graph counts: its nodes, its ``mm``/``addmm`` nodes and their
+    multiply-adds (forward), and those of the products big enough for oneDNN."""
+
+    nodes: int
+    products: int
+    macs: int
+    big_macs: int
+    builtin: bool  # every node is torch's own (no custom Function), the walk saw them all
+
+
+def graph_products(
+    roots: Sequence[Tensor], visit: Callable[[Any], None] | None = None
+) -> GraphProducts:
+    """Count the graph behind ``roots`` (at most ``MAX_WALK`` nodes); ``visit(node)`` is called
+    on each node, once, so that a caller's own walk can ride this one."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
+    products = macs = big = 0
+    builtin = True
+    while stack:
+        if len(seen) >= MAX_WALK:
+            builtin = False
+            break
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if visit is not None:
+            visit(node)
+        builtin = builtin and not isinstance(node, _CUSTOM)
+        sizes = _mm_sizes(node)
+        if sizes is not None:
+            products += 1
+            macs += sizes[0] * sizes[1] * sizes[2]
+            if min(sizes) >= MIN_SIDE:
+                big += sizes[0] * sizes[1] * sizes[2]
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return GraphProducts(len(seen), products, macs, big, builtin)
+
+
 def backward_products(
-    roots: Sequence[Tensor], dtype: torch.dtype, device: torch.device, work: int
+    roots: Sequence[Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    work: int,
+    counted: GraphProducts | None = None,
+    per_pass: int = 0,
 ) -> TorchDispatchMode | None:
     """The oneDNN mode of NOTE [dense kernels] for backward passes over ``roots``' graph, when
     it pays; else ``None``. ``work``: probes times the elements of outputs and inputs, below
-    ``_MIN_PROBE_WORK`` the graph is not even walked."""
+    ``_MIN_PROBE_WORK`` the graph is not even walked; ``counted``: a walk already made;
+    ``per_pass``: the big products' multiply-adds in one vectorised pass (NOTE [products per
+    pass])."""
     if not (
         fast.enabled()
-        and work >= _MIN_PROBE_WORK
+        and (work >= _MIN_PROBE_WORK or per_pass > 0)
         and device.type == "cpu"
         and dtype is torch.float32
         and _state["usable"]
@@ -204,30 +262,15 @@ def backward_products(
         and _onednn() is not None
     ):
         return None
-    macs, nodes = _graph_products(roots)
-    return _OneDnnProducts() if macs >= _MACS_PER_NODE * max(nodes, 1) else None
+    c = graph_products(roots) if counted is None else counted
+    pays = c.big_macs >= _MACS_PER_NODE * max(c.nodes, 1)
+    pays = pays or per_pass * _SAVED_S_PER_MAC >= _PASS_MARGIN * _MODE_S_PER_NODE * c.nodes
+    return _OneDnnProducts() if pays else None
 
 
 def _no_dispatch_modes() -> bool:
     length = getattr(torch._C, "_len_torch_dispatch_stack", None)
     return length is not None and length() == 0
-
-
-def _graph_products(roots: Sequence[Tensor]) -> tuple[int, int]:
-    """(multiply-adds of the big ``mm``/``addmm`` nodes, nodes) of the graph behind ``roots``."""
-    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
-    macs = 0
-    while stack and len(seen) < _MAX_WALK:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        sizes = _mm_sizes(node)
-        if sizes is not None and min(sizes) >= MIN_SIDE:
-            macs += sizes[0] * sizes[1] * sizes[2]
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return macs, len(seen)
 
 
 def _mm_sizes(node: Any) -> tuple[int, int, int] | None:

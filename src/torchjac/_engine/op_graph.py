@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchjac._engine.graph_probes import GraphProblem, _DifferentiableCheck
+from torchjac._engine.graph_columns import DifferentiableCheck
+from torchjac._engine.graph_probes import GraphProblem
 from torchjac._engine.graph_release import keep_retained_grads
 from torchjac._engine.op_products import offsets, per_probe_bytes
 from torchjac._engine.plan import choose_chunk_size
@@ -36,7 +37,7 @@ class GraphSource:
         self.n_rows = problem.out_group.numel
         self.col_sizes = problem.in_group.sizes
         self.dtype, self.device = problem.dtype, problem.device
-        self._double: tuple[dict[int, Tensor], list[Tensor], _DifferentiableCheck] | None = None
+        self._double: tuple[dict[int, Tensor], list[Tensor], DifferentiableCheck] | None = None
 
     def chunk(self, k: int, chunk_size: int | None, budget: int) -> int:
         n = sum(self.col_sizes)
@@ -84,7 +85,7 @@ class GraphSource:
                 warn_fallback(self.fn_name, what, err)
             return self._from_rows(v, chunk_size, budget)
 
-    def _setup(self) -> tuple[dict[int, Tensor], list[Tensor], _DifferentiableCheck]:
+    def _setup(self) -> tuple[dict[int, Tensor], list[Tensor], DifferentiableCheck]:
         if self._double is None:
             p = self.p
             dummies = [torch.zeros_like(y).requires_grad_(True) for y in p.outputs]
@@ -100,7 +101,7 @@ class GraphSource:
             for j, gj in trans.items():
                 if not gj.requires_grad:
                     raise RuntimeError(f"the backward of {p.input_names[j]} is not differentiable")
-            self._double = (trans, dummies, _DifferentiableCheck(p, trans, dummies))
+            self._double = (trans, dummies, DifferentiableCheck(p, trans, dummies))
         return self._double
 
     def _columns(self, v: Tensor, size: int) -> Tensor:

@@ -21,6 +21,7 @@ __all__ = [
     "Plan",
     "available_memory",
     "choose_chunk_size",
+    "choose_graph_chunk_size",
     "choose_mode",
     "memory_budget",
     "parse_memory",
@@ -34,13 +35,33 @@ FUNC_COLUMN_COST = 1.0
 DEFAULT_MEMORY_SHARE = 0.25
 # NOTE [loop or vmap]: vmap removes the per-operator overhead of a probe, and pays a fixed cost
 # of its own. On a CPU, when there are few probes and each one moves many elements (so its
-# operators are compute-bound), a plain loop is as fast or faster (measured on W5: 16 probes of a
-# 512-wide trunk, loop 3-5% ahead). On CUDA kernel launches dominate, so vmap always wins there.
+# operators are compute-bound), a plain loop is as fast or faster (measured on W5 when graph rows
+# still went through this rule: 16 probes of a 512-wide trunk, loop 3-5% ahead; rows on a graph
+# now follow NOTE [loop or vmap on a graph], and this rule serves the other families). On CUDA
+# kernel launches dominate, so vmap always wins there.
 # Under the oneDNN dispatch mode of NOTE [dense kernels] every operator costs ~8 µs more, once
 # per probe in a loop and once per chunk under vmap: vmap wins again (W5: 39 against 45 ms).
 LOOP_MAX_PROBES = 2
 FEW_PROBES = 32
 LARGE_PROBE_WORK = 2**17  # elements touched per probe (outputs + inputs of the problem)
+
+# NOTE [loop or vmap on a graph]: rows of a Jacobian on an existing graph (``jac``, ``gramian``)
+# run as a loop of ``autograd.grad`` or as vectorised passes, chosen by a modelled cost: a pass
+# pays a cost per graph node (the engine, the Python of hooks, functorch's batching rules), and
+# the products cost their multiply-adds at a rate that needs big enough products to use the
+# threads. Measured on the CPU of the benchmarks (torch 2.13, trunk 64→256→256, 1 thread):
+# a loop pass costs ~8 µs a node, a vectorised pass ~13 µs a node (functorch's rules, once per
+# chunk, not once per probe); the multiply-adds are the same either way, but a loop's products are
+# ``n`` times smaller and torch splits a product over threads only from ~``PARALLEL_GRAIN``
+# multiply-adds per thread. So from two probes on, the vectorised pass costs less (at 1 thread:
+# m=2 1.55 against 1.54 ms, a tie; m=16 12.7 against 13.8 ms; at 2 threads the loop fell far
+# behind), and a loop is left for a single probe, a chunk of one forced by the memory budget, or
+# the user's ``chunk_size=1``. (The old rule, a loop for up to 32 probes of large work, came from
+# a path that copied every vectorised result once more; NOTE [native rows].)
+LOOP_NODE_S = 8e-6
+VMAP_NODE_S = 13e-6
+MAC_S = 1 / 80e9  # a float32 multiply-add at one thread's GEMM rate (MKL on the benchmark CPU)
+PARALLEL_GRAIN = 2**16
 
 _UNITS = {
     "": 1,
@@ -176,3 +197,45 @@ def choose_chunk_size(
         return 1
     fits = budget // max(bytes_per_probe, 1)
     return int(max(1, min(n_probes, fits)))
+
+
+def _threads_used(macs_per_product: float, threads: int) -> float:
+    return max(1.0, min(float(threads), macs_per_product / PARALLEL_GRAIN))
+
+
+def graph_rows_cost(
+    n_probes: int, chunk: int, *, nodes: int, macs: int, products: int, threads: int
+) -> float:
+    """Modelled seconds for ``n_probes`` rows on a graph of ``nodes`` nodes whose ``products``
+    big products take ``macs`` multiply-adds per probe, in chunks of ``chunk`` (``1``: a loop).
+    See NOTE [loop or vmap on a graph]."""
+    passes = math.ceil(n_probes / max(chunk, 1))
+    per_node = LOOP_NODE_S if chunk <= 1 else VMAP_NODE_S
+    per_product = chunk * macs / max(products, 1)
+    return passes * nodes * per_node + n_probes * macs * MAC_S / _threads_used(per_product, threads)
+
+
+def choose_graph_chunk_size(
+    n_probes: int,
+    bytes_per_probe: int,
+    budget: int,
+    chunk_size: int | None,
+    *,
+    nodes: int,
+    macs: int,
+    products: int,
+    device: torch.device,
+) -> int:
+    """Rows per pass on a graph: the user's, else the cheaper of a loop and the largest chunk the
+    ``budget`` holds, by ``graph_rows_cost`` (NOTE [loop or vmap on a graph]); CUDA: vectorised."""
+    if n_probes <= 0:
+        return 1
+    if chunk_size is not None:
+        return min(chunk_size, n_probes)
+    fits = int(max(1, min(n_probes, budget // max(bytes_per_probe, 1))))
+    if fits == 1 or device.type != "cpu":
+        return fits
+    threads = torch.get_num_threads()
+    kw = {"nodes": nodes, "macs": macs, "products": products, "threads": threads}
+    loop = graph_rows_cost(n_probes, 1, **kw)
+    return 1 if loop < graph_rows_cost(n_probes, fits, **kw) else fits
