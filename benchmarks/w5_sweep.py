@@ -160,4 +160,4 @@ WORKLOADS = [
         _build_cell(m, n, w),
     )
     for m, n, w in SWEEP
-] + [Workload("W5d", "The multi-task step: Gramian, weights, backward (issue 21)", _build_step)]
+] + [Workload("W5d", "The multi-task step: Gramian, weights, backward", _build_step)]

@@ -97,6 +97,6 @@ def _build_jtu(small: bool) -> Case:
 
 
 WORKLOADS = [
-    Workload("W8a", "J @ V, 16 columns, on W5's trunk (issue 18)", _build_jv),
-    Workload("W8b", "Jᵀ @ U, 16 columns, on W5's trunk (issue 18)", _build_jtu),
+    Workload("W8a", "J @ V, 16 columns, on W5's trunk", _build_jv),
+    Workload("W8b", "Jᵀ @ U, 16 columns, on W5's trunk", _build_jtu),
 ]
