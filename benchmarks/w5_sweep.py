@@ -156,7 +156,7 @@ def _build_step(small: bool) -> Case:
 WORKLOADS = [
     Workload(
         "W5c",
-        f"Gramian of m={m} task losses, N={n}, width {w} (issue 21 sweep)",
+        f"Gramian of m={m} task losses, N={n}, width {w} (the multi-task sweep)",
         _build_cell(m, n, w),
     )
     for m, n, w in SWEEP
