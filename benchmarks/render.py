@@ -84,6 +84,8 @@ def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
             and r.median_ms is not None
         ]
         best = min(peers, key=lambda r: r.median_ms or 0.0, default=None)
+        if best is None and not sweep:  # the README compares; RESULTS.md lists such rows too
+            continue
         ratio = "—" if mine.ratio is None else f"**{mine.ratio:.2f}×**"
         title = re.sub(r" [(]seeds? [^)]*[)]", "", mine.title)  # the README has no seed numbers
         lines.append(
