@@ -79,6 +79,7 @@ def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
             r
             for r in rows
             if r.workload == mine.workload
+            and r.title == mine.title  # a sweep's cells share a key, not a problem
             and not r.torchjac
             and not r.floor
             and r.median_ms is not None

@@ -108,8 +108,6 @@ def _build(small: bool, large: bool) -> Case:
 
 
 WORKLOADS = [
-    Workload(
-        "W9", "sparse Jacobian of a Bratu residual, N=64", lambda s: _build(s, False)
-    ),
+    Workload("W9", "sparse Jacobian of a Bratu residual, N=64", lambda s: _build(s, False)),
     Workload("W9b", "sparse Jacobian of a Bratu residual, N=512", lambda s: _build(s, True)),
 ]
