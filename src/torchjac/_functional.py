@@ -7,113 +7,28 @@ propagation when it is the cheaper plan (NOTE [taylor mode]) and through nested 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from torchjac._checks import (
-    check_batch_dim,
-    check_chunk_size,
-    check_flag,
-    check_func_inputs,
-    check_mode,
-    unflatten,
-)
+from torchjac._checks import unflatten
 from torchjac._distributed_doors import split_function
-from torchjac._engine.exact_norms import exact_norms
-from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_probes import Traced, solve_jacobian
-from torchjac._engine.func_state import call_state
-from torchjac._engine.plan import memory_budget
+from torchjac._engine.func_probes import solve_jacobian
 from torchjac._engine.second import second_derivatives
-from torchjac._engine.taylor_run import TaylorResult
-from torchjac._errors import fallback_scope
+from torchjac._functional_steps import (
+    finish,
+    in_shape,
+    lead_of,
+    outputs_check,
+    rows_of,
+    running,
+    setup,
+)
 
 __all__ = ["hessian", "hessian_diagonal", "jacobian", "laplacian"]
 
 Inputs = Tensor | Iterable[Tensor] | Mapping[str, Tensor]
-
-
-def _setup(
-    fn: str,
-    func: Any,
-    inputs: Any,
-    batch_dim: Any,
-    mode: Any,
-    has_aux: Any,
-    chunk_size: Any,
-    max_memory: Any,
-    create_graph: Any,
-) -> tuple[FuncProblem, str, int | None, int]:
-    ins, container, names, device, batch_dim = check_func_inputs(fn, func, inputs, batch_dim)
-    mode = check_mode(fn, mode)
-    chunk_size = check_chunk_size(fn, chunk_size)
-    has_aux = check_flag(fn, "has_aux", has_aux)
-    create_graph = check_flag(fn, "create_graph", create_graph)
-    budget = memory_budget(fn, max_memory, device)
-    if any(x.is_inference() for x in ins):  # inference tensors cannot join a graph: copy them
-        with torch.inference_mode(False):
-            ins = tuple(x.clone() if x.is_inference() else x for x in ins)
-    problem = FuncProblem(
-        fn, func, container, ins, names, bool(has_aux), batch_dim, bool(create_graph)
-    )
-    return problem, mode, chunk_size, budget
-
-
-def _check_outputs(p: FuncProblem) -> Callable[[tuple[Tensor, ...]], None]:
-    def check(outs: tuple[Tensor, ...]) -> None:
-        if p.batch_dim is None:
-            return
-        out_names = (
-            ["the output of func"]
-            if p.single
-            else [f"the output of func[{i}]" for i in range(len(outs))]
-        )
-        named = list(zip(p.input_names, p.inputs)) + list(zip(out_names, outs))
-        check_batch_dim(p.fn_name, p.batch_dim, named)
-
-    return check
-
-
-@contextmanager
-def _running(p: FuncProblem) -> Iterator[None]:
-    """One public call: one ``FallbackWarning`` at most, one random draw and the modules' buffers
-    as found (NOTE [one draw per call], NOTE [module state]). Derivatives need autograd even
-    under ``torch.inference_mode()``; the result needs a graph only with ``create_graph`` (and
-    then has one under ``torch.no_grad()`` too, as with ``torch.autograd.grad``)."""
-    with (
-        fallback_scope(),
-        call_state(p.func, p.inputs) as state,
-        torch.inference_mode(False),
-        torch.enable_grad() if p.create_graph else torch.no_grad(),
-        exact_norms() if p.create_graph else contextlib.nullcontext(),  # NOTE [exact norms]
-    ):
-        p.state = state
-        try:
-            yield
-        finally:
-            p.state = None
-
-
-def _rows(p: FuncProblem, t: Traced | TaylorResult) -> tuple[int, ...]:
-    return tuple(t.out_group.rest_shape(0)) if p.single else (t.out_group.numel,)
-
-
-def _lead(p: FuncProblem, t: Traced | TaylorResult) -> tuple[int, ...]:
-    return () if p.batch_dim is None else (t.in_group.batch_size,)
-
-
-def _in_shape(p: FuncProblem, t: Traced | TaylorResult, j: int) -> tuple[int, ...]:
-    g = t.in_group
-    return tuple(g.shapes[j]) if p.batch_dim is None else tuple(g.rest_shape(j))
-
-
-def _finish(p: FuncProblem, t: Traced | TaylorResult, result: Any) -> Any:
-    return (result, t.aux) if p.has_aux else result
 
 
 def jacobian(
@@ -198,14 +113,14 @@ def jacobian(
     if process_group is not None or gather != "all":  # NOTE [split and gather]
         return split_function(jacobian, "jacobian", locals())
     fn = "jacobian"
-    p, mode, chunk_size, budget = _setup(
+    p, mode, chunk_size, budget = setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with _running(p):  # the shaping too: under no_grad, a view of the result would lose its graph
-        flat, t = solve_jacobian(p, mode, chunk_size, budget, _check_outputs(p))
-        rows, lead = _rows(p, t), _lead(p, t)
-        res = [r.reshape((*lead, *rows, *_in_shape(p, t, j))) for j, r in enumerate(flat)]
-    return _finish(p, t, unflatten(p.container, res))
+    with running(p):  # the shaping too: under no_grad, a view of the result would lose its graph
+        flat, t = solve_jacobian(p, mode, chunk_size, budget, outputs_check(p))
+        rows, lead = rows_of(p, t), lead_of(p, t)
+        res = [r.reshape((*lead, *rows, *in_shape(p, t, j))) for j, r in enumerate(flat)]
+    return finish(p, t, unflatten(p.container, res))
 
 
 def hessian(
@@ -240,13 +155,13 @@ def hessian(
     if process_group is not None or gather != "all":  # NOTE [split and gather]
         return split_function(hessian, "hessian", locals())
     fn = "hessian"
-    p, mode, chunk_size, budget = _setup(
+    p, mode, chunk_size, budget = setup(
         fn, func, inputs, batch_dim, mode, has_aux, chunk_size, max_memory, create_graph
     )
-    with _running(p):
-        check = _check_outputs(p)
+    with running(p):
+        check = outputs_check(p)
         flat, t = second_derivatives(p, "full", mode, chunk_size, budget, check)  # [B, R, D, D]
-        rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
+        rows, lead, g = rows_of(p, t), lead_of(p, t), t.in_group
         blocks = [
             [
                 flat[
@@ -254,7 +169,7 @@ def hessian(
                     :,
                     g.offsets[i] : g.offsets[i] + g.sizes[i],
                     g.offsets[j] : g.offsets[j] + g.sizes[j],
-                ].reshape((*lead, *rows, *_in_shape(p, t, i), *_in_shape(p, t, j)))
+                ].reshape((*lead, *rows, *in_shape(p, t, i), *in_shape(p, t, j)))
                 for j in range(len(g.shapes))
             ]
             for i in range(len(g.shapes))
@@ -265,7 +180,7 @@ def hessian(
             if kind == "tensor"
             else unflatten(p.container, [unflatten(p.container, row) for row in blocks])
         )
-    return _finish(p, t, res)
+    return finish(p, t, res)
 
 
 def hessian_diagonal(
@@ -336,7 +251,7 @@ def laplacian(
 
 
 def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
-    p, mode, chunk_size, budget = _setup(
+    p, mode, chunk_size, budget = setup(
         fn,
         a["func"],
         a["inputs"],
@@ -347,16 +262,16 @@ def _diagonal_or_trace(fn: str, kind: str, a: dict[str, Any]) -> Any:
         a["max_memory"],
         a["create_graph"],
     )
-    with _running(p):
-        check = _check_outputs(p)
+    with running(p):
+        check = outputs_check(p)
         flat, t = second_derivatives(p, kind, mode, chunk_size, budget, check)  # [B, R(, D)]
-        rows, lead, g = _rows(p, t), _lead(p, t), t.in_group
+        rows, lead, g = rows_of(p, t), lead_of(p, t), t.in_group
         if kind == "trace":
-            return _finish(p, t, flat.reshape((*lead, *rows)))
+            return finish(p, t, flat.reshape((*lead, *rows)))
         res = [
             flat[:, :, g.offsets[j] : g.offsets[j] + g.sizes[j]].reshape(
-                (*lead, *rows, *_in_shape(p, t, j))
+                (*lead, *rows, *in_shape(p, t, j))
             )
             for j in range(len(g.shapes))
         ]
-        return _finish(p, t, unflatten(p.container, res))
+        return finish(p, t, unflatten(p.container, res))
