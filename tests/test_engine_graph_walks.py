@@ -105,11 +105,11 @@ def test_reachable_finds_every_leaf(short_lived_nodes: None) -> None:
 
 def test_the_front_doors_walk_finds_every_leaf(short_lived_nodes: None) -> None:
     out, leaves = _wide_graph()
-    counted, used = _walk((out,), tuple(leaves))
+    counted, used, _ = _walk((out,), tuple(leaves), False)
     assert used == [True] * len(leaves)
     assert counted is not None and counted.nodes == 7 * len(leaves)
     mid = (leaves[0] * 3).cos()
-    _, used = _walk((mid.sum() + out,), (mid, *leaves))
+    _, used, _ = _walk((mid.sum() + out,), (mid, *leaves), False)
     assert used == [True] * (len(leaves) + 1)
 
 

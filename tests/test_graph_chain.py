@@ -267,3 +267,24 @@ def test_gramian_with_create_graph_under_no_grad_has_a_graph(
     torch.testing.assert_close(got, gram(x.detach()))
     (g,) = torch.autograd.grad(got.sum(), x)
     torch.testing.assert_close(g, jacrev(lambda x: gram(x).sum())(x.detach()))
+
+
+@pytest.mark.parametrize("steps", [1, 5000])  # a graph the count walks whole, and a longer one
+@pytest.mark.parametrize("fn", ["jac", "gramian"])
+def test_create_graph_through_fused_norms_warns(steps: int, fn: str, gen) -> None:
+    """NOTE [exact norms]: a graph the user built through torch's fused layer_norm or train-mode
+    batch_norm cannot be rewritten; create_graph=True says so, and only then."""
+    x = randn(4, 3, gen=gen, grad=True)
+    for norm in (
+        lambda h: torch.nn.functional.layer_norm(h, (3,)),
+        lambda h: torch.nn.functional.batch_norm(h, None, None, training=True),
+    ):
+        y = norm(x)
+        for _ in range(steps - 1):
+            y = y * 1.0
+        with pytest.warns(UserWarning, match=f"{fn}: create_graph=True.*fused"):
+            getattr(tj, fn)(y, x, create_graph=True)
+        getattr(tj, fn)(y, x, retain_graph=True)  # no warning without create_graph
+    rm, rv = torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)
+    y = torch.nn.functional.batch_norm(x, rm, rv, training=False)  # eval: exact to every order
+    getattr(tj, fn)(y, x, create_graph=True)

@@ -26,7 +26,7 @@ from torchjac._checks import (
 )
 from torchjac._engine import kernels
 from torchjac._engine.basis import Group
-from torchjac._engine.exact_norms import warn_fused_norms
+from torchjac._engine.exact_norms import fused_norm, fused_norms, warn_fused_norms
 from torchjac._engine.graph_probes import GraphProblem
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.structure import reachable
@@ -91,7 +91,7 @@ def graph_call(
     batch_dim, _ = check_batch_dim(fn, batch_dim, named)
     jos = _check_jac_outputs(fn, jac_outputs, outs, single)
     budget = memory_budget(fn, max_memory, device)
-    counted, used = _walk(outs, ins)
+    counted, used, norms = _walk(outs, ins, create_graph)
     if not allow_unused:
         for name, u in zip(names, used):
             if not u:
@@ -99,8 +99,8 @@ def graph_call(
                     f"{fn}: the outputs do not depend on {name}. Pass allow_unused=True "
                     f"{unused_means}, or remove it from `inputs`."
                 )
-    if create_graph:
-        warn_fused_norms(fn, outs)  # NOTE [exact norms]
+    if create_graph:  # NOTE [exact norms]: from the count's walk, or one of its own if cut short
+        warn_fused_norms(fn, fused_norms(outs) if norms is None else norms)
     out_group = Group.of(outs, batch_dim)
     problem = GraphProblem(
         fn_name=fn,
@@ -122,26 +122,32 @@ def graph_call(
 
 
 def _walk(
-    outs: tuple[Tensor, ...], ins: tuple[Tensor, ...]
-) -> tuple[kernels.GraphProducts | None, list[bool]]:
-    """One walk of the graph: the planner's count, and which inputs the outputs reach (as
-    ``structure.reachable``, which runs instead on a graph too big to be counted whole)."""
+    outs: tuple[Tensor, ...], ins: tuple[Tensor, ...], norms: bool
+) -> tuple[kernels.GraphProducts | None, list[bool], set[str] | None]:
+    """One walk of the graph: the planner's count, which inputs the outputs reach (as
+    ``structure.reachable``, which runs instead on a graph too big to be counted whole), and with
+    ``norms`` the fused normalisations on it (NOTE [exact norms]; ``None`` when cut short)."""
     leaves: set[int] = set()
     edges: set[tuple[Any, int]] = {(y.grad_fn, y.output_nr) for y in outs if y.grad_fn is not None}
+    found: set[str] = set()
 
     def visit(node: Any) -> None:
         variable = getattr(node, "variable", None)
         if variable is not None:
             leaves.add(id(variable))
         edges.update((c, nr) for c, nr in node.next_functions if c is not None)
+        norm = fused_norm(node) if norms else None
+        if norm is not None:
+            found.add(norm)
 
     counted = kernels.graph_products(outs, visit)
     if counted.nodes >= kernels.MAX_WALK:
-        return None, reachable(outs, ins)
+        return None, reachable(outs, ins), None
     leaves.update(id(y) for y in outs if y.grad_fn is None)  # an output that is itself an input
-    return counted, [
+    used = [
         id(x) in leaves if x.grad_fn is None else (x.grad_fn, x.output_nr) in edges for x in ins
     ]
+    return counted, used, found
 
 
 def _check_jac_outputs(

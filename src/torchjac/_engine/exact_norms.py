@@ -21,7 +21,7 @@ one (``warn_fused_norms``), and docs/limits.md says so.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchjac._engine.taylor_decomp import DECOMPOSITIONS
 
-__all__ = ["exact_norms", "fused_norms", "warn_fused_norms"]
+__all__ = ["exact_norms", "fused_norm", "fused_norms", "warn_fused_norms"]
 
 
 class _ExactNorms(TorchFunctionMode):
@@ -50,9 +50,19 @@ def exact_norms() -> _ExactNorms:
     return _ExactNorms()
 
 
-def fused_norms(outputs: Sequence[Tensor]) -> list[str]:
-    """The fused normalisations of NOTE [exact norms] on the graph of ``outputs`` (one walk over
-    all of it, nodes keyed by themselves: NOTE [node identity]); empty if there are none."""
+def fused_norm(node: Any) -> str | None:
+    """The fused normalisation of NOTE [exact norms] an autograd node runs, or ``None``."""
+    name = type(node).__name__
+    if "LayerNormBackward" in name:
+        return "layer_norm"
+    if "BatchNormBackward" in name and getattr(node, "_saved_training", True):
+        return "batch_norm with batch statistics"
+    return None
+
+
+def fused_norms(outputs: Sequence[Tensor]) -> set[str]:
+    """Every :func:`fused_norm` on the graph of ``outputs`` (one walk over all of it, nodes keyed
+    by themselves: NOTE [node identity])."""
     found: set[str] = set()
     stack = [y.grad_fn for y in outputs if y.grad_fn is not None]
     seen: set[Any] = set()
@@ -61,24 +71,22 @@ def fused_norms(outputs: Sequence[Tensor]) -> list[str]:
         if node in seen:
             continue
         seen.add(node)
-        name = type(node).__name__
-        if "LayerNormBackward" in name:
-            found.add("layer_norm")
-        elif "BatchNormBackward" in name and getattr(node, "_saved_training", True):
-            found.add("batch_norm with batch statistics")
+        norm = fused_norm(node)
+        if norm is not None:
+            found.add(norm)
         stack.extend(n for n, _ in node.next_functions if n is not None)
-    return sorted(found)
+    return found
 
 
-def warn_fused_norms(fn: str, outputs: Sequence[Tensor]) -> None:
+def warn_fused_norms(fn: str, found: Collection[str]) -> None:
     """``create_graph=True`` on a graph the user built: warn if a derivative of the result goes
-    through a fused normalisation, which torchjac cannot rewrite there (NOTE [exact norms])."""
-    found = fused_norms(outputs)
+    through a fused normalisation (``found``, from :func:`fused_norm` on its nodes), which
+    torchjac cannot rewrite there (NOTE [exact norms])."""
     if found:
         warnings.warn(
             f"{fn}: create_graph=True, and the outputs were computed with torch's fused "
-            f"{' and '.join(found)}, whose derivatives of order 3, and mixed ones of order 2 (its "
-            "weight and its input), are wrong in torch (pytorch issues 175754 and 186256): "
+            f"{' and '.join(sorted(found))}, whose derivatives of order 3, and mixed ones of order "
+            "2 (its weight and its input), are wrong in torch (pytorch issues 175754 and 186256): "
             "derivatives of this result may be too. Compute the normalisation from elementary "
             "ops (mean, rsqrt) to differentiate the result exactly; tj.jacobian and tj.hessian "
             "on the function do that themselves.",
