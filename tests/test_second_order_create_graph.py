@@ -127,3 +127,27 @@ def test_create_graph_through_fused_norms_is_exact(
     refs = torch.autograd.grad((want * r).sum(), ref_params, allow_unused=True)
     for g, ref in zip(grads, refs):
         torch.testing.assert_close(g, ref)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nested_path_traces_again_only_for_fused_norms(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, fused: bool
+) -> None:
+    """NOTE [exact norms]: the nested path keeps the trace made for its plan, unless that graph
+    runs a fused norm; the Hessian is exact either way."""
+    import torchjac._engine.second as second
+
+    x, w = randn(8, gen=gen), randn(8, gen=gen)
+    traces: list[int] = []
+    trace = second.autograd_trace
+    monkeypatch.setattr(second, "autograd_trace", lambda *a: traces.append(1) or trace(*a))
+
+    def f(x: Tensor) -> Tensor:
+        h = torch.nn.functional.layer_norm(x, (8,), w) if fused else _written_out("layer", x, w, 0)
+        return (h * x).sum().sin()
+
+    got = tj.hessian(f, x)  # 8 inputs, one output: nested AD is the plan
+    torch.testing.assert_close(
+        got, hessian(lambda x: (_written_out("layer", x, w, 0) * x).sum().sin())(x)
+    )
+    assert len(traces) == (2 if fused else 1)

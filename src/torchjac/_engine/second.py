@@ -23,7 +23,7 @@ from torch import Tensor
 
 from torchjac._engine.attention import FIX, math_attention, names_fused_attention
 from torchjac._engine.basis import Group
-from torchjac._engine.exact_norms import exact_norms
+from torchjac._engine.exact_norms import exact_norms, fused_norms
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import CheckBatch, Traced, autograd_trace
 from torchjac._engine.func_second import graph_pairs, hessian_pairs
@@ -97,9 +97,11 @@ def _second_derivatives(
                         err,
                     )
     # auto: reverse over reverse, which is right where forward over reverse is not (det, solve);
-    # traced again under NOTE [exact norms] if traced for the plan (graph_pairs uses its graph)
+    # under NOTE [exact norms]; a trace made for the plan is kept unless its graph (which
+    # graph_pairs differentiates) holds a fused norm
     with exact_norms():
-        t = autograd_trace(p, check_batch)
+        if t is None or fused_norms(t.graph_outputs):
+            t = autograd_trace(p, check_batch)
         return _nested(p, t, kind, "rev" if mode == "auto" else mode, chunk_size, budget), t
 
 
