@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
+from torchjac._engine.batch_trace import BatchTrace
 from torchjac._engine.closed_forms import KINDS, Use, build_use
 from torchjac._engine.structure import reachable
 
@@ -184,6 +185,7 @@ class Capture:
     state: ModelState
     uses: list[Use] = field(default_factory=list)
     general: tuple[str, ...] = ()
+    proven: bool = False  # per sample by its ops (NOTE [op batch proof]), when asked to prove
 
 
 def capture(
@@ -194,8 +196,12 @@ def capture(
     batch_dim: int | None,
     *,
     fn_name: str = "capture",
+    prove: bool = False,
 ) -> Capture:
     """Run ``model`` once with hooks on supported layers; see NOTE [layer capture].
+
+    ``prove``: follow the batch through the forward's ops (NOTE [op batch proof]);
+    ``Capture.proven`` then says whether the model keeps samples apart.
 
     Raises ``TypeError`` when the model does not return a Tensor. Hooks never outlive the call.
     """
@@ -204,11 +210,16 @@ def capture(
     uses: list[Use] = []
     covered: list[tuple[Any, set[int]]] = []  # (node, ids of the leaves it covers) per use
 
+    trace: BatchTrace | None = None
+
     def hook(module: nn.Module, h_args: tuple, h_kwargs: dict, output: Any) -> Any:
-        built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim, batch_size)
+        with trace.paused() if trace is not None else contextlib.nullcontext():
+            built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim, batch_size)
         if built is None:
             return None
         use, new_output = built
+        if trace is not None:
+            trace.same_batch(output, new_output)
         uses.append(use)
         x = h_args[0] if h_args else h_kwargs.get("input")
         leaves = {id(state.leaves[n]) for n in (use.weight, use.bias) if n is not None}
@@ -217,10 +228,14 @@ def capture(
         return new_output
 
     handles = []
+    proven = False
     try:
         for module in _hookable(model):
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        output = call(model, state.with_leaves(state.leaves), args, kwargs)
+        tracing = BatchTrace.of(args, kwargs, batch_dim if prove else None)
+        with tracing as trace:
+            output = call(model, state.with_leaves(state.leaves), args, kwargs)
+            proven = trace is not None and batch_dim is not None and trace.proves(output, batch_dim)
     finally:
         for h in handles:
             h.remove()
@@ -229,7 +244,7 @@ def capture(
             f"{fn_name}: the model must return a Tensor, got {type(output).__name__}. Wrap it "
             "to return the Tensor to differentiate."
         )
-    cap = Capture(output=output, state=state, uses=uses)
+    cap = Capture(output=output, state=state, uses=uses, proven=proven)
     blocked: dict[Any, set[int]] = {}
     for node, leaves in covered:
         blocked.setdefault(node, set()).update(leaves)

@@ -9,6 +9,8 @@ subclass may override ``forward``), configured so that it maps sample ``i`` to s
 rank its input has there, with no hooks (the module's own or global ones), no ``forward``
 replaced on the instance, and no torch-function or dispatch mode active. Anything else gets the
 check: a missed proof only costs the check's time, so everything not listed is conservative.
+This proof needs no forward; a model it does not cover may still be proven from the ops of the
+capture's forward (NOTE [op batch proof]).
 """
 
 from __future__ import annotations

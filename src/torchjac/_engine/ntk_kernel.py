@@ -60,7 +60,8 @@ def run_side(
     """``model(*xs)`` captured, checked for coupling, and its ``δ`` for every output element."""
     leaves = tuple(x.detach().requires_grad_(True) if x.is_floating_point() else x for x in xs)
     proven = proven_per_sample(model, tuple(xs), {}, batch_dim)  # before any hook of ours
-    cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn)
+    cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn, prove=not proven)
+    proven = proven or cap.proven  # NOTE [op batch proof]
     out = cap.output
     unbatched = (
         f" If {arg} (shape {list(xs[0].shape)}) is one sample without a batch dimension, pass "

@@ -85,7 +85,8 @@ def per_sample_jacobian(
     if chain is not None:  # NOTE [parameter chain]
         cap = Capture(output=chain.output, state=state, uses=chain.uses)
     else:
-        cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name)
+        cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name, prove=not proven)
+        proven = proven or cap.proven  # NOTE [op batch proof]
     if cap.general:  # the general path needs independent inputs too: capture with input leaves
         leaf_args, leaf_kwargs, checked = _input_leaves(args, kwargs)
         cap = capture(model, state, leaf_args, leaf_kwargs, batch_dim, fn_name=fn_name)
