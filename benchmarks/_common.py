@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -82,6 +83,48 @@ class FunctionalMLP(nn.Module):
         for layer in self.layers[:-1]:
             x = self.activation(layer(x))
         return self.layers[-1](x)
+
+
+_FUNCTIONAL: dict[type, Callable[[Tensor], Tensor]] = {
+    nn.ReLU: F.relu,
+    nn.Tanh: torch.tanh,
+    nn.Flatten: lambda t: torch.flatten(t, 1),
+}
+
+
+class FunctionalNet(nn.Module):
+    """An ``nn.Sequential``'s layers as a module class: the layers with parameters in an
+    ``nn.ModuleList``, activations and flattening as functions called in ``forward``."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(m for m in seq if type(m) not in _FUNCTIONAL)
+        self.steps = [_FUNCTIONAL.get(type(m)) for m in seq]
+
+    def forward(self, x: Tensor) -> Tensor:
+        layers = iter(self.layers)
+        for step in self.steps:
+            x = next(layers)(x) if step is None else step(x)
+        return x
+
+
+class SlicedOutput(nn.Module):
+    """A module around a model whose ``forward`` slices the model's output, as a lambda
+    around it would (``param_jacobian`` and ``ntk`` take modules)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)[..., :]
+
+
+def module_styles(seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    """The same model in two more styles than the ``nn.Sequential``, sharing its parameters (in
+    the same order): a module class with a functional ``forward``, and a module slicing the
+    model's output."""
+    return [("module class", FunctionalNet(seq)), ("wrapper slicing the output", SlicedOutput(seq))]
 
 
 def styles(

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from benchmarks._common import as_double, fork_rng, mlp, plain_params, randn
+from benchmarks._common import as_double, fork_rng, mlp, module_styles, plain_params, randn
 from benchmarks._harness import Case, Strategy, Workload
 
 __all__ = ["WORKLOADS"]
@@ -111,7 +111,7 @@ def _jacrev_batch(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     return jacrev(lambda p: functional_call(model, p, (x,)))(params)  # type: ignore[no-any-return]
 
 
-def _case(model: nn.Module, x: Tensor, size: str) -> Case:
+def _case(model: nn.Sequential, x: Tensor, size: str) -> Case:
     reference = _jacrev_batch(as_double(model), x.double())
     n_bytes = sum(r.numel() for r in reference.values()) * 4
     source = torch.randn(n_bytes // 4)
@@ -132,6 +132,14 @@ def _case(model: nn.Module, x: Tensor, size: str) -> Case:
             "tj.param_jacobian(model, X, batch_dim=0)",
             lambda _: tj.param_jacobian(model, x, batch_dim=0),
             torchjac=True,
+        ),
+        *(
+            Strategy(
+                f"tj.param_jacobian, {style}",
+                lambda _, g=g: tj.param_jacobian(g, x, batch_dim=0),  # type: ignore[misc]
+                torchjac=True,
+            )
+            for style, g in module_styles(model)
         ),
         Strategy(f"floor: copy {n_bytes / 2**20:.0f} MiB (not a method)", copy_floor, floor=True),
     ]

@@ -1,9 +1,12 @@
-"""W6: the empirical neural tangent kernel of an MLP.
+"""W6 and W6b: the empirical neural tangent kernel of an MLP and of a small CNN.
 
 MLP 32→256→256→6 ReLU, N=64 → ``Θ[n, a, m, b] = <d f(x_n)_a / dθ, d f(x_m)_b / dθ>``, shape
-``[64, 6, 64, 6]``. Peers: the two methods of the ``torch.func`` NTK tutorial (Jacobian
-contraction, NTK-vector products) and TorchJD's ``autogram.Engine`` (Gramian of the output's
-Jacobian, accumulated per module). Reference: float64 Jacobian contraction.
+``[64, 6, 64, 6]``. W6b: W3b's CNN (Conv2d 1→8 and 8→16, ReLU, Linear 784→10), N=32,
+``[32, 10, 32, 10]``. Peers: the two methods of the ``torch.func`` NTK tutorial (Jacobian
+contraction, NTK-vector products; not on W6b, where they take minutes) and TorchJD's
+``autogram.Engine`` (Gramian of the output's Jacobian, accumulated per module). Each torchjac
+row runs the model as an ``nn.Sequential``, a module class and a module slicing its output.
+Reference: float64 Jacobian contraction.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 import torchjac as tj
-from benchmarks._common import as_double, mlp, plain_params, randn
+from benchmarks._common import as_double, mlp, module_styles, plain_params, randn
 from benchmarks._harness import Case, Strategy, Workload
 
 __all__ = ["WORKLOADS"]
@@ -81,23 +84,47 @@ def _autogram(model: nn.Module, x: Tensor) -> Strategy:
     return Strategy(name, run, lambda: twin(x))
 
 
-def _build(small: bool) -> Case:
-    sizes = [8, 32, 32, 6] if small else [32, 256, 256, 6]
-    n = 16 if small else 64
-    model = mlp(sizes, nn.ReLU, seed=60)
-    x = randn(n, sizes[0], seed=61)
+def _case(model: nn.Sequential, x: Tensor, size: str, vps: bool = True) -> Case:
     reference = _jacobian_contraction(as_double(model), x.double())
     strategies = [
         Strategy(
             "torch.func tutorial: Jacobian contraction", lambda _: _jacobian_contraction(model, x)
         ),
-        Strategy("torch.func tutorial: NTK-vector products", lambda _: _ntk_vps(model, x)),
+        *(
+            [Strategy("torch.func tutorial: NTK-vector products", lambda _: _ntk_vps(model, x))]
+            if vps
+            else []
+        ),
         _autogram(model, x),
         Strategy("tj.ntk(model, X)", lambda _: tj.ntk(model, x), torchjac=True),
+        *(
+            Strategy(f"tj.ntk, {style}", lambda _, g=g: tj.ntk(g, x), torchjac=True)  # type: ignore[misc]
+            for style, g in module_styles(model)
+        ),
     ]
-    o = sizes[-1]
-    size = f"MLP {'→'.join(map(str, sizes))} ReLU, N={n}: [{n}, {o}, {n}, {o}]"
     return Case(reference, strategies, size)
 
 
-WORKLOADS = [Workload("W6", "empirical NTK", _build)]
+def _build(small: bool) -> Case:
+    sizes = [8, 32, 32, 6] if small else [32, 256, 256, 6]
+    n = 16 if small else 64
+    model = mlp(sizes, nn.ReLU, seed=60)
+    x = randn(n, sizes[0], seed=61)
+    o = sizes[-1]
+    return _case(model, x, f"MLP {'→'.join(map(str, sizes))} ReLU, N={n}: [{n}, {o}, {n}, {o}]")
+
+
+def _build_cnn(small: bool) -> Case:
+    from benchmarks.w3_param_jacobian import _cnn
+
+    n = 8 if small else 32
+    model, x = _cnn(small), randn(n, 1, 28, 28, seed=62)
+    return _case(
+        model, x, f"W3b's CNN (2×Conv2d + Linear), 1×28×28, N={n}: [{n}, 10, {n}, 10]", False
+    )
+
+
+WORKLOADS = [
+    Workload("W6", "empirical NTK", _build),
+    Workload("W6b", "empirical NTK of a small CNN", _build_cnn),
+]
