@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 from torchjac._engine.module_proof import as_torch_calls
 from torchjac._engine.taylor_batch import structural_bdim
 
-__all__ = ["BatchTrace"]
+__all__ = ["METADATA", "BatchTrace"]
 
 _ELEMENTWISE = frozenset(
     [
@@ -55,7 +55,7 @@ _ELEMENTWISE = frozenset(
         *("hardtanh_", "silu_", "square_", "sqrt_", "pow_", "abs_", "erf_", "requires_grad_"),
     ]
 )
-_METADATA = frozenset(
+METADATA = frozenset(
     [
         *("size", "dim", "ndim", "numel", "__len__", "shape", "dtype", "device", "stride"),
         *("is_floating_point", "is_complex", "requires_grad", "is_contiguous", "layout"),
@@ -170,7 +170,7 @@ class BatchTrace(TorchFunctionMode):
             name = getattr(getattr(func, "__self__", None), "__name__", "")
         outs = _tensors((out,))
         if not outs:
-            if name not in _METADATA:
+            if name not in METADATA:
                 self._fail(f"{name} reads values")
             return out
         if name == "detach":  # carries no derivative: a constant from here on

@@ -1,6 +1,7 @@
 """Per-sample parameter Jacobians of a plain chain of layers, on plain tensors.
 
-NOTE [parameter chain]: for an ``nn.Sequential`` that NOTE [sequential proof] accepts, whose
+NOTE [parameter chain]: for an ``nn.Sequential`` that NOTE [sequential proof] accepts (or the
+same layers read from the ops of any other model, NOTE [parameter chain from operations]), whose
 modules are ``Linear``, ``Conv1d`` or ``Conv2d`` (zero padding given as numbers), activations of
 ``taylor_activations.MODULES``, ``Flatten``, ``Identity`` or an inactive dropout, called on one
 plain float32 or float64 tensor batched at dim 0, with every requested parameter the weight or
@@ -40,6 +41,7 @@ from torchjac._engine.module_proof import (
     plain_chain,
     plain_float,
 )
+from torchjac._engine.param_chain_ops import recorded_layers
 from torchjac._engine.taylor_activations import MODULES, module_parts
 
 __all__ = ["Chain", "param_chain"]
@@ -77,14 +79,18 @@ class Chain:
         return ds
 
 
-def param_chain(model: nn.Module, state: ModelState, args: tuple, kwargs: dict) -> Chain | None:
-    """NOTE [parameter chain] for ``model(*args, **kwargs)`` batched at dim 0, or ``None``."""
+def param_chain(
+    model: nn.Module, state: ModelState, args: tuple, kwargs: dict, recorded: bool = False
+) -> Chain | None:
+    """NOTE [parameter chain] for ``model(*args, **kwargs)`` batched at dim 0, or ``None``;
+    ``recorded``: the layers read from the ops of one call (NOTE [parameter chain from
+    operations]) instead of an ``nn.Sequential``'s modules."""
     if not fast.enabled() or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x = args[0]
     if not plain_float(x) or x.dim() < 2 or not state.names or _autocast(x.device.type):
         return None
-    layers = plain_chain(model)
+    layers = recorded_layers(model, state, x) if recorded else plain_chain(model)
     if layers is None:
         return None
     names = {id(p): n for n, p in model.named_parameters()}

@@ -26,6 +26,7 @@ from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
 from torchjac._engine.structure import reachable
+from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["full_jacobian", "per_sample_jacobian"]
 
@@ -81,6 +82,9 @@ def per_sample_jacobian(
     """Per-sample rows via closed forms plus the general path; ``out.shape + p.shape``."""
     proven = proven_per_sample(model, args, kwargs, batch_dim)  # before any hook of ours
     chain = param_chain(model, state, args, kwargs) if proven else None
+    if not proven:  # NOTE [parameter chain from operations]: a chain is per sample
+        chain = param_chain(model, state, args, kwargs, True)  # recorded
+        proven = chain is not None
     checked: list[tuple[str, Tensor]] = []
     if chain is not None:  # NOTE [parameter chain]
         cap = Capture(output=chain.output, state=state, uses=chain.uses)
@@ -98,6 +102,7 @@ def per_sample_jacobian(
         )
     bd = batch_dim % out.dim()
     n = out.shape[bd]
+    _check_batch_size(fn_name, n, batch_dim, args, kwargs)
     n_out = out.numel() // n if n else 0
     rest = out.shape[:bd] + out.shape[bd + 1 :]
     targets = {
@@ -187,6 +192,23 @@ def _fill(
 
 def _describe(use: Use) -> str:
     return f"a {type(use.module).__name__} layer"
+
+
+def _check_batch_size(fn_name: str, n: int, batch_dim: int, args: tuple, kwargs: dict) -> None:
+    """An output whose batch no input has (a sum or a pairing over the batch) cannot give one
+    row block per sample: ``BatchCouplingError`` (no input of that size: a reduction over it)."""
+    sizes = {
+        t.shape[batch_dim % t.dim()]
+        for t in tree_flatten((args, kwargs))[0]
+        if isinstance(t, Tensor) and t.dim() > 0
+    }
+    if sizes and n not in sizes:
+        raise BatchCouplingError(
+            f"{fn_name}: the model's output has {n} samples at dim {batch_dim} but its inputs "
+            f"have {', '.join(map(str, sorted(sizes)))} there: with `batch_dim`, each output "
+            f"sample must come from its own input sample (a sum or mean over the batch mixes "
+            f"them). {coupling_fix(fn_name)}"
+        )
 
 
 def _input_leaves(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[tuple[str, Tensor]]]:
