@@ -26,7 +26,7 @@ from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
 from torchjac._engine.structure import reachable
-from torchjac._errors import BatchCouplingError, coupling_fix
+from torchjac._errors import coupling_fix
 
 __all__ = ["full_jacobian", "per_sample_jacobian"]
 
@@ -195,17 +195,17 @@ def _describe(use: Use) -> str:
 
 
 def _check_batch_size(fn_name: str, n: int, batch_dim: int, args: tuple, kwargs: dict) -> None:
-    """An output whose batch no input has (a sum or a pairing over the batch) cannot give one
-    row block per sample: ``BatchCouplingError`` (no input of that size: a reduction over it)."""
+    """An output whose batch size no input has (a sum or a pairing over the batch) cannot give
+    one row block per sample: ``ValueError``, as the other functions raise."""
     sizes = {
         t.shape[batch_dim % t.dim()]
         for t in tree_flatten((args, kwargs))[0]
         if isinstance(t, Tensor) and t.dim() > 0
     }
     if sizes and n not in sizes:
-        raise BatchCouplingError(
-            f"{fn_name}: the model's output has {n} samples at dim {batch_dim} but its inputs "
-            f"have {', '.join(map(str, sorted(sizes)))} there: with `batch_dim`, each output "
+        raise ValueError(
+            f"{fn_name}: mismatched batch sizes at `batch_dim={batch_dim}`: the model's output "
+            f"has {n} but its inputs have {', '.join(map(str, sorted(sizes)))}. Each output "
             f"sample must come from its own input sample (a sum or mean over the batch mixes "
             f"them). {coupling_fix(fn_name)}"
         )
