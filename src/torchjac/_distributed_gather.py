@@ -7,9 +7,10 @@ piece, and on loopback it took 0.23 s of CPU per rank for 144 MiB against 0.05 s
 and one receive. A piece whose place in the result is contiguous (a slice of the first split
 axis) is received straight into the result; any other is received into a buffer of its own and
 then placed (a symmetric kernel's tile also writes its transpose). Each rank's parts are cut
-along the first split axis into rounds of at most ``_ROUND_BYTES`` per rank; while a round is in
-flight the rank places its own piece and the previous round's received ones, so the buffers
-hold at most two rounds from each other rank, never a second copy of the result.
+along the first split axis into rounds of at most ``_ROUND_BYTES / (ranks - 1)``, so that a
+rank receives at most ``_ROUND_BYTES`` a round; while a round is in flight the rank places its
+own piece and the previous round's received ones, so the buffers hold two rounds at most,
+never a second copy of the result.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 
 __all__ = ["gather_leaves", "index_of", "torch_dtype", "with_sizes"]
 
-# bytes a rank sends per round of step 3: bounds the receive buffers (other ranks x this, x 2)
+# bytes a rank receives per round of step 3: the receive buffers hold two rounds at most
 _ROUND_BYTES = 64 << 20
 
 Place = Callable[[Tensor, tuple[tuple[int, int], ...], Tensor], None]
@@ -54,7 +55,8 @@ def gather_leaves(
         torch.empty(with_sizes(s, axes, list(totals)), dtype=torch_dtype(d), device=device)
         for s, d in (shapes if receives else [])
     ]
-    slabs = [[] if m is None else _slabs(m[2], ax) for m in metas]  # per rank: (part, lo, hi)
+    most = max(1, _ROUND_BYTES // max(1, len(metas) - 1))  # bytes a rank sends a round
+    slabs = [[] if m is None else _slabs(m[2], ax, most) for m in metas]  # (part, lo, hi)
     count = len(shapes)
     to = [r for r in range(len(metas)) if r != rank and (gather == "all" or r == 0)]
 
@@ -115,16 +117,16 @@ def _sub(ranges: Any, lo: int, hi: int) -> tuple[tuple[int, int], ...]:
     return ((a + lo, a + hi), *(tuple(r) for r in rest))
 
 
-def _slabs(parts: list[Any], ax: int) -> list[tuple[int, int, int]]:
+def _slabs(parts: list[Any], ax: int, most: int) -> list[tuple[int, int, int]]:
     """A rank's parts cut along the first split axis into ``(part, lo, hi)`` rounds of balanced
-    lengths and at most ``_ROUND_BYTES`` (at least one index of the axis per round)."""
+    lengths and at most ``most`` bytes (at least one index of the axis per round)."""
     out = []
     for q, (ranges, sh) in enumerate(parts):
         length = ranges[0][1] - ranges[0][0]
         per_index = sum(  # bytes of one index along the axis, all leaves
             math.prod(with_sizes(s, (ax,), [1])) * torch_dtype(d).itemsize for s, d in sh
         )
-        rounds = min(length, max(1, -(-length * per_index // _ROUND_BYTES)))
+        rounds = min(length, max(1, -(-length * per_index // most)))
         for k in range(rounds):
             lo = k * (length // rounds) + min(k, length % rounds)
             out.append((q, lo, lo + length // rounds + (k < length % rounds)))
