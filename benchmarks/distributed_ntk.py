@@ -5,7 +5,8 @@
 Spawns 2 processes (``torch.multiprocessing``), each with ``torch.set_num_threads(1)``. Every
 round times, in alternating order and in the same processes: ``tj.ntk(model, x)`` on rank 0
 alone (rank 1 waits in a barrier), ``tj.ntk(model, x, process_group=g)`` (the whole kernel
-all-gathered on both ranks) and the same with ``gather=False`` (each rank keeps its tile).
+gathered on both ranks), the same with ``gather="rank0"`` (on rank 0 only) and with
+``gather=False`` (each rank keeps its tile).
 Rank 0 prints the median of each and the speed-ups, by wall time and by the CPU time of the
 busiest rank (which other processes on the machine disturb less; waiting is not CPU time), the
 largest difference to the single-process kernel, the bytes a rank holds with ``gather=False``
@@ -77,6 +78,9 @@ def _worker(rank: int, size: int, store: str, args: argparse.Namespace) -> None:
     strategies: dict[str, Callable[[], Any]] = {
         "1 rank x 1 thread": lambda: tj.ntk(model, x) if rank == 0 else None,
         f"{size} ranks, gather='all'": lambda: tj.ntk(model, x, process_group=group),
+        f"{size} ranks, gather='rank0'": lambda: tj.ntk(
+            model, x, process_group=group, gather="rank0"
+        ),
         f"{size} ranks, gather=False": lambda: tj.ntk(model, x, process_group=group, gather=False),
     }
     times: dict[str, list[float]] = {name: [] for name in strategies}
@@ -97,6 +101,7 @@ def _worker(rank: int, size: int, store: str, args: argparse.Namespace) -> None:
         return
     single = results["1 rank x 1 thread"]
     split = results[f"{size} ranks, gather='all'"]
+    to_rank0 = results[f"{size} ranks, gather='rank0'"]
     tile, index = results[f"{size} ranks, gather=False"]
     scale = single.abs().max().item()
     n, k = single.shape[0], single.shape[1]
@@ -116,8 +121,12 @@ def _worker(rank: int, size: int, store: str, args: argparse.Namespace) -> None:
         laps = ", ".join(f"{t:.2f}" for t in ts)
         print(f"    {name:28s} median {med:7.2f} s  ({laps})  speed-up {base_cpu / med:.2f}x")
     diff = (split - single).abs().max().item() / scale
+    diff0 = (to_rank0 - single).abs().max().item() / scale
     tdiff = (tile - single[index]).abs().max().item() / scale
-    print(f"  max |split - single| / max |K|: {diff:.1e} (gathered), {tdiff:.1e} (own tile)")
+    print(
+        f"  max |split - single| / max |K|: {diff:.1e} (gathered), {diff0:.1e} (to rank 0), "
+        f"{tdiff:.1e} (own tile)"
+    )
     full_mb = single.numel() * single.element_size() / 2**20
     tile_mb = tile.numel() * tile.element_size() / 2**20
     print(f"  gather=False on rank 0: tile {tile_mb:.0f} MiB of the kernel's {full_mb:.0f} MiB")

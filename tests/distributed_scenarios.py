@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import torchjac as tj
-from torchjac import _distributed
+from torchjac import _distributed_gather
 from torchjac._engine.fast import fast_paths
 
 DT = torch.float64
@@ -323,7 +323,7 @@ def refused_options(rank: int, g: Any) -> None:
 def main(rank: int, size: int, store: str, out: str) -> None:
     warnings.simplefilter("error")
     torch.set_num_threads(1)
-    _distributed._ROUND_BYTES = 200  # results gathered in many rounds of a few rows each
+    _distributed_gather._ROUND_BYTES = 200  # results gathered in many rounds of a few rows each
     timeout = datetime.timedelta(seconds=15)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=size, timeout=timeout

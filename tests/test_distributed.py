@@ -124,6 +124,17 @@ def test_upper_tiles_cover_the_upper_triangle_once_and_balance(n: int, size: int
         assert max(loads) * size <= 1.1 * sum(loads)
 
 
+def test_upper_tiles_of_two_ranks_are_five_sixteenths_each() -> None:
+    dealt = upper_tiles(2048, 2)  # 4 blocks of 512 samples: 3 blocks were slower (a third each)
+    assert [len(part) for part in dealt] == [5, 5]
+    assert {r for part in dealt for r, _ in part} == {
+        (0, 512),
+        (512, 1024),
+        (1024, 1536),
+        (1536, 2048),
+    }
+
+
 def test_kernel_grid_is_the_squarest() -> None:
     from torchjac._distributed import _grid
 

@@ -12,8 +12,8 @@ no rank waits in a collective that another skipped:
    error; an error anywhere, or two signatures that differ, raise on every rank.
 2. work, then agree again: each rank's error or the layout of its shard (container, shapes,
    dtypes, where the split axes are), so a rank whose part is empty learns the shapes.
-3. the numbers: padded all-gathers (or gathers to rank 0) in rounds of at most
-   ``_ROUND_BYTES`` per rank, each piece written at its index into the full result.
+3. the numbers: each rank's pieces sent to every other rank (or to rank 0) in rounds, each
+   written at its index into the full result (NOTE [point-to-point gather]).
    ``gather=False`` skips this step.
 
 A rank that raised re-raises its own exception; the others raise the same type (built-in or
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from torchjac import _errors
+from torchjac._distributed_gather import gather_leaves, index_of, torch_dtype, with_sizes
 
 __all__ = ["Job", "balanced", "run", "split_columns"]
 
@@ -114,16 +115,18 @@ def run(fn: str, group: Any, gather: str | bool, plan: Callable[[], Job]) -> Any
         assert job.parts is None
         ranges = _ranges(rank, grid, job.totals)
         if done:
-            return done[0][0], _index(axes, ranges)
+            return done[0][0], index_of(axes, ranges)
         shapes = next(m for m in metas if m is not None)[2][0][1]
         sizes = [b - a for a, b in ranges]  # an empty part: empty leaves of the others' shapes
         empty = [
-            torch.empty(_with(s, axes, sizes), dtype=_dtype(d), device=job.device)
+            torch.empty(with_sizes(s, axes, sizes), dtype=torch_dtype(d), device=job.device)
             for s, d in shapes
         ]
-        return _build(spec, empty), _index(axes, ranges)
+        return _build(spec, empty), index_of(axes, ranges)
     leaves = [leaf for d in done for leaf in _leaves(d[0])]
-    full = _gather_leaves(group, rank, gather, leaves, metas, axes, job)
+    full = gather_leaves(
+        group, rank, gather, leaves, metas, axes, job.totals, job.device, job.place
+    )
     return None if full is None else job.finish(_build(spec, full))
 
 
@@ -156,124 +159,6 @@ def _ranges(
     return tuple(balanced(t, g, c) for t, g, c in zip(totals, grid, _coords(rank, grid)))
 
 
-def _index(axes: tuple[int, ...], ranges: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
-    """``full[index]`` is the shard: a slice at each split axis, everything elsewhere."""
-    index = [slice(None)] * (max(axes) + 1)
-    for ax, (a, b) in zip(axes, ranges):
-        index[ax] = slice(a, b)
-    return tuple(index)
-
-
-def _with(shape: list[int], axes: tuple[int, ...], sizes: list[int]) -> list[int]:
-    out = list(shape)
-    for ax, n in zip(axes, sizes):
-        out[ax] = n
-    return out
-
-
-# bytes a rank sends per collective round of step 3: bounds the receive buffers (ranks x this)
-_ROUND_BYTES = 64 << 20
-
-
-def _gather_leaves(
-    group: Any,
-    rank: int,
-    gather: str | bool,
-    leaves: list[Tensor],
-    metas: list[Any],
-    axes: tuple[int, ...],
-    job: Job,
-) -> list[Tensor] | None:
-    """Step 3: every part of every rank written at its index in the whole result.
-
-    Parts are cut along the first split axis into rounds of at most ``_ROUND_BYTES`` per rank;
-    each round is one padded all-gather (or gather to rank 0) per dtype, so the receive buffers
-    hold ``ranks x _ROUND_BYTES``, never the whole result a second time.
-    """
-    import torch.distributed as dist
-
-    totals, device, ax = job.totals, job.device, axes[0]
-    shapes = next(m for m in metas if m is not None)[2][0][1]
-    receives = gather == "all" or rank == 0  # with "rank0", the others only send
-    full = [
-        torch.empty(_with(s, axes, list(totals)) if receives else 0, dtype=_dtype(d), device=device)
-        for s, d in shapes
-    ]
-    slabs = [[] if m is None else _slabs(m[2], ax) for m in metas]  # per rank: (part, lo, hi)
-    count = len(shapes)
-    for step in range(max(len(s) for s in slabs)):
-        for dtype in dict.fromkeys(d for _, d in shapes):
-            which = [i for i, (_, d) in enumerate(shapes) if d == dtype]
-            sizes = [_round_size(metas[r], slabs[r], step, which, ax) for r in range(len(metas))]
-            width = max(sizes)
-            send = []
-            if step < len(slabs[rank]):
-                q, lo, hi = slabs[rank][step]
-                send = [leaves[q * count + i].narrow(ax, lo, hi - lo).reshape(-1) for i in which]
-            pad = torch.zeros(width - sizes[rank], dtype=_dtype(dtype), device=device)
-            buf = torch.cat([*send, pad])
-            bufs = [
-                torch.empty(width if receives else 0, dtype=buf.dtype, device=device) for _ in metas
-            ]
-            if gather == "all":
-                dist.all_gather(bufs, buf, group=group)
-            else:
-                dist.gather(
-                    buf,
-                    bufs if rank == 0 else None,
-                    dst=dist.get_global_rank(group, 0),
-                    group=group,
-                )
-            if not receives:
-                continue
-            for r, got in enumerate(bufs):
-                if step >= len(slabs[r]):
-                    continue
-                q, lo, hi = slabs[r][step]
-                ranges, sh = metas[r][2][q]
-                (a, _), *rest = ranges
-                sub = ((a + lo, a + hi), *rest)
-                off = 0
-                for i in which:
-                    shape = _with(sh[i][0], (ax,), [hi - lo])
-                    n = math.prod(shape)
-                    piece = got[off : off + n].reshape(shape)
-                    if job.place is None:
-                        full[i][_index(axes, sub)] = piece
-                    else:
-                        job.place(full[i], sub, piece)
-                    off += n
-    return full if receives else None
-
-
-def _round_size(
-    meta: Any, slabs: list[tuple[int, int, int]], step: int, which: list[int], ax: int
-) -> int:
-    """Elements a rank sends in round ``step`` for the leaves ``which`` (0 past its last)."""
-    if step >= len(slabs):
-        return 0
-    q, lo, hi = slabs[step]
-    return sum(_numel(meta[2][q][1][i][0], ax, hi - lo) for i in which)
-
-
-def _slabs(parts: list[Any], ax: int) -> list[tuple[int, int, int]]:
-    """A rank's parts cut along the first split axis: ``(part, lo, hi)`` rounds of at most
-    ``_ROUND_BYTES`` (at least one index of the axis per round)."""
-    out = []
-    for q, (ranges, sh) in enumerate(parts):
-        length = ranges[0][1] - ranges[0][0]
-        per_index = sum(
-            _numel(s, ax, 1) * _dtype(d).itemsize for s, d in sh
-        )  # bytes of one index along the axis, all leaves
-        step = max(1, _ROUND_BYTES // max(per_index, 1))
-        out += [(q, lo, min(lo + step, length)) for lo in range(0, length, step)]
-    return out
-
-
-def _numel(shape: list[int], ax: int, length: int) -> int:
-    return math.prod(_with(shape, (ax,), [length]))
-
-
 # results: a Tensor, or tuples and dicts of them (nested for hessian); specs are picklable.
 def _spec(x: Any) -> Any:
     if isinstance(x, Tensor):
@@ -291,12 +176,6 @@ def _leaves(x: Any) -> list[Tensor]:
 
 def _shapes(x: Any) -> list[tuple[list[int], str]]:
     return [(list(t.shape), str(t.dtype).removeprefix("torch.")) for t in _leaves(x)]
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name)
-    assert isinstance(dtype, torch.dtype)
-    return dtype
 
 
 def _build(spec: Any, leaves: list[Tensor]) -> Any:

@@ -71,7 +71,7 @@ def ntk(
             as square as the number of ranks allows; 2 ranks: ``2 x 1``) and rank ``(i, j)``
             computes the tile of ``x1``'s ``i``-th balanced range of samples against ``x2``'s
             ``j``-th. ``K(x1, x1)`` gathered needs only the tiles on and above the diagonal:
-            they are dealt to the ranks by area (2 ranks: a third of the kernel each) and
+            they are dealt to the ranks by area (2 ranks: 5/16 of the kernel each) and
             mirrored. The model runs once on the whole batch to check that no sample reaches
             another and that it draws no random numbers. An error on any rank raises on every
             rank. Default ``None``: this process alone.
