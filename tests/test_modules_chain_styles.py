@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import fast, param_probes
+from torchjac._engine import fast, ntk_kernel, param_probes
 from torchjac._engine.layers import model_state
 from torchjac._engine.param_chain_ops import recorded_layers
 
@@ -147,10 +147,22 @@ def chained(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return record_answers(monkeypatch, param_probes, "param_chain")
 
 
+@pytest.fixture
+def ntk_chained(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    return record_answers(monkeypatch, ntk_kernel, "param_chain")
+
+
 def _oracle(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     params = {n: p.detach() for n, p in model.named_parameters()}
     one = lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)  # noqa: E731
     return vmap(jacrev(one), (None, 0))(params, x)  # type: ignore[no-any-return]
+
+
+def _check_ntk(model: nn.Module, x: Tensor) -> None:
+    rows = torch.cat([j.flatten(2) for j in _oracle(model, x).values()], dim=2)  # [N, c, P]
+    n, c = rows.shape[:2]
+    want = (rows.flatten(0, 1) @ rows.flatten(0, 1).T).reshape(n, c, n, c)
+    torch.testing.assert_close(tj.ntk(model, x), want, rtol=1e-10, atol=1e-12)
 
 
 def _check(model: nn.Module, x: Tensor) -> None:
@@ -164,7 +176,7 @@ def _check(model: nn.Module, x: Tensor) -> None:
 @pytest.mark.parametrize("batch", [5, 1])
 @pytest.mark.parametrize("name", list(CHAINS))
 def test_chains_in_every_style_run_the_chain_exactly(
-    gen: torch.Generator, chained: list[bool], name: str, batch: int
+    gen: torch.Generator, chained: list[bool], ntk_chained: list[bool], name: str, batch: int
 ) -> None:
     build, shape = CHAINS[name]
     model, x = build(), randn(batch, *shape, gen=gen)
@@ -172,11 +184,14 @@ def test_chains_in_every_style_run_the_chain_exactly(
     rng = torch.get_rng_state()
     _check(model, x)
     assert chained[-1] is True
+    _check_ntk(model, x)
+    assert ntk_chained[-1] is True
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with fast.fast_paths(False):
         _check(model, x)
-    assert chained[-1] is False
+        _check_ntk(model, x)
+    assert chained[-1] is False and ntk_chained[-1] is False
 
 
 @pytest.mark.parametrize("name", list(NOT_CHAINS))
@@ -187,6 +202,7 @@ def test_other_forwards_take_the_captured_graph_exactly(
     model, x = build(), randn(4, *shape, gen=gen)
     assert recorded_layers(model, model_state(model, []), x) is None
     _check(model, x)
+    _check_ntk(model, x)
     assert True not in chained
 
 

@@ -48,6 +48,8 @@ def _backward(
     targets = es + list(extra)
     if not targets:
         return [], []
+    if not cap.output.requires_grad:  # nothing reaches the output (a no_grad forward): zeros
+        return [None] * len(es), [None] * len(extra)
     cot = cotangents.to(cap.output.dtype)
     if batched:
         grads: Sequence[Tensor | None] = torch.autograd.grad(

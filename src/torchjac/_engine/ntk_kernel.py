@@ -24,6 +24,7 @@ from torchjac._engine.ghost import UseD, layer_kernel, param_kernel
 from torchjac._engine.layer_deltas import CouplingCheck, deltas
 from torchjac._engine.layers import Capture, ModelState, capture
 from torchjac._engine.module_proof import proven_per_sample
+from torchjac._engine.param_chain import param_chain
 from torchjac._engine.plan import choose_chunk_size
 from torchjac._engine.run import run_chunks
 from torchjac._engine.sample_vmap import SampleProblem
@@ -60,8 +61,15 @@ def run_side(
     """``model(*xs)`` captured, checked for coupling, and its ``δ`` for every output element."""
     leaves = tuple(x.detach().requires_grad_(True) if x.is_floating_point() else x for x in xs)
     proven = proven_per_sample(model, tuple(xs), {}, batch_dim)  # before any hook of ours
-    cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn, prove=not proven)
-    proven = proven or cap.proven  # NOTE [op batch proof]
+    chain = None
+    if len(xs) == 1 and xs[0].dim() and batch_dim % xs[0].dim() == 0:
+        # NOTE [parameter chain], read from the ops unless proven a Sequential
+        chain = param_chain(model, state, (xs[0],), {}, not proven)
+    if chain is not None:
+        cap, proven = Capture(output=chain.output, state=state, uses=chain.uses), True
+    else:
+        cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn, prove=not proven)
+        proven = proven or cap.proven  # NOTE [op batch proof]
     out = cap.output
     unbatched = (
         f" If {arg} (shape {list(xs[0].shape)}) is one sample without a batch dimension, pass "
@@ -88,9 +96,13 @@ def run_side(
     k = group.numel
     ds: list[list[Tensor]] = [[] for _ in cap.uses]
     per_probe = 2 * sum(u.e.numel() for u in cap.uses) * out.element_size()
+    if chain is not None:
+        per_probe = chain.work * out.element_size()
     chunk = choose_chunk_size(k, max(per_probe, 1), budget, chunk_size)
 
     def probe(start: int, stop: int, batched: bool) -> list[Tensor | None]:
+        if chain is not None:
+            return chain.deltas(start, stop)
         basis = group.one_hot(start, stop, out.dtype, out.device)[0]
         assert basis is not None
         return deltas(cap, basis, batched, check)

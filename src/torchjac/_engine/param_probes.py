@@ -82,9 +82,9 @@ def per_sample_jacobian(
     """Per-sample rows via closed forms plus the general path; ``out.shape + p.shape``."""
     proven = proven_per_sample(model, args, kwargs, batch_dim)  # before any hook of ours
     chain = param_chain(model, state, args, kwargs) if proven else None
-    if not proven:  # NOTE [parameter chain from operations]: a chain is per sample
+    if not proven and _leading(args, batch_dim):  # NOTE [parameter chain from operations]
         chain = param_chain(model, state, args, kwargs, True)  # recorded
-        proven = chain is not None
+        proven = chain is not None  # a chain keeps samples apart
     checked: list[tuple[str, Tensor]] = []
     if chain is not None:  # NOTE [parameter chain]
         cap = Capture(output=chain.output, state=state, uses=chain.uses)
@@ -192,6 +192,12 @@ def _fill(
 
 def _describe(use: Use) -> str:
     return f"a {type(use.module).__name__} layer"
+
+
+def _leading(args: tuple, batch_dim: int) -> bool:
+    """The batch leads the (first) argument: the parameter chain's layout."""
+    x = args[0] if args else None
+    return isinstance(x, Tensor) and x.dim() > 0 and batch_dim % x.dim() == 0
 
 
 def _check_batch_size(fn_name: str, n: int, batch_dim: int, args: tuple, kwargs: dict) -> None:
