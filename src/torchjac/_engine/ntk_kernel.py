@@ -3,6 +3,8 @@
 NOTE [ntk plan]: each batch (``x1``, and ``x2`` when given) runs through the model once with
 layer capture (NOTE [layer capture]); one backward pass per output element, broadcast over the
 batch (samples are independent, which is checked), gives every layer's ``δ`` for every sample.
+A model that is a chain of layers (NOTE [parameter chain], from its ops where it is not an
+``nn.Sequential``) gives the same ``δ`` from the chain's own backward pass instead.
 The kernel is then summed parameter by parameter: Linear weight and bias together as
 ``(δ₁δ₂ᵀ) ⊙ (a₁a₂ᵀ + 1)``, other closed forms by ghost products or their per-sample Jacobian
 (NOTE [ghost products]), and parameters no closed form covers (on either batch) on the general
