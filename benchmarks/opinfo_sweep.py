@@ -41,9 +41,9 @@ import torch
 from torch import Tensor
 
 from benchmarks.opinfo_cases import BIG_D, Case, cases, load_ops, op_name
-from torchjac._engine import taylor_dispatch
-from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.taylor_run import NeedForward, TaylorFailed, taylor
+from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.taylor import taylor_dispatch
+from torchjac._engine.taylor.taylor_run import NeedForward, TaylorFailed, taylor
 
 __all__ = ["KINDS", "ORDER", "Case", "Outcome", "load_ops", "op_name", "run_case", "sweep"]
 

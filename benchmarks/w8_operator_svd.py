@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import torchjac as tj
 from benchmarks._common import as_double, mlp, randn
 from benchmarks._harness import Case, Strategy, Workload
-from torchjac._engine.plan import available_memory
+from torchjac._engine.core.plan import available_memory
 
 __all__ = ["WORKLOADS"]
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import torchjac as tj
 from torchjac import _distributed_gather
-from torchjac._engine.fast import fast_paths
+from torchjac._engine.core.fast import fast_paths
 
 DT = torch.float64
 SCENARIOS: dict[str, Callable[[int, Any], None]] = {}

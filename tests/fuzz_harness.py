@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import torchjac as tj
-from torchjac._engine.fast import fast_paths
+from torchjac._engine.core.fast import fast_paths
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile(

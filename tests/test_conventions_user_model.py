@@ -1,6 +1,6 @@
 """The function API leaves the user's model as it found it and differentiates one random draw.
 
-NOTE [one draw per call], NOTE [module state] (``_engine/func_state.py``); every case runs with
+NOTE [one draw per call], NOTE [module state] (``_engine/core/func_state.py``); every case runs with
 the fast paths on and off (NOTE [fast paths]).
 """
 
@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 import torchjac as tj
-from torchjac._engine.fast import fast_paths
-from torchjac._engine.func_state import reachable_modules
+from torchjac._engine.core.fast import fast_paths
+from torchjac._engine.core.func_state import reachable_modules
 
 SECOND = ["hessian", "hessian_diagonal", "laplacian"]
 FUNCTIONAL = ["jacobian", *SECOND]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import torchjac as tj
-from torchjac._engine import plan
-from torchjac._engine.basis import Group
-from torchjac._engine.plan import choose_chunk_size, choose_mode, parse_memory
-from torchjac._engine.run import run_chunks
+from torchjac._engine.core import plan
+from torchjac._engine.core.basis import Group
+from torchjac._engine.core.plan import choose_chunk_size, choose_mode, parse_memory
+from torchjac._engine.core.run import run_chunks
 
 # --- plan.parse_memory ----------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.func import jacrev
 
 import torchjac as tj
-from torchjac._engine import graph_ghost
-from torchjac._engine.kernels import graph_products
-from torchjac._engine.structure import reachable
+from torchjac._engine.core.structure import reachable
+from torchjac._engine.graph import graph_ghost
+from torchjac._engine.kernel.kernels import graph_products
 from torchjac._graph_args import _walk
 
 _LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()

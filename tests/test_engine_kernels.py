@@ -19,7 +19,7 @@ from torch.func import hessian, jacrev, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchjac as tj
-from torchjac._engine import kernels
+from torchjac._engine.kernel import kernels
 
 F32 = torch.float32
 
@@ -404,7 +404,7 @@ def test_per_backend_precision_setting() -> None:
     setting of this test session may mask it)."""
     script = """
 import torch, torchjac as tj
-from torchjac._engine import kernels
+from torchjac._engine.kernel import kernels
 torch.backends.mkldnn.matmul.fp32_precision = "bf16"
 assert not kernels._full_precision()
 w = torch.randn(512, 512, requires_grad=True)

@@ -16,10 +16,10 @@ from torch import Tensor
 from torch.func import jacrev
 
 import torchjac as tj
-from torchjac._engine import graph_ghost
-from torchjac._engine.basis import Group
-from torchjac._engine.graph_ghost import find_ghost_layers
-from torchjac._engine.graph_probes import GraphProblem
+from torchjac._engine.core.basis import Group
+from torchjac._engine.graph import graph_ghost
+from torchjac._engine.graph.graph_ghost import find_ghost_layers
+from torchjac._engine.graph.graph_probes import GraphProblem
 
 
 def _tensors(x: Any) -> list[Tensor]:

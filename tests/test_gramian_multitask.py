@@ -12,8 +12,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 import torchjac as tj
-from torchjac._engine import gram_graph, graph_ghost, plan
-from torchjac._engine.fast import fast_paths
+from torchjac._engine.core import plan
+from torchjac._engine.core.fast import fast_paths
+from torchjac._engine.graph import gram_graph, graph_ghost
 
 Losses = Callable[..., Tensor]
 

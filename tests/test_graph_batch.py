@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import jacrev
 
 import torchjac as tj
-from torchjac._engine.structure import sample_mask
+from torchjac._engine.core.structure import sample_mask
 
 MODES = ["auto", "rev", "fwd"]
 

@@ -156,7 +156,7 @@ def test_torch_func_vmap_serves_where_functorch_primitives_are_missing(
 ) -> None:  # type: ignore[no-untyped-def]
     # NOTE [lean vmap]: both ways of vmapping the probes give the same Jacobian, with an input
     # the outputs do not reach read as zeros on both
-    from torchjac._engine import lean_vmap
+    from torchjac._engine.core import lean_vmap
 
     x, unused = randn(5, gen=gen).requires_grad_(True), randn(2, gen=gen).requires_grad_(True)
     y = torch.stack([x.sin().sum(), (x**2).prod(), x.tanh().mean()])

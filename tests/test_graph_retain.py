@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.func import jacrev
 
 import torchjac as tj
-from torchjac._engine import gram_graph
+from torchjac._engine.graph import gram_graph
 
 FREED = "backward through the graph a second time"
 

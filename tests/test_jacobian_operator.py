@@ -14,7 +14,7 @@ from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchjac as tj
-from torchjac._engine.fast import fast_paths
+from torchjac._engine.core.fast import fast_paths
 
 D = torch.float64
 

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import param_probes
-from torchjac._engine.conv_grad import conv_input_grad, scatter_input_grad
+from torchjac._engine.kernel.conv_grad import conv_input_grad, scatter_input_grad
+from torchjac._engine.modules import param_probes
 
 
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import fast, ntk_kernel, param_probes
-from torchjac._engine.layers import model_state
-from torchjac._engine.param_chain_ops import recorded_layers
+from torchjac._engine.core import fast
+from torchjac._engine.modules import ntk_kernel, param_probes
+from torchjac._engine.modules.layers import model_state
+from torchjac._engine.modules.param_chain_ops import recorded_layers
 
 
 class CNN(nn.Module):

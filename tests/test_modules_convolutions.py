@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import closed_forms
+from torchjac._engine.modules import closed_forms
 
 
 class _Twice(nn.Module):

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import layer_deltas
-from torchjac._engine.batch_trace import BatchTrace, _index_bdim
+from torchjac._engine.modules import layer_deltas
+from torchjac._engine.modules.batch_trace import BatchTrace, _index_bdim
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
 DTYPE = torch.float64

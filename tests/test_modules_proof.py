@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import layer_deltas
-from torchjac._engine.module_proof import proven_per_sample
+from torchjac._engine.core.module_proof import proven_per_sample
+from torchjac._engine.modules import layer_deltas
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
 DTYPE = torch.float64

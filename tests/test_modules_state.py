@@ -11,7 +11,7 @@ from registry import CASES, DTYPE, ModelCase
 from torch import Tensor, nn
 
 import torchjac as tj
-from torchjac._engine.module_proof import proven_per_sample
+from torchjac._engine.core.module_proof import proven_per_sample
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
 

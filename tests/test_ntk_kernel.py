@@ -132,7 +132,7 @@ def test_model_of_several_inputs(cls: type[nn.Module], gen: torch.Generator) -> 
 
 @pytest.mark.parametrize("n", [1, 5, 7, 16])
 def test_symmetrize_by_blocks_is_bitwise_the_mean_with_the_transpose(n: int) -> None:
-    from torchjac._engine.blocked import symmetrize_
+    from torchjac._engine.core.blocked import symmetrize_
 
     k = torch.randn(n, n, dtype=torch.float32)
     want = (k + k.T) / 2
@@ -142,7 +142,7 @@ def test_symmetrize_by_blocks_is_bitwise_the_mean_with_the_transpose(n: int) -> 
 
 @pytest.mark.parametrize(("rows", "cols"), [(1, 1), (5, 7), (8, 3)])
 def test_copy_transposed_by_blocks(rows: int, cols: int) -> None:
-    from torchjac._engine.blocked import copy_transposed_
+    from torchjac._engine.core.blocked import copy_transposed_
 
     src = torch.randn(rows, cols, dtype=torch.float64)
     dst = torch.zeros(cols + 2, rows + 1, dtype=torch.float64)

@@ -213,7 +213,7 @@ def test_tensors_by_keyword_and_zero_are_exact(name: str) -> None:
 def test_common_layers_are_proven_and_batchnorm_in_training_is_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from torchjac._engine import taylor_run
+    from torchjac._engine.taylor import taylor_run
 
     checks: list[int] = []
     original = taylor_run._check_pass

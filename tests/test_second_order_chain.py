@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import hessian, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import taylor_run
+from torchjac._engine.taylor import taylor_run
 
 
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -239,7 +239,7 @@ def test_a_declined_chain_plans_the_hessian_as_before(
 ) -> None:
     # found in review: after the chain declined, the full Taylor jets (K = 1 + D + D(D+1)/2)
     # ran where the plan picks nested AD, and ignored max_memory
-    from torchjac._engine import second
+    from torchjac._engine.func import second
 
     kinds: list[str] = []
     taylor = second.taylor
@@ -290,7 +290,7 @@ def test_a_chain_needs_no_counting_pass(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, chain: bool
 ) -> None:
     """``mode="auto"`` reads a chain's rows from its layers; other models are called to count."""
-    from torchjac._engine import func_probes
+    from torchjac._engine.func import func_probes
 
     counted: list[int] = []
     count = func_probes._count_rows

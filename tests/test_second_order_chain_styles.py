@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.func import hessian, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine import taylor_chain
-from torchjac._engine.fast import fast_paths
+from torchjac._engine.core.fast import fast_paths
+from torchjac._engine.taylor import taylor_chain
 
 DTYPE = torch.float64
 NAMES = ["jacobian", "hessian", "hessian_diagonal", "laplacian"]

@@ -135,7 +135,7 @@ def test_nested_path_traces_again_only_for_fused_norms(
 ) -> None:
     """NOTE [exact norms]: the nested path keeps the trace made for its plan, unless that graph
     runs a fused norm; the Hessian is exact either way."""
-    import torchjac._engine.second as second
+    import torchjac._engine.func.second as second
 
     x, w = randn(8, gen=gen), randn(8, gen=gen)
     traces: list[int] = []

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, vmap
 
 import torchjac as tj
-from torchjac._engine import taylor_tape
+from torchjac._engine.taylor import taylor_tape
 
 _W = torch.linspace(-1.5, 1.2, 15, dtype=torch.float64).reshape(5, 3)
 _V = torch.linspace(0.7, -0.9, 20, dtype=torch.float64).reshape(4, 5)
@@ -114,7 +114,7 @@ def test_nodes_keep_no_stack_alive(gen: torch.Generator) -> None:
         tj.hessian_diagonal(CASES["div, add, rsub"], x, batch_dim=0)
     finally:
         taylor_tape.Tape.record = record  # type: ignore[method-assign]
-    from torchjac._engine.taylor import Jet
+    from torchjac._engine.taylor.taylor import Jet
 
     def held(fn: object) -> Iterator[object]:  # what a closure keeps, through inner closures
         for cell in getattr(fn, "__closure__", None) or ():
@@ -208,7 +208,7 @@ def test_slicing_functions_without_functorch_primitives(
 ) -> None:
     # NOTE [lean vmap]: the Taylor mode's linear ops (slices, cat, sum, reshape) give the same
     # result through functorch's primitives and through torch.func.vmap
-    from torchjac._engine import lean_vmap
+    from torchjac._engine.core import lean_vmap
 
     def f(z: Tensor) -> Tensor:
         a, b = z[:, 0:1], z[:, 1:]
@@ -248,7 +248,7 @@ DEFERRED: dict[str, tuple[Callable[[Tensor], Tensor], int, int]] = {
 @pytest.fixture
 def pending_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Counts the deferred products made and computed: ``[made, computed]``."""
-    from torchjac._engine import taylor, taylor_rules
+    from torchjac._engine.taylor import taylor, taylor_rules
 
     count = [0, 0]
     deferred = taylor.Jet.deferred

@@ -19,9 +19,9 @@ from sparse_cases import (
 from test_sparse_pattern import dense_jacobian, expect
 
 import torchjac as tj
-from torchjac._engine import colouring
-from torchjac._engine.colouring import colour_columns, lattice_colouring, valid
-from torchjac._engine.fast import fast_paths
+from torchjac._engine.core.fast import fast_paths
+from torchjac._engine.sparse import colouring
+from torchjac._engine.sparse.colouring import colour_columns, lattice_colouring, valid
 
 
 def csr(dense: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ from sparse_cases import CASES, DTYPE, SparseCase
 from torch.autograd.functional import jacobian
 
 import torchjac as tj
-from torchjac._engine import sparsity, sparsity_rules
-from torchjac._engine.index_sets import Sets
+from torchjac._engine.sparse import sparsity, sparsity_rules
+from torchjac._engine.sparse.index_sets import Sets
 
 
 def expect(warns: str | None) -> contextlib.AbstractContextManager[object]:

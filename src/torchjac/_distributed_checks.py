@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from torchjac._checks import check_batch_dim
-from torchjac._engine.func_state import call_state
+from torchjac._engine.core.func_state import call_state
 from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["check_samples", "evaluate"]

@@ -14,7 +14,7 @@ from torchjac._checks import check_gather, check_process_group
 from torchjac._distributed import Job, Ranges, balanced, run
 from torchjac._distributed_checks import check_samples
 from torchjac._distributed_doors import describe_named, selected_params, whole_or_pair
-from torchjac._engine.blocked import copy_transposed_
+from torchjac._engine.core.blocked import copy_transposed_
 
 __all__ = ["split_ntk", "upper_tiles"]
 

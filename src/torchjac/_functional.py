@@ -14,8 +14,8 @@ from torch import Tensor
 
 from torchjac._checks import unflatten
 from torchjac._distributed_doors import split_function
-from torchjac._engine.func_probes import solve_jacobian
-from torchjac._engine.second import second_derivatives
+from torchjac._engine.func.func_probes import solve_jacobian
+from torchjac._engine.func.second import second_derivatives
 from torchjac._functional_steps import (
     finish,
     in_shape,

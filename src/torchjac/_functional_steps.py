@@ -18,12 +18,12 @@ from torchjac._checks import (
     check_func_inputs,
     check_mode,
 )
-from torchjac._engine.exact_norms import exact_norms
-from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_probes import Traced
-from torchjac._engine.func_state import call_state
-from torchjac._engine.plan import memory_budget
-from torchjac._engine.taylor_run import TaylorResult
+from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.core.func_state import call_state
+from torchjac._engine.core.plan import memory_budget
+from torchjac._engine.func.func_probes import Traced
+from torchjac._engine.taylor.exact_norms import exact_norms
+from torchjac._engine.taylor.taylor_run import TaylorResult
 from torchjac._errors import fallback_scope
 
 __all__ = ["finish", "in_shape", "lead_of", "outputs_check", "rows_of", "running", "setup"]

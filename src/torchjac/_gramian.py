@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from torchjac._engine.gram_graph import graph_gramian
-from torchjac._engine.graph_release import keep_retained_grads
+from torchjac._engine.graph.gram_graph import graph_gramian
+from torchjac._engine.graph.graph_release import keep_retained_grads
 from torchjac._errors import fallback_scope
 from torchjac._graph_args import graph_call
 

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from torchjac._checks import unflatten
-from torchjac._engine.graph_probes import GraphProblem, solve
-from torchjac._engine.graph_release import keep_retained_grads
+from torchjac._engine.graph.graph_probes import GraphProblem, solve
+from torchjac._engine.graph.graph_release import keep_retained_grads
 from torchjac._graph_args import graph_call
 
 __all__ = ["jac"]

@@ -24,12 +24,12 @@ from torchjac._checks import (
     flatten_outputs,
     input_names,
 )
-from torchjac._engine import kernels
-from torchjac._engine.basis import Group
-from torchjac._engine.exact_norms import fused_norm, fused_norms, warn_fused_norms
-from torchjac._engine.graph_probes import GraphProblem
-from torchjac._engine.plan import memory_budget
-from torchjac._engine.structure import reachable
+from torchjac._engine.core.basis import Group
+from torchjac._engine.core.plan import memory_budget
+from torchjac._engine.core.structure import reachable
+from torchjac._engine.graph.graph_probes import GraphProblem
+from torchjac._engine.kernel import kernels
+from torchjac._engine.taylor.exact_norms import fused_norm, fused_norms, warn_fused_norms
 
 __all__ = ["GraphCall", "graph_call"]
 

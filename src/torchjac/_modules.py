@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from torchjac._checks import check_batch_dim, check_chunk_size, describe
 from torchjac._distributed_doors import split_param_jacobian
-from torchjac._engine.layers import model_state, no_side_effects
-from torchjac._engine.param_probes import full_jacobian, per_sample_jacobian
-from torchjac._engine.plan import memory_budget
+from torchjac._engine.core.plan import memory_budget
+from torchjac._engine.modules.layers import model_state, no_side_effects
+from torchjac._engine.modules.param_probes import full_jacobian, per_sample_jacobian
 from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["param_jacobian"]

@@ -10,10 +10,10 @@ from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, describe
 from torchjac._distributed_ntk import split_ntk
-from torchjac._engine.blocked import symmetrize_
-from torchjac._engine.layers import model_state, no_side_effects
-from torchjac._engine.ntk_kernel import kernel_of, run_side
-from torchjac._engine.plan import memory_budget
+from torchjac._engine.core.blocked import symmetrize_
+from torchjac._engine.core.plan import memory_budget
+from torchjac._engine.modules.layers import model_state, no_side_effects
+from torchjac._engine.modules.ntk_kernel import kernel_of, run_side
 from torchjac._errors import fallback_scope
 from torchjac._modules import _check_batchnorm, _select
 

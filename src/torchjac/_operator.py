@@ -11,10 +11,10 @@ from torch import Tensor, nn
 
 from torchjac._checks import check_chunk_size, check_operand, check_process_group
 from torchjac._distributed import split_columns
-from torchjac._engine.basis import Group
-from torchjac._engine.op_graph import GraphSource
-from torchjac._engine.op_products import CallSource
-from torchjac._engine.plan import memory_budget, parse_memory
+from torchjac._engine.core.basis import Group
+from torchjac._engine.core.plan import memory_budget, parse_memory
+from torchjac._engine.graph.op_graph import GraphSource
+from torchjac._engine.graph.op_products import CallSource
 from torchjac._graph_args import graph_call
 from torchjac._operator_dense import dense_batched, dense_by_blocks, scipy_operator
 from torchjac._operator_sources import func_source, module_source

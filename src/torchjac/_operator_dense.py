@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjac._engine.basis import Group
+from torchjac._engine.core.basis import Group
 
 __all__ = ["dense_batched", "dense_by_blocks", "scipy_operator"]
 

@@ -17,12 +17,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from torchjac._checks import check_batch_dim, check_func_inputs, describe
-from torchjac._engine.basis import Group
-from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_probes import autograd_trace
-from torchjac._engine.func_state import call_state
-from torchjac._engine.layers import call, model_state, no_side_effects
-from torchjac._engine.op_products import CallSource, Draw, Piece
+from torchjac._engine.core.basis import Group
+from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.core.func_state import call_state
+from torchjac._engine.func.func_probes import autograd_trace
+from torchjac._engine.graph.op_products import CallSource, Draw, Piece
+from torchjac._engine.modules.layers import call, model_state, no_side_effects
 from torchjac._modules import _select
 
 __all__ = ["func_source", "module_source"]

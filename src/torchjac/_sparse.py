@@ -23,13 +23,13 @@ from torchjac._checks import (
     check_pattern,
     check_sparse_args,
 )
-from torchjac._engine.colouring import Colouring, colour_columns, lattice_colouring
-from torchjac._engine.func_call import FuncProblem
-from torchjac._engine.func_state import call_state
-from torchjac._engine.index_sets import csr
-from torchjac._engine.plan import memory_budget
-from torchjac._engine.sparse_probes import compressed_jacobian
-from torchjac._engine.sparsity import trace_pattern
+from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.core.func_state import call_state
+from torchjac._engine.core.plan import memory_budget
+from torchjac._engine.sparse.colouring import Colouring, colour_columns, lattice_colouring
+from torchjac._engine.sparse.index_sets import csr
+from torchjac._engine.sparse.sparse_probes import compressed_jacobian
+from torchjac._engine.sparse.sparsity import trace_pattern
 from torchjac._errors import fallback_scope, warn_fallback
 from torchjac._sparse_batch import per_sample_blocks
 

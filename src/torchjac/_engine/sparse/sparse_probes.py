@@ -1,0 +1,199 @@
+"""Compressed probes of a sparse Jacobian, their decompression by gathers, and their check.
+
+NOTE [compressed probes]: with a column colouring (NOTE [colouring]) the forward probes are the
+``C`` indicator vectors of the colours, pushed through ``func`` by ``torch.func.jvp`` vmapped
+over chunks (``run_chunks``: chunk size from ``max_memory``, a loop when vmap fails); with a row
+colouring the reverse probes are pulled back through one autograd graph by batched backward
+passes. Entry ``(i, j)`` of the pattern is then one gather from the compressed ``[m, C]`` (or
+``[C, n]``) block. One more probe, along a fixed pseudo-random direction ``r`` (its own
+generator: the user's RNG is not drawn from), checks the result: ``J r`` (or ``rᵀ J``) computed
+by AD must equal the sparse product, else a nonzero outside the pattern was lost or folded into
+another entry, and the call raises instead of returning a wrong Jacobian. A line whose two
+products differ by more than ``CHECK_TOLERANCE`` float32 epsilons of its terms (plus those of
+the largest line: a float64 function may compute in float32 inside) is only a suspect: roundoff
+of entries that cancel to nearly zero is relative to the terms that cancelled, which no
+tolerance knows. A suspect row is confirmed by one more ``jvp`` with NaN on every column outside
+its pattern (zero inside): AD can only turn its output into NaN along a path from one of them
+(``0 * NaN`` is NaN), the very thing a pattern rules out. So roundoff never raises, and a
+missed nonzero above the tolerance always does (a suspect column in reverse mode is confirmed
+by a NaN cotangent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.core.plan import choose_chunk_size
+from torchjac._engine.core.run import run_chunks
+from torchjac._engine.func.func_probes import Traced, autograd_trace
+from torchjac._engine.sparse.colouring import Colouring
+from torchjac._errors import warn_fallback
+
+__all__ = ["compressed_jacobian"]
+
+CHECK_SEED = 20_261_207
+CHECK_TOLERANCE = 256  # in units of eps times the size of the terms summed
+CONFIRM_LINES = 8  # suspect lines confirmed by a NaN probe each, worst first
+
+
+def _direction(size: int, dtype: torch.dtype) -> Tensor:
+    g = torch.Generator().manual_seed(CHECK_SEED)
+    signs = torch.randint(0, 2, (size,), generator=g) * 2 - 1
+    return ((torch.rand(size, generator=g, dtype=torch.float64) + 0.5) * signs).to(dtype)
+
+
+def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
+    """Probes ``start..stop-1``: the colours' indicators, then the check direction ``r``."""
+    top = min(stop, col.count)
+    parts = [col.seeds(start, top, r.dtype)] if start < top else []
+    if stop > col.count:
+        parts.append(r.view(1, -1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _forward(
+    p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor
+) -> torch.Size:
+    def push(t: Tensor) -> Tensor:
+        return torch.func.jvp(p.outputs_only, (x,), (t,))[1][0]
+
+    def probe(start: int, stop: int, batched: bool) -> Tensor:
+        seeds = _seeds(col, r, start, stop).to(x.device).view(stop - start, *x.shape)
+        if batched:
+            return torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
+        return push(seeds[0]).unsqueeze(0)
+
+    shape: list[torch.Size] = []
+
+    def write(start: int, stop: int, jv: Tensor) -> None:
+        _check_output(p, jv[0], out.shape[0])
+        shape[:] = [jv[0].shape]
+        out[:, start:stop] = jv.reshape(stop - start, -1).T
+
+    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
+    return shape[0]
+
+
+def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> Traced:
+    t = autograd_trace(p, lambda outs: None)
+    y = t.outputs[0]
+    _check_output(p, y, r.numel())
+
+    def probe(start: int, stop: int, batched: bool) -> Tensor:
+        seeds = _seeds(col, r, start, stop).to(y.device, y.dtype).view(stop - start, *y.shape)
+        if batched:
+            return t.pullback((seeds,), True)[0]
+        return t.pullback((seeds[0],))[0].unsqueeze(0)
+
+    def write(start: int, stop: int, g: Tensor) -> None:
+        out[start:stop] = g.reshape(stop - start, -1)
+
+    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
+    return t
+
+
+def compressed_jacobian(
+    p: FuncProblem,
+    x: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    shape: tuple[int, int],
+    colourings: Callable[[str], Colouring],
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+) -> tuple[Tensor, torch.Size]:
+    """The values of the pattern's nonzeros ``(rows, cols)`` (NOTE [compressed probes]), and
+    the shape of the output."""
+    m, n = shape
+    dev = x.device
+    rows, cols = rows.to(dev), cols.to(dev)
+    per_probe = 16 * (m + n) * p.dtype.itemsize
+    if mode == "fwd":
+        col = colourings("fwd")
+        r = _direction(n, p.dtype)
+        block = torch.zeros(m, col.count + 1, dtype=p.dtype, device=dev)
+        try:
+            chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
+            y_shape = _forward(p, x, col, r, chunk, block)
+            values = block[rows, col.colour.to(dev)[cols]]
+            lines = _suspects(rows, values, r.to(dev)[cols], block[:, -1])
+
+            def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
+                t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
+                t[cols[rows == i]] = 0
+                y = torch.func.jvp(p.outputs_only, (x,), (t.view(x.shape),))[1][0]
+                return bool(y.reshape(-1)[i].isnan())
+
+            _confirm(p.fn_name, "row", lines, push_nan)
+            return values, y_shape
+        except (RuntimeError, NotImplementedError) as err:
+            if isinstance(err, PatternError):
+                raise
+            warn_fallback(p.fn_name, "forward-mode AD failed, computed rows in reverse mode", err)
+    col = colourings("rev")
+    r = _direction(m, p.dtype)
+    block = torch.zeros(col.count + 1, n, dtype=p.dtype, device=dev)
+    chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
+    traced = _reverse(p, col, r, chunk, block)
+    values = block[col.colour.to(dev)[rows], cols]
+    lines = _suspects(cols, values, r.to(dev)[rows], block[-1])
+
+    def pull_nan(j: int) -> bool:
+        y = traced.outputs[0]
+        u = torch.full((m,), float("nan"), dtype=y.dtype, device=dev)
+        u[rows[cols == j]] = 0
+        return bool(traced.pullback((u.view(y.shape),))[0].reshape(-1)[j].isnan())
+
+    _confirm(p.fn_name, "column", lines, pull_nan)
+    return values, traced.outputs[0].shape
+
+
+def _check_output(p: FuncProblem, y: Tensor, m: int) -> None:
+    if not p.single:
+        raise TypeError(f"{p.fn_name}: func must return one Tensor, got a sequence.")
+    if y.numel() != m:
+        raise PatternError(
+            f"{p.fn_name}: `pattern` has {m} rows but func returns {y.numel()} elements "
+            f"(shape {list(y.shape)}); pass the pattern of this func, or pattern=None."
+        )
+
+
+class PatternError(ValueError):
+    """The Jacobian has a nonzero outside the pattern (raised as a ``ValueError``)."""
+
+
+def _suspects(at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> list[int]:
+    """Lines where ``probe`` (the AD product with the check direction) and the sparse product
+    differ beyond roundoff, worst first (at most ``CONFIRM_LINES``)."""
+    size = probe.numel()
+    terms = values * weights
+    zeros = torch.zeros(size, dtype=values.dtype, device=values.device)
+    diff = (zeros.index_add(0, at, terms) - probe).abs()
+    scale = zeros.index_add(0, at, terms.abs()) + probe.abs()
+    eps = max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
+    floor = scale.max() if scale.numel() else scale.new_zeros(())  # roundoff of cancellations
+    excess = diff - CHECK_TOLERANCE * eps * (scale + floor)
+    bad = (excess > 0).nonzero().reshape(-1)
+    worst = bad[torch.argsort(excess[bad], descending=True)][:CONFIRM_LINES]
+    return [int(i) for i in worst]
+
+
+def _confirm(fn: str, what: str, lines: list[int], reached: Callable[[int], bool]) -> None:
+    """Raise if a suspect line is reached from outside its pattern (NaN probes)."""
+    for i in lines:
+        try:
+            found = reached(i)
+        except Exception:  # the NaN probe itself failed: no proof of roundoff
+            found = True
+        if found:
+            raise PatternError(
+                f"{fn}: the Jacobian has nonzeros outside the sparsity pattern (at least in "
+                f"{what} {i} of the flattened Jacobian). A `pattern` must hold every entry "
+                "that can be nonzero: pass the one of tj.sparsity_pattern(func, x) for this "
+                "func, or pattern=None to detect it."
+            )

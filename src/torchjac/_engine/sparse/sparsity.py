@@ -1,0 +1,228 @@
+"""The sparsity pattern of a function's Jacobian, for every input value, from the ops it runs.
+
+NOTE [sparsity tracing]: ``func`` is called once on a copy of ``x`` under a dispatch mode that
+sees every aten operation (after autograd, so composite ops such as ``F.conv2d``, ``F.pad`` or
+``@`` arrive as the few primitives they are made of). Dependence is kept per *storage element*,
+not per tensor: a view (slice, reshape, transpose, ``expand``) reads the same storage and needs
+no rule, and an in-place write through a view (``out[1:-1] = ...``, ``copy_``, ``index_put_``)
+updates the base it writes into. Each op that produces or writes data maps the index sets of its
+inputs (NOTE [index sets]) to its outputs by a rule of ``sparsity_rules`` chosen from the op's
+structure (elementwise, data movement, reduction, matrix product, convolution, scatter). An op
+with no rule makes every element it writes depend on every input element it reads: a superset,
+never a missed nonzero, and the op is reported. Integer and boolean tensors carry index sets too
+(the values they were computed from), so an index, mask or condition computed from ``x`` makes
+the op that uses it depend on all the elements it could select. A Python branch on a value of
+``x`` (``.item()``, ``bool(t)``) is reported: the pattern then holds for the branch taken.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented dispatch modes
+
+from torchjac._engine.sparse.index_sets import Sets
+from torchjac._engine.sparse.sparsity_base import Reader, Rule, dense_rule, tensors
+from torchjac._engine.sparse.sparsity_rules import choose_rule
+
+try:  # without it (a torch that moved it), storages are kept alive: no address is reused
+    from torch.multiprocessing.reductions import StorageWeakRef
+except ImportError:  # pragma: no cover
+    StorageWeakRef = None  # type: ignore[assignment,misc]
+
+__all__ = ["Trace", "trace_pattern"]
+
+aten = torch.ops.aten
+_BRANCHES = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
+
+
+@dataclass
+class _Entry:
+    ref: Any  # a StorageWeakRef (or the storage itself, kept alive)
+    itemsize: int
+    sets: Sets  # one row per storage element
+
+
+@dataclass
+class Trace:
+    """The pattern's rows (one per output element), and what made it a superset."""
+
+    sets: Sets
+    dense_ops: list[str] = field(default_factory=list)
+    branches: list[str] = field(default_factory=list)
+
+
+class _Storages:
+    """Index sets per storage element, for every storage written during the trace."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.entries: dict[int, _Entry] = {}
+        self.keep: list[Tensor] = []  # without StorageWeakRef: no address is ever reused
+
+    def _entry(self, t: Tensor) -> _Entry | None:
+        if t.numel() == 0 or t.layout != torch.strided or t.device.type == "meta":
+            return None
+        e = self.entries.get(t.untyped_storage().data_ptr())
+        if e is None:
+            return None
+        if StorageWeakRef is not None and e.ref.expired():
+            del self.entries[t.untyped_storage().data_ptr()]
+            return None
+        return e
+
+    @staticmethod
+    def _whole(t: Tensor, itemsize: int) -> bool:
+        """``t`` is its whole storage in order: its sets are the storage's, as they are."""
+        size = t.untyped_storage().nbytes() // itemsize
+        return (
+            t.element_size() == itemsize
+            and t.numel() == size
+            and t.storage_offset() == 0
+            and t.is_contiguous()
+        )
+
+    @staticmethod
+    def _offsets(t: Tensor, itemsize: int) -> Tensor:
+        scale = t.element_size() / itemsize
+        size = t.untyped_storage().nbytes() // itemsize
+        base = torch.arange(size)
+        if scale != 1:  # a dtype view: every element reads the whole storage (a superset)
+            return base
+        return base.as_strided(t.shape, t.stride(), t.storage_offset()).reshape(-1)
+
+    def read(self, t: Tensor) -> Sets:
+        """The index sets of ``t``'s elements (row-major)."""
+        e = self._entry(t)
+        if e is None:
+            return Sets.empty(t.numel(), self.n)
+        if self._whole(t, e.itemsize):
+            return e.sets
+        off = self._offsets(t, e.itemsize)
+        if off.numel() != t.numel():
+            return e.sets.dense_to(t.numel())
+        return e.sets.take(off)
+
+    def write(self, t: Tensor, sets: Sets) -> None:
+        """``t``'s elements (row-major) now have the index sets ``sets``."""
+        if t.numel() == 0 or t.layout != torch.strided:
+            return
+        e = self._entry(t)
+        if e is None and sets.nnz == 0:
+            return
+        itemsize = t.element_size() if e is None else e.itemsize
+        size = t.untyped_storage().nbytes() // itemsize
+        if self._whole(t, itemsize):
+            new = sets
+        elif (
+            off := self._offsets(t, itemsize)
+        ).numel() != t.numel():  # a dtype view written: the storage depends on it all
+            old = e.sets if e is not None else Sets.empty(size, self.n)
+            new = Sets.union([old, sets.dense_to(size)], size, self.n)
+        else:
+            moved = sets.relabel(off, size)
+            if e is None:
+                new = moved
+            else:
+                written = torch.zeros(size, dtype=torch.bool)
+                written[off] = True
+                new = Sets.union([e.sets.keep_rows(written), moved], size, self.n)
+        storage = t.untyped_storage()
+        if StorageWeakRef is not None:
+            ref: Any = StorageWeakRef(storage)
+        else:  # pragma: no cover
+            ref = storage
+            self.keep.append(t)
+        self.entries[storage.data_ptr()] = _Entry(ref, itemsize, new)
+
+
+class _Tracer(TorchDispatchMode):
+    def __init__(self, storages: _Storages, trace: Trace) -> None:
+        super().__init__()
+        self.storages = storages
+        self.trace = trace
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        leaves = tensors((args, kwargs))
+        cache: dict[int, Sets] = {}
+
+        def reader(t: Tensor) -> Sets:
+            if id(t) not in cache:
+                cache[id(t)] = self.storages.read(t)
+            return cache[id(t)]
+
+        tracked = [t for t in leaves if reader(t).nnz]  # read before a write can change them
+        out = func(*args, **kwargs)
+        if torch.Tag.inplace_view in func.tags and func is not aten.resize_.default:
+            return out  # metadata only (squeeze_, t_): the storage's sets are unchanged
+        if func in _BRANCHES and tracked:
+            self.trace.branches.append(str(func.overloadpacket.__name__))
+        if not tracked:  # constants: nothing to write (an untracked target has no sets)
+            return out
+        targets = _targets(func, args, kwargs, out, leaves)
+        if not targets:
+            return out
+        rule: Rule | None = choose_rule(func)
+        sets = (
+            None
+            if rule is None
+            else rule(func, args, kwargs, targets, Reader(reader, self.storages.n))
+        )
+        if sets is None:
+            self.trace.dense_ops.append(str(func))
+            sets = dense_rule(targets, tracked, reader)
+        for t, s in zip(targets, sets):
+            self.storages.write(t, s)
+        return out
+
+
+@functools.cache
+def _writes(func: Any) -> bool:
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+
+
+def _targets(func: Any, args: Any, kwargs: Any, out: Any, leaves: list[Tensor]) -> list[Tensor]:
+    """The tensors whose data the op wrote: fresh outputs and mutated arguments (not views)."""
+    mine = {t.untyped_storage().data_ptr() for t in leaves if t.layout == torch.strided}
+    fresh = [
+        t
+        for t in tensors(out)
+        if t.layout == torch.strided and t.numel() and t.untyped_storage().data_ptr() not in mine
+    ]
+    if not _writes(func):
+        return fresh
+    # an op may write an argument and return fresh outputs too (batch norm's running stats)
+    return fresh + [t for t in _mutated(func, args, kwargs) if not any(t is f for f in fresh)]
+
+
+def _mutated(func: Any, args: Any, kwargs: Any) -> list[Tensor]:
+    found = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(a.name)
+        found += tensors(value)
+    return found
+
+
+def trace_pattern(func: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor, Trace]:
+    """Call ``func`` on a copy of ``x`` under the tracer (NOTE [sparsity tracing]).
+
+    Returns the output (detached) and its trace: ``trace.sets`` has one row per output element.
+    """
+    n = x.numel()
+    storages = _Storages(n)
+    trace = Trace(Sets.empty(0, n))
+    copy = x.detach().clone(memory_format=torch.contiguous_format)
+    storages.write(copy, Sets.identity(n))
+    with torch.no_grad(), _Tracer(storages, trace):
+        y = func(copy)
+    if isinstance(y, Tensor):
+        trace.sets = storages.read(y)
+    return y, trace
