@@ -45,9 +45,9 @@ lint: $(STAMP)
 
 # The oracle suites once more with every fast path off (NOTE [fast paths]): the general paths
 # must agree with the same float64 oracles.
-ORACLE_TESTS := tests/test_modules_oracles.py tests/test_second_order_oracles.py \
-	tests/test_functional.py tests/test_graph.py tests/test_gramian.py tests/test_ntk_kernel.py \
-	tests/test_modules_convolutions.py
+ORACLE_TESTS := tests/modules/test_modules_oracles.py tests/taylor/test_second_order_oracles.py \
+	tests/func/test_functional.py tests/graph/test_graph.py tests/graph/test_gramian.py tests/modules/test_ntk_kernel.py \
+	tests/modules/test_modules_convolutions.py
 
 test: lint
 	$(VENV)/bin/pytest -n 2 -q

@@ -27,7 +27,7 @@ without vmap: torch.func's ``jacrev(jacrev)`` is itself off for ``F.layer_norm``
 (vmap over its double backward); such a cell is exact and says so. An op's cell is the worst
 class over its samples. Samples are drawn from a fixed seed (restored afterwards), so every
 sweep sees the same ones. ``benchmarks/opinfo_coverage.py`` writes the table
-(``benchmarks/OPINFO.md``); ``tests/test_taylor_opinfo.py`` runs a quick sweep in CI.
+(``benchmarks/OPINFO.md``); ``tests/taylor/test_taylor_opinfo.py`` runs a quick sweep in CI.
 """
 
 from __future__ import annotations

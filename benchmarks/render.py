@@ -67,14 +67,37 @@ def _peer(name: str) -> str:
     return re.sub(r"^seeds? [0-9, ]+: ", "", name)
 
 
+_VARIANT = re.compile(r"^(tj\.[\w.]+(?: \+ tj\.[\w.]+)?), (.+)$")
+
+
+def _variants(rows: Sequence[Row], mine: Row) -> list[Row]:
+    """The rows of ``mine``'s problem that time the same call on the model written in other
+    styles (``"tj.jacobian, module class"`` beside ``"tj.jacobian(f, x, batch_dim=0)"``)."""
+    out = []
+    for r in rows:
+        found = _VARIANT.match(r.strategy) if r.torchjac else None
+        same = found and r.workload == mine.workload and r.title == mine.title
+        if same and r is not mine and mine.strategy.startswith(found.group(1)):  # type: ignore[union-attr]
+            out.append(r)
+    return out
+
+
+def _ratio(r: Row) -> str:
+    return "—" if r.ratio is None else f"**{r.ratio:.2f}×**"
+
+
 def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
-    """One line per torchjac strategy: its time, the fastest peer's, the ratio (``sweep=False``:
-    without W5c's cells, which RESULTS.md shows as a grid)."""
+    """One line per torchjac strategy: its time, the fastest peer's, the ratio (``sweep=False``,
+    the README's: without W5c's cells, which RESULTS.md shows as a grid, and with the styles of
+    one call on one line, ``a / b / c`` in the order of the strategy's cell)."""
     lines = [
         "| workload | torchjac | ms | fastest peer | ms | ratio |",
         "|---|---|---:|---|---:|---:|",
     ]
+    folded = {id(v) for m in rows if not sweep and m.torchjac for v in _variants(rows, m)}
     for mine in (r for r in rows if r.torchjac and (sweep or r.workload != "W5c")):
+        if id(mine) in folded:
+            continue
         peers = [
             r
             for r in rows
@@ -87,12 +110,15 @@ def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
         best = min(peers, key=lambda r: r.median_ms or 0.0, default=None)
         if best is None and not sweep:  # the README compares; RESULTS.md lists such rows too
             continue
-        ratio = "—" if mine.ratio is None else f"**{mine.ratio:.2f}×**"
         title = re.sub(r" [(]seeds? [^)]*[)]", "", mine.title)  # the README has no seed numbers
+        group = [mine] + ([] if sweep else _variants(rows, mine))
+        styles = "".join(f" / {_VARIANT.match(v.strategy).group(2)}" for v in group[1:])  # type: ignore[union-attr]
         lines.append(
-            f"| {mine.workload} {title} | `{mine.strategy}` | {_ms(mine.median_ms)} | "
+            f"| {mine.workload} {title} | `{mine.strategy}`{styles} | "
+            + " / ".join(_ms(r.median_ms) for r in group)
+            + " | "
             + ("— | — |" if best is None else f"{_peer(best.strategy)} | {_ms(best.median_ms)} |")
-            + f" {ratio} |"
+            + f" {' / '.join(_ratio(r) for r in group)} |"
         )
     return "\n".join(lines)
 

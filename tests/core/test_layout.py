@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ENGINE = Path(__file__).resolve().parents[1] / "src" / "torchjac" / "_engine"
+ENGINE = Path(__file__).resolve().parents[2] / "src" / "torchjac" / "_engine"
 ORDER = ["core", "kernel", "graph", "taylor", "modules", "func", "sparse"]
 
 
