@@ -3,9 +3,10 @@
 NOTE [compressed probes]: with a column colouring (NOTE [colouring]) the forward probes are the
 ``C`` indicator vectors of the colours, pushed through ``func`` by ``torch.func.jvp`` vmapped
 over chunks (``run_chunks``: chunk size from ``max_memory``, a loop when vmap fails); with a row
-colouring the reverse probes are pulled back through one autograd graph by batched backward
-passes. Entry ``(i, j)`` of the pattern is then one gather from the compressed ``[m, C]`` (or
-``[C, n]``) block. One more probe, along a fixed pseudo-random direction ``r`` (its own
+colouring the reverse probes are pulled back through one autograd graph (the detection call's,
+when the pattern was detected in the same call) by batched backward passes. Entry ``(i, j)``
+of the pattern is then one gather from the compressed ``[m, C]`` (or ``[C, n]``) block, at
+flat positions the pattern's plan keeps (NOTE [pattern plan]). One more probe, along a fixed pseudo-random direction ``r`` (its own
 generator: the user's RNG is not drawn from), checks the result: ``J r`` (or ``rᵀ J``) computed
 by AD must equal the sparse product, else a nonzero outside the pattern was lost or folded into
 another entry, and the call raises instead of returning a wrong Jacobian. A line whose two
@@ -21,7 +22,9 @@ by a NaN cotangent).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,8 +32,9 @@ from torch import Tensor
 from torchjac._engine.colouring import Colouring
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import Traced, autograd_trace
-from torchjac._engine.plan import choose_chunk_size
+from torchjac._engine.plan import MIN_MEMORY_BUDGET, choose_chunk_size, memory_budget
 from torchjac._engine.run import run_chunks
+from torchjac._engine.sparse_plan import PatternPlan
 from torchjac._errors import warn_fallback
 
 __all__ = ["compressed_jacobian"]
@@ -40,10 +44,12 @@ CHECK_TOLERANCE = 256  # in units of eps times the size of the terms summed
 CONFIRM_LINES = 8  # suspect lines confirmed by a NaN probe each, worst first
 
 
-def _direction(size: int, dtype: torch.dtype) -> Tensor:
+@functools.lru_cache(maxsize=8)
+def _direction(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The check direction (cached: only read, never written)."""
     g = torch.Generator().manual_seed(CHECK_SEED)
     signs = torch.randint(0, 2, (size,), generator=g) * 2 - 1
-    return ((torch.rand(size, generator=g, dtype=torch.float64) + 0.5) * signs).to(dtype)
+    return ((torch.rand(size, generator=g, dtype=torch.float64) + 0.5) * signs).to(device, dtype)
 
 
 def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
@@ -78,8 +84,11 @@ def _forward(
     return shape[0]
 
 
-def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> Traced:
-    t = autograd_trace(p, lambda outs: None)
+def _reverse(
+    p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor, t: Traced | None
+) -> Traced:
+    if t is None:
+        t = autograd_trace(p, lambda outs: None)
     y = t.outputs[0]
     _check_output(p, y, r.numel())
 
@@ -96,32 +105,40 @@ def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor)
     return t
 
 
+def _chunk(
+    fn: str, count: int, per_probe: int, chunk_size: int | None, memory: Any, device: Any
+) -> int:
+    """Probes per pass: all of them when they fit in the smallest default budget (no look at
+    free memory), else as ``max_memory`` (or free memory) allows."""
+    if chunk_size is None and memory is None and count * per_probe <= MIN_MEMORY_BUDGET:
+        return choose_chunk_size(count, per_probe, MIN_MEMORY_BUDGET, None)
+    return choose_chunk_size(count, per_probe, memory_budget(fn, memory, device), chunk_size)
+
+
 def compressed_jacobian(
     p: FuncProblem,
     x: Tensor,
-    rows: Tensor,
-    cols: Tensor,
-    shape: tuple[int, int],
-    colourings: Callable[[str], Colouring],
+    plan: PatternPlan,
     mode: str,
     chunk_size: int | None,
-    budget: int,
+    max_memory: Any,
+    traced: Traced | None = None,
 ) -> tuple[Tensor, torch.Size]:
-    """The values of the pattern's nonzeros ``(rows, cols)`` (NOTE [compressed probes]), and
-    the shape of the output."""
-    m, n = shape
+    """The values of the pattern's nonzeros in CSR order (NOTE [compressed probes]), and the
+    shape of the output; ``traced``: a call already on the graph, for reverse probes."""
+    m, n, grid = plan.m, plan.n, tuple(x.shape)
     dev = x.device
-    rows, cols = rows.to(dev), cols.to(dev)
     per_probe = 16 * (m + n) * p.dtype.itemsize
     if mode == "fwd":
-        col = colourings("fwd")
-        r = _direction(n, p.dtype)
+        col = plan.colouring("fwd", grid)
+        r = _direction(n, p.dtype, dev)
         block = torch.zeros(m, col.count + 1, dtype=p.dtype, device=dev)
         try:
-            chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
+            chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
             y_shape = _forward(p, x, col, r, chunk, block)
-            values = block[rows, col.colour.to(dev)[cols]]
-            lines = _suspects(rows, values, r.to(dev)[cols], block[:, -1])
+            values = block.view(-1)[plan.index("fwd", grid, dev)]
+            rows, cols = plan.on("rows", dev), plan.on("cols", dev)
+            lines = _suspects(rows, values, r[cols], block[:, -1])
 
             def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
                 t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
@@ -135,13 +152,14 @@ def compressed_jacobian(
             if isinstance(err, PatternError):
                 raise
             warn_fallback(p.fn_name, "forward-mode AD failed, computed rows in reverse mode", err)
-    col = colourings("rev")
-    r = _direction(m, p.dtype)
+    col = plan.colouring("rev", grid)
+    r = _direction(m, p.dtype, dev)
     block = torch.zeros(col.count + 1, n, dtype=p.dtype, device=dev)
-    chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
-    traced = _reverse(p, col, r, chunk, block)
-    values = block[col.colour.to(dev)[rows], cols]
-    lines = _suspects(cols, values, r.to(dev)[rows], block[-1])
+    chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
+    traced = _reverse(p, col, r, chunk, block, traced)
+    values = block.view(-1)[plan.index("rev", grid, dev)]
+    rows, cols = plan.on("rows", dev), plan.on("cols", dev)
+    lines = _suspects(cols, values, r[rows], block[-1])
 
     def pull_nan(j: int) -> bool:
         y = traced.outputs[0]

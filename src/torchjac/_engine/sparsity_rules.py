@@ -54,7 +54,7 @@ aten = torch.ops.aten
 
 
 def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    leaves = [t for t in tensors((args, kwargs)) if read(t).nnz]
+    leaves = read.tracked
     result = []
     for out in targets:
         floating = out.is_floating_point() or out.is_complex()
@@ -82,9 +82,9 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
     b = bind(func, args, kwargs)
     index = [t for k, v in b.items() if k in INDEX_ARGS for t in tensors(v)]
     data = [t for t in tensors((args, kwargs)) if not any(t is i for i in index)]
-    live = [t for t in data if read(t).nnz]
+    live = [t for t in data if read(t).live]
     n = read.n
-    if any(read(t).nnz for t in index) or len(targets) != 1:
+    if any(read(t).live for t in index) or len(targets) != 1:
         return None if not live else dense_rule(targets, live, read)
     (out,) = targets
     parts = []
@@ -105,8 +105,7 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
             return None
         c = res.reshape(-1).double().cpu()
         valid = (c >= 1) & (c <= k.numel()) & (c == c.round())
-        pos = valid.nonzero().reshape(-1)
-        parts.append(read(k).pairs(pos, c[pos].long() - 1, out.numel()))
+        parts.append(read(k).gather(torch.where(valid, c.long() - 1, -1)))
     return [Sets.union(parts, out.numel(), n)]
 
 
@@ -124,9 +123,9 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
     (out,) = targets
     n = read.n
     parts = [read(self)]
-    if src is not None and read(src).nnz:
+    if src is not None and read(src).live:
         idx: Any = b.get("index", b.get("indices"))
-        if read.tracked(idx):
+        if read.depends(idx):
             parts.append(read(src).dense_to(out.numel()))
         else:
             code = torch.arange(self.numel(), device=self.device).view(self.shape)
