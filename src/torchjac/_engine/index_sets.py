@@ -26,6 +26,7 @@ never ``rows × n``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -194,6 +195,19 @@ class Sets:
         out = torch.arange(r).view(-1, 1).expand_as(idx)
         ok = idx >= 0
         return self._take_pairs(idx[ok]).relabel(out[ok], r)
+
+    def strided(self, shape: Sequence[int], stride: Sequence[int], offset: int) -> Sets | None:
+        """The rows a strided view (``shape``, ``stride``, ``offset`` over rows) reads, from
+        contiguous padded rows (one copy), else ``None``."""
+        e = self._formed()._ell
+        if e is None or not e.is_contiguous():
+            return None
+        k, rows = e.shape[1], math.prod(shape)
+        if k == 0:
+            return Sets.empty(rows, self.n)
+        at = e.storage_offset() + offset * k
+        view = e.as_strided((*shape, k), (*(s * k for s in stride), 1), at)
+        return Sets(rows, self.n, ell=view.reshape(rows, k), ref=self.ref)
 
     def take(self, idx: Tensor) -> Sets:
         """Row ``i`` of the result is row ``idx[i]`` of this one (any order, repeats allowed)."""

@@ -113,16 +113,25 @@ class PatternPlan:
         return self.cache[key]
 
     def index(self, side: str, grid: tuple[int, ...], device: torch.device) -> Tensor:
-        """Flat positions of the entries in the compressed block: ``[m, C + 1]`` forward
-        (entry ``(i, j)`` at ``(i, colour[j])``), ``[C + 1, n]`` reverse (``(colour[i], j)``)."""
+        """Flat positions of the entries in the compressed block, one probe a row: ``[C + 1,
+        m]`` forward (entry ``(i, j)`` at ``(colour[j], i)``), ``[C + 1, n]`` reverse
+        (``(colour[i], j)``)."""
         key = ("index", side, grid, device)
         if key not in self.cache:
             col = self.colouring(side, grid)
             if side == "fwd":
-                flat = self.rows * (col.count + 1) + col.colour[self.cols]
+                flat = col.colour[self.cols] * self.m + self.rows
             else:
                 flat = col.colour[self.rows] * self.n + self.cols
             self.cache[key] = flat.to(device)
+        return self.cache[key]
+
+    def weights(self, side: str, r: Tensor) -> Tensor:
+        """The check direction ``r`` at each entry: ``r[cols]`` forward, ``r[rows]`` reverse
+        (``r`` is fixed per size, dtype and device)."""
+        key = ("weights", side, r.dtype, r.device)
+        if key not in self.cache:
+            self.cache[key] = r[self.on("cols" if side == "fwd" else "rows", r.device)]
         return self.cache[key]
 
 

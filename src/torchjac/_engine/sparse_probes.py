@@ -4,9 +4,10 @@ NOTE [compressed probes]: with a column colouring (NOTE [colouring]) the forward
 ``C`` indicator vectors of the colours, pushed through ``func`` by ``torch.func.jvp`` vmapped
 over chunks (``run_chunks``: chunk size from ``max_memory``, a loop when vmap fails); with a row
 colouring the reverse probes are pulled back through one autograd graph (the detection call's,
-when the pattern was detected in the same call) by batched backward passes. Entry ``(i, j)``
-of the pattern is then one gather from the compressed ``[m, C]`` (or ``[C, n]``) block, at
-flat positions the pattern's plan keeps (NOTE [pattern plan]). One more probe, along a fixed pseudo-random direction ``r`` (its own
+when the pattern was detected in the same call) by batched backward passes. The products form
+one ``[C + 1, m]`` (or ``[C + 1, n]``) block, a probe a row, as the pass returns it; entry
+``(i, j)`` of the pattern is one gather from it, at flat positions the pattern's plan keeps
+(NOTE [pattern plan]). The last probe, along a fixed pseudo-random direction ``r`` (its own
 generator: the user's RNG is not drawn from), checks the result: ``J r`` (or ``rᵀ J``) computed
 by AD must equal the sparse product, else a nonzero outside the pattern was lost or folded into
 another entry, and the call raises instead of returning a wrong Jacobian. A line whose two
@@ -61,32 +62,46 @@ def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _run(fn: str, count: int, chunk: int, probe: Callable[[int, int, bool], Tensor]) -> Tensor:
+    """Every probe's product, ``[count, size]`` (one pass's result as it is, when one pass)."""
+    parts: list[Tensor] = []
+
+    def write(start: int, stop: int, got: Tensor) -> None:
+        parts.append(got.reshape(stop - start, -1))
+
+    run_chunks(fn, count, chunk, probe, write)
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+
 def _forward(
-    p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor
-) -> torch.Size:
+    p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, m: int
+) -> tuple[Tensor, torch.Size]:
+    """``[C + 1, m]``: ``J s_c`` for each colour, then ``J r``; and the output's shape."""
+
     def push(t: Tensor) -> Tensor:
         return torch.func.jvp(p.outputs_only, (x,), (t,))[1][0]
 
-    def probe(start: int, stop: int, batched: bool) -> Tensor:
-        seeds = _seeds(col, r, start, stop).to(x.device).view(stop - start, *x.shape)
-        if batched:
-            return torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
-        return push(seeds[0]).unsqueeze(0)
-
     shape: list[torch.Size] = []
 
-    def write(start: int, stop: int, jv: Tensor) -> None:
-        _check_output(p, jv[0], out.shape[0])
+    def probe(start: int, stop: int, batched: bool) -> Tensor:
+        seeds = _seeds(col, r, start, stop).to(x.device).view(stop - start, *x.shape)
+        jv = (
+            torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
+            if batched
+            else push(seeds[0]).unsqueeze(0)
+        )
+        _check_output(p, jv[0], m)
         shape[:] = [jv[0].shape]
-        out[:, start:stop] = jv.reshape(stop - start, -1).T
+        return jv
 
-    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
-    return shape[0]
+    block = _run(p.fn_name, col.count + 1, chunk, probe)
+    return block, shape[0]
 
 
 def _reverse(
-    p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor, t: Traced | None
-) -> Traced:
+    p: FuncProblem, col: Colouring, r: Tensor, chunk: int, t: Traced | None
+) -> tuple[Tensor, Traced]:
+    """``[C + 1, n]``: ``s_cᵀ J`` for each colour, then ``rᵀ J``; and the call's record."""
     if t is None:
         t = autograd_trace(p, lambda outs: None)
     y = t.outputs[0]
@@ -98,11 +113,7 @@ def _reverse(
             return t.pullback((seeds,), True)[0]
         return t.pullback((seeds[0],))[0].unsqueeze(0)
 
-    def write(start: int, stop: int, g: Tensor) -> None:
-        out[start:stop] = g.reshape(stop - start, -1)
-
-    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
-    return t
+    return _run(p.fn_name, col.count + 1, chunk, probe), t
 
 
 def _chunk(
@@ -132,13 +143,12 @@ def compressed_jacobian(
     if mode == "fwd":
         col = plan.colouring("fwd", grid)
         r = _direction(n, p.dtype, dev)
-        block = torch.zeros(m, col.count + 1, dtype=p.dtype, device=dev)
         try:
             chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
-            y_shape = _forward(p, x, col, r, chunk, block)
+            block, y_shape = _forward(p, x, col, r, chunk, m)
             values = block.view(-1)[plan.index("fwd", grid, dev)]
             rows, cols = plan.on("rows", dev), plan.on("cols", dev)
-            lines = _suspects(rows, values, r[cols], block[:, -1])
+            lines = _suspects(rows, values, plan.weights("fwd", r), block[-1])
 
             def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
                 t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
@@ -154,12 +164,11 @@ def compressed_jacobian(
             warn_fallback(p.fn_name, "forward-mode AD failed, computed rows in reverse mode", err)
     col = plan.colouring("rev", grid)
     r = _direction(m, p.dtype, dev)
-    block = torch.zeros(col.count + 1, n, dtype=p.dtype, device=dev)
     chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
-    traced = _reverse(p, col, r, chunk, block, traced)
+    block, traced = _reverse(p, col, r, chunk, traced)
     values = block.view(-1)[plan.index("rev", grid, dev)]
     rows, cols = plan.on("rows", dev), plan.on("cols", dev)
-    lines = _suspects(cols, values, r[rows], block[-1])
+    lines = _suspects(cols, values, plan.weights("rev", r), block[-1])
 
     def pull_nan(j: int) -> bool:
         y = traced.outputs[0]
@@ -188,14 +197,16 @@ class PatternError(ValueError):
 def _suspects(at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> list[int]:
     """Lines where ``probe`` (the AD product with the check direction) and the sparse product
     differ beyond roundoff, worst first (at most ``CONFIRM_LINES``)."""
-    size = probe.numel()
     terms = values * weights
-    zeros = torch.zeros(size, dtype=values.dtype, device=values.device)
-    diff = (zeros.index_add(0, at, terms) - probe).abs()
-    scale = zeros.index_add(0, at, terms.abs()) + probe.abs()
+    sums = torch.zeros(probe.numel(), 2, dtype=values.dtype, device=values.device)
+    sums.index_add_(0, at, torch.stack([terms, terms.abs()], 1))  # J r and its terms' size
+    diff = (sums[:, 0] - probe).abs()
+    scale = sums[:, 1] + probe.abs()
     eps = max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
     floor = scale.max() if scale.numel() else scale.new_zeros(())  # roundoff of cancellations
     excess = diff - CHECK_TOLERANCE * eps * (scale + floor)
+    if not bool((excess > 0).any()):
+        return []
     bad = (excess > 0).nonzero().reshape(-1)
     worst = bad[torch.argsort(excess[bad], descending=True)][:CONFIRM_LINES]
     return [int(i) for i in worst]

@@ -21,7 +21,6 @@ probes pull back through (NOTE [compressed probes]): ``func`` runs once for both
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +112,10 @@ class _Storages:
             return Sets.empty(t.numel(), self.n)
         if self._whole(t, e.itemsize):
             return e.sets
+        if t.element_size() == e.itemsize:  # a strided view of the storage's rows
+            found = e.sets.strided(t.shape, t.stride(), t.storage_offset())
+            if found is not None:
+                return found
         off = self._offsets(t, e.itemsize)
         if off.numel() != t.numel():
             return e.sets.dense_to(t.numel())
@@ -165,14 +168,24 @@ class _Op:
     writes: bool  # mutates an argument
     branch: bool  # reads a value of a tensor into Python
     metadata: bool  # changes metadata only (squeeze_, t_): the storage's sets are unchanged
+    view: bool  # returns views of its arguments only (slice, select, view): no data made
     rule: Rule | None
 
 
-@functools.cache
+_OPS: dict[int, tuple[Any, _Op]] = {}  # by id: an aten op's hash is Python code
+
+
 def _op(func: Any) -> _Op:
-    writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+    found = _OPS.get(id(func))
+    if found is not None and found[0] is func:
+        return found[1]
+    schema = func._schema
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
     metadata = torch.Tag.inplace_view in func.tags and func is not aten.resize_.default
-    return _Op(writes, func in _BRANCHES, metadata, choose_rule(func))
+    view = not writes and bool(schema.returns) and all(r.alias_info for r in schema.returns)
+    op = _Op(writes, func in _BRANCHES, metadata, view, choose_rule(func))
+    _OPS[id(func)] = (func, op)
+    return op
 
 
 class _Tracer(TorchDispatchMode):
@@ -199,7 +212,7 @@ class _Tracer(TorchDispatchMode):
         early = op.writes or op.branch
         tracked = [t for t in leaves if reader(t).live] if early else []
         out = func(*args, **kwargs)
-        if op.metadata:
+        if op.metadata or op.view:
             return out
         if op.branch and tracked:
             self.trace.branches.append(str(func.overloadpacket.__name__))

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from torchjac._engine.index_sets import Sets
 from torchjac._engine.sparsity_base import (
@@ -78,9 +77,18 @@ def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
 INDEX_ARGS = frozenset({"index", "indices", "mask", "condition", "repeats"})
 
 
+@functools.cache
+def _index_positions(func: Any) -> tuple[tuple[int, str], ...]:
+    """Where the op's index arguments sit: (position, name)."""
+    return tuple((i, a.name) for i, a in enumerate(func._schema.arguments) if a.name in INDEX_ARGS)
+
+
 def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    b = bind(func, args, kwargs)
-    index = [t for k, v in b.items() if k in INDEX_ARGS for t in tensors(v)]
+    index = [
+        t
+        for i, name in _index_positions(func)
+        for t in tensors(args[i] if i < len(args) else kwargs.get(name))
+    ]
     data = [t for t in tensors((args, kwargs)) if not any(t is i for i in index)]
     live = [t for t in data if read(t).live]
     n = read.n
@@ -91,6 +99,8 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
     for k in live:
 
         def code(t: Any, k: Tensor = k) -> Any:
+            if isinstance(t, (list, tuple)):
+                return type(t)(code(v) for v in t)
             if not isinstance(t, Tensor) or not any(t is d for d in data):
                 return t
             if t is k:
@@ -98,14 +108,14 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
                 return codes.view(t.shape)
             return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
-        a2, k2 = tree_map(code, (args, kwargs))
-        found = tensors(func(*a2, **k2))
+        found = tensors(func(*code(args), **{key: code(v) for key, v in kwargs.items()}))
         res = found[0] if found else None
         if res is None or res.shape != out.shape:
             return None
         c = res.reshape(-1).double().cpu()
-        valid = (c >= 1) & (c <= k.numel()) & (c == c.round())
-        parts.append(read(k).gather(torch.where(valid, c.long() - 1, -1)))
+        at = c.long()
+        valid = (at >= 1) & (at <= k.numel()) & (at == c)  # whole codes only
+        parts.append(read(k).gather(torch.where(valid, at - 1, -1)))
     return [Sets.union(parts, out.numel(), n)]
 
 
