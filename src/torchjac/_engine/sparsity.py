@@ -113,7 +113,7 @@ class _Storages:
         if self._whole(t, e.itemsize):
             return e.sets
         if t.element_size() == e.itemsize:  # a strided view of the storage's rows
-            found = e.sets.strided(t.shape, t.stride(), t.storage_offset())
+            found = e.sets.strided(t.shape, t.stride(), int(t.storage_offset()))
             if found is not None:
                 return found
         off = self._offsets(t, e.itemsize)
