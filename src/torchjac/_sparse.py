@@ -26,7 +26,7 @@ from torchjac._engine.func_probes import Traced
 from torchjac._engine.func_state import call_state
 from torchjac._engine.index_sets import csr
 from torchjac._engine.plan import memory_budget
-from torchjac._engine.sparse_plan import plan_of
+from torchjac._engine.sparse_plan import plan_from, plan_of
 from torchjac._engine.sparse_probes import compressed_jacobian
 from torchjac._engine.sparsity import trace_pattern
 from torchjac._errors import fallback_scope, warn_fallback
@@ -43,8 +43,9 @@ def _problem(fn: str, func: Callable[..., Any], x: Tensor) -> FuncProblem:
 
 
 def _detect(p: FuncProblem, graph: bool = False) -> tuple[Tensor, Traced | None]:
-    """Trace ``func`` once (within a call's state): the boolean CSR pattern and, with
-    ``graph``, the call's autograd graph for reverse probes (NOTE [compressed probes])."""
+    """Trace ``func`` once (within a call's state): the boolean CSR pattern (its plan made
+    with it, NOTE [pattern plan]) and, with ``graph``, the call's autograd graph for reverse
+    probes (NOTE [compressed probes])."""
     y, trace, leaf = trace_pattern(p.call_raw, p.inputs[0], graph)
     outs, _ = p.split(y)
     if not p.single:
@@ -62,7 +63,7 @@ def _detect(p: FuncProblem, graph: bool = False) -> tuple[Tensor, Traced | None]
     if reasons:
         warn_fallback(p.fn_name, "the sparsity pattern is a superset", "; ".join(reasons))
     traced = None if leaf is None else Traced.of(p, outs, (leaf,))
-    return trace.sets.to_csr(), traced
+    return plan_from(trace.sets)[0], traced
 
 
 def sparsity_pattern(func: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -277,17 +277,23 @@ class Sets:
         keep = ~mask[self.row]
         return Sets(self.rows, self.n, self.row[keep], self.col[keep])
 
-    def csr_parts(self) -> tuple[Tensor, Tensor]:
-        """CSR row pointers ``[rows + 1]`` and column indices (fresh tensors)."""
+    def csr_parts(self, with_rows: bool = False) -> tuple[Tensor, ...]:
+        """CSR row pointers ``[rows + 1]`` and column indices, and with ``with_rows`` the row
+        of each entry (fresh tensors)."""
         crow = torch.zeros(self.rows + 1, dtype=torch.long)
         if self._formed()._row is None:  # straight from the padded rows: no pairs needed
             assert self._ell is not None
             s = _clean(self._ell, self.n)
             keep = s < self.n
-            torch.cumsum(keep.sum(1), 0, out=crow[1:])
-            return crow, torch.masked_select(s, keep)
+            counts = keep.sum(1)
+            torch.cumsum(counts, 0, out=crow[1:])
+            col = torch.masked_select(s, keep)
+            if not with_rows:
+                return crow, col
+            return crow, torch.repeat_interleave(torch.arange(self.rows), counts), col
         crow[1:] = torch.cumsum(self.counts, 0)
-        return crow, self.col.clone()
+        row, col = self.row.clone(), self.col.clone()
+        return (crow, row, col) if with_rows else (crow, col)
 
     def to_csr(self) -> Tensor:
         """Boolean sparse CSR ``[rows, n]``."""

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.colouring import Colouring, colour_columns, lattice_colouring
+from torchjac._engine.index_sets import Sets, csr
 
-__all__ = ["PatternPlan", "plan_of"]
+__all__ = ["PatternPlan", "plan_from", "plan_of"]
 
 _ATTR = "_torchjac_plan"
 
@@ -57,8 +58,12 @@ class PatternPlan:
         probes has fewer colours."""
         key = ("longest", side)
         if key not in self.cache:
-            at, size = (self.rows, self.m) if side == "fwd" else (self.cols, self.n)
-            most = torch.bincount(at, minlength=size).max() if at.numel() else torch.tensor(0)
+            if not self.cols.numel():
+                most = torch.tensor(0)
+            elif side == "fwd":
+                most = (self.crow[1:] - self.crow[:-1]).max()
+            else:
+                most = torch.bincount(self.cols, minlength=self.n).max()
             self.cache[key] = most
         return int(self.cache[key])
 
@@ -133,6 +138,16 @@ class PatternPlan:
         if key not in self.cache:
             self.cache[key] = r[self.on("cols" if side == "fwd" else "rows", r.device)]
         return self.cache[key]
+
+
+def plan_from(sets: Sets) -> tuple[Tensor, PatternPlan]:
+    """A detected pattern (boolean CSR) with its plan made from the index sets at once."""
+    crow, rows, cols = sets.csr_parts(with_rows=True)
+    plan = PatternPlan(sets.rows, sets.n, crow, rows, cols)
+    ones = torch.ones(cols.numel(), dtype=torch.bool)
+    pattern = csr(crow.clone(), cols.clone(), ones, (sets.rows, sets.n))
+    setattr(pattern, _ATTR, (_key(pattern), plan))
+    return pattern, plan
 
 
 def plan_of(pattern: Tensor) -> PatternPlan:

@@ -43,6 +43,7 @@ __all__ = ["compressed_jacobian"]
 CHECK_SEED = 20_261_207
 CHECK_TOLERANCE = 256  # in units of eps times the size of the terms summed
 CONFIRM_LINES = 8  # suspect lines confirmed by a NaN probe each, worst first
+KEEP_SEEDS_BYTES = 2**24  # a pattern's probes are kept on its plan up to this size
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,10 +54,20 @@ def _direction(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return ((torch.rand(size, generator=g, dtype=torch.float64) + 0.5) * signs).to(device, dtype)
 
 
-def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
-    """Probes ``start..stop-1``: the colours' indicators, then the check direction ``r``."""
+def _seeds(col: Colouring, r: Tensor, start: int, stop: int, keep: dict[Any, Tensor]) -> Tensor:
+    """Probes ``start..stop-1``: the colours' indicators, then the check direction ``r``; all
+    of them made once and kept in ``keep`` (the plan's) when they take little memory."""
+    if (col.count + 1) * r.numel() * r.element_size() <= KEEP_SEEDS_BYTES:
+        key = ("seeds", id(col), r.dtype, r.device)  # the colouring lives as long as the plan
+        if key not in keep:
+            keep[key] = _make_seeds(col, r, 0, col.count + 1)
+        return keep[key][start:stop]
+    return _make_seeds(col, r, start, stop)
+
+
+def _make_seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
     top = min(stop, col.count)
-    parts = [col.seeds(start, top, r.dtype)] if start < top else []
+    parts = [col.seeds(start, top, r.dtype).to(r.device)] if start < top else []
     if stop > col.count:
         parts.append(r.view(1, -1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -74,7 +85,13 @@ def _run(fn: str, count: int, chunk: int, probe: Callable[[int, int, bool], Tens
 
 
 def _forward(
-    p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, m: int
+    p: FuncProblem,
+    x: Tensor,
+    col: Colouring,
+    r: Tensor,
+    chunk: int,
+    m: int,
+    keep: dict[Any, Tensor],
 ) -> tuple[Tensor, torch.Size]:
     """``[C + 1, m]``: ``J s_c`` for each colour, then ``J r``; and the output's shape."""
 
@@ -84,7 +101,7 @@ def _forward(
     shape: list[torch.Size] = []
 
     def probe(start: int, stop: int, batched: bool) -> Tensor:
-        seeds = _seeds(col, r, start, stop).to(x.device).view(stop - start, *x.shape)
+        seeds = _seeds(col, r, start, stop, keep).view(stop - start, *x.shape)
         jv = (
             torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
             if batched
@@ -99,7 +116,7 @@ def _forward(
 
 
 def _reverse(
-    p: FuncProblem, col: Colouring, r: Tensor, chunk: int, t: Traced | None
+    p: FuncProblem, col: Colouring, r: Tensor, chunk: int, t: Traced | None, keep: dict[Any, Tensor]
 ) -> tuple[Tensor, Traced]:
     """``[C + 1, n]``: ``s_cᵀ J`` for each colour, then ``rᵀ J``; and the call's record."""
     if t is None:
@@ -108,7 +125,7 @@ def _reverse(
     _check_output(p, y, r.numel())
 
     def probe(start: int, stop: int, batched: bool) -> Tensor:
-        seeds = _seeds(col, r, start, stop).to(y.device, y.dtype).view(stop - start, *y.shape)
+        seeds = _seeds(col, r, start, stop, keep).to(y.dtype).view(stop - start, *y.shape)
         if batched:
             return t.pullback((seeds,), True)[0]
         return t.pullback((seeds[0],))[0].unsqueeze(0)
@@ -145,7 +162,7 @@ def compressed_jacobian(
         r = _direction(n, p.dtype, dev)
         try:
             chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
-            block, y_shape = _forward(p, x, col, r, chunk, m)
+            block, y_shape = _forward(p, x, col, r, chunk, m, plan.cache)
             values = block.view(-1)[plan.index("fwd", grid, dev)]
             rows, cols = plan.on("rows", dev), plan.on("cols", dev)
             lines = _suspects(rows, values, plan.weights("fwd", r), block[-1])
@@ -165,7 +182,7 @@ def compressed_jacobian(
     col = plan.colouring("rev", grid)
     r = _direction(m, p.dtype, dev)
     chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
-    block, traced = _reverse(p, col, r, chunk, traced)
+    block, traced = _reverse(p, col, r, chunk, traced, plan.cache)
     values = block.view(-1)[plan.index("rev", grid, dev)]
     rows, cols = plan.on("rows", dev), plan.on("cols", dev)
     lines = _suspects(cols, values, plan.weights("rev", r), block[-1])
@@ -197,13 +214,16 @@ class PatternError(ValueError):
 def _suspects(at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> list[int]:
     """Lines where ``probe`` (the AD product with the check direction) and the sparse product
     differ beyond roundoff, worst first (at most ``CONFIRM_LINES``)."""
+    if probe.numel() == 0:
+        return []
     terms = values * weights
-    sums = torch.zeros(probe.numel(), 2, dtype=values.dtype, device=values.device)
-    sums.index_add_(0, at, torch.stack([terms, terms.abs()], 1))  # J r and its terms' size
-    diff = (sums[:, 0] - probe).abs()
-    scale = sums[:, 1] + probe.abs()
+    product = torch.zeros_like(probe).index_add_(0, at, terms)
+    diff = (product - probe).abs()
     eps = max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
-    floor = scale.max() if scale.numel() else scale.new_zeros(())  # roundoff of cancellations
+    if bool(diff.max() <= CHECK_TOLERANCE * eps * probe.abs().max()):
+        return []  # within roundoff of the largest line: no excess anywhere (floor below)
+    scale = torch.zeros_like(probe).index_add_(0, at, terms.abs()) + probe.abs()
+    floor = scale.max()  # roundoff of cancellations
     excess = diff - CHECK_TOLERANCE * eps * (scale + floor)
     if not bool((excess > 0).any()):
         return []
