@@ -88,7 +88,7 @@ def valid(group: Tensor, member: Tensor, colour: Tensor, count: int) -> bool:
     ``0..max``) have distinct colours."""
     if group.numel() == 0:
         return True
-    hits = torch.bincount(group * count + colour[member])
+    hits = torch.bincount(torch.add(colour.index_select(0, member), group, alpha=count))
     return bool(hits.max() <= 1)
 
 

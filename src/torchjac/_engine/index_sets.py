@@ -216,12 +216,12 @@ class Sets:
     def _take_pairs(self, idx: Tensor) -> Sets:
         if idx.numel() == 0:
             return Sets.empty(0, self.n)
-        c = self.counts[idx]
+        c = self.counts.index_select(0, idx)
         total = int(c.sum())
         new_row = torch.repeat_interleave(torch.arange(idx.numel()), c, output_size=total)
-        shift = self.starts[idx] - (torch.cumsum(c, 0) - c)  # source start - result start
+        shift = self.starts.index_select(0, idx) - (torch.cumsum(c, 0) - c)  # source - result
         pos = torch.repeat_interleave(shift, c, output_size=total) + torch.arange(total)
-        return Sets(idx.numel(), self.n, new_row, self.col[pos])
+        return Sets(idx.numel(), self.n, new_row, self.col.index_select(0, pos))
 
     def relabel(self, to: Tensor, rows: int) -> Sets:
         """Row ``i`` goes to row ``to[i]`` of a ``rows``-row result; rows meeting there merge."""

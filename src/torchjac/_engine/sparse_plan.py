@@ -125,9 +125,9 @@ class PatternPlan:
         if key not in self.cache:
             col = self.colouring(side, grid)
             if side == "fwd":
-                flat = col.colour[self.cols] * self.m + self.rows
+                flat = torch.add(self.rows, col.colour.index_select(0, self.cols), alpha=self.m)
             else:
-                flat = col.colour[self.rows] * self.n + self.cols
+                flat = torch.add(self.cols, col.colour.index_select(0, self.rows), alpha=self.n)
             self.cache[key] = flat.to(device)
         return self.cache[key]
 
@@ -136,7 +136,8 @@ class PatternPlan:
         (``r`` is fixed per size, dtype and device)."""
         key = ("weights", side, r.dtype, r.device)
         if key not in self.cache:
-            self.cache[key] = r[self.on("cols" if side == "fwd" else "rows", r.device)]
+            at = self.on("cols" if side == "fwd" else "rows", r.device)
+            self.cache[key] = r.index_select(0, at)
         return self.cache[key]
 
 

@@ -163,7 +163,7 @@ def compressed_jacobian(
         try:
             chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
             block, y_shape = _forward(p, x, col, r, chunk, m, plan.cache)
-            values = block.view(-1)[plan.index("fwd", grid, dev)]
+            values = block.view(-1).index_select(0, plan.index("fwd", grid, dev))
             rows, cols = plan.on("rows", dev), plan.on("cols", dev)
             lines = _suspects(rows, values, plan.weights("fwd", r), block[-1])
 
@@ -183,7 +183,7 @@ def compressed_jacobian(
     r = _direction(m, p.dtype, dev)
     chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
     block, traced = _reverse(p, col, r, chunk, traced, plan.cache)
-    values = block.view(-1)[plan.index("rev", grid, dev)]
+    values = block.view(-1).index_select(0, plan.index("rev", grid, dev))
     rows, cols = plan.on("rows", dev), plan.on("cols", dev)
     lines = _suspects(cols, values, plan.weights("rev", r), block[-1])
 
