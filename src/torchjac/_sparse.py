@@ -24,7 +24,7 @@ from torchjac._checks import (
 from torchjac._engine.func_call import FuncProblem
 from torchjac._engine.func_probes import Traced
 from torchjac._engine.func_state import call_state
-from torchjac._engine.index_sets import csr
+from torchjac._engine.index_sets import Sets, csr
 from torchjac._engine.plan import memory_budget
 from torchjac._engine.sparse_plan import plan_from, plan_of
 from torchjac._engine.sparse_probes import compressed_jacobian
@@ -42,10 +42,10 @@ def _problem(fn: str, func: Callable[..., Any], x: Tensor) -> FuncProblem:
     return FuncProblem(fn, func, ("tensor", ()), (x,), ("x",), False, None, False)
 
 
-def _detect(p: FuncProblem, graph: bool = False) -> tuple[Tensor, Traced | None]:
-    """Trace ``func`` once (within a call's state): the boolean CSR pattern (its plan made
-    with it, NOTE [pattern plan]) and, with ``graph``, the call's autograd graph for reverse
-    probes (NOTE [compressed probes])."""
+def _detect(p: FuncProblem, graph: bool = False) -> tuple[Sets, Traced | None]:
+    """Trace ``func`` once (within a call's state): the pattern's index sets (NOTE [index
+    sets]) and, with ``graph``, the call's autograd graph for reverse probes (NOTE
+    [compressed probes])."""
     y, trace, leaf = trace_pattern(p.call_raw, p.inputs[0], graph)
     outs, _ = p.split(y)
     if not p.single:
@@ -63,7 +63,7 @@ def _detect(p: FuncProblem, graph: bool = False) -> tuple[Tensor, Traced | None]
     if reasons:
         warn_fallback(p.fn_name, "the sparsity pattern is a superset", "; ".join(reasons))
     traced = None if leaf is None else Traced.of(p, outs, (leaf,))
-    return plan_from(trace.sets)[0], traced
+    return trace.sets, traced
 
 
 def sparsity_pattern(func: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -100,7 +100,7 @@ def sparsity_pattern(func: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     p = _problem(fn, func, x)
     with fallback_scope(), torch.inference_mode(False), call_state(func, p.inputs) as state:
         p.state = state
-        return _detect(p)[0]
+        return _detect(p)[0].to_csr()
 
 
 def sparse_jacobian(
@@ -172,10 +172,11 @@ def sparse_jacobian(
     p = _problem(fn, func, x)
     with fallback_scope(), torch.inference_mode(False), call_state(func, p.inputs) as state:
         p.state = state
-        traced = None
-        if pattern is None:
-            pattern, traced = _detect(p, graph=mode != "fwd")
-        plan = plan_of(pattern)  # NOTE [pattern plan]
+        if pattern is None:  # NOTE [pattern plan]
+            sets, traced = _detect(p, graph=mode != "fwd")
+            plan = plan_from(sets)
+        else:
+            plan, traced = plan_of(pattern), None
         if mode == "auto":
             mode = plan.side(tuple(x.shape))
         with torch.no_grad():

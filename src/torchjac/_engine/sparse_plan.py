@@ -8,7 +8,8 @@ that read each entry out of the compressed block (NOTE [compressed probes]). The
 on the pattern tensor (a private attribute) under a key of the pattern's shape, the addresses of
 its index and value tensors and their version counters, so an in-place change of the pattern
 makes a new plan, and a pattern passed back in (a Newton loop) costs no detection, colouring or
-index work. The plan's tensors are never handed out: a result gets copies.
+index work. A pattern detected within the call has its plan made from the index sets at once,
+with no pattern tensor. The plan's tensors are never handed out: a result gets copies.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.colouring import Colouring, colour_columns, lattice_colouring
-from torchjac._engine.index_sets import Sets, csr
+from torchjac._engine.index_sets import Sets
 
 __all__ = ["PatternPlan", "plan_from", "plan_of"]
 
@@ -141,14 +142,11 @@ class PatternPlan:
         return self.cache[key]
 
 
-def plan_from(sets: Sets) -> tuple[Tensor, PatternPlan]:
-    """A detected pattern (boolean CSR) with its plan made from the index sets at once."""
+def plan_from(sets: Sets) -> PatternPlan:
+    """The plan of a pattern detected within the call, made from its index sets at once (no
+    pattern tensor: nobody else sees it)."""
     crow, rows, cols = sets.csr_parts(with_rows=True)
-    plan = PatternPlan(sets.rows, sets.n, crow, rows, cols)
-    ones = torch.ones(cols.numel(), dtype=torch.bool)
-    pattern = csr(crow.clone(), cols.clone(), ones, (sets.rows, sets.n))
-    setattr(pattern, _ATTR, (_key(pattern), plan))
-    return pattern, plan
+    return PatternPlan(sets.rows, sets.n, crow, rows, cols)
 
 
 def plan_of(pattern: Tensor) -> PatternPlan:
