@@ -92,10 +92,12 @@ def valid(group: Tensor, member: Tensor, colour: Tensor, count: int) -> bool:
     return bool(hits.max() <= 1)
 
 
-@functools.lru_cache(maxsize=8)
-def _grid(shape: tuple[int, ...]) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def _lattice(shape: tuple[int, ...], a: tuple[int, ...], p: int) -> Colouring:
+    """``(index · a) mod p`` over the grid ``shape`` (cached: only read, never written)."""
     grid = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"))
-    return grid.reshape(len(shape), -1)
+    colour = (grid.reshape(len(shape), -1) * torch.tensor(a).view(-1, 1)).sum(0) % p
+    return Colouring(colour, int(colour.max()) + 1)
 
 
 def lattice_colouring(
@@ -107,13 +109,11 @@ def lattice_colouring(
     n = math.prod(shape)
     if not enabled() or n == 0 or member.numel() == 0 or len(shape) > 4 or lower >= n:
         return None
-    grid = _grid(shape)
     for p in range(max(lower, 1), min(lower + LATTICE_EXTRA, n) + 1):
         tails = itertools.permutations(range(1, p), len(shape) - 1)  # distinct, nonzero
         tried = list(itertools.islice(tails, LATTICE_MULTIPLIERS))
         for tail in sorted(tried, key=lambda t: 1 in t):  # a repeated 1 mostly fails: last
-            a = torch.tensor((1, *tail)).view(-1, 1)
-            colour = (grid * a).sum(0) % p
-            if valid(group, member, colour, p):
-                return Colouring(colour, int(colour.max()) + 1)
+            found = _lattice(shape, (1, *tail), p)
+            if valid(group, member, found.colour, p):
+                return found
     return None
