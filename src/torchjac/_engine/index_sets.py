@@ -177,9 +177,10 @@ class Sets:
         return self._starts
 
     # ---- the three operations -----------------------------------------------------------
-    def gather(self, idx: Tensor) -> Sets:
+    def gather(self, idx: Tensor, shifted: bool = False) -> Sets:
         """Row ``i`` of the result is the union of rows ``idx[i, :]`` of this one (``idx``
-        ``[r]`` or ``[r, s]``, ``-1`` for none; any order, repeats allowed)."""
+        ``[r]`` or ``[r, s]``, ``-1`` for none; any order, repeats allowed). ``shifted``:
+        ``idx`` is one more (``0`` for none)."""
         idx = idx.long().reshape(idx.shape[0] if idx.dim() else 1, -1)
         r = idx.shape[0]
         if r == 0 or not self.live:
@@ -188,8 +189,11 @@ class Sets:
         if e is not None:
             if self._ext is None:  # a first row of "none", for the -1s
                 self._ext = torch.cat([e.new_full((1, e.shape[1]), self.n), e])
-            picked = self._ext.index_select(0, idx.reshape(-1) + 1).view(r, -1)
+            at = idx.reshape(-1) if shifted else idx.reshape(-1) + 1
+            picked = self._ext.index_select(0, at).view(r, -1)
             return _tidy(Sets(r, self.n, ell=picked, ref=self.ref))
+        if shifted:
+            idx = idx - 1
         if idx.shape[1] == 1 and bool((idx >= 0).all()):
             return self._take_pairs(idx.view(-1))
         out = torch.arange(r).view(-1, 1).expand_as(idx)

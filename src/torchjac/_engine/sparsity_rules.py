@@ -14,7 +14,8 @@ the op). Each rule holds for every value of the tracked inputs:
 - scatters, ``index_put`` and ``copy_``: the written positions read the source elements sent
   there, the others keep their sets; products and convolutions: ``sparsity_products``.
 
-NOTE [movement codes]: codes are float64, exact up to ``2**53`` elements; a constant the op
+NOTE [movement codes]: codes are float64, exact up to ``2**53`` elements; an output value is
+truncated to an integer and clamped to ``0..numel`` (``0``: no element), so a constant the op
 writes itself (a padding value) can only be mistaken for a code, which adds a dependence (a
 superset), never removes one. An index, mask or condition computed from ``x`` makes the op read
 the union of its data inputs' sets: which element moves where then depends on the value of ``x``.
@@ -112,10 +113,10 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
         res = found[0] if found else None
         if res is None or res.shape != out.shape:
             return None
-        c = res.reshape(-1).double().cpu()
-        at = c.long()
-        valid = (at >= 1) & (at <= k.numel()) & (at == c)  # whole codes only
-        parts.append(read(k).gather(torch.where(valid, at - 1, -1)))
+        # code q names element q - 1; 0 and whatever is not a code in range (a constant the
+        # op wrote) name none, or some element: a superset (NOTE [movement codes])
+        at = res.reshape(-1).cpu().long().clamp_(0, k.numel())
+        parts.append(read(k).gather(at, shifted=True))
     return [Sets.union(parts, out.numel(), n)]
 
 
