@@ -6,12 +6,15 @@ operand that does not depend on ``x`` is a constant: its zeros are exact zeros f
 (a sparse matrix, a banded weight), so only its nonzeros join inputs; an operand that depends on
 ``x`` can be nonzero anywhere. A convolution is the same with the kernel: output position ``o``
 reads input position ``o * stride - padding + f * dilation`` for each kernel offset ``f`` whose
-weight can be nonzero (in the channels its group connects), and the bias of its channel. A
+weight can be nonzero (in the channels its group connects), and the bias of its channel: one
+gather of the input's index sets through an ``[outputs, pairs]`` index, a pure function of the
+shapes, the geometry and the weight's nonzeros (cached for stencil-sized weights). A
 transposed convolution has no rule here (dense, reported).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -114,13 +117,43 @@ def spatial_maps(
     return torch.where(ok, flat, -1).reshape(math.prod(out), f.numel())
 
 
+CACHED_PAIRS = 4096  # (channel, offset) pairs of a weight up to which its index is cached
+
+
 def _conv_index(
     nz: Tensor, x: Tensor, w: Tensor, osize: list[int], geometry: Any, groups: int
 ) -> Tensor:
     """``[output elements, s]``: the input elements each output element reads, ``-1`` for
-    none (``s``: the most (input channel, offset) pairs an output channel reads)."""
-    nb, cin, size = x.shape[0], x.shape[1], list(x.shape[2:])
-    cout, cin_g, kernel = w.shape[0], w.shape[1], list(w.shape[2:])
+    none (``s``: the most (input channel, offset) pairs an output channel reads). A pure
+    function of the shapes, the geometry and the weight's nonzeros: cached (read only) for a
+    weight with few of them, as a stencil's."""
+    key = (
+        tuple(x.shape[:2]),
+        tuple(w.shape),
+        tuple(osize),
+        tuple(tuple(int(v) for v in g) for g in geometry),
+        groups,
+    )
+    if nz.numel() <= CACHED_PAIRS:
+        return _conv_index_of(tuple(nz.tolist()), tuple(x.shape), *key[1:])
+    return _conv_index_now(nz, tuple(x.shape), *key[1:])
+
+
+@functools.lru_cache(maxsize=16)
+def _conv_index_of(nz: tuple[int, ...], *args: Any) -> Tensor:
+    return _conv_index_now(torch.tensor(nz, dtype=torch.long), *args)
+
+
+def _conv_index_now(
+    nz: Tensor,
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    osize: tuple[int, ...],
+    geometry: tuple[tuple[int, ...], ...],
+    groups: int,
+) -> Tensor:
+    nb, cin, size = x_shape[0], x_shape[1], list(x_shape[2:])
+    cout, cin_g, kernel = w_shape[0], w_shape[1], list(w_shape[2:])
     isz, osz, ksz = math.prod(size), math.prod(osize), math.prod(kernel)
     nz = torch.sort(nz).values  # grouped by output channel
     co, cil, f = nz // (cin_g * ksz), (nz // ksz) % cin_g, nz % ksz
@@ -128,7 +161,7 @@ def _conv_index(
     counts = torch.bincount(co, minlength=cout)
     used, at = torch.unique(f, return_inverse=True)
     stride, pad, dil = geometry
-    src = spatial_maps(size, osize, kernel, stride, pad, dil, used)[:, at].T  # [pairs, osz]
+    src = spatial_maps(size, list(osize), kernel, stride, pad, dil, used)[:, at].T
     batch = torch.arange(nb).view(-1, 1, 1)
     val = torch.where(src >= 0, (batch * cin + ci.view(1, -1, 1)) * isz + src, -1)
     most = int(counts.max())
@@ -158,10 +191,12 @@ def convolution_rule(
         nz = torch.arange(w.numel()) if nz is None else nz  # (co, ci_local, f), sorted
         if nz.numel():
             parts.append(read(x).gather(_conv_index(nz, x, w, osize, (stride, pad, dil), groups)))
-    channel = torch.arange(cout).view(1, -1, 1).expand(nb, cout, osz).reshape(-1)
-    if read(w).live:  # every output of a channel reads all of that channel's weights
+    w_live, b_live = read(w).live, bias is not None and read(bias).live
+    if w_live or b_live:
+        channel = torch.arange(cout).view(1, -1, 1).expand(nb, cout, osz).reshape(-1)
+    if w_live:  # every output of a channel reads all of that channel's weights
         per_channel = read(w).relabel(torch.arange(cout).repeat_interleave(cin_g * ksz), cout)
         parts.append(per_channel.take(channel))
-    if bias is not None and read(bias).live:
+    if b_live:
         parts.append(read(bias).take(channel))
     return [Sets.union(parts, out.numel(), n)]
