@@ -109,6 +109,16 @@ def test_a_pattern_is_reused_with_its_colouring(monkeypatch: pytest.MonkeyPatch)
     assert len(calls) == 1
 
 
+def test_a_pattern_changed_in_place_gets_a_new_plan() -> None:
+    x = torch.randn(6, dtype=DTYPE)
+    P = csr(torch.ones(6, 6, dtype=torch.bool))
+    J = tj.sparse_jacobian(dirichlet_1d, x, pattern=P)
+    torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[1], x))
+    P.values()[1] = False  # (0, 1) dropped: a nonzero outside the pattern now
+    with pytest.raises(ValueError, match="nonzeros outside the sparsity pattern"):
+        tj.sparse_jacobian(dirichlet_1d, x, pattern=P)
+
+
 def test_a_pattern_missing_a_nonzero_raises() -> None:
     x = torch.randn(6, dtype=DTYPE)
     diagonal = csr(torch.eye(6, dtype=torch.bool))
