@@ -8,11 +8,9 @@ once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,16 +24,15 @@ from torchjac._checks import (
 from torchjac._engine.core.func_call import FuncProblem
 from torchjac._engine.core.func_state import call_state
 from torchjac._engine.core.plan import memory_budget
-from torchjac._engine.sparse.colouring import Colouring, colour_columns, lattice_colouring
-from torchjac._engine.sparse.index_sets import csr
+from torchjac._engine.func.func_probes import Traced
+from torchjac._engine.sparse.index_sets import Sets, csr
+from torchjac._engine.sparse.sparse_plan import plan_from, plan_of
 from torchjac._engine.sparse.sparse_probes import compressed_jacobian
 from torchjac._engine.sparse.sparsity import trace_pattern
 from torchjac._errors import fallback_scope, warn_fallback
 from torchjac._sparse_batch import per_sample_blocks
 
 __all__ = ["sparse_jacobian", "sparsity_pattern"]
-
-_CACHE = "_torchjac_colourings"
 
 
 def _problem(fn: str, func: Callable[..., Any], x: Tensor) -> FuncProblem:
@@ -45,10 +42,12 @@ def _problem(fn: str, func: Callable[..., Any], x: Tensor) -> FuncProblem:
     return FuncProblem(fn, func, ("tensor", ()), (x,), ("x",), False, None, False)
 
 
-def _detect(p: FuncProblem) -> Tensor:
-    """Trace ``func`` once (within a call's state) and return the boolean CSR pattern."""
-    y, trace = trace_pattern(p.call_raw, p.inputs[0])
-    p.split(y)
+def _detect(p: FuncProblem, graph: bool = False) -> tuple[Sets, Traced | None]:
+    """Trace ``func`` once (within a call's state): the pattern's index sets (NOTE [index
+    sets]) and, with ``graph``, the call's autograd graph for reverse probes (NOTE
+    [compressed probes])."""
+    y, trace, leaf = trace_pattern(p.call_raw, p.inputs[0], graph)
+    outs, _ = p.split(y)
     if not p.single:
         raise TypeError(
             f"{p.fn_name}: func must return one Tensor, got a sequence of {len(y)}. Return "
@@ -63,7 +62,8 @@ def _detect(p: FuncProblem) -> Tensor:
         reasons.append(f"func reads values of x ({ops}): the pattern holds for this branch")
     if reasons:
         warn_fallback(p.fn_name, "the sparsity pattern is a superset", "; ".join(reasons))
-    return trace.sets.to_csr()
+    traced = None if leaf is None else Traced.of(p, outs, (leaf,))
+    return trace.sets, traced
 
 
 def sparsity_pattern(func: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -100,67 +100,7 @@ def sparsity_pattern(func: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     p = _problem(fn, func, x)
     with fallback_scope(), torch.inference_mode(False), call_state(func, p.inputs) as state:
         p.state = state
-        return _detect(p)
-
-
-def _nonzeros(pattern: Tensor) -> tuple[Tensor, Tensor]:
-    """Row and column of each True entry of a CSR pattern (copies, never the user's)."""
-    crow, col = pattern.crow_indices().cpu(), pattern.col_indices().cpu()
-    rows = torch.repeat_interleave(torch.arange(pattern.shape[0]), crow[1:] - crow[:-1])
-    keep = pattern.values().cpu()
-    return rows[keep], col[keep].clone()
-
-
-def _colourings(
-    pattern: Tensor, rows: Tensor, cols: Tensor, grid: tuple[int, ...]
-) -> Callable[[str], Colouring]:
-    """Column (``"fwd"``) and row (``"rev"``) colourings, cached on the pattern object; the
-    lattice colouring over ``grid`` (``x``'s shape) first (NOTE [lattice colouring])."""
-    m, n = pattern.shape
-    key = (m, n, rows.numel(), int(rows.sum()), int(cols.sum()))
-    cache = getattr(pattern, _CACHE, None)
-    if not isinstance(cache, dict) or cache.get("key") != key:
-        cache = {"key": key}
-        setattr(pattern, _CACHE, cache)
-
-    def get(side: str) -> Colouring:
-        if side in cache:
-            return cache[side]
-        if side == "fwd":
-            size, other, r, c = m, n, rows, cols  # CSR order already
-        else:  # the transposed pattern, in CSR order (NumPy's stable sort: see index_sets)
-            order = torch.from_numpy(np.argsort((cols * m + rows).numpy(), kind="stable"))
-            size, other, r, c = n, m, cols[order], rows[order]
-            if m == n and torch.equal(r * n + c, rows * n + cols):  # symmetric
-                cache["rev"] = get("fwd")  # rows conflict exactly as columns do
-                return cache["rev"]
-        crow = torch.zeros(size + 1, dtype=torch.long)
-        crow[1:] = torch.cumsum(torch.bincount(r, minlength=size), 0)
-        shape = grid if other == math.prod(grid) else (other,)
-        found = lattice_colouring(crow, c, shape)
-        cache[side] = colour_columns(crow, c, other) if found is None else found
-        return cache[side]
-
-    return get
-
-
-def _fewer_colours(
-    colourings: Callable[[str], Colouring], rows: Tensor, cols: Tensor, m: int, n: int
-) -> str:
-    """The side with fewer colours, reverse on ties. The longest row (column) bounds the column
-    (row) colours from below: the second side is coloured only if that bound can beat the
-    first's count (a dense row makes column colouring useless, and costly on large ``n``)."""
-    low = {
-        "fwd": int(torch.bincount(rows, minlength=m).max()) if rows.numel() else 0,
-        "rev": int(torch.bincount(cols, minlength=n).max()) if cols.numel() else 0,
-    }
-    first, second = sorted(("rev", "fwd"), key=lambda side: low[side])  # rev first on ties
-    count = colourings(first).count
-    if low[second] < count or (low[second] == count and second == "rev"):
-        other = colourings(second).count
-        if other < count or (other == count and second == "rev"):
-            return second
-    return first
+        return _detect(p)[0].to_csr()
 
 
 def sparse_jacobian(
@@ -227,23 +167,24 @@ def sparse_jacobian(
     batch_dim, _ = check_batch_dim(fn, batch_dim, [("x", x)])
     mode = check_mode(fn, mode)
     chunk_size = check_chunk_size(fn, chunk_size)
-    budget = memory_budget(fn, max_memory, x.device)
+    if max_memory is not None:
+        memory_budget(fn, max_memory, x.device)  # checked now, used if the probes need it
     p = _problem(fn, func, x)
     with fallback_scope(), torch.inference_mode(False), call_state(func, p.inputs) as state:
         p.state = state
-        if pattern is None:
-            pattern = _detect(p)
-        (m, n), (rows, cols) = pattern.shape, _nonzeros(pattern)
-        colourings = _colourings(pattern, rows, cols, tuple(x.shape))
+        if pattern is None:  # NOTE [pattern plan]
+            sets, traced = _detect(p, graph=mode != "fwd")
+            plan = plan_from(sets)
+        else:
+            plan, traced = plan_of(pattern), None
         if mode == "auto":
-            mode = _fewer_colours(colourings, rows, cols, m, n)
+            mode = plan.side(tuple(x.shape))
         with torch.no_grad():
             values, y_shape = compressed_jacobian(
-                p, p.inputs[0], rows, cols, (m, n), colourings, mode, chunk_size, budget
+                p, p.inputs[0], plan, mode, chunk_size, max_memory, traced
             )
+    rows, cols = plan.rows, plan.cols
     if batch_dim is not None:
         return per_sample_blocks(fn, rows, cols, values, tuple(x.shape), tuple(y_shape), batch_dim)
-    crow = torch.zeros(m + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=m), 0)
     dev = x.device
-    return csr(crow.to(dev), cols.to(dev), values.to(dev), (m, n))
+    return csr(plan.crow.to(dev, copy=True), cols.to(dev, copy=True), values, (plan.m, plan.n))

@@ -39,6 +39,12 @@ def _warning(case: SparseCase, mode: str) -> str | None:
     return case.warns
 
 
+def _pairs(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, column) pairs of a CSR pattern's entries."""
+    crow = P.crow_indices()
+    return torch.repeat_interleave(torch.arange(P.shape[0]), crow[1:] - crow[:-1]), P.col_indices()
+
+
 @functools.cache
 def _point_and_oracle(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A point of the case and its dense Jacobian, computed once for the three modes."""
@@ -95,12 +101,22 @@ def test_a_pattern_is_reused_with_its_colouring(monkeypatch: pytest.MonkeyPatch)
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr("torchjac._sparse.colour_columns", spy)
+    monkeypatch.setattr("torchjac._engine.sparse.sparse_plan.colour_columns", spy)
     for _step in range(3):
         x = x + 0.1
         J = tj.sparse_jacobian(bratu_roll, x, pattern=P, mode="fwd")
         torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[2], x))
     assert len(calls) == 1
+
+
+def test_a_pattern_changed_in_place_gets_a_new_plan() -> None:
+    x = torch.randn(6, dtype=DTYPE)
+    P = csr(torch.ones(6, 6, dtype=torch.bool))
+    J = tj.sparse_jacobian(dirichlet_1d, x, pattern=P)
+    torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[1], x))
+    P.values()[1] = False  # (0, 1) dropped: a nonzero outside the pattern now
+    with pytest.raises(ValueError, match="nonzeros outside the sparsity pattern"):
+        tj.sparse_jacobian(dirichlet_1d, x, pattern=P)
 
 
 def test_a_pattern_missing_a_nonzero_raises() -> None:
@@ -153,19 +169,21 @@ def test_bad_arguments(kwargs, error, match) -> None:  # type: ignore[no-untyped
     ("func", "shape", "count"), [(bratu_roll, (10, 10), 5), (stencil_3d, (7, 7, 7), 7)]
 )
 def test_a_lattice_colours_grid_stencils_optimally(func, shape, count) -> None:  # type: ignore[no-untyped-def]
-    P = tj.sparsity_pattern(func, torch.zeros(shape, dtype=DTYPE))
-    found = lattice_colouring(P.crow_indices(), P.col_indices(), shape)
+    rows, cols = _pairs(tj.sparsity_pattern(func, torch.zeros(shape, dtype=DTYPE)))
+    longest = int(torch.bincount(rows).max())
+    found = lattice_colouring(rows, cols, shape, longest)
     assert found is not None and found.count == count
-    assert valid(P.crow_indices(), P.col_indices(), found.colour, count)
+    assert valid(rows, cols, found.colour, count)
+    assert lattice_colouring(cols, rows, shape, longest) is not None  # rows, from the same pairs
     with fast_paths(False):
-        assert lattice_colouring(P.crow_indices(), P.col_indices(), shape) is None
+        assert lattice_colouring(rows, cols, shape, longest) is None
 
 
 def test_a_lattice_declines_what_it_cannot_colour(gen: torch.Generator) -> None:
     mask = torch.rand(40, 36, generator=gen) < 0.15
-    P = csr(mask)
-    found = lattice_colouring(P.crow_indices(), P.col_indices(), (6, 6))
-    assert found is None or valid(P.crow_indices(), P.col_indices(), found.colour, found.count)
+    rows, cols = _pairs(csr(mask))
+    found = lattice_colouring(rows, cols, (6, 6), int(torch.bincount(rows).max()))
+    assert found is None or valid(rows, cols, found.colour, found.count)
 
 
 @pytest.mark.parametrize(

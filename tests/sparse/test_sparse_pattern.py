@@ -88,6 +88,22 @@ def test_index_sets_take_relabel_union() -> None:
     assert torch.equal(u.to_csr().to_dense(), torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]]).bool())
 
 
+def test_index_sets_padded_rows_lazy_unions_and_views() -> None:
+    eye = Sets.identity(6)
+    shifted = eye.gather(torch.tensor([1, 2, 3, 4, 5, -1]))  # one gather, -1: none
+    assert shifted._ell is not None and shifted._row is None
+    both = Sets.union([eye, shifted, eye], 6, 6)  # lazy; ``eye`` twice is one operand
+    assert both._parts is not None
+    assert both.row.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+    assert both.col.tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    view = both.strided((2, 2), (3, 1), 1)  # rows 1, 2, 4, 5 of a [2, 3] view
+    assert view is not None and view.row.tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert view.col.tolist() == [1, 2, 2, 3, 4, 5, 5]
+    uneven = Sets.union([eye, Sets(6, 6, torch.zeros(6, dtype=torch.long), torch.arange(6))], 6, 6)
+    assert uneven.ell() is None and uneven.nnz == 11  # one full row: pairs, not padded rows
+    assert uneven.gather(torch.tensor([[0, -1], [-1, -1]])).row.tolist() == [0] * 6
+
+
 @pytest.mark.parametrize(
     ("func", "x", "error", "match"),
     [

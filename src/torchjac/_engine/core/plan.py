@@ -33,6 +33,7 @@ GRAPH_COLUMN_COST = 2.0
 FUNC_COLUMN_COST = 1.0
 # Share of the currently free memory a call may use by default.
 DEFAULT_MEMORY_SHARE = 0.25
+MIN_MEMORY_BUDGET = 2**26  # bytes: the default budget is never below it
 # NOTE [loop or vmap]: vmap removes the per-operator overhead of a probe, and pays a fixed cost
 # of its own. On a CPU, when there are few probes and each one moves many elements (so its
 # operators are compute-bound), a plain loop is as fast or faster (measured on W5 when graph rows
@@ -163,7 +164,7 @@ def memory_budget(fn: str, max_memory: float | str | None, device: torch.device)
     parsed = parse_memory(fn, max_memory)
     if parsed is not None:
         return parsed
-    return max(int(available_memory(device) * DEFAULT_MEMORY_SHARE), 2**26)
+    return max(int(available_memory(device) * DEFAULT_MEMORY_SHARE), MIN_MEMORY_BUDGET)
 
 
 def choose_mode(mode: str, n_rows: int, n_cols: int, column_cost: float) -> str:

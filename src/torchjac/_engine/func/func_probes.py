@@ -62,6 +62,19 @@ class Traced:
     # (cotangents, gradients) of the coupling check's pullback, reused by NOTE [taylor check]
     probe: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
 
+    @staticmethod
+    def of(p: FuncProblem, outs: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> Traced:
+        """The record of a call made elsewhere: ``outs`` on the graph from the leaves ``xs``."""
+        return Traced(
+            tuple(y.detach() for y in outs),
+            outs,
+            xs,
+            None,
+            Group.of(outs, p.batch_dim),
+            Group.of(p.inputs, p.batch_dim),
+            p.create_graph,
+        )
+
     def pullback(
         self, cots: Sequence[Tensor], batched: bool = False, create_graph: bool = False
     ) -> tuple[Tensor, ...]:

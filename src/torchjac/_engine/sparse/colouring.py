@@ -15,13 +15,15 @@ index, ``c = (i_0 + a_1 i_1 + ... ) mod p`` (5 colours for the five-point stenci
 5``; 7 for the 3-D seven-point one), where greedy orders give 7 to 9. ``lattice_colouring``
 tries ``p`` from the longest row (no colouring has fewer colours) to two more, and a few
 multipliers each, over ``x``'s shape; a candidate is kept only if every row's columns get
-distinct colours (one ``bincount``: exact, so any pattern is safe to try), else it declines
-(``None``) and the greedy colouring runs. Vectorised, it also avoids the greedy Python loop on
-large grids. A fast path (NOTE [fast paths]): the Jacobian is the same either way.
+distinct colours (one ``bincount`` over the (row, column) pairs: exact, so any pattern is safe
+to try, and rows are coloured from the same pairs, with no transposed pattern), else it
+declines (``None``) and the greedy colouring runs. Vectorised, it also avoids the greedy Python
+loop on large grids. A fast path (NOTE [fast paths]): the Jacobian is the same either way.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -81,30 +83,37 @@ def colour_columns(crow: Tensor, col: Tensor, n: int) -> Colouring:
     return Colouring(colours, int(colours.max()) + 1)
 
 
-def valid(crow: Tensor, col: Tensor, colour: Tensor, count: int) -> bool:
-    """Every row's columns have distinct colours."""
-    m = crow.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(m), crow[1:] - crow[:-1])
-    hits = torch.bincount(rows * count + colour[col], minlength=m * count)
-    return bool(hits.max() <= 1) if hits.numel() else True
+def valid(group: Tensor, member: Tensor, colour: Tensor, count: int) -> bool:
+    """The members of each group (a row's columns: ``(group, member)`` pairs, groups
+    ``0..max``) have distinct colours."""
+    if group.numel() == 0:
+        return True
+    hits = torch.bincount(torch.add(colour.index_select(0, member), group, alpha=count))
+    return bool(hits.max() <= 1)
 
 
-def lattice_colouring(crow: Tensor, col: Tensor, shape: tuple[int, ...]) -> Colouring | None:
-    """A colouring ``(index · a) mod p`` over the grid ``shape`` (NOTE [lattice colouring]), or
-    ``None`` when none within ``LATTICE_EXTRA`` of the lower bound is valid."""
-    n = math.prod(shape)
-    if not enabled() or n == 0 or col.numel() == 0 or len(shape) > 4:
-        return None
-    lower = int((crow[1:] - crow[:-1]).max())
-    if lower >= n:
-        return None
+@functools.lru_cache(maxsize=64)
+def _lattice(shape: tuple[int, ...], a: tuple[int, ...], p: int) -> Colouring:
+    """``(index · a) mod p`` over the grid ``shape`` (cached: only read, never written)."""
     grid = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"))
-    grid = grid.reshape(len(shape), -1)
+    colour = (grid.reshape(len(shape), -1) * torch.tensor(a).view(-1, 1)).sum(0) % p
+    return Colouring(colour, int(colour.max()) + 1)
+
+
+def lattice_colouring(
+    group: Tensor, member: Tensor, shape: tuple[int, ...], lower: int
+) -> Colouring | None:
+    """A colouring ``(index · a) mod p`` of the members (over the grid ``shape``) such that
+    each group's members differ (NOTE [lattice colouring]), or ``None`` when none within
+    ``LATTICE_EXTRA`` of ``lower`` (the largest group) is valid."""
+    n = math.prod(shape)
+    if not enabled() or n == 0 or member.numel() == 0 or len(shape) > 4 or lower >= n:
+        return None
     for p in range(max(lower, 1), min(lower + LATTICE_EXTRA, n) + 1):
-        tails = itertools.permutations(range(1, p), len(shape) - 1)  # distinct, nonzero first
-        for tail in itertools.islice(tails, LATTICE_MULTIPLIERS):
-            a = torch.tensor((1, *tail)).view(-1, 1)
-            colour = (grid * a).sum(0) % p
-            if valid(crow, col, colour, p):
-                return Colouring(colour, int(colour.max()) + 1)
+        tails = itertools.permutations(range(1, p), len(shape) - 1)  # distinct, nonzero
+        tried = list(itertools.islice(tails, LATTICE_MULTIPLIERS))
+        for tail in sorted(tried, key=lambda t: 1 in t):  # a repeated 1 mostly fails: last
+            found = _lattice(shape, (1, *tail), p)
+            if valid(group, member, found.colour, p):
+                return found
     return None

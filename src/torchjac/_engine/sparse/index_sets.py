@@ -1,21 +1,34 @@
 """Index sets of many tensor elements at once: which inputs each element depends on.
 
 NOTE [index sets]: the dependence of a tensor's elements on the ``n`` input elements is a boolean
-matrix ``D`` (one row per element, one column per input element), stored as its nonzeros sorted
-by row then column, without duplicates. Every rule of NOTE [sparsity tracing] is built from three
-operations on such matrices: ``take`` (row ``i`` of the result is row ``idx[i]``: broadcasting,
-slicing, gathering), ``relabel`` (rows sent to new rows and merged: ``D_out = L D_in`` in the
-boolean semiring, for an op whose local pattern ``L`` is given as (output, input) pairs) and
-``union`` (an output reading several inputs). All three are vectorised tensor code; the cost is
-the number of (element, input) pairs moved, never ``rows × n``.
+matrix ``D`` (one row per element, one column per input element), held in one of two forms:
+
+- *padded rows* (``[rows, K]``): row ``i`` lists the columns of row ``i`` of ``D``, with the
+  value ``n`` for "none"; entries may repeat and sit in any order. Taking rows (broadcasting,
+  slicing, gathering, padding, a stencil's neighbours) is one gather, a union one
+  concatenation. Repeats are sorted out when the width passes twice the width at the last
+  clean-up (and at least ``CLEAN_WIDTH``), and at the end.
+- *pairs* (``row``, ``col``): the nonzeros sorted by row then column, without duplicates; for
+  rows of very different lengths (one dense row among short ones: padding would waste memory)
+  and for ops that merge rows (reductions, products).
+
+Every rule of NOTE [sparsity tracing] is built from ``gather`` (row ``i`` of the result is the
+union of rows ``idx[i, :]``, ``-1`` for none: broadcasting, slicing, stencils), ``relabel``
+(rows sent to new rows and merged: ``D_out = L D_in`` in the boolean semiring) and ``union``
+(an output reading several inputs), on whichever form the operands are in: padded rows when
+every operand has them, pairs otherwise. A matrix is padded when that takes at most
+``2 nnz + rows`` slots. A union is lazy: it only lists its operands, and is formed when first
+read, from the distinct matrices at the bottom of the unions it is made of (a chain of
+elementwise ops costs no tensor work, and ``u`` met twice in ``-Δu - λ e^u`` is one operand).
+All of it is vectorised tensor code; the cost is the number of (element, input) pairs moved,
+never ``rows × n``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -23,25 +36,58 @@ from torch import Tensor
 
 __all__ = ["Sets", "csr"]
 
+CLEAN_WIDTH = 8  # padded widths up to this keep their repeats until the end
 
-@dataclass(frozen=True, eq=False)
+
 class Sets:
-    """A boolean ``[rows, n]`` matrix: nonzeros ``(row[k], col[k])``, sorted, unique (int64)."""
+    """A boolean ``[rows, n]`` matrix: padded rows and/or sorted unique pairs (int64), or a
+    lazy union of matrices."""
 
-    rows: int
-    n: int
-    row: Tensor
-    col: Tensor
+    __slots__ = (
+        "_col",
+        "_counts",
+        "_ell",
+        "_ext",
+        "_live",
+        "_no_ell",
+        "_parts",
+        "_row",
+        "_starts",
+        "n",
+        "ref",
+        "rows",
+    )
+
+    def __init__(
+        self,
+        rows: int,
+        n: int,
+        row: Tensor | None = None,
+        col: Tensor | None = None,
+        *,
+        ell: Tensor | None = None,
+        ref: int = 1,
+        parts: list[Sets] | None = None,
+    ) -> None:
+        self.rows, self.n = rows, n
+        self._row, self._col = row, col  # both or neither
+        self._ell = ell
+        self._parts = parts  # a lazy union of these (all live)
+        self.ref = ref  # the padded width at the last clean-up (repeats trigger)
+        self._ext: Tensor | None = None
+        self._no_ell = False  # the pairs' rows are too uneven to pad
+        self._live: bool | None = True if parts else None
+        self._counts: Tensor | None = None
+        self._starts: Tensor | None = None
 
     @staticmethod
     def empty(rows: int, n: int) -> Sets:
-        none = torch.zeros(0, dtype=torch.long)
-        return Sets(rows, n, none, none)
+        return Sets(rows, n, ell=torch.zeros(rows, 0, dtype=torch.long), ref=0)
 
     @staticmethod
     def identity(n: int) -> Sets:
         ar = torch.arange(n)
-        return Sets(n, n, ar, ar)
+        return Sets(n, n, ar, ar, ell=ar.view(n, 1))
 
     @staticmethod
     def from_keys(rows: int, n: int, keys: Tensor) -> Sets:
@@ -49,45 +95,174 @@ class Sets:
         keys = _sorted_unique(keys)
         return Sets(rows, n, keys // max(n, 1), keys % max(n, 1))
 
+    # ---- the forms ----------------------------------------------------------------------
+    def _formed(self) -> Sets:
+        """Form a lazy union (once): from the distinct matrices at its bottom."""
+        if self._parts is not None:
+            leaves, seen, stack = [], set(), list(self._parts)
+            while stack:
+                s = stack.pop()
+                if id(s) in seen:
+                    continue
+                seen.add(id(s))
+                if s._parts is not None:
+                    stack.extend(s._parts)
+                else:
+                    leaves.append(s)
+            formed = _union_now(leaves, self.rows, self.n)
+            self._row, self._col, self._ell = formed._row, formed._col, formed._ell
+            self.ref, self._parts = formed.ref, None
+        return self
+
+    def _pairs(self) -> tuple[Tensor, Tensor]:
+        self._formed()
+        if self._row is None or self._col is None:
+            assert self._ell is not None
+            s = _clean(self._ell, self.n)
+            keep = s < self.n
+            counts = keep.sum(1)
+            self._row = torch.repeat_interleave(torch.arange(self.rows), counts)
+            self._col = torch.masked_select(s, keep)
+            self._counts = counts
+        return self._row, self._col
+
+    @property
+    def row(self) -> Tensor:
+        return self._pairs()[0]
+
+    @property
+    def col(self) -> Tensor:
+        return self._pairs()[1]
+
+    def ell(self) -> Tensor | None:
+        """The padded rows, made from the pairs when that wastes little; ``None`` otherwise."""
+        self._formed()
+        if self._ell is None and not self._no_ell:
+            nnz = self.nnz
+            width = int(self.counts.max()) if nnz and self.rows else 0
+            if self.rows * width > 2 * nnz + self.rows:
+                self._no_ell = True
+                return None
+            e = torch.full((self.rows, width), self.n, dtype=torch.long)
+            if nnz:
+                e[self.row, torch.arange(nnz) - self.starts[self.row]] = self.col
+            self._ell, self.ref = e, width
+        return self._ell
+
     @property
     def nnz(self) -> int:
-        return int(self.row.numel())
+        return int(self._pairs()[0].numel())
 
-    @cached_property
+    @property
+    def live(self) -> bool:
+        """Some element depends on some input."""
+        if self._live is None:
+            if self._ell is not None:
+                e = self._ell
+                self._live = bool(e.numel()) and bool((e < self.n).any())
+            else:
+                self._live = bool(self.row.numel())
+        return self._live
+
+    @property
     def counts(self) -> Tensor:
-        return torch.bincount(self.row, minlength=self.rows)[: self.rows]
+        if self._counts is None:
+            self._counts = torch.bincount(self.row, minlength=self.rows)[: self.rows]
+        return self._counts
 
-    @cached_property
+    @property
     def starts(self) -> Tensor:
-        return torch.cumsum(self.counts, 0) - self.counts
+        if self._starts is None:
+            self._starts = torch.cumsum(self.counts, 0) - self.counts
+        return self._starts
+
+    # ---- the three operations -----------------------------------------------------------
+    def gather(self, idx: Tensor, shifted: bool = False) -> Sets:
+        """Row ``i`` of the result is the union of rows ``idx[i, :]`` of this one (``idx``
+        ``[r]`` or ``[r, s]``, ``-1`` for none; any order, repeats allowed). ``shifted``:
+        ``idx`` is one more (``0`` for none)."""
+        idx = idx.long().reshape(idx.shape[0] if idx.dim() else 1, -1)
+        r = idx.shape[0]
+        if r == 0 or not self.live:
+            return Sets.empty(r, self.n)
+        e = self.ell()
+        if e is not None:
+            if self._ext is None:  # a first row of "none", for the -1s
+                self._ext = torch.cat([e.new_full((1, e.shape[1]), self.n), e])
+            at = idx.reshape(-1) if shifted else idx.reshape(-1) + 1
+            picked = self._ext.index_select(0, at).view(r, -1)
+            return _tidy(Sets(r, self.n, ell=picked, ref=self.ref))
+        if shifted:
+            idx = idx - 1
+        if idx.shape[1] == 1 and bool((idx >= 0).all()):
+            return self._take_pairs(idx.view(-1))
+        out = torch.arange(r).view(-1, 1).expand_as(idx)
+        ok = idx >= 0
+        return self._take_pairs(idx[ok]).relabel(out[ok], r)
+
+    def strided(self, shape: Sequence[int], stride: Sequence[int], offset: int) -> Sets | None:
+        """The rows a strided view (``shape``, ``stride``, ``offset`` over rows) reads, from
+        contiguous padded rows (one copy), else ``None``."""
+        e = self._formed()._ell
+        if e is None or not e.is_contiguous():
+            return None
+        k, rows = e.shape[1], math.prod(shape)
+        if k == 0:
+            return Sets.empty(rows, self.n)
+        at = e.storage_offset() + offset * k
+        view = e.as_strided((*shape, k), (*(s * k for s in stride), 1), at)
+        return Sets(rows, self.n, ell=view.reshape(rows, k), ref=self.ref)
 
     def take(self, idx: Tensor) -> Sets:
         """Row ``i`` of the result is row ``idx[i]`` of this one (any order, repeats allowed)."""
-        idx = idx.reshape(-1).long()
-        if self.nnz == 0 or idx.numel() == 0:
-            return Sets.empty(idx.numel(), self.n)
-        c = self.counts[idx]
+        return self.gather(idx.reshape(-1))
+
+    def _take_pairs(self, idx: Tensor) -> Sets:
+        if idx.numel() == 0:
+            return Sets.empty(0, self.n)
+        c = self.counts.index_select(0, idx)
         total = int(c.sum())
         new_row = torch.repeat_interleave(torch.arange(idx.numel()), c, output_size=total)
-        shift = self.starts[idx] - (torch.cumsum(c, 0) - c)  # source start - result start
+        shift = self.starts.index_select(0, idx) - (torch.cumsum(c, 0) - c)  # source - result
         pos = torch.repeat_interleave(shift, c, output_size=total) + torch.arange(total)
-        return Sets(idx.numel(), self.n, new_row, self.col[pos])
+        return Sets(idx.numel(), self.n, new_row, self.col.index_select(0, pos))
 
     def relabel(self, to: Tensor, rows: int) -> Sets:
         """Row ``i`` goes to row ``to[i]`` of a ``rows``-row result; rows meeting there merge."""
-        if self.nnz == 0:
+        if not self.live:
             return Sets.empty(rows, self.n)
         to = to.reshape(-1).long()
-        if to.numel() < 2 or bool((to[1:] > to[:-1]).all()):  # order kept: nothing merges
-            return Sets(rows, self.n, to[self.row], self.col)
-        return Sets.from_keys(rows, self.n, to[self.row] * self.n + self.col)
+        kept = to.numel() < 2 or bool((to[1:] > to[:-1]).all())  # order kept: nothing merges
+        padded = self._formed()._ell
+        if kept and padded is not None:
+            e = padded.new_full((rows, padded.shape[1]), self.n)
+            e[to] = padded
+            return Sets(rows, self.n, ell=e, ref=self.ref)
+        row, col = self._pairs()
+        if kept:
+            return Sets(rows, self.n, to[row], col)
+        return Sets.from_keys(rows, self.n, to[row] * self.n + col)
 
     def pairs(self, out: Tensor, src: Tensor, rows: int) -> Sets:
         """``D_out = L D``: output ``out[k]`` reads element ``src[k]`` (the pairs of ``L``)."""
         return self.take(src).relabel(out, rows)
 
+    @staticmethod
+    def union(parts: Sequence[Sets], rows: int, n: int) -> Sets:
+        """The union of same-shaped matrices: lazy (NOTE [index sets])."""
+        live = [p for p in parts if p.live]
+        if not live:
+            return Sets.empty(rows, n)
+        if len(live) == 1:
+            return live[0]
+        return Sets(rows, n, parts=live)
+
+    # ---- the rest -----------------------------------------------------------------------
     def all_rows(self) -> Tensor:
         """The union of every row: the columns any element depends on."""
+        if self._formed()._ell is not None:
+            u = torch.unique(self._ell)
+            return u[u < self.n]
         return torch.unique(self.col)
 
     def dense_to(self, rows: int) -> Sets:
@@ -95,29 +270,76 @@ class Sets:
         cols = self.all_rows()
         if cols.numel() == 0 or rows == 0:
             return Sets.empty(rows, self.n)
-        r = torch.arange(rows).repeat_interleave(cols.numel())
-        return Sets(rows, self.n, r, cols.repeat(rows))
-
-    @staticmethod
-    def union(parts: Sequence[Sets], rows: int, n: int) -> Sets:
-        live = [p for p in parts if p.nnz]
-        if not live:
-            return Sets.empty(rows, n)
-        if len(live) == 1:
-            return live[0]
-        return Sets.from_keys(rows, n, torch.cat([p.row * n + p.col for p in live]))
+        return Sets(rows, self.n, ell=cols.view(1, -1).expand(rows, -1), ref=cols.numel())
 
     def keep_rows(self, mask: Tensor) -> Sets:
         """The nonzeros of the rows where ``mask`` (``[rows]`` bool) is False."""
+        padded = self._formed()._ell
+        if padded is not None:
+            e = padded.masked_fill(mask.view(-1, 1), self.n)
+            return Sets(self.rows, self.n, ell=e, ref=self.ref)
         keep = ~mask[self.row]
         return Sets(self.rows, self.n, self.row[keep], self.col[keep])
 
+    def csr_parts(self, with_rows: bool = False) -> tuple[Tensor, ...]:
+        """CSR row pointers ``[rows + 1]`` and column indices, and with ``with_rows`` the row
+        of each entry (fresh tensors)."""
+        crow = torch.zeros(self.rows + 1, dtype=torch.long)
+        if self._formed()._row is None:  # straight from the padded rows: no pairs needed
+            assert self._ell is not None
+            s = _clean(self._ell, self.n)
+            keep = s < self.n
+            counts = keep.sum(1)
+            torch.cumsum(counts, 0, out=crow[1:])
+            col = torch.masked_select(s, keep)
+            if not with_rows:
+                return crow, col
+            return crow, torch.repeat_interleave(torch.arange(self.rows), counts), col
+        crow[1:] = torch.cumsum(self.counts, 0)
+        row, col = self.row.clone(), self.col.clone()
+        return (crow, row, col) if with_rows else (crow, col)
+
     def to_csr(self) -> Tensor:
         """Boolean sparse CSR ``[rows, n]``."""
-        crow = torch.zeros(self.rows + 1, dtype=torch.long)
-        crow[1:] = torch.cumsum(self.counts, 0)
-        values = torch.ones(self.nnz, dtype=torch.bool)
-        return csr(crow, self.col.clone(), values, (self.rows, self.n))
+        crow, col = self.csr_parts()
+        return csr(crow, col, torch.ones(col.numel(), dtype=torch.bool), (self.rows, self.n))
+
+
+def _union_now(parts: list[Sets], rows: int, n: int) -> Sets:
+    """The union of formed, live matrices: one concatenation of padded rows, else pairs."""
+    if len(parts) == 1:
+        return parts[0]
+    padded = [p.ell() for p in parts]
+    if all(e is not None for e in padded):
+        e = torch.cat(padded, 1)  # type: ignore[arg-type]
+        return _tidy(Sets(rows, n, ell=e, ref=max(p.ref for p in parts)))
+    return Sets.from_keys(rows, n, torch.cat([p.row * n + p.col for p in parts]))
+
+
+def _clean(e: Tensor, n: int) -> Tensor:
+    """Each row sorted, repeats replaced by ``n`` (so a row's real entries stay in order)."""
+    if e.shape[1] < 2:
+        return e
+    s = torch.sort(e, 1).values
+    s[:, 1:].masked_fill_(s[:, 1:] == s[:, :-1], n)
+    return s
+
+
+def _tidy(s: Sets) -> Sets:
+    """Sort out the repeats of padded rows grown past their trigger (NOTE [index sets]); to
+    pairs if padding would then waste memory."""
+    e = s._ell
+    assert e is not None
+    if e.shape[1] <= max(CLEAN_WIDTH, 2 * s.ref):
+        return s
+    c = torch.sort(_clean(e, s.n), 1).values  # the "none"s last
+    counts = (c < s.n).sum(1)
+    k = int(counts.max()) if counts.numel() else 0
+    nnz = int(counts.sum())
+    if s.rows * k > 2 * nnz + s.rows:  # one long row among short ones: pairs
+        row = torch.repeat_interleave(torch.arange(s.rows), counts)
+        return Sets(s.rows, s.n, row, torch.masked_select(c, c < s.n))
+    return Sets(s.rows, s.n, ell=c[:, :k].contiguous(), ref=max(k, 1))
 
 
 def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, ...]) -> Tensor:

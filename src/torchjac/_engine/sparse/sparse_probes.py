@@ -3,9 +3,11 @@
 NOTE [compressed probes]: with a column colouring (NOTE [colouring]) the forward probes are the
 ``C`` indicator vectors of the colours, pushed through ``func`` by ``torch.func.jvp`` vmapped
 over chunks (``run_chunks``: chunk size from ``max_memory``, a loop when vmap fails); with a row
-colouring the reverse probes are pulled back through one autograd graph by batched backward
-passes. Entry ``(i, j)`` of the pattern is then one gather from the compressed ``[m, C]`` (or
-``[C, n]``) block. One more probe, along a fixed pseudo-random direction ``r`` (its own
+colouring the reverse probes are pulled back through one autograd graph (the detection call's,
+when the pattern was detected in the same call) by batched backward passes. The products form
+one ``[C + 1, m]`` (or ``[C + 1, n]``) block, a probe a row, as the pass returns it; entry
+``(i, j)`` of the pattern is one gather from it, at flat positions the pattern's plan keeps
+(NOTE [pattern plan]). The last probe, along a fixed pseudo-random direction ``r`` (its own
 generator: the user's RNG is not drawn from), checks the result: ``J r`` (or ``rᵀ J``) computed
 by AD must equal the sparse product, else a nonzero outside the pattern was lost or folded into
 another entry, and the call raises instead of returning a wrong Jacobian. A line whose two
@@ -21,16 +23,19 @@ by a NaN cotangent).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchjac._engine.core.func_call import FuncProblem
-from torchjac._engine.core.plan import choose_chunk_size
+from torchjac._engine.core.plan import MIN_MEMORY_BUDGET, choose_chunk_size, memory_budget
 from torchjac._engine.core.run import run_chunks
 from torchjac._engine.func.func_probes import Traced, autograd_trace
 from torchjac._engine.sparse.colouring import Colouring
+from torchjac._engine.sparse.sparse_plan import PatternPlan
 from torchjac._errors import warn_fallback
 
 __all__ = ["compressed_jacobian"]
@@ -38,90 +43,129 @@ __all__ = ["compressed_jacobian"]
 CHECK_SEED = 20_261_207
 CHECK_TOLERANCE = 256  # in units of eps times the size of the terms summed
 CONFIRM_LINES = 8  # suspect lines confirmed by a NaN probe each, worst first
+KEEP_SEEDS_BYTES = 2**24  # a pattern's probes are kept on its plan up to this size
 
 
-def _direction(size: int, dtype: torch.dtype) -> Tensor:
+@functools.lru_cache(maxsize=8)
+def _direction(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The check direction (cached: only read, never written)."""
     g = torch.Generator().manual_seed(CHECK_SEED)
     signs = torch.randint(0, 2, (size,), generator=g) * 2 - 1
-    return ((torch.rand(size, generator=g, dtype=torch.float64) + 0.5) * signs).to(dtype)
+    return ((torch.rand(size, generator=g, dtype=torch.float64) + 0.5) * signs).to(device, dtype)
 
 
-def _seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
-    """Probes ``start..stop-1``: the colours' indicators, then the check direction ``r``."""
+def _seeds(col: Colouring, r: Tensor, start: int, stop: int, keep: dict[Any, Tensor]) -> Tensor:
+    """Probes ``start..stop-1``: the colours' indicators, then the check direction ``r``; all
+    of them made once and kept in ``keep`` (the plan's) when they take little memory."""
+    if (col.count + 1) * r.numel() * r.element_size() <= KEEP_SEEDS_BYTES:
+        key = ("seeds", id(col), r.dtype, r.device)  # the colouring lives as long as the plan
+        if key not in keep:
+            keep[key] = _make_seeds(col, r, 0, col.count + 1)
+        return keep[key][start:stop]
+    return _make_seeds(col, r, start, stop)
+
+
+def _make_seeds(col: Colouring, r: Tensor, start: int, stop: int) -> Tensor:
     top = min(stop, col.count)
-    parts = [col.seeds(start, top, r.dtype)] if start < top else []
+    parts = [col.seeds(start, top, r.dtype).to(r.device)] if start < top else []
     if stop > col.count:
         parts.append(r.view(1, -1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _run(fn: str, count: int, chunk: int, probe: Callable[[int, int, bool], Tensor]) -> Tensor:
+    """Every probe's product, ``[count, size]`` (one pass's result as it is, when one pass)."""
+    parts: list[Tensor] = []
+
+    def write(start: int, stop: int, got: Tensor) -> None:
+        parts.append(got.reshape(stop - start, -1))
+
+    run_chunks(fn, count, chunk, probe, write)
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+
 def _forward(
-    p: FuncProblem, x: Tensor, col: Colouring, r: Tensor, chunk: int, out: Tensor
-) -> torch.Size:
+    p: FuncProblem,
+    x: Tensor,
+    col: Colouring,
+    r: Tensor,
+    chunk: int,
+    m: int,
+    keep: dict[Any, Tensor],
+) -> tuple[Tensor, torch.Size]:
+    """``[C + 1, m]``: ``J s_c`` for each colour, then ``J r``; and the output's shape."""
+
     def push(t: Tensor) -> Tensor:
         return torch.func.jvp(p.outputs_only, (x,), (t,))[1][0]
 
-    def probe(start: int, stop: int, batched: bool) -> Tensor:
-        seeds = _seeds(col, r, start, stop).to(x.device).view(stop - start, *x.shape)
-        if batched:
-            return torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
-        return push(seeds[0]).unsqueeze(0)
-
     shape: list[torch.Size] = []
 
-    def write(start: int, stop: int, jv: Tensor) -> None:
-        _check_output(p, jv[0], out.shape[0])
+    def probe(start: int, stop: int, batched: bool) -> Tensor:
+        seeds = _seeds(col, r, start, stop, keep).view(stop - start, *x.shape)
+        jv = (
+            torch.vmap(push, randomness="same")(seeds)  # NOTE [one draw per call]
+            if batched
+            else push(seeds[0]).unsqueeze(0)
+        )
+        _check_output(p, jv[0], m)
         shape[:] = [jv[0].shape]
-        out[:, start:stop] = jv.reshape(stop - start, -1).T
+        return jv
 
-    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
-    return shape[0]
+    block = _run(p.fn_name, col.count + 1, chunk, probe)
+    return block, shape[0]
 
 
-def _reverse(p: FuncProblem, col: Colouring, r: Tensor, chunk: int, out: Tensor) -> Traced:
-    t = autograd_trace(p, lambda outs: None)
+def _reverse(
+    p: FuncProblem, col: Colouring, r: Tensor, chunk: int, t: Traced | None, keep: dict[Any, Tensor]
+) -> tuple[Tensor, Traced]:
+    """``[C + 1, n]``: ``s_cᵀ J`` for each colour, then ``rᵀ J``; and the call's record."""
+    if t is None:
+        t = autograd_trace(p, lambda outs: None)
     y = t.outputs[0]
     _check_output(p, y, r.numel())
 
     def probe(start: int, stop: int, batched: bool) -> Tensor:
-        seeds = _seeds(col, r, start, stop).to(y.device, y.dtype).view(stop - start, *y.shape)
+        seeds = _seeds(col, r, start, stop, keep).to(y.dtype).view(stop - start, *y.shape)
         if batched:
             return t.pullback((seeds,), True)[0]
         return t.pullback((seeds[0],))[0].unsqueeze(0)
 
-    def write(start: int, stop: int, g: Tensor) -> None:
-        out[start:stop] = g.reshape(stop - start, -1)
+    return _run(p.fn_name, col.count + 1, chunk, probe), t
 
-    run_chunks(p.fn_name, col.count + 1, chunk, probe, write)
-    return t
+
+def _chunk(
+    fn: str, count: int, per_probe: int, chunk_size: int | None, memory: Any, device: Any
+) -> int:
+    """Probes per pass: all of them when they fit in the smallest default budget (no look at
+    free memory), else as ``max_memory`` (or free memory) allows."""
+    if chunk_size is None and memory is None and count * per_probe <= MIN_MEMORY_BUDGET:
+        return choose_chunk_size(count, per_probe, MIN_MEMORY_BUDGET, None)
+    return choose_chunk_size(count, per_probe, memory_budget(fn, memory, device), chunk_size)
 
 
 def compressed_jacobian(
     p: FuncProblem,
     x: Tensor,
-    rows: Tensor,
-    cols: Tensor,
-    shape: tuple[int, int],
-    colourings: Callable[[str], Colouring],
+    plan: PatternPlan,
     mode: str,
     chunk_size: int | None,
-    budget: int,
+    max_memory: Any,
+    traced: Traced | None = None,
 ) -> tuple[Tensor, torch.Size]:
-    """The values of the pattern's nonzeros ``(rows, cols)`` (NOTE [compressed probes]), and
-    the shape of the output."""
-    m, n = shape
+    """The values of the pattern's nonzeros in CSR order (NOTE [compressed probes]), and the
+    shape of the output; ``traced``: a call already on the graph, for reverse probes."""
+    m, n, grid = plan.m, plan.n, tuple(x.shape)
     dev = x.device
-    rows, cols = rows.to(dev), cols.to(dev)
     per_probe = 16 * (m + n) * p.dtype.itemsize
     if mode == "fwd":
-        col = colourings("fwd")
-        r = _direction(n, p.dtype)
-        block = torch.zeros(m, col.count + 1, dtype=p.dtype, device=dev)
+        col = plan.colouring("fwd", grid)
+        r = _direction(n, p.dtype, dev)
         try:
-            chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
-            y_shape = _forward(p, x, col, r, chunk, block)
-            values = block[rows, col.colour.to(dev)[cols]]
-            lines = _suspects(rows, values, r.to(dev)[cols], block[:, -1])
+            chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
+            block, y_shape = _forward(p, x, col, r, chunk, m, plan.cache)
+            values = block.view(-1).index_select(0, plan.index("fwd", grid, dev))
+            rows, cols = plan.on("rows", dev), plan.on("cols", dev)
+            lines = _suspects(rows, values, plan.weights("fwd", r), block[-1])
 
             def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
                 t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
@@ -135,13 +179,13 @@ def compressed_jacobian(
             if isinstance(err, PatternError):
                 raise
             warn_fallback(p.fn_name, "forward-mode AD failed, computed rows in reverse mode", err)
-    col = colourings("rev")
-    r = _direction(m, p.dtype)
-    block = torch.zeros(col.count + 1, n, dtype=p.dtype, device=dev)
-    chunk = choose_chunk_size(col.count + 1, per_probe, budget, chunk_size)
-    traced = _reverse(p, col, r, chunk, block)
-    values = block[col.colour.to(dev)[rows], cols]
-    lines = _suspects(cols, values, r.to(dev)[rows], block[-1])
+    col = plan.colouring("rev", grid)
+    r = _direction(m, p.dtype, dev)
+    chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
+    block, traced = _reverse(p, col, r, chunk, traced, plan.cache)
+    values = block.view(-1).index_select(0, plan.index("rev", grid, dev))
+    rows, cols = plan.on("rows", dev), plan.on("cols", dev)
+    lines = _suspects(cols, values, plan.weights("rev", r), block[-1])
 
     def pull_nan(j: int) -> bool:
         y = traced.outputs[0]
@@ -170,14 +214,19 @@ class PatternError(ValueError):
 def _suspects(at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> list[int]:
     """Lines where ``probe`` (the AD product with the check direction) and the sparse product
     differ beyond roundoff, worst first (at most ``CONFIRM_LINES``)."""
-    size = probe.numel()
+    if probe.numel() == 0:
+        return []
     terms = values * weights
-    zeros = torch.zeros(size, dtype=values.dtype, device=values.device)
-    diff = (zeros.index_add(0, at, terms) - probe).abs()
-    scale = zeros.index_add(0, at, terms.abs()) + probe.abs()
+    product = torch.zeros_like(probe).index_add_(0, at, terms)
+    diff = (product - probe).abs()
     eps = max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
-    floor = scale.max() if scale.numel() else scale.new_zeros(())  # roundoff of cancellations
+    if bool(diff.max() <= CHECK_TOLERANCE * eps * probe.abs().max()):
+        return []  # within roundoff of the largest line: no excess anywhere (floor below)
+    scale = torch.zeros_like(probe).index_add_(0, at, terms.abs()) + probe.abs()
+    floor = scale.max()  # roundoff of cancellations
     excess = diff - CHECK_TOLERANCE * eps * (scale + floor)
+    if not bool((excess > 0).any()):
+        return []
     bad = (excess > 0).nonzero().reshape(-1)
     worst = bad[torch.argsort(excess[bad], descending=True)][:CONFIRM_LINES]
     return [int(i) for i in worst]

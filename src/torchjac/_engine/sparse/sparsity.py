@@ -13,11 +13,14 @@ never a missed nonzero, and the op is reported. Integer and boolean tensors carr
 (the values they were computed from), so an index, mask or condition computed from ``x`` makes
 the op that uses it depend on all the elements it could select. A Python branch on a value of
 ``x`` (``.item()``, ``bool(t)``) is reported: the pattern then holds for the branch taken.
+An op that writes no argument reads its inputs' sets only after it ran and only if it made
+data (a view makes none, so slicing costs no set work). When ``sparse_jacobian`` detects the
+pattern itself, this one call runs with autograd on, and its graph is the one the reverse
+probes pull back through (NOTE [compressed probes]): ``func`` runs once for both.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +67,7 @@ class _Storages:
         self.n = n
         self.entries: dict[int, _Entry] = {}
         self.keep: list[Tensor] = []  # without StorageWeakRef: no address is ever reused
+        self._arange = torch.arange(n)
 
     def _entry(self, t: Tensor) -> _Entry | None:
         if t.numel() == 0 or t.layout != torch.strided or t.device.type == "meta":
@@ -87,11 +91,16 @@ class _Storages:
             and t.is_contiguous()
         )
 
-    @staticmethod
-    def _offsets(t: Tensor, itemsize: int) -> Tensor:
+    def arange(self, size: int) -> Tensor:
+        """``torch.arange(size)``, sliced from one kept tensor (never written)."""
+        if self._arange.numel() < size:
+            self._arange = torch.arange(max(size, 2 * self._arange.numel()))
+        return self._arange[:size]
+
+    def _offsets(self, t: Tensor, itemsize: int) -> Tensor:
         scale = t.element_size() / itemsize
         size = t.untyped_storage().nbytes() // itemsize
-        base = torch.arange(size)
+        base = self.arange(size)
         if scale != 1:  # a dtype view: every element reads the whole storage (a superset)
             return base
         return base.as_strided(t.shape, t.stride(), t.storage_offset()).reshape(-1)
@@ -103,17 +112,25 @@ class _Storages:
             return Sets.empty(t.numel(), self.n)
         if self._whole(t, e.itemsize):
             return e.sets
+        if t.element_size() == e.itemsize:  # a strided view of the storage's rows
+            found = e.sets.strided(t.shape, t.stride(), int(t.storage_offset()))
+            if found is not None:
+                return found
         off = self._offsets(t, e.itemsize)
         if off.numel() != t.numel():
             return e.sets.dense_to(t.numel())
         return e.sets.take(off)
 
-    def write(self, t: Tensor, sets: Sets) -> None:
-        """``t``'s elements (row-major) now have the index sets ``sets``."""
+    def write(self, t: Tensor, sets: Sets, fresh: bool = False) -> None:
+        """``t``'s elements (row-major) now have the index sets ``sets``; ``fresh``: ``t`` is
+        an op's new output (any entry at its address is a dead storage's)."""
         if t.numel() == 0 or t.layout != torch.strided:
             return
+        if fresh and self._whole(t, t.element_size()):
+            self._store(t, t.element_size(), sets)
+            return
         e = self._entry(t)
-        if e is None and sets.nnz == 0:
+        if e is None and not sets.live:
             return
         itemsize = t.element_size() if e is None else e.itemsize
         size = t.untyped_storage().nbytes() // itemsize
@@ -132,13 +149,43 @@ class _Storages:
                 written = torch.zeros(size, dtype=torch.bool)
                 written[off] = True
                 new = Sets.union([e.sets.keep_rows(written), moved], size, self.n)
+        self._store(t, itemsize, new)
+
+    def _store(self, t: Tensor, itemsize: int, sets: Sets) -> None:
         storage = t.untyped_storage()
         if StorageWeakRef is not None:
             ref: Any = StorageWeakRef(storage)
         else:  # pragma: no cover
             ref = storage
             self.keep.append(t)
-        self.entries[storage.data_ptr()] = _Entry(ref, itemsize, new)
+        self.entries[storage.data_ptr()] = _Entry(ref, itemsize, sets)
+
+
+@dataclass(frozen=True)
+class _Op:
+    """What the tracer needs to know of an aten op, worked out once per op."""
+
+    writes: bool  # mutates an argument
+    branch: bool  # reads a value of a tensor into Python
+    metadata: bool  # changes metadata only (squeeze_, t_): the storage's sets are unchanged
+    view: bool  # returns views of its arguments only (slice, select, view): no data made
+    rule: Rule | None
+
+
+_OPS: dict[int, tuple[Any, _Op]] = {}  # by id: an aten op's hash is Python code
+
+
+def _op(func: Any) -> _Op:
+    found = _OPS.get(id(func))
+    if found is not None and found[0] is func:
+        return found[1]
+    schema = func._schema
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    metadata = torch.Tag.inplace_view in func.tags and func is not aten.resize_.default
+    view = not writes and bool(schema.returns) and all(r.alias_info for r in schema.returns)
+    op = _Op(writes, func in _BRANCHES, metadata, view, choose_rule(func))
+    _OPS[id(func)] = (func, op)
+    return op
 
 
 class _Tracer(TorchDispatchMode):
@@ -149,80 +196,89 @@ class _Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        leaves = tensors((args, kwargs))
+        op = _op(func)
+        leaves = tensors(args) + tensors(kwargs) if kwargs else tensors(args)
         cache: dict[int, Sets] = {}
+        read = self.storages.read
 
         def reader(t: Tensor) -> Sets:
-            if id(t) not in cache:
-                cache[id(t)] = self.storages.read(t)
-            return cache[id(t)]
+            found = cache.get(id(t))
+            if found is None:
+                found = cache[id(t)] = read(t)
+            return found
 
-        tracked = [t for t in leaves if reader(t).nnz]  # read before a write can change them
+        # read before a write can change them; an op that writes nothing is read after it
+        # runs, if it makes data at all (a view makes none: no read)
+        early = op.writes or op.branch
+        tracked = [t for t in leaves if reader(t).live] if early else []
         out = func(*args, **kwargs)
-        if torch.Tag.inplace_view in func.tags and func is not aten.resize_.default:
-            return out  # metadata only (squeeze_, t_): the storage's sets are unchanged
-        if func in _BRANCHES and tracked:
-            self.trace.branches.append(str(func.overloadpacket.__name__))
-        if not tracked:  # constants: nothing to write (an untracked target has no sets)
+        if op.metadata or op.view:
             return out
-        targets = _targets(func, args, kwargs, out, leaves)
+        if op.branch and tracked:
+            self.trace.branches.append(str(func.overloadpacket.__name__))
+        fresh = _fresh(out, leaves)
+        targets = fresh + _mutated(func, args, kwargs, fresh) if op.writes else fresh
         if not targets:
             return out
-        rule: Rule | None = choose_rule(func)
-        sets = (
-            None
-            if rule is None
-            else rule(func, args, kwargs, targets, Reader(reader, self.storages.n))
-        )
+        if not early:
+            tracked = [t for t in leaves if reader(t).live]
+        if not tracked:  # constants: nothing to write (an untracked target has no sets)
+            return out
+        sets = None
+        if op.rule is not None:
+            sets = op.rule(func, args, kwargs, targets, Reader(reader, self.storages.n, tracked))
         if sets is None:
             self.trace.dense_ops.append(str(func))
             sets = dense_rule(targets, tracked, reader)
-        for t, s in zip(targets, sets):
-            self.storages.write(t, s)
+        for i, (t, s) in enumerate(zip(targets, sets)):
+            self.storages.write(t, s, fresh=i < len(fresh))
         return out
 
 
-@functools.cache
-def _writes(func: Any) -> bool:
-    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
-
-
-def _targets(func: Any, args: Any, kwargs: Any, out: Any, leaves: list[Tensor]) -> list[Tensor]:
-    """The tensors whose data the op wrote: fresh outputs and mutated arguments (not views)."""
+def _fresh(out: Any, leaves: list[Tensor]) -> list[Tensor]:
+    """The outputs with storage of their own (not views of an argument)."""
+    found = tensors(out)
+    if not found:
+        return found
     mine = {t.untyped_storage().data_ptr() for t in leaves if t.layout == torch.strided}
-    fresh = [
+    return [
         t
-        for t in tensors(out)
+        for t in found
         if t.layout == torch.strided and t.numel() and t.untyped_storage().data_ptr() not in mine
     ]
-    if not _writes(func):
-        return fresh
-    # an op may write an argument and return fresh outputs too (batch norm's running stats)
-    return fresh + [t for t in _mutated(func, args, kwargs) if not any(t is f for f in fresh)]
 
 
-def _mutated(func: Any, args: Any, kwargs: Any) -> list[Tensor]:
+def _mutated(func: Any, args: Any, kwargs: Any, fresh: list[Tensor]) -> list[Tensor]:
+    """The arguments the op writes (not already among its fresh outputs: an op may write an
+    argument and return fresh outputs too, as batch norm's running statistics)."""
     found = []
     for i, a in enumerate(func._schema.arguments):
         if a.alias_info is None or not a.alias_info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(a.name)
-        found += tensors(value)
+        found += [t for t in tensors(value) if not any(t is f for f in fresh)]
     return found
 
 
-def trace_pattern(func: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor, Trace]:
+def trace_pattern(
+    func: Callable[[Tensor], Any], x: Tensor, graph: bool = False
+) -> tuple[Any, Trace, Tensor | None]:
     """Call ``func`` on a copy of ``x`` under the tracer (NOTE [sparsity tracing]).
 
-    Returns the output (detached) and its trace: ``trace.sets`` has one row per output element.
+    Returns the output, its trace (``trace.sets`` has one row per output element) and, with
+    ``graph``, the leaf the output's autograd graph starts from: the call is then also the
+    one reverse probes pull back through (``func`` gets a copy of that leaf, which it may
+    write into); without, the output is computed under ``no_grad``.
     """
     n = x.numel()
     storages = _Storages(n)
     trace = Trace(Sets.empty(0, n))
-    copy = x.detach().clone(memory_format=torch.contiguous_format)
-    storages.write(copy, Sets.identity(n))
-    with torch.no_grad(), _Tracer(storages, trace):
-        y = func(copy)
+    leaf = x.detach().requires_grad_(True) if graph else None
+    with torch.set_grad_enabled(graph):
+        copy = (x.detach() if leaf is None else leaf).clone(memory_format=torch.contiguous_format)
+        storages.write(copy, Sets.identity(n))
+        with _Tracer(storages, trace):
+            y = func(copy)
     if isinstance(y, Tensor):
         trace.sets = storages.read(y)
-    return y, trace
+    return y, trace, leaf

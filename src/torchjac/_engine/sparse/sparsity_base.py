@@ -17,15 +17,17 @@ __all__ = ["Reader", "Result", "Rule", "bind", "broadcast", "dense_rule", "tenso
 class Reader:
     """The tracer's index sets of a tensor (cached per call)."""
 
-    def __init__(self, read: Callable[[Tensor], Sets], n: int) -> None:
+    def __init__(self, read: Callable[[Tensor], Sets], n: int, tracked: list[Tensor]) -> None:
         self.read = read
         self.n = n  # the number of input elements (columns of every set)
+        self.tracked = tracked  # the op's tensor arguments that depend on x, in order
 
     def __call__(self, t: Tensor) -> Sets:
         return self.read(t)
 
-    def tracked(self, value: Any) -> bool:
-        return any(self.read(t).nnz for t in tensors(value))
+    def depends(self, value: Any) -> bool:
+        """Some tensor in ``value`` depends on ``x``."""
+        return any(self.read(t).live for t in tensors(value))
 
 
 Result = list[Sets] | None
@@ -52,9 +54,15 @@ def tensors(value: Any) -> list[Tensor]:
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors(v)]
-    return []
+    elif not isinstance(value, (list, tuple)):
+        return []
+    found = []
+    for v in value:
+        if isinstance(v, Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple, dict)):
+            found += tensors(v)
+    return found
 
 
 def dense_rule(

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from torchjac._engine.sparse.index_sets import Sets
 from torchjac._engine.sparse.sparsity_base import Reader, Result, bind, broadcast, tensors
-from torchjac._engine.sparse.sparsity_products import spatial_pairs
+from torchjac._engine.sparse.sparsity_products import spatial_maps
 
 __all__ = ["along_dim_rule", "layer_norm_rule", "norm_rule", "pool_rule", "reduction_rule"]
 
@@ -44,7 +44,7 @@ def reduction_rule(
 ) -> Result:
     b = bind(func, args, kwargs)
     self = args[0]
-    if any(read(t).nnz for t in tensors((args[1:], kwargs))):
+    if any(read(t).live for t in tensors((args[1:], kwargs))):
         return None
     code, groups, _ = _group_code(self.shape, _dims(b.get("dim"), self.dim()))
     grouped = read(self).relabel(code, groups)
@@ -58,7 +58,7 @@ def along_dim_rule(
 ) -> Result:
     b = bind(func, args, kwargs)
     self = args[0]
-    if any(read(t).nnz for t in tensors((args[1:], kwargs))):
+    if any(read(t).live for t in tensors((args[1:], kwargs))):
         return None
     dim = b.get("dim")
     dims = _dims(-1 if dim is None else dim, self.dim())
@@ -100,7 +100,7 @@ def pool_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
     """Average and max pooling (values and indices): each window's elements, per channel."""
     b = bind(func, args, kwargs)
     x = args[0]
-    if any(read(t).nnz for t in tensors((args[1:], kwargs))) or not targets:
+    if any(read(t).live for t in tensors((args[1:], kwargs))) or not targets:
         return None
     kernel = list(b["kernel_size"])
     d = len(kernel) if len(kernel) > 1 else targets[0].dim() - (2 if x.dim() > 2 else 1)
@@ -110,16 +110,11 @@ def pool_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
     size, out = list(x.shape[-d:]), list(targets[0].shape[-d:])
     if any(list(t.shape[:-d]) != list(x.shape[:-d]) for t in targets):
         return None
-    lead = math.prod(x.shape[:-d])
-    isz, osz = math.prod(size), math.prod(out)
-    o_parts, i_parts = [], []
-    for o_sp, i_sp in spatial_pairs(size, out, kernel, stride, pad, dil):
-        o_parts.append(o_sp)
-        i_parts.append(i_sp)
-    o_sp, i_sp = torch.cat(o_parts), torch.cat(i_parts)
-    channel = torch.arange(lead).view(-1, 1)
-    o, src = channel * osz + o_sp.view(1, -1), channel * isz + i_sp.view(1, -1)
-    sets = read(x).pairs(o.reshape(-1), src.reshape(-1), lead * osz)
+    lead, isz = math.prod(x.shape[:-d]), math.prod(size)
+    maps = spatial_maps(size, out, kernel, stride, pad, dil)  # [osz, ksz]
+    channel = torch.arange(lead).view(-1, 1, 1) * isz
+    idx = torch.where(maps >= 0, channel + maps, -1).reshape(-1, maps.shape[1])
+    sets = read(x).gather(idx)
     return [sets for _ in targets]
 
 
@@ -144,9 +139,9 @@ def norm_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
         gid, groups = idx, x.numel()
     grouped = read(x).relabel(gid, groups)
     extra = [v for k, v in b.items() if k != "input" and isinstance(v, Tensor)]
-    if any(read(t).nnz and t.numel() != c for t in extra):
+    if any(read(t).live and t.numel() != c for t in extra):
         return None
-    per_channel = [read(t).take(channel) for t in extra if read(t).nnz]
+    per_channel = [read(t).take(channel) for t in extra if read(t).live]
     result = []
     for t in targets:
         if t.shape == x.shape:

@@ -6,12 +6,15 @@ operand that does not depend on ``x`` is a constant: its zeros are exact zeros f
 (a sparse matrix, a banded weight), so only its nonzeros join inputs; an operand that depends on
 ``x`` can be nonzero anywhere. A convolution is the same with the kernel: output position ``o``
 reads input position ``o * stride - padding + f * dilation`` for each kernel offset ``f`` whose
-weight can be nonzero (in the channels its group connects), and the bias of its channel. A
+weight can be nonzero (in the channels its group connects), and the bias of its channel: one
+gather of the input's index sets through an ``[outputs, pairs]`` index, a pure function of the
+shapes, the geometry and the weight's nonzeros (cached for stencil-sized weights). A
 transposed convolution has no rule here (dense, reported).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,12 +23,12 @@ from torch import Tensor
 
 from torchjac._engine.sparse.index_sets import Sets
 
-__all__ = ["convolution_rule", "matmul_rule", "spatial_pairs"]
+__all__ = ["convolution_rule", "matmul_rule", "spatial_maps"]
 
 
 def _nonzero_flat(t: Tensor, read: Any) -> Tensor | None:
     """Flat (row-major) positions where ``t`` can be nonzero; ``None``: anywhere."""
-    if read(t).nnz:
+    if read(t).live:
         return None
     if t.layout != torch.strided:
         coo = t.to_sparse_coo().coalesce()
@@ -64,7 +67,7 @@ def matmul_rule(
         return None
     n = read.n
     parts = []
-    if a.layout == torch.strided and read(a).nnz:
+    if a.layout == torch.strided and read(a).live:
         nz = _nonzero_flat(b, read)
         nz = torch.arange(nb * k * j) if nz is None else nz  # b's (batch, k, j)
         bb, kk, jj = nz // (k * j), (nz // j) % k, nz % j
@@ -72,7 +75,7 @@ def matmul_rule(
         o = bb * i * j + ii * j + jj
         src = bb * i * k + ii * k + kk
         parts.append(read(a).pairs(o.reshape(-1), src.reshape(-1), out.numel()))
-    if b.layout == torch.strided and read(b).nnz:
+    if b.layout == torch.strided and read(b).live:
         nz = _nonzero_flat(a, read)
         nz = torch.arange(nb * i * k) if nz is None else nz  # a's (batch, i, k)
         bb, ii, kk = nz // (i * k), (nz // k) % i, nz % k
@@ -80,39 +83,95 @@ def matmul_rule(
         o = bb * i * j + ii * j + jj
         src = bb * k * j + kk * j + jj
         parts.append(read(b).pairs(o.reshape(-1), src.reshape(-1), out.numel()))
-    if bias is not None and read(bias).nnz:
+    if bias is not None and read(bias).live:
         shape = out.shape
         parts.append(read(bias).take(torch.arange(bias.numel()).view(bias.shape).expand(shape)))
     return [Sets.union(parts, out.numel(), n)]
 
 
-def spatial_pairs(
-    size: list[int], out: list[int], kernel: list[int], stride: Any, pad: Any, dil: Any
-) -> list[tuple[Tensor, Tensor]]:
-    """Per flat kernel offset: the (output position, input position) pairs it links."""
+def spatial_maps(
+    size: list[int],
+    out: list[int],
+    kernel: list[int],
+    stride: Any,
+    pad: Any,
+    dil: Any,
+    offsets: Tensor | None = None,
+) -> Tensor:
+    """``[out positions, offsets]``: the input position each output position reads at each
+    kernel offset (positions and offsets flat, row-major; all offsets unless given), ``-1``
+    where it falls in the padding."""
     d = len(size)
     stride, pad, dil = (list(v) * d if len(v) == 1 else list(v) for v in (stride, pad, dil))
-    per_dim = []
-    for s, o, k, st, p, di in zip(size, out, kernel, stride, pad, dil):
-        pos = torch.arange(o).view(-1, 1) * st - p + torch.arange(k).view(1, -1) * di  # [o, k]
-        per_dim.append((pos, (pos >= 0) & (pos < s)))
-    result = []
-    for f in range(math.prod(kernel)):
-        offs = []
-        rem = f
-        for k in reversed(kernel):
-            offs.append(rem % k)
-            rem //= k
-        offs.reverse()
-        o_flat = torch.zeros(1, dtype=torch.long)
-        i_flat = torch.zeros(1, dtype=torch.long)
-        ok = torch.ones(1, dtype=torch.bool)
-        for (pos, valid), f_d, s, o in zip(per_dim, offs, size, out):
-            o_flat = (o_flat.view(-1, 1) * o + torch.arange(o).view(1, -1)).reshape(-1)
-            i_flat = (i_flat.view(-1, 1) * s + pos[:, f_d].view(1, -1)).reshape(-1)
-            ok = (ok.view(-1, 1) & valid[:, f_d].view(1, -1)).reshape(-1)
-        result.append((o_flat[ok], i_flat[ok]))
-    return result
+    f = torch.arange(math.prod(kernel)) if offsets is None else offsets
+    flat = torch.zeros((), dtype=torch.long)
+    ok = torch.ones((), dtype=torch.bool)
+    inner = math.prod(kernel)
+    for a, (s, o, k, st, p, di) in enumerate(zip(size, out, kernel, stride, pad, dil)):
+        inner //= k
+        pos = torch.arange(o).view(-1, 1) * st - p + ((f // inner) % k).view(1, -1) * di
+        shape = [1] * (d + 1)
+        shape[a], shape[d] = o, f.numel()
+        flat = flat * s + pos.view(shape)  # [o_0, ..., o_a, 1, ..., offsets]
+        ok = ok & ((pos >= 0) & (pos < s)).view(shape)
+    return torch.where(ok, flat, -1).reshape(math.prod(out), f.numel())
+
+
+CACHED_PAIRS = 4096  # (channel, offset) pairs of a weight up to which its index is cached
+
+
+def _conv_index(
+    nz: Tensor, x: Tensor, w: Tensor, osize: list[int], geometry: Any, groups: int
+) -> Tensor:
+    """``[output elements, s]``: the input elements each output element reads, ``-1`` for
+    none (``s``: the most (input channel, offset) pairs an output channel reads). A pure
+    function of the shapes, the geometry and the weight's nonzeros: cached (read only) for a
+    weight with few of them, as a stencil's."""
+    key = (
+        tuple(x.shape[:2]),
+        tuple(w.shape),
+        tuple(osize),
+        tuple(tuple(int(v) for v in g) for g in geometry),
+        groups,
+    )
+    if nz.numel() <= CACHED_PAIRS:
+        return _conv_index_of(tuple(nz.tolist()), tuple(x.shape), *key[1:])
+    return _conv_index_now(nz, tuple(x.shape), *key[1:])
+
+
+@functools.lru_cache(maxsize=16)
+def _conv_index_of(nz: tuple[int, ...], *args: Any) -> Tensor:
+    return _conv_index_now(torch.tensor(nz, dtype=torch.long), *args)
+
+
+def _conv_index_now(
+    nz: Tensor,
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    osize: tuple[int, ...],
+    geometry: tuple[tuple[int, ...], ...],
+    groups: int,
+) -> Tensor:
+    nb, cin, size = x_shape[0], x_shape[1], list(x_shape[2:])
+    cout, cin_g, kernel = w_shape[0], w_shape[1], list(w_shape[2:])
+    isz, osz, ksz = math.prod(size), math.prod(osize), math.prod(kernel)
+    nz = torch.sort(nz).values  # grouped by output channel
+    co, cil, f = nz // (cin_g * ksz), (nz // ksz) % cin_g, nz % ksz
+    ci = (co // (cout // groups)) * cin_g + cil
+    counts = torch.bincount(co, minlength=cout)
+    used, at = torch.unique(f, return_inverse=True)
+    stride, pad, dil = geometry
+    src = spatial_maps(size, list(osize), kernel, stride, pad, dil, used)[:, at].T
+    batch = torch.arange(nb).view(-1, 1, 1)
+    val = torch.where(src >= 0, (batch * cin + ci.view(1, -1, 1)) * isz + src, -1)
+    most = int(counts.max())
+    if int(counts.min()) == most:  # as many pairs per output channel: already in place
+        idx = val.view(nb, cout, most, osz)
+    else:
+        slot = torch.arange(nz.numel()) - (torch.cumsum(counts, 0) - counts)[co]
+        idx = torch.full((nb, cout, most, osz), -1, dtype=torch.long)
+        idx[:, co, slot, :] = val
+    return idx.transpose(2, 3).reshape(nb * cout * osz, most)
 
 
 def convolution_rule(
@@ -123,30 +182,21 @@ def convolution_rule(
     if transposed or len(targets) != 1 or x.dim() != w.dim():
         return None
     (out,) = targets
-    nb, cin, size = x.shape[0], x.shape[1], list(x.shape[2:])
-    cout, cin_g, kernel = w.shape[0], w.shape[1], list(w.shape[2:])
-    osize = list(out.shape[2:])
-    n = read.n
-    isz, osz, ksz = math.prod(size), math.prod(osize), math.prod(kernel)
+    nb, cout, cin_g = x.shape[0], w.shape[0], w.shape[1]
+    osize, ksz = list(out.shape[2:]), math.prod(w.shape[2:])
+    osz, n = math.prod(osize), read.n
     parts = []
-    if read(x).nnz:
+    if read(x).live:
         nz = _nonzero_flat(w, read)
-        nz = torch.arange(w.numel()) if nz is None else nz  # (co, ci_local, f)
-        co, cil, f = nz // (cin_g * ksz), (nz // ksz) % cin_g, nz % ksz
-        ci = (co // (cout // groups)) * cin_g + cil
-        batch = torch.arange(nb).view(-1, 1, 1)
-        for fk, (o_sp, i_sp) in enumerate(spatial_pairs(size, osize, kernel, stride, pad, dil)):
-            sel = f == fk
-            if not bool(sel.any()) or o_sp.numel() == 0:
-                continue
-            c_o, c_i = co[sel].view(1, -1, 1), ci[sel].view(1, -1, 1)
-            o = (batch * cout + c_o) * osz + o_sp.view(1, 1, -1)
-            src = (batch * cin + c_i) * isz + i_sp.view(1, 1, -1)
-            parts.append(read(x).pairs(o.reshape(-1), src.reshape(-1), out.numel()))
-    channel = torch.arange(cout).view(1, -1, 1).expand(nb, cout, osz).reshape(-1)
-    if read(w).nnz:  # every output of a channel reads all of that channel's weights
+        nz = torch.arange(w.numel()) if nz is None else nz  # (co, ci_local, f), sorted
+        if nz.numel():
+            parts.append(read(x).gather(_conv_index(nz, x, w, osize, (stride, pad, dil), groups)))
+    w_live, b_live = read(w).live, bias is not None and read(bias).live
+    if w_live or b_live:
+        channel = torch.arange(cout).view(1, -1, 1).expand(nb, cout, osz).reshape(-1)
+    if w_live:  # every output of a channel reads all of that channel's weights
         per_channel = read(w).relabel(torch.arange(cout).repeat_interleave(cin_g * ksz), cout)
         parts.append(per_channel.take(channel))
-    if bias is not None and read(bias).nnz:
+    if b_live:
         parts.append(read(bias).take(channel))
     return [Sets.union(parts, out.numel(), n)]

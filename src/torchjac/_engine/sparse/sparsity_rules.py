@@ -14,7 +14,8 @@ the op). Each rule holds for every value of the tracked inputs:
 - scatters, ``index_put`` and ``copy_``: the written positions read the source elements sent
   there, the others keep their sets; products and convolutions: ``sparsity_products``.
 
-NOTE [movement codes]: codes are float64, exact up to ``2**53`` elements; a constant the op
+NOTE [movement codes]: codes are float64, exact up to ``2**53`` elements; an output value is
+truncated to an integer and clamped to ``0..numel`` (``0``: no element), so a constant the op
 writes itself (a padding value) can only be mistaken for a code, which adds a dependence (a
 superset), never removes one. An index, mask or condition computed from ``x`` makes the op read
 the union of its data inputs' sets: which element moves where then depends on the value of ``x``.
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from torchjac._engine.sparse.index_sets import Sets
 from torchjac._engine.sparse.sparsity_base import (
@@ -54,7 +54,7 @@ aten = torch.ops.aten
 
 
 def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    leaves = [t for t in tensors((args, kwargs)) if read(t).nnz]
+    leaves = read.tracked
     result = []
     for out in targets:
         floating = out.is_floating_point() or out.is_complex()
@@ -78,19 +78,30 @@ def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
 INDEX_ARGS = frozenset({"index", "indices", "mask", "condition", "repeats"})
 
 
+@functools.cache
+def _index_positions(func: Any) -> tuple[tuple[int, str], ...]:
+    """Where the op's index arguments sit: (position, name)."""
+    return tuple((i, a.name) for i, a in enumerate(func._schema.arguments) if a.name in INDEX_ARGS)
+
+
 def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    b = bind(func, args, kwargs)
-    index = [t for k, v in b.items() if k in INDEX_ARGS for t in tensors(v)]
+    index = [
+        t
+        for i, name in _index_positions(func)
+        for t in tensors(args[i] if i < len(args) else kwargs.get(name))
+    ]
     data = [t for t in tensors((args, kwargs)) if not any(t is i for i in index)]
-    live = [t for t in data if read(t).nnz]
+    live = [t for t in data if read(t).live]
     n = read.n
-    if any(read(t).nnz for t in index) or len(targets) != 1:
+    if any(read(t).live for t in index) or len(targets) != 1:
         return None if not live else dense_rule(targets, live, read)
     (out,) = targets
     parts = []
     for k in live:
 
         def code(t: Any, k: Tensor = k) -> Any:
+            if isinstance(t, (list, tuple)):
+                return type(t)(code(v) for v in t)
             if not isinstance(t, Tensor) or not any(t is d for d in data):
                 return t
             if t is k:
@@ -98,15 +109,14 @@ def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Re
                 return codes.view(t.shape)
             return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
-        a2, k2 = tree_map(code, (args, kwargs))
-        found = tensors(func(*a2, **k2))
+        found = tensors(func(*code(args), **{key: code(v) for key, v in kwargs.items()}))
         res = found[0] if found else None
         if res is None or res.shape != out.shape:
             return None
-        c = res.reshape(-1).double().cpu()
-        valid = (c >= 1) & (c <= k.numel()) & (c == c.round())
-        pos = valid.nonzero().reshape(-1)
-        parts.append(read(k).pairs(pos, c[pos].long() - 1, out.numel()))
+        # code q names element q - 1; 0 and whatever is not a code in range (a constant the
+        # op wrote) name none, or some element: a superset (NOTE [movement codes])
+        at = res.reshape(-1).cpu().long().clamp_(0, k.numel())
+        parts.append(read(k).gather(at, shifted=True))
     return [Sets.union(parts, out.numel(), n)]
 
 
@@ -124,9 +134,9 @@ def _scatter(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Rea
     (out,) = targets
     n = read.n
     parts = [read(self)]
-    if src is not None and read(src).nnz:
+    if src is not None and read(src).live:
         idx: Any = b.get("index", b.get("indices"))
-        if read.tracked(idx):
+        if read.depends(idx):
             parts.append(read(src).dense_to(out.numel()))
         else:
             code = torch.arange(self.numel(), device=self.device).view(self.shape)
