@@ -54,3 +54,19 @@ def record_answers(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> l
 
     monkeypatch.setattr(module, name, spy)
     return seen
+
+
+@pytest.fixture
+def verified(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of times a coupling check looked at its probes."""
+    from torchjac._engine.modules import layer_deltas
+
+    calls: list[int] = []
+    original = layer_deltas.CouplingCheck.verify
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(layer_deltas.CouplingCheck, "verify", spy)
+    return calls

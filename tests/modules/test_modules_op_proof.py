@@ -15,25 +15,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import torchjac as tj
-from torchjac._engine.modules import layer_deltas
 from torchjac._engine.modules.batch_trace import BatchTrace, _index_bdim
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
 DTYPE = torch.float64
-
-
-@pytest.fixture
-def verified(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of times a coupling check looked at its probes."""
-    calls: list[int] = []
-    original = layer_deltas.CouplingCheck.verify
-
-    def spy(self, *args):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return original(self, *args)
-
-    monkeypatch.setattr(layer_deltas.CouplingCheck, "verify", spy)
-    return calls
 
 
 class CNN(nn.Module):

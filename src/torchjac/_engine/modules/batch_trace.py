@@ -29,12 +29,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from torchjac._engine.core.module_proof import as_torch_calls
+from torchjac._engine.kernel import kernels
 from torchjac._engine.taylor.taylor_batch import structural_bdim
 
 __all__ = ["METADATA", "BatchTrace"]
@@ -143,7 +143,7 @@ class BatchTrace(TorchFunctionMode):
             return False
         if self._bdim.get(id(output)) != batch_dim % output.dim():
             return False
-        return _builtin_graph(output)
+        return kernels.graph_products([output]).builtin  # no custom Function, no hook node
 
     def _mark(self, t: Tensor, b: int) -> None:
         self._bdim[id(t)] = b
@@ -314,20 +314,3 @@ def _index_bdim(index: Any, b: int, ndim: int) -> int | None:
 
 def _ints(d: Any) -> tuple[int, ...]:
     return tuple(d) if isinstance(d, (tuple, list)) else (d,)
-
-
-def _builtin_graph(output: Tensor) -> bool:
-    """Every autograd node behind ``output`` is one torch defines (no custom Function, no
-    backward hook node)."""
-    custom = torch.autograd.function.BackwardCFunction
-    stack = [output.grad_fn] if output.grad_fn is not None else []
-    seen: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node, custom):
-            return False
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return True
