@@ -181,6 +181,16 @@ def test_the_batch_is_followed_at_other_dims_and_must_end_at_batch_dim() -> None
     assert trace is not None and not trace.proves(out, 1) and trace.failed == "sum"
 
 
+def test_an_input_without_the_batch_ends_the_proof() -> None:
+    x, table = torch.randn(5, 3), torch.randn(4, 3)  # the table is not batched
+    with BatchTrace.of((x, table), {}, 0) as trace:
+        out = torch.tanh(x) + table.sum(0)
+    assert trace is not None and not trace.proves(out, 0)
+    with BatchTrace.of((table, x), {}, 0) as trace:  # first, the table sets the size: 4
+        out = table * 2 + x.mean(0)  # x's samples mixed: x is not proven to be the batch
+    assert trace is not None and not trace.proves(out, 0)
+
+
 def test_no_trace_under_another_mode_or_without_a_batch() -> None:
     x = torch.randn(3, 4)
     with BatchTrace.of((x,), {}, None) as trace:

@@ -98,6 +98,7 @@ class BatchTrace(TorchFunctionMode):
         self._alive: list[Tensor] = []  # ids stay unique while the trace lives
         self.failed: str | None = None
         self._paused = 0
+        self._foreign: set[int] = set()  # ids of inputs without the batch (never proven)
         self._size = seeds[0][0].shape[seeds[0][1]] if seeds else 0
         for t, b in seeds:
             self._mark(t, b)
@@ -121,6 +122,10 @@ class BatchTrace(TorchFunctionMode):
             if t.dim() and t.shape[batch_dim % t.dim()] == size
         ]
         with BatchTrace(seeds) as trace:
+            for t in flat:  # an input without the batch: the proof ends where it is read
+                if id(t) not in trace._bdim:
+                    trace._foreign.add(id(t))
+                    trace._alive.append(t)
             yield trace
 
     @contextlib.contextmanager
@@ -162,7 +167,11 @@ class BatchTrace(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self._paused or self.failed is not None:
             return out
-        tracked = [t for t in _tensors((*args, *kwargs.values())) if id(t) in self._bdim]
+        given = _tensors((*args, *kwargs.values()))
+        if any(id(t) in self._foreign for t in given):
+            self._fail(f"{getattr(func, '__name__', func)} reads an input without the batch")
+            return out
+        tracked = [t for t in given if id(t) in self._bdim]
         if not tracked:
             return out
         name = getattr(func, "__name__", "")
