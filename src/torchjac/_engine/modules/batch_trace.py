@@ -15,7 +15,8 @@ dimensions, inactive dropout, ``embedding`` lookups, reshapes that keep the batc
 indexing that keeps the whole batch, reductions, concatenations and permutations that do not
 touch it (``taylor_batch.structural_bdim``). Shapes and dtypes may be read; values may not (an
 ``item``, a ``bool``, ``tolist``: a branch on data), nor may anything be written into a tensor
-that does not already carry the batch. Any other op on such a tensor ends the proof, and so
+that does not already carry the batch, nor may an input without the batch be read (it could
+carry what the batch should). Any other op on such a tensor ends the proof, and so
 does an autograd node the forward made that torch does not define (a custom
 ``autograd.Function`` or a backward hook may couple samples in its backward). The model is then
 proven per sample exactly when its output carries the batch at ``batch_dim``; a missed proof
