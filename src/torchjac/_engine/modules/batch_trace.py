@@ -32,8 +32,8 @@ from typing import Any
 
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
+from torchjac._engine.core.call_args import call_arg, tensors_in
 from torchjac._engine.core.module_proof import as_torch_calls
 from torchjac._engine.kernel import kernels
 from torchjac._engine.taylor.taylor_batch import structural_bdim
@@ -82,10 +82,6 @@ class _Dim:
         return len(self.shape)
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
-    return kwargs[name] if name in kwargs else args[i] if len(args) > i else default
-
-
 class BatchTrace(TorchFunctionMode):
     """Follows the batch dimension through one forward (NOTE [op batch proof]).
 
@@ -108,7 +104,7 @@ class BatchTrace(TorchFunctionMode):
     @contextlib.contextmanager
     def of(args: tuple, kwargs: dict, batch_dim: int | None) -> Iterator[BatchTrace | None]:
         """A trace seeded with every tensor argument that has the batch, or ``None``."""
-        flat = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        flat = tensors_in((args, kwargs))
         if batch_dim is None or not flat or not as_torch_calls():
             yield None
             return
@@ -168,7 +164,7 @@ class BatchTrace(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self._paused or self.failed is not None:
             return out
-        given = _tensors((*args, *kwargs.values()))
+        given = tensors_in((*args, *kwargs.values()))
         if any(id(t) in self._foreign for t in given):
             self._fail(f"{getattr(func, '__name__', func)} reads an input without the batch")
             return out
@@ -178,7 +174,7 @@ class BatchTrace(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property: name it by its descriptor
             name = getattr(getattr(func, "__self__", None), "__name__", "")
-        outs = _tensors((out,))
+        outs = tensors_in((out,))
         if not outs:
             if name not in METADATA:
                 self._fail(f"{name} reads values")
@@ -216,7 +212,7 @@ class BatchTrace(TorchFunctionMode):
         if len(tracked) != 1:  # below: one operand carries the batch, the rest are constants
             return self._both_matmul(name, args, tracked, out)
         if name in ("linear", "matmul", "__matmul__", "mm"):
-            w = _arg(args, kwargs, 1, "weight")
+            w = call_arg(args, kwargs, 1, "weight")
             if not isinstance(w, Tensor) or w.dim() != 2 or x.dim() < 2 or b >= x.dim() - 1:
                 return None
             return b + nd - x.dim()
@@ -227,22 +223,22 @@ class BatchTrace(TorchFunctionMode):
             if b != 0 or x.dim() < 2:
                 return None
             if name == "batch_norm":
-                stats = _arg(args, kwargs, 1, "running_mean") is not None
-                return 0 if stats and not _arg(args, kwargs, 5, "training", False) else None
+                stats = call_arg(args, kwargs, 1, "running_mean") is not None
+                return 0 if stats and not call_arg(args, kwargs, 5, "training", False) else None
             return 0
         if name == "layer_norm":
-            shape = _arg(args, kwargs, 1, "normalized_shape", ())
+            shape = call_arg(args, kwargs, 1, "normalized_shape", ())
             return b if b < x.dim() - len(shape) else None
         if name in ("softmax", "log_softmax"):
-            d = _arg(args, kwargs, 1, "dim")
+            d = call_arg(args, kwargs, 1, "dim")
             return b if isinstance(d, int) and d % x.dim() != b else None
         if name in _INACTIVE:
-            p = _arg(args, kwargs, 1, "p", 0.5)
-            return b if p == 0 or not _arg(args, kwargs, 2, "training", True) else None
+            p = call_arg(args, kwargs, 1, "p", 0.5)
+            return b if p == 0 or not call_arg(args, kwargs, 2, "training", True) else None
         if name == "embedding":
             return b
         if name == "squeeze":
-            given = _arg(args, kwargs, 1, "dim")
+            given = call_arg(args, kwargs, 1, "dim")
             dims: set[int] | None = None
             if given is not None:
                 dims = {d % x.dim() for d in _ints(given)}
@@ -271,24 +267,6 @@ class BatchTrace(TorchFunctionMode):
         b = self._bdim[id(a)]
         same = a.dim() == c.dim() == out.dim() and self._bdim[id(c)] == b
         return b if same and b < a.dim() - 2 else None
-
-
-def _tensors(items: tuple) -> list[Tensor]:
-    """The tensors among ``items``, in lists and tuples one level down (``torch.cat``), any
-    deeper structure flattened by pytree (never a tensor missed)."""
-    found: list[Tensor] = []
-    for a in items:
-        if isinstance(a, Tensor):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, Tensor):
-                    found.append(b)
-                elif isinstance(b, (list, tuple, dict)):
-                    found.extend(t for t in tree_flatten(b)[0] if isinstance(t, Tensor))
-        elif isinstance(a, dict):
-            found.extend(t for t in tree_flatten(a)[0] if isinstance(t, Tensor))
-    return found
 
 
 def _index_bdim(index: Any, b: int, ndim: int) -> int | None:

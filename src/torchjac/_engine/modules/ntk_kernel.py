@@ -63,10 +63,8 @@ def run_side(
     """``model(*xs)`` captured, checked for coupling, and its ``δ`` for every output element."""
     leaves = tuple(x.detach().requires_grad_(True) if x.is_floating_point() else x for x in xs)
     proven = proven_per_sample(model, tuple(xs), {}, batch_dim)  # before any hook of ours
-    chain = None
-    if len(xs) == 1 and xs[0].dim() and batch_dim % xs[0].dim() == 0:
-        # NOTE [parameter chain], read from the ops unless proven a Sequential
-        chain = param_chain(model, state, (xs[0],), {}, not proven)
+    # NOTE [parameter chain]: a proven Sequential's modules, else the layers read from its ops
+    chain = param_chain(model, state, tuple(xs), {}, batch_dim, not proven)
     if chain is not None:
         cap, proven = Capture(output=chain.output, state=state, uses=chain.uses), True
     else:
@@ -97,9 +95,8 @@ def run_side(
     )
     k = group.numel
     ds: list[list[Tensor]] = [[] for _ in cap.uses]
-    per_probe = 2 * sum(u.e.numel() for u in cap.uses) * out.element_size()
-    if chain is not None:
-        per_probe = chain.work * out.element_size()
+    work = chain.work if chain is not None else 2 * sum(u.e.numel() for u in cap.uses)
+    per_probe = work * out.element_size()
     chunk = choose_chunk_size(k, max(per_probe, 1), budget, chunk_size)
 
     def probe(start: int, stop: int, batched: bool) -> list[Tensor | None]:

@@ -80,15 +80,23 @@ class Chain:
 
 
 def param_chain(
-    model: nn.Module, state: ModelState, args: tuple, kwargs: dict, recorded: bool = False
+    model: nn.Module,
+    state: ModelState,
+    args: tuple,
+    kwargs: dict,
+    batch_dim: int,
+    recorded: bool = False,
 ) -> Chain | None:
-    """NOTE [parameter chain] for ``model(*args, **kwargs)`` batched at dim 0, or ``None``;
-    ``recorded``: the layers read from the ops of one call (NOTE [parameter chain from
-    operations]) instead of an ``nn.Sequential``'s modules."""
+    """NOTE [parameter chain] for ``model(*args, **kwargs)``, or ``None``; the chain's layout is
+    the batch at dim 0, so another ``batch_dim`` gets ``None``. ``recorded``: the layers read
+    from the ops of one call (NOTE [parameter chain from operations]) instead of an
+    ``nn.Sequential``'s modules."""
     if not fast.enabled() or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x = args[0]
     if not plain_float(x) or x.dim() < 2 or not state.names or _autocast(x.device.type):
+        return None
+    if batch_dim % x.dim() != 0:
         return None
     layers = recorded_layers(model, state, x) if recorded else plain_chain(model)
     if layers is None:

@@ -26,21 +26,19 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from torchjac._engine.core.call_args import call_arg
 from torchjac._engine.core.module_proof import as_torch_calls
 from torchjac._engine.modules.batch_trace import METADATA
 from torchjac._engine.modules.layers import ModelState, call
+from torchjac._engine.taylor.taylor_activations import MODULES
 
 __all__ = ["recorded_layers"]
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    **dict.fromkeys(("relu", "relu_"), nn.ReLU),
-    **dict.fromkeys(("tanh", "tanh_"), nn.Tanh),
-    **dict.fromkeys(("sigmoid", "sigmoid_"), nn.Sigmoid),
-    **dict.fromkeys(("silu", "silu_"), nn.SiLU),
-    "gelu": nn.GELU,
-    "softplus": nn.Softplus,
+# call name -> (activation module, the keywords its rule reads), from the rules' own table; an
+# in-place call (``x.relu_()``) names the same activation
+_ACTIVATIONS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    called: (kind, keys) for kind, (name, keys) in MODULES.items() for called in (name, name + "_")
 }
-_ACTIVATION_KEYS = {"gelu": ("approximate",), "softplus": ("beta", "threshold")}
 _CONVS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d}
 _DROPOUTS = frozenset(["dropout", "dropout1d", "dropout2d", "alpha_dropout"])
 
@@ -122,23 +120,22 @@ class _Recorder(TorchFunctionMode):
         end = self.end
         if name == "linear":
             return self._owned(
-                nn.Linear, _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
+                nn.Linear, call_arg(args, kwargs, 1, "weight"), call_arg(args, kwargs, 2, "bias")
             )
         if name in _CONVS:
             layer = self._owned(
-                _CONVS[name], _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
+                _CONVS[name], call_arg(args, kwargs, 1, "weight"), call_arg(args, kwargs, 2, "bias")
             )
             if layer is None or layer.padding_mode != "zeros":
                 return None
-            geometry = [_get(args, kwargs, i, k, d) for i, k, d in _CONV_ARGS]
+            geometry = [call_arg(args, kwargs, i, k, d) for i, k, d in _CONV_ARGS]
             own = [getattr(layer, k) for _, k, _ in _CONV_ARGS]
             nd = 1 if name == "conv1d" else 2
             return (
                 layer if [_tuple(g, nd) for g in geometry] == [_tuple(g, nd) for g in own] else None
             )
         if name in _ACTIVATIONS:
-            kind = _ACTIVATIONS[name]
-            keys = _ACTIVATION_KEYS.get(name, ())
+            kind, keys = _ACTIVATIONS[name]
             extra = set(kwargs) - {*keys, "inplace"}
             if extra or len(args) > 1 + len(keys):
                 return None
@@ -149,8 +146,8 @@ class _Recorder(TorchFunctionMode):
             if out.dim() < 2 or out.shape[0] != end.shape[0] or end.dim() < 2:
                 return None
             if name == "flatten":
-                start = _get(args, kwargs, 1, "start_dim", 0)
-                stop = _get(args, kwargs, 2, "end_dim", -1)
+                start = call_arg(args, kwargs, 1, "start_dim", 0)
+                stop = call_arg(args, kwargs, 2, "end_dim", -1)
                 return nn.Flatten(start, stop) if start % end.dim() >= 1 else None
             return (
                 nn.Flatten()
@@ -160,7 +157,10 @@ class _Recorder(TorchFunctionMode):
         if name == "contiguous":
             return True
         if name in _DROPOUTS:
-            p, training = _get(args, kwargs, 1, "p", 0.5), _get(args, kwargs, 2, "training", True)
+            p, training = (
+                call_arg(args, kwargs, 1, "p", 0.5),
+                call_arg(args, kwargs, 2, "training", True),
+            )
             return True if p == 0 or not training else None
         if name == "__getitem__" and out.shape == end.shape and len(args) == 2:
             items = args[1] if isinstance(args[1], tuple) else (args[1],)
@@ -179,10 +179,6 @@ class _Recorder(TorchFunctionMode):
 
 
 _CONV_ARGS = [(3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1)]
-
-
-def _get(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
-    return kwargs[name] if name in kwargs else args[i] if len(args) > i else default
 
 
 def _tuple(v: Any, nd: int) -> Any:

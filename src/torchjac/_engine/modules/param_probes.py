@@ -81,10 +81,9 @@ def per_sample_jacobian(
 ) -> dict[str, Tensor]:
     """Per-sample rows via closed forms plus the general path; ``out.shape + p.shape``."""
     proven = proven_per_sample(model, args, kwargs, batch_dim)  # before any hook of ours
-    chain = param_chain(model, state, args, kwargs) if proven else None
-    if not proven and _leading(args, batch_dim):  # NOTE [parameter chain from operations]
-        chain = param_chain(model, state, args, kwargs, True)  # recorded
-        proven = chain is not None  # a chain keeps samples apart
+    # NOTE [parameter chain]: a proven Sequential's modules, else the layers read from its ops
+    chain = param_chain(model, state, args, kwargs, batch_dim, not proven)
+    proven = proven or chain is not None  # a chain keeps samples apart
     checked: list[tuple[str, Tensor]] = []
     if chain is not None:  # NOTE [parameter chain]
         cap = Capture(output=chain.output, state=state, uses=chain.uses)
@@ -192,12 +191,6 @@ def _fill(
 
 def _describe(use: Use) -> str:
     return f"a {type(use.module).__name__} layer"
-
-
-def _leading(args: tuple, batch_dim: int) -> bool:
-    """The batch leads the (first) argument: the parameter chain's layout."""
-    x = args[0] if args else None
-    return isinstance(x, Tensor) and x.dim() > 0 and batch_dim % x.dim() == 0
 
 
 def _check_batch_size(fn_name: str, n: int, batch_dim: int, args: tuple, kwargs: dict) -> None:

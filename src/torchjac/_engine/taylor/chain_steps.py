@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from torchjac._engine.core.call_args import tensors_in
 from torchjac._engine.core.module_proof import (
     DROPOUTS,
     as_torch_calls,
@@ -243,7 +244,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.declined:
             return func(*args, **kwargs)
-        flat = _tensors((*args, *kwargs.values()))
+        flat = tensors_in((*args, *kwargs.values()))
         derived = [a for a in flat if any(a is k for k in self.keep)]
         if not derived or func in _META or getattr(func, "__self__", None) in _META_PROPS:
             return func(*args, **kwargs)
@@ -335,17 +336,6 @@ class _Recorder(TorchFunctionMode):
         if c.numel() == self.width and (c.dim() == 0 or c.shape[-1] != self.width):
             return None
         return c.reshape(()) if c.numel() == 1 and self.width != 1 else c.reshape(-1)
-
-
-def _tensors(items: Any) -> list[Tensor]:
-    """The Tensors among a call's arguments, in sequences too (cheaper than a pytree)."""
-    out: list[Tensor] = []
-    for a in items:
-        if isinstance(a, Tensor):
-            out.append(a)
-        elif isinstance(a, (list, tuple)):
-            out.extend(_tensors(a))
-    return out
 
 
 def _inactive_dropout(func: Any, args: tuple, kwargs: dict) -> bool:
