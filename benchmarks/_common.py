@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "FunctionalMLP",
+    "FunctionalNet",
+    "SlicedOutput",
     "as_double",
     "flat_cat",
     "fork_rng",
     "mlp",
+    "module_styles",
     "plain_params",
     "randn",
     "styles",
@@ -70,21 +72,6 @@ def flat_cat(tensors: Sequence[Tensor], lead: int) -> Tensor:
     return torch.cat([t.reshape(lead, -1) for t in tensors], dim=1)
 
 
-class FunctionalMLP(nn.Module):
-    """The layers of an ``mlp`` written as users often write them: a module class whose
-    ``forward`` loops over an ``nn.ModuleList`` and calls a functional activation."""
-
-    def __init__(self, seq: nn.Sequential, activation: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(m for m in seq if isinstance(m, nn.Linear))
-        self.activation = activation
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers[:-1]:
-            x = self.activation(layer(x))
-        return self.layers[-1](x)
-
-
 _FUNCTIONAL: dict[type, Callable[[Tensor], Tensor]] = {
     nn.ReLU: F.relu,
     nn.Tanh: torch.tanh,
@@ -127,12 +114,10 @@ def module_styles(seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
     return [("module class", FunctionalNet(seq)), ("wrapper slicing the output", SlicedOutput(seq))]
 
 
-def styles(
-    f: nn.Sequential, activation: Callable[[Tensor], Tensor]
-) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+def styles(f: nn.Sequential) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
     """The same function in two more styles than the ``nn.Sequential``: a module class with a
     functional ``forward``, and a lambda around the model that slices its output."""
     return [
-        ("module class", FunctionalMLP(f, activation)),
+        ("module class", FunctionalNet(f)),
         ("lambda slicing the output", lambda x: f(x)[..., :]),
     ]

@@ -74,7 +74,7 @@ def _build(small: bool) -> Case:
                 lambda _, g=g: tj.jacobian(g, x, batch_dim=0),  # type: ignore[misc]
                 torchjac=True,
             )
-            for style, g in styles(f, torch.tanh)
+            for style, g in styles(f)
         ),
     ]
     size = f"MLP {'→'.join(map(str, sizes))} tanh, B={b}: [{b}, {sizes[-1]}, {sizes[0]}]"

@@ -90,7 +90,7 @@ def _build(small: bool) -> Case:
                 lambda _, g=g: (tj.jacobian(g, x, batch_dim=0), tj.hessian(g, x, batch_dim=0)),  # type: ignore[misc]
                 torchjac=True,
             )
-            for style, g in styles(f, torch.tanh)
+            for style, g in styles(f)
         ),
     ]
     size = f"MLP {'→'.join(map(str, sizes))} tanh, B={b}: [{b}, 3, 2] and [{b}, 3, 2, 2]"

@@ -83,7 +83,7 @@ def _build_laplacian(small: bool) -> Case:
         ),
         *(
             Strategy(f"tj.laplacian, {style}", _call(tj.laplacian, g, x), torchjac=True)
-            for style, g in styles(f, torch.tanh)
+            for style, g in styles(f)
         ),
     ]
     return Case(diag.sum(-1), strategies, f"{size}: [{x.shape[0]}, 1]")
@@ -102,7 +102,7 @@ def _build_diagonal(small: bool) -> Case:
             Strategy(
                 f"tj.hessian_diagonal, {style}", _call(tj.hessian_diagonal, g, x), torchjac=True
             )
-            for style, g in styles(f, torch.tanh)
+            for style, g in styles(f)
         ),
     ]
     return Case(diag, strategies, f"{size}: [{x.shape[0]}, 1, {x.shape[1]}]")
