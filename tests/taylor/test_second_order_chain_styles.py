@@ -215,3 +215,80 @@ def test_a_selection_across_samples_is_never_a_chain(select: str, recorded: list
     with pytest.raises(tj.BatchCouplingError, match="laplacian"):
         tj.laplacian(f, torch.randn(3, 3, dtype=DTYPE), batch_dim=0)
     assert not any(recorded)
+
+
+class _InPlace(nn.Module):
+    """A chain whose activations write into their input (``Tensor.tanh_``, ``inplace=True``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(3, 6).to(DTYPE), nn.Linear(6, 2).to(DTYPE)
+        self.how = how
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        if self.how == "tanh_":
+            h = h.tanh_()
+        elif self.how == "relu inplace":
+            h = F.relu(h, inplace=True)
+        else:  # the second activation rewrites the first one's kept output
+            h = torch.sin(h).relu_()
+        return self.b(h)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("style", ["module class, functional forward", "ModuleList loop"])
+def test_the_chain_starts_from_the_values_the_recording_kept(
+    style: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NOTE [recorded values]: no forward of the chain's own
+    def no_forward(*args: object) -> None:
+        raise AssertionError("the chain ran its own forward")
+
+    monkeypatch.setattr(taylor_chain, "_forward", no_forward)
+    f = _styles()[style]
+    x = torch.randn(4, 3, dtype=DTYPE)
+    got = getattr(tj, name)(f, x, batch_dim=0)
+    torch.testing.assert_close(got, _oracle(name, f, x, True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("how", ["tanh_", "relu inplace", "sin then relu_"])
+def test_values_written_in_place_are_not_used(
+    how: str, name: str, recorded: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forwards: list[int] = []
+    run = taylor_chain._forward
+    monkeypatch.setattr(taylor_chain, "_forward", lambda *a: forwards.append(1) or run(*a))
+    f = _InPlace(how)
+    x = torch.randn(5, 3, dtype=DTYPE)
+    got = getattr(tj, name)(f, x, batch_dim=0)
+    torch.testing.assert_close(got, _oracle(name, f, x, True))
+    assert recorded and all(recorded) and forwards  # a chain, from its own forward
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_weight_written_through_data_during_the_call_is_read_as_the_step_read_it(
+    name: str, recorded: list[bool]
+) -> None:
+    net = _mlp((3, 6, 6, 2))
+    w = net[2].weight
+
+    def through_data(x: Tensor) -> Tensor:  # no version counter sees these writes
+        h = torch.tanh(net[0](x))
+        w.data.mul_(2)
+        y = torch.tanh(net[2](h))
+        w.data.div_(2)
+        return net[4](y)
+
+    def as_it_ran(x: Tensor) -> Tensor:
+        h = torch.tanh(net[0](x))
+        return net[4](torch.tanh(F.linear(h, 2 * w, net[2].bias)))
+
+    x = torch.randn(4, 3, dtype=DTYPE)
+    before = w.detach().clone()
+    got = getattr(tj, name)(through_data, x, batch_dim=0)
+    torch.testing.assert_close(got, _oracle(name, as_it_ran, x, True))
+    assert recorded and all(recorded)
+    assert torch.equal(w, before)

@@ -22,6 +22,15 @@ calls the function once, under a torch-function mode that follows the tensors de
 - the function returns the chain's end, and each output sample selects the same elements of
   its own sample of the last map's output (checked by running the selection on indices).
 
+NOTE [recorded values]: the recording is a forward pass, so the chain keeps what it computed
+(``Values``: each activation's input and output, and the last map's output) and NOTE [taylor
+chain] starts from them instead of running the products again (on W2's module class, 2→64³→3
+tanh at B=1024, the recording took 1.11 ms and the chain's own forward 0.85 ms more). The steps
+hold copies of the weights, biases, scales and shifts as each step read them, so a write the
+version counters do not see (through ``.data``) between a step and the end changes nothing: the
+chain is the function as it ran. The values are dropped (and the chain runs its own forward)
+when one was written in place after it was kept (an in-place activation, ``h.mul_``).
+
 ``sequential_chain`` reads the same steps from an ``nn.Sequential``'s layers, without a call.
 """
 
@@ -48,7 +57,16 @@ from torchjac._engine.core.module_proof import (
 from torchjac._engine.core.structure import reachable
 from torchjac._engine.taylor.taylor_activations import MODULES
 
-__all__ = ["Act", "Chain", "Linear", "Scale", "Shift", "recorded_chain", "sequential_chain"]
+__all__ = [
+    "Act",
+    "Chain",
+    "Linear",
+    "Scale",
+    "Shift",
+    "Values",
+    "recorded_chain",
+    "sequential_chain",
+]
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,15 @@ Step = Linear | Scale | Shift | Act
 
 
 @dataclass(frozen=True)
+class Values:
+    """NOTE [recorded values]: each activation's ``(input, output)`` in order, and the last map's
+    output, as the recorded call computed them (detached, shaped as the call had them)."""
+
+    acts: tuple[tuple[Tensor, Tensor], ...]
+    last: Tensor
+
+
+@dataclass(frozen=True)
 class Chain:
     """The steps, the last map's width, and the output: ``h[:, rows]`` shaped ``out_shape``
     (``rows`` ``None``: all of ``h``, as it is)."""
@@ -86,6 +113,7 @@ class Chain:
     rows: Tensor | None
     out_shape: tuple[int, ...]
     expected: Tensor | None = None  # the recorded output, which the chain's value must equal
+    values: Values | None = None  # NOTE [recorded values]
 
     def agrees(self, value: Tensor) -> bool:
         """The chain's value is the recorded one (a write that no version counter saw, such
@@ -153,20 +181,24 @@ def recorded_chain(call: Callable[[Tensor], Any], x: Tensor, batched: bool) -> C
         return None
     if rec.declined or out is not rec.end or not isinstance(out, Tensor):
         return None
-    operands = [t for s in rec.steps for t in _operands(s)]
-    if any(t._version != v for t, v in zip(operands, rec.versions)):
-        return None  # written in place after its step: the chain would read the new values
-    consts = [t for t in operands if t.requires_grad]
+    if any(t._version != v for t, v in rec.operands):
+        return None  # written in place after its step (the steps hold copies; an odd forward)
+    consts = [t for t, _ in rec.operands if t.requires_grad]
     if consts and any(reachable(consts, [seed])):
         return None
     width = rec.width
-    rows = _selection(rec.tail, x.shape[0] if batched else None, width, tuple(out.shape))
-    if rows is None or not plain_float(out):
+    if not plain_float(out) or (batched and x.shape[0] == 0):
         return None
-    whole = rows.numel() == width and bool((rows == torch.arange(width)).all())
-    picked = None if whole else rows.to(x.device)
-    chain = Chain(_merged(rec.steps), width, picked, tuple(out.shape))
-    return _checked(replace(chain, expected=out.detach()))
+    if rec.tail:
+        rows = _selection(rec.tail, x.shape[0] if batched else None, width, tuple(out.shape))
+        if rows is None:
+            return None
+        whole = rows.numel() == width and bool((rows == torch.arange(width)).all())
+        picked = None if whole else rows.to(x.device)
+    else:  # the last map's output, as it is
+        picked = None
+    chain = Chain(_merged(rec.steps), width, picked, tuple(out.shape), out.detach())
+    return _checked(replace(chain, values=rec.values()))
 
 
 def _merged(steps: list[Step]) -> tuple[Step, ...]:
@@ -182,6 +214,18 @@ def _merged(steps: list[Step]) -> tuple[Step, ...]:
         else:
             out.append(step)
     return tuple(out)
+
+
+def _copied(step: Step) -> Step:
+    """The step with copies of the tensors it read (NOTE [recorded values])."""
+    if isinstance(step, Linear):
+        b = None if step.b is None else step.b.detach().clone()
+        return Linear(step.w.detach().clone(), b)
+    if isinstance(step, Scale):
+        return Scale(step.s.detach().clone())
+    if isinstance(step, Shift):
+        return Shift(step.c.detach().clone())
+    return step
 
 
 def _operands(step: Step) -> tuple[Tensor, ...]:
@@ -235,8 +279,19 @@ class _Recorder(TorchFunctionMode):
         self.steps: list[Step] = []
         self.tail: list[tuple[Any, tuple, dict]] = []
         self.width = x.shape[-1]
-        self.versions: list[int] = []  # of the steps' operands, in order, when they ran
+        self.operands: list[tuple[Tensor, int]] = []  # the steps' own, and versions as they ran
+        self.acts: list[tuple[Tensor, Tensor]] = []  # NOTE [recorded values]
+        self.last, self.last_version = x, x._version
+        self.kept: list[tuple[Tensor, int]] = []  # the values, and their versions when kept
+        self.overwritten = False  # an activation in place: its input is gone
         self.declined = False
+
+    def values(self) -> Values | None:
+        """NOTE [recorded values], or ``None`` where one was written after it was kept."""
+        kept = [*self.kept, (self.last, self.last_version)]
+        if self.overwritten or any(t._version != v for t, v in kept):
+            return None
+        return Values(tuple((a.detach(), b.detach()) for a, b in self.acts), self.last.detach())
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -274,11 +329,19 @@ class _Recorder(TorchFunctionMode):
             return False
         step = self._step(func, args, kwargs, out)
         if step is None:
-            return func in _NOOP or _inactive_dropout(func, args, kwargs)
+            if func in _NOOP or _inactive_dropout(func, args, kwargs):
+                self.last, self.last_version = out, out._version
+                return True
+            return False
         if isinstance(step, Linear):
             self.width = step.w.shape[0]
-        self.steps.append(step)
-        self.versions.extend(t._version for t in _operands(step))
+        if isinstance(step, Act):
+            self.acts.append((self.end, out))
+            self.kept += [(self.end, self.end._version), (out, out._version)]
+            self.overwritten |= out is self.end
+        self.operands.extend((t, t._version) for t in _operands(step))
+        self.steps.append(_copied(step))
+        self.last, self.last_version = out, out._version
         return True
 
     def _step(self, func: Any, args: tuple, kwargs: dict, out: Tensor) -> Step | None:

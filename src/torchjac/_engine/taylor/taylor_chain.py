@@ -47,6 +47,7 @@ from torchjac._engine.taylor.chain_steps import (
     Scale,
     Shift,
     Step,
+    Values,
     recorded_chain,
     sequential_chain,
 )
@@ -58,6 +59,10 @@ _MAX_TRACE_ROWS = 2
 # Directions up to which a full Hessian's pairs are formed at once ([R, D, D, B, n]; measured:
 # at D = 2 under half the time of one batched product per direction; its memory grows as D²).
 _PAIRS_MAX_D = 4
+# R·D² from which the pairs are per-sample products rather than one broadcast sum (one thread:
+# 199 against 390 µs at R=3, D=2, B=1024, n=64 (W2); 138 against 162 at R=1, D=3; but 164
+# against 88 at R=1, D=2, and 527 against 406 at R=2, D=2, B=4096, n=32).
+_PAIRS_BMM = 9
 
 
 def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Group] | None:
@@ -69,9 +74,41 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
         return None
     steps = chain.steps
     x = p.inputs[0]
-    h = x if p.batch_dim is not None else x.unsqueeze(0)
-    # forward: values, and each activation's φ' and φ''
-    slopes: list[tuple[Tensor, Tensor | None]] = []
+    batched = p.batch_dim is not None
+    found = None if chain.values is None else _recorded(steps, chain.values, batched)
+    recorded = found is not None
+    if found is None:
+        found = _forward(steps, x if batched else x.unsqueeze(0))
+    if found is None:
+        return None
+    h, slopes = found
+    d = x.shape[-1]
+    rows = chain.rows
+    if kind == "first":
+        res = _first_order(steps, slopes, d, h)
+        res = res if rows is None else res[:, rows]
+    else:
+        curv = _curvatures(steps, slopes, _row_basis(chain, h), h)
+        res = _contract(steps, slopes, curv, kind, d, h, chain.n_rows)
+        # the Taylor tape keeps g·φ'' from overflowing; one non-finite element makes the sum so
+        # (a sum that overflows sends finite results there too: slower, as exact)
+        if not bool(torch.isfinite(res.sum())):
+            return None
+    out = h if rows is None else h[:, rows]
+    value = (out if p.batch_dim is not None else out[0]).reshape(chain.out_shape)
+    if not recorded and not chain.agrees(value):
+        return None
+    g_in, g_out = Group.of(p.inputs, p.batch_dim), Group.of((value,), p.batch_dim)
+    return res.to(p.dtype), value, g_out, g_in
+
+
+Slopes = list[tuple[Tensor, Tensor | None]]
+
+
+def _forward(steps: tuple[Step, ...], h: Tensor) -> tuple[Tensor, Slopes] | None:
+    """The values, and each activation's ``φ'`` and ``φ''``; ``None`` where a rule does not
+    cover an activation's arguments."""
+    slopes: Slopes = []
     fused = False
     for i, step in enumerate(steps):
         if isinstance(step, Linear):  # a tanh after it in the product (NOTE [fused tanh])
@@ -91,24 +128,26 @@ def chain_taylor(p: FuncProblem, kind: str) -> tuple[Tensor, Tensor, Group, Grou
             return None
         h, dy, ddy = parts
         slopes.append((dy, ddy))
-    d = x.shape[-1]
-    rows = chain.rows
-    if kind == "first":
-        res = _first_order(steps, slopes, d, h)
-        res = res if rows is None else res[:, rows]
-    else:
-        curv = _curvatures(steps, slopes, _row_basis(chain, h), h)
-        res = _contract(steps, slopes, curv, kind, d, h, chain.n_rows)
-        # the Taylor tape keeps g·φ'' from overflowing; one non-finite element makes the sum so
-        # (a sum that overflows sends finite results there too: slower, as exact)
-        if not bool(torch.isfinite(res.sum())):
+    return h, slopes
+
+
+def _recorded(
+    steps: tuple[Step, ...], values: Values, batched: bool
+) -> tuple[Tensor, Slopes] | None:
+    """``_forward``'s result from the values the recording kept (NOTE [recorded values])."""
+    acts = [s for s in steps if isinstance(s, Act)]
+    slopes: Slopes = []
+    for step, (pre, post) in zip(acts, values.acts, strict=True):
+        if not batched:
+            pre, post = pre.unsqueeze(0), post.unsqueeze(0)
+        if step.name == "tanh":
+            parts: tuple[Tensor, Tensor, Tensor | None] | None = tanh_parts(post)
+        else:
+            parts = ACTIVATIONS[step.name](pre, **dict(step.kwargs))
+        if parts is None:
             return None
-    out = h if rows is None else h[:, rows]
-    value = (out if p.batch_dim is not None else out[0]).reshape(chain.out_shape)
-    if not chain.agrees(value):
-        return None
-    g_in, g_out = Group.of(p.inputs, p.batch_dim), Group.of((value,), p.batch_dim)
-    return res.to(p.dtype), value, g_out, g_in
+        slopes.append((parts[1], parts[2]))
+    return (values.last if batched else values.last.unsqueeze(0)), slopes
 
 
 def chain_rows(p: FuncProblem) -> int | None:
@@ -268,10 +307,15 @@ def _accumulate(res: Tensor, t: Tensor, c: Tensor) -> None:
     ``res [B, R]``) or ``res[b, r, a, e] += Σ_k c[r, b, k] t[a, b, k] t[e, b, k]`` (``"full"``);
     ``t [D, B or 1, n]``, ``c [R, B, n]``."""
     d = t.shape[0]
-    if res.dim() == 4 and d <= _PAIRS_MAX_D:  # every pair at once: [R, D, D, B, n]
+    r, b, n = c.shape
+    if res.dim() == 4 and d <= _PAIRS_MAX_D:
         # c·t_a first, as below: t_a·t_e alone may underflow where the result does not
         ct = c.unsqueeze(1) * t  # [R, D, B, n]
-        res += (ct.unsqueeze(2) * t.unsqueeze(0)).sum(-1).permute(3, 0, 1, 2)
+        if r * d * d >= _PAIRS_BMM:  # per sample, [R·D, n] @ [n, D]
+            ct = ct.permute(2, 0, 1, 3).reshape(b, r * d, n)
+            res += torch.matmul(ct, t.permute(1, 2, 0)).view(b, r, d, d)
+        else:  # every pair at once: [R, D, D, B, n]
+            res += (ct.unsqueeze(2) * t.unsqueeze(0)).sum(-1).permute(3, 0, 1, 2)
         return
     if res.dim() == 4:  # one direction a at a time: [B, R, n] @ [B, n, D]
         right = t.expand(-1, c.shape[1], -1).permute(1, 2, 0)
