@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.graph.gram_graph import graph_gramian
+from torchjac._engine.graph.graph_ghost import Consumers
 from torchjac._engine.graph.graph_release import keep_retained_grads
 from torchjac._errors import fallback_scope
 from torchjac._graph_args import graph_call
@@ -89,6 +90,7 @@ def gramian(
         >>> shared.weight.grad.shape
         torch.Size([4, 3])
     """
+    walked = Consumers()  # for NOTE [graph ghost], from the validation's walk
     call = graph_call(
         "gramian",
         outputs,
@@ -102,6 +104,7 @@ def gramian(
         create_graph=create_graph,
         allow_unused=allow_unused,
         unused_means="to let it add nothing",
+        visit=walked.visit,
     )
     problem, single = call.problem, call.single
     g_out = problem.out_group
@@ -116,5 +119,5 @@ def gramian(
     # the final reshape (a view made under no_grad would be a leaf that only claims a graph)
     grad_on = torch.enable_grad() if create_graph else contextlib.nullcontext()
     with keep, grad_on, fallback_scope():  # several blocks may each fall back: warn once
-        gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget)  # [B, m, m]
+        gram = graph_gramian(problem, call.mode, call.chunk_size, call.budget, walked)
         return gram.reshape((*lead, *rows, *rows))

@@ -6,7 +6,7 @@ both doors reject the same bad arguments with the same messages (naming the door
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +60,10 @@ def graph_call(
     create_graph: Any,
     allow_unused: Any,
     unused_means: str,
+    visit: Callable[[Any], None] | None = None,
 ) -> GraphCall:
-    """Validate every argument before any work; ``unused_means`` completes the unused-input fix."""
+    """Validate every argument before any work; ``unused_means`` completes the unused-input fix;
+    ``visit`` rides the one walk of the graph made here (on every node, once)."""
     outs, single = flatten_outputs(fn, outputs)
     ins, container = flatten_inputs(fn, inputs, allow_empty=True)  # nothing to compute: no error
     names = input_names(container, len(ins))
@@ -91,7 +93,7 @@ def graph_call(
     batch_dim, _ = check_batch_dim(fn, batch_dim, named)
     jos = _check_jac_outputs(fn, jac_outputs, outs, single)
     budget = memory_budget(fn, max_memory, device)
-    counted, used, norms = _walk(outs, ins, create_graph)
+    counted, used, norms = _walk(outs, ins, create_graph, visit)
     if not allow_unused:
         for name, u in zip(names, used):
             if not u:
@@ -122,7 +124,10 @@ def graph_call(
 
 
 def _walk(
-    outs: tuple[Tensor, ...], ins: tuple[Tensor, ...], norms: bool
+    outs: tuple[Tensor, ...],
+    ins: tuple[Tensor, ...],
+    norms: bool,
+    extra: Callable[[Any], None] | None,
 ) -> tuple[kernels.GraphProducts | None, list[bool], set[str] | None]:
     """One walk of the graph: the planner's count, which inputs the outputs reach (as
     ``structure.reachable``, which runs instead on a graph too big to be counted whole), and with
@@ -139,6 +144,8 @@ def _walk(
         norm = fused_norm(node) if norms else None
         if norm is not None:
             found.add(norm)
+        if extra is not None:
+            extra(node)
 
     counted = kernels.graph_products(outs, visit)
     if counted.nodes >= kernels.MAX_WALK:

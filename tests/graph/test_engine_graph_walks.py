@@ -105,11 +105,11 @@ def test_reachable_finds_every_leaf(short_lived_nodes: None) -> None:
 
 def test_the_front_doors_walk_finds_every_leaf(short_lived_nodes: None) -> None:
     out, leaves = _wide_graph()
-    counted, used, _ = _walk((out,), tuple(leaves), False)
+    counted, used, _ = _walk((out,), tuple(leaves), False, None)
     assert used == [True] * len(leaves)
     assert counted is not None and counted.nodes == 7 * len(leaves)
     mid = (leaves[0] * 3).cos()
-    _, used, _ = _walk((mid.sum() + out,), (mid, *leaves), False)
+    _, used, _ = _walk((mid.sum() + out,), (mid, *leaves), False, None)
     assert used == [True] * (len(leaves) + 1)
 
 

@@ -254,3 +254,24 @@ def test_linear_weights_as_ghost_products(
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     only_weight = tj.gramian(list(losses(*params).unbind()), params[0])  # nothing else to probe
     torch.testing.assert_close(only_weight, jacs[0].reshape(3, -1) @ jacs[0].reshape(3, -1).T)
+
+
+def test_a_gramian_walks_its_graph_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the validation's walk also finds the ghost layers' consumers (NOTE [graph ghost])
+    from torchjac._engine.kernel import kernels
+
+    walks: list[int] = []
+    count = kernels.graph_products
+    monkeypatch.setattr(kernels, "graph_products", lambda *a: walks.append(1) or count(*a))
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    trunk.double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    losses = (trunk(x) ** 2).mean(0)
+    params = list(trunk.parameters())
+    got = tj.gramian(losses, params, retain_graph=True)
+    assert walks == [1]
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, params, retain_graph=True)])
+            for l in losses]  # fmt: skip
+    j = torch.stack(rows)
+    torch.testing.assert_close(got, j @ j.T)

@@ -23,22 +23,32 @@ from torch import Tensor
 from torchjac._engine.core.basis import Group
 from torchjac._engine.core.plan import GRAPH_COLUMN_COST, choose_chunk_size, choose_mode
 from torchjac._engine.core.run import run_chunks
-from torchjac._engine.graph.graph_ghost import find_ghost_layers, ghost_gramian
+from torchjac._engine.graph.graph_ghost import Consumers, find_ghost_layers, ghost_gramian
 from torchjac._engine.graph.graph_probes import GraphProblem, solve
 from torchjac._engine.graph.graph_release import release_graph, retained_batch_hint
 
 __all__ = ["graph_gramian"]
 
 
-def graph_gramian(problem: GraphProblem, mode: str, chunk_size: int | None, budget: int) -> Tensor:
-    """Per-sample Gramian ``[B, m, m]`` (``B = 1`` without ``batch_dim``) of ``problem``.
+def graph_gramian(
+    problem: GraphProblem,
+    mode: str,
+    chunk_size: int | None,
+    budget: int,
+    walked: Consumers | None = None,
+) -> Tensor:
+    """Per-sample Gramian ``[B, m, m]`` (``B = 1`` without ``batch_dim``) of ``problem``;
+    ``walked``: the graph's consumers, collected by the walk of the call's validation.
 
     Every block keeps the graph; it is freed once, at the end (NOTE [retain_graph]).
     """
     kept = dataclasses.replace(problem, retain_graph=True)
+    if "counted" in problem.__dict__:  # the same graph: its count is not walked again
+        kept.__dict__["counted"] = problem.counted
     freed: list[bool] = []  # NOTE [one pass frees]
     with retained_batch_hint(problem.fn_name):
-        gram = _gramian(kept, mode, chunk_size, budget, (not problem.retain_graph, freed))
+        free = (not problem.retain_graph, freed)
+        gram = _gramian(kept, mode, chunk_size, budget, free, walked)
     if not problem.retain_graph and not freed:
         release_graph(problem.outputs, problem.used_inputs)
     return gram
@@ -50,10 +60,11 @@ def _gramian(
     chunk_size: int | None,
     budget: int,
     free: tuple[bool, list[bool]],
+    walked: Consumers | None,
 ) -> Tensor:
     p.check_coupling()
     if p.batch_dim is None and not p.create_graph and mode != "fwd":
-        ghosts = find_ghost_layers(p)  # NOTE [graph ghost]
+        ghosts = find_ghost_layers(p, walked=walked)  # NOTE [graph ghost]
         ghosted = {g.j for g in ghosts if g.ghost}
         n_cols = sum(s for j, s in enumerate(p.in_group.sizes) if p.used[j] and j not in ghosted)
         if not n_cols or choose_mode(mode, p.n_rows, n_cols, GRAPH_COLUMN_COST) == "rev":

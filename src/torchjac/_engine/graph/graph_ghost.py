@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ from torchjac._engine.core.run import run_chunks
 from torchjac._engine.graph.graph_probes import GraphProblem, freed_message
 from torchjac._engine.kernel import kernels
 
-__all__ = ["GhostLayer", "find_ghost_layers", "ghost_gramian", "ghost_is_cheaper"]
+__all__ = ["Consumers", "GhostLayer", "find_ghost_layers", "ghost_gramian", "ghost_is_cheaper"]
 
 _LINEAR = {"AddmmBackward0": 2, "MmBackward0": 1}  # node name -> position of the weight edge
 GHOST_EXTRA_OPS = 5  # NOTE [ghost or rows]
@@ -76,31 +76,44 @@ def ghost_is_cheaper(m: int, n: int, out: int, inp: int) -> bool:
     return ghost + GHOST_EXTRA_OPS * LOOP_NODE_S < rows
 
 
-def find_ghost_layers(
-    p: GraphProblem, cheaper: Callable[[int, int, int, int], bool] | None = None
-) -> list[GhostLayer]:
-    """The weights of ``p`` whose Gramian blocks are cheaper as ghost products (NOTE above), by
-    ``cheaper(m, N, out, in)`` (default ``ghost_is_cheaper``); none with the fast paths off."""
-    if _EDGE is None or not fast.enabled():
-        return []
-    cheaper = ghost_is_cheaper if cheaper is None else cheaper
-    if not any(x.dim() == 2 for x in p.inputs):
-        return []
-    # nodes keyed by themselves (NOTE [node identity] in structure.py); leaves by id (alive)
-    indeg: dict[Any, int] = {}
-    consumer: dict[Any, tuple[Any, int]] = {}
-    accs: dict[int, Any] = {}
+@dataclass
+class Consumers:
+    """Each node's consumers in a graph, from one walk (``visit`` on every node): how many, the
+    last seen with its edge position, and the ``AccumulateGrad`` node of each leaf. Nodes are
+    keyed by themselves (NOTE [node identity] in structure.py), leaves by ``id`` (alive)."""
 
-    def visit(node: Any) -> None:
+    indeg: dict[Any, int] = field(default_factory=dict)
+    consumer: dict[Any, tuple[Any, int]] = field(default_factory=dict)
+    accs: dict[int, Any] = field(default_factory=dict)
+
+    def visit(self, node: Any) -> None:
         variable = getattr(node, "variable", None)
         if variable is not None:
-            accs[id(variable)] = node
+            self.accs[id(variable)] = node
+        indeg, consumer = self.indeg, self.consumer
         for pos, (child, _) in enumerate(node.next_functions):
             if child is not None:
                 indeg[child] = indeg.get(child, 0) + 1
                 consumer[child] = (node, pos)
 
-    p.walk(visit)  # the planner's walk (NOTE [loop or vmap on a graph]), made once
+
+def find_ghost_layers(
+    p: GraphProblem,
+    cheaper: Callable[[int, int, int, int], bool] | None = None,
+    walked: Consumers | None = None,
+) -> list[GhostLayer]:
+    """The weights of ``p`` whose Gramian blocks are cheaper as ghost products (NOTE above), by
+    ``cheaper(m, N, out, in)`` (default ``ghost_is_cheaper``); none with the fast paths off.
+    ``walked``: the consumers, collected by the walk that set ``p.counted`` (else walked here)."""
+    if _EDGE is None or not fast.enabled():
+        return []
+    cheaper = ghost_is_cheaper if cheaper is None else cheaper
+    if not any(x.dim() == 2 for x in p.inputs):
+        return []
+    if walked is None:
+        walked = Consumers()
+        p.walk(walked.visit)  # the planner's walk (NOTE [loop or vmap on a graph]), made once
+    indeg, consumer, accs = walked.indeg, walked.consumer, walked.accs
     if p.counted.nodes >= kernels.MAX_WALK:
         return []  # a graph too big to have been walked whole
     counts: dict[int, int] = {}
