@@ -120,8 +120,13 @@ def run_side(
     if not cap.uses or not k:  # nothing to carry the check's probes: it runs alone, first
         check.run()
     run_chunks(fn, k, chunk, probe, write)
-    uses = [(u, torch.cat(d, dim=1)) for u, d, h in zip(cap.uses, ds, hit) if h]
+    uses = [(u, _joined(d)) for u, d, h in zip(cap.uses, ds, hit) if h]
     return NtkSide(cap, uses, group.batch_size, group.rest_shape(0), tuple(xs), proven)
+
+
+def _joined(chunks: list[Tensor]) -> Tensor:
+    """The probes' ``δ`` of one use, chunks joined along the probes (one chunk as it is)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
 
 def kernel_of(
