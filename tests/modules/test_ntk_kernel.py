@@ -150,3 +150,16 @@ def test_copy_transposed_by_blocks(rows: int, cols: int) -> None:
     want = torch.zeros_like(dst)
     want[1 : cols + 1, :rows] = src.T
     assert torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (256, 256), (300, 257), (257, 1000), (1, 300)])
+def test_self_gram_is_the_product_with_the_transpose(shape: tuple[int, int]) -> None:
+    from torchjac._engine.core.blocked import self_gram
+
+    j = torch.randn(shape, dtype=torch.float64)
+    got = self_gram(j)
+    torch.testing.assert_close(got, j @ j.T)
+    if min(shape) >= 256:  # by block rows: the blocks below the diagonal ones are mirrored
+        block = torch.arange(shape[0]) // -(-shape[0] // 4)
+        apart = block[:, None] != block[None, :]
+        assert torch.equal(got[apart], got.T[apart])

@@ -15,7 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["blocked_kernel", "copy_transposed_", "symmetrize_"]
+__all__ = ["blocked_kernel", "copy_transposed_", "self_gram", "symmetrize_"]
+
+_SELF_GRAM_MIN = 256  # rows and columns from which ``self_gram`` goes by block rows
+_SELF_GRAM_BLOCKS = 4
 
 Make = Callable[[int, int], Tensor]  # (start, stop) -> [N, c, P]
 
@@ -33,8 +36,9 @@ def blocked_kernel(
     b1, b2 = max(bytes_per_probe[0], 1), max(bytes_per_probe[1], 1)
     if k1 * b1 + (0 if make2 is None else k2 * b2) <= budget:
         j1 = make1(0, k1).reshape(n1 * k1, -1)
-        j2 = j1 if make2 is None else make2(0, k2).reshape(n2 * k2, -1)
-        return j1 @ j2.T
+        if make2 is None:
+            return self_gram(j1)
+        return j1 @ make2(0, k2).reshape(n2 * k2, -1).T
     c1 = max(1, budget // 2 // b1)
     c2 = c1 if make2 is None else max(1, budget // 2 // b2)
     out = torch.empty(n1, k1, n2, k2, dtype=like.dtype, device=like.device)
@@ -50,6 +54,24 @@ def blocked_kernel(
             if make2 is None and b0 != a0:
                 out[:, b0:b1_, :, a0:a1] = block.permute(2, 3, 0, 1)
     return out.reshape(n1 * k1, n2 * k2)
+
+
+def self_gram(j: Tensor) -> Tensor:
+    """``j @ j.T``, by block rows from the diagonal on when ``j`` is big enough that skipping the
+    lower blocks pays (one thread: ``[320, 1152]`` 1.9 against 2.6 ms in 4 block rows; but
+    ``[320, 72]`` 0.20 against 0.16 and ``[16, 65536]`` 0.88 against 0.65, so those run whole).
+    Below the diagonal blocks, the upper ones transposed."""
+    m, p = j.shape
+    if m < _SELF_GRAM_MIN or p < _SELF_GRAM_MIN or j.requires_grad:
+        return j @ j.T
+    out = torch.empty(m, m, dtype=j.dtype, device=j.device)
+    step = -(-m // _SELF_GRAM_BLOCKS)
+    for i0 in range(0, m, step):
+        i1 = min(m, i0 + step)
+        row = j[i0:i1] @ j[i0:].T  # this block row, from the diagonal block on
+        out[i0:i1, i0:] = row
+        out[i1:, i0:i1] = row[:, i1 - i0 :].T
+    return out
 
 
 def symmetrize_(kernel: Tensor, block: int = 256) -> Tensor:
