@@ -345,3 +345,41 @@ def test_a_random_scale_is_the_draw_of_a_plain_call(path: Path) -> None:
         ref = _oracle(name, lambda v, mask=mask: m.b(torch.tanh(m.a(v) * mask)), x, True)
         torch.testing.assert_close(got, ref)
     assert path.values
+
+
+def _wide() -> nn.Module:
+    """A chain with a weight of more than ``_COPY_NUMEL`` elements (260² > 2¹⁶)."""
+    torch.manual_seed(4)
+    layers = [nn.Linear(3, 260), nn.Tanh(), nn.Linear(260, 260), nn.Tanh(), nn.Linear(260, 2)]
+    net = nn.Sequential(*layers).to(DTYPE)
+    m = Net(lambda s, x: net(x))
+    m.net = net
+    return m
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3,), (32, 3)], ids=["B=4", "[D]", "B=32"])
+def test_a_large_weight_is_copied_only_for_many_samples(shape: tuple[int, ...], path: Path) -> None:
+    # below 32 samples the chain reads it as it is and runs its own forward
+    m = _wide()
+    for name in ["jacobian", "laplacian"]:
+        _check(name, m, shape)
+    assert path.values if shape == (32, 3) else path.own_forward
+
+
+@pytest.mark.filterwarnings("ignore::torchjac.FallbackWarning")
+def test_a_large_weight_written_through_data_during_the_call(path: Path) -> None:
+    # not copied: the chain's own forward differs from the recorded output (the general path)
+    m = _wide()
+    w = m.net[2].weight
+
+    def f(x: Tensor) -> Tensor:
+        h = m.net[2](torch.tanh(m.net[0](x)))
+        w.data.mul_(2)
+        y = m.net[4](torch.tanh(h))
+        w.data.div_(2)
+        return y
+
+    x = torch.randn(4, 3, dtype=DTYPE)
+    got = tj.laplacian(f, x, batch_dim=0)
+    torch.testing.assert_close(got, _oracle("laplacian", m, x, True))
+    assert path.own_forward
