@@ -174,3 +174,39 @@ def test_linear_with_a_one_d_weight(gen: torch.Generator, batched: bool) -> None
     diag = want.diagonal(dim1=-2, dim2=-1)
     torch.testing.assert_close(tj.hessian_diagonal(f, x, **kw), diag)
     torch.testing.assert_close(tj.laplacian(f, x, **kw), diag.sum(-1))
+
+
+def _aten_mul_(x: Tensor) -> Tensor:
+    h = F.linear(x, torch.linspace(-1, 1, 15, dtype=x.dtype).view(5, 3))
+    torch.ops.aten.mul_.Tensor(h, torch.tensor(2.0, dtype=x.dtype))
+    return h.tanh().sum(-1)
+
+
+def _aten_tanh_(x: Tensor) -> Tensor:
+    h = x * torch.linspace(0.5, 1.5, 3, dtype=x.dtype)
+    torch.ops.aten.tanh_.default(h)
+    return (h * h.sin()).sum(-1)
+
+
+def _aten_view_then_write(x: Tensor) -> Tensor:
+    h = x * 2
+    v = torch.ops.aten.select.int(h, 1, 0)
+    h.mul_(3)  # v sees this write
+    return (v * h.sum(-1)).sin()
+
+
+@pytest.mark.filterwarnings("ignore::torchjac.FallbackWarning")
+@pytest.mark.parametrize("func", [_aten_mul_, _aten_tanh_, _aten_view_then_write])
+@pytest.mark.parametrize("name", ["jacobian", "hessian", "hessian_diagonal", "laplacian"])
+def test_torch_ops_overloads_are_read_as_the_ops_they_name(
+    gen: torch.Generator, name: str, func: object
+) -> None:
+    # ``torch.ops.aten.mul_.Tensor`` writes in place as ``Tensor.mul_`` does, ``select.int``
+    # makes a view as ``Tensor.select`` does
+    x = randn(4, 3, gen=gen)
+    g = lambda r: func(r.unsqueeze(0))[0]  # type: ignore[operator]  # noqa: E731
+    jac = torch.stack([torch.func.jacrev(g)(x[b]) for b in range(4)])
+    h = torch.stack([hessian(g)(x[b]) for b in range(4)])
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    ref = {"jacobian": jac, "hessian": h, "hessian_diagonal": diag, "laplacian": diag.sum(-1)}
+    torch.testing.assert_close(getattr(tj, name)(func, x, batch_dim=0), ref[name])

@@ -73,7 +73,7 @@ def dispatch(
     func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], jets: list[Jet] | None = None
 ) -> Any:
     """Apply ``func`` to arguments containing Jets (``jets``, when known; NOTE [taylor mode])."""
-    name = getattr(func, "__name__", "")
+    name = _op_name(func)
     if torch._C._functorch.maybe_current_level() is not None:
         # func runs its own torch.func transform (vmap, grad, jvp) on a Jet: the transform's
         # wrappers hide the Jet's coefficients, so the result would silently lose them.
@@ -111,6 +111,13 @@ def dispatch(
         for x in [*jets, *(y for y in outs if isinstance(y, Jet))]:
             x.aliased = True
     return out
+
+
+def _op_name(func: Any) -> str:
+    """``func``'s name; a ``torch.ops`` overload's is its packet's (``aten.mul_.Tensor`` is
+    ``mul_``), so it writes in place, or makes a view, as the op it names does."""
+    packet = getattr(func, "overloadpacket", None)
+    return getattr(func if packet is None else packet, "__name__", "")
 
 
 def _check_not_aliased(jet: Jet) -> None:
