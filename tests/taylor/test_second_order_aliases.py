@@ -127,3 +127,42 @@ def test_in_place_values_are_exact(func: Callable[[Tensor], Tensor]) -> None:
     torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
     torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
     torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
+
+
+@torch.jit.script
+def _doubled_in_place(h: Tensor) -> Tensor:
+    h.mul_(2.0)
+    return h
+
+
+def _written_by_script(x: Tensor) -> Tensor:
+    h = x.sin()
+    _doubled_in_place(h)  # torch calls inside TorchScript reach no torch-function handler
+    return (h * x).tanh()
+
+
+def _written_unseen(x: Tensor) -> Tensor:
+    h = x.sin()
+    with torch._C.DisableTorchFunction():
+        h.mul_(2.0)
+    return (h * x).tanh()
+
+
+@pytest.mark.filterwarnings("ignore::torchjac.FallbackWarning")
+@pytest.mark.parametrize("func", [_written_by_script, _written_unseen])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_a_write_the_taylor_mode_cannot_see_stops_it(
+    func: Callable[[Tensor], Tensor], fast: bool
+) -> None:
+    # NOTE [taylor check]: found in review: the write changed the value, not its derivatives
+    from torchjac._engine.core.fast import fast_paths
+
+    x = randn(4, 3, gen=torch.Generator().manual_seed(3))
+    single = lambda r: func(r[None])[0]  # noqa: E731
+    h = vmap(hessian(single))(x)
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    with fast_paths(fast):
+        torch.testing.assert_close(tj.jacobian(func, x, batch_dim=0), vmap(jacrev(single))(x))
+        torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
+        torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
+        torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))

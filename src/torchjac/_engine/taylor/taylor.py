@@ -82,6 +82,7 @@ class Jet(Tensor):
     aliased: bool  # a view, or viewed (see ``taylor_dispatch``)
     first: Tensor | None  # NOTE [lazy first order]: the unwritten ``stack[1 : 1 + d]``
     pending: Callable[[], Tensor] | None  # computes ``first`` when it is first read
+    seen: int | None  # its version after the last torch call on it (NOTE [taylor check])
     _stack: Tensor
 
     @staticmethod
@@ -95,6 +96,7 @@ class Jet(Tensor):
         jet.wants = False
         jet.seed = False
         jet.aliased = False
+        jet.seen = _version(jet)
         return jet
 
     @property
@@ -166,19 +168,44 @@ class Jet(Tensor):
                 "autograd.Function or a torch.no_grad() block)"
             )
         kwargs = kwargs or {}
+        jets = jets_in(args, kwargs)
+        for jet in jets:  # NOTE [taylor check]: a write the Taylor mode did not see
+            if jet.seen != _version(jet):
+                raise TaylorFailed(
+                    f"{getattr(func, '__name__', func)} read a value written by an operation the "
+                    "Taylor mode cannot see (TorchScript, or torch-function handling disabled)"
+                )
         decomposition = _HOOKS["decompositions"].get(func)
         if decomposition is not None:
-            return decomposition(*args, **kwargs)
-        jets = jets_in(args, kwargs)
+            return _seen(decomposition(*args, **kwargs), jets)
         dispatch = _HOOKS["dispatch"]
         with torch._C.DisableTorchFunctionSubclass():
             if jets[0].spec.grad:  # gradients are on here (checked above)
-                return dispatch(func, tuple(args), dict(kwargs), jets)
+                return _seen(dispatch(func, tuple(args), dict(kwargs), jets), jets)
             torch._C._set_grad_enabled(False)
             try:
-                return dispatch(func, tuple(args), dict(kwargs), jets)
+                return _seen(dispatch(func, tuple(args), dict(kwargs), jets), jets)
             finally:
                 torch._C._set_grad_enabled(True)
+
+
+def _version(t: Tensor) -> int | None:
+    """``t._version`` (read as a plain tensor's), ``None`` for a tensor without one (an
+    inference tensor)."""
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            return t._version
+    except RuntimeError:
+        return None
+
+
+def _seen(out: Any, jets: list[Jet]) -> Any:
+    """``out``, with the versions of ``jets`` and of the Jets in ``out`` taken as seen: the
+    writes of the call just made are the Taylor mode's own."""
+    for jet in (*jets, *(out if isinstance(out, (list, tuple)) else (out,))):
+        if isinstance(jet, Jet):
+            jet.seen = _version(jet)
+    return out
 
 
 # Filled on first use (they import this module): the decompositions and the dispatcher.

@@ -4,12 +4,15 @@ NOTE [taylor check]: the Taylor mode follows the torch calls the function makes.
 inside a custom ``autograd.Function`` (it would differentiate the forward instead of using the
 user's backward) nor honour a ``torch.no_grad()`` block; both run with gradients disabled, so the
 pass runs with gradients enabled and any call on a Jet with gradients disabled stops it
-(``TaylorFailed``): the call then takes nested AD, with one ``FallbackWarning``. Any other failure
-inside the propagation does the same. With ``batch_dim``, a function whose every op keeps the
-batch provably apart (NOTE [batch proof]) needs no check. Otherwise one more first-order pass
-carries a random tangent on each set S of ``sample_masks`` and on its complement: any response of
-an output sample outside S means the samples are coupled (``BatchCouplingError``), as in NOTE
-[coupling check] but in forward mode.
+(``TaylorFailed``): the call then takes nested AD, with one ``FallbackWarning``. Nor can it see the
+torch calls inside TorchScript or under ``torch._C.DisableTorchFunction()``; one that writes into a
+Jet in place changes its value and not its derivatives, so each Jet keeps its version after the last
+call that saw it, and a call that finds it moved on stops the pass the same way. Any other failure
+inside the propagation does the same. With ``batch_dim``, a function whose every op keeps the batch
+provably apart (NOTE [batch proof]) needs no check. Otherwise one more first-order pass carries a
+random tangent on each set S of ``sample_masks`` and on its complement: any response of an output
+sample outside S means the samples are coupled (``BatchCouplingError``), as in NOTE [coupling check]
+but in forward mode.
 """
 
 from __future__ import annotations
