@@ -292,3 +292,28 @@ def test_a_weight_written_through_data_during_the_call_is_read_as_the_step_read_
     torch.testing.assert_close(got, _oracle(name, as_it_ran, x, True))
     assert recorded and all(recorded)
     assert torch.equal(w, before)
+
+
+class _Addmm(nn.Module):
+    """``torch.addmm`` and ``Tensor.addmm`` for the linear maps, negations between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp((3, 6, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.net[0], self.net[2]
+        h = -torch.tanh(torch.addmm(a.bias, x, a.weight.T))
+        return -b.bias.addmm(h, b.weight.T)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(5, 3), (1, 3)], ids=["B=5", "B=1"])
+def test_addmm_and_negation_are_steps_of_a_chain(
+    name: str, shape: tuple[int, ...], recorded: list[bool]
+) -> None:
+    f = _Addmm()
+    x = torch.randn(shape, dtype=DTYPE)
+    got = getattr(tj, name)(f, x, batch_dim=0)
+    torch.testing.assert_close(got, _oracle(name, f, x, True))
+    assert recorded and all(recorded)

@@ -265,6 +265,7 @@ _SUB = {torch.sub, _T.sub, _T.__sub__}
 _MUL = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__}
 _DIV = {torch.div, _T.div, _T.__truediv__}
 _NEG = {torch.neg, _T.neg, _T.__neg__}
+_ADDMM = {torch.addmm, _T.addmm}
 _NOOP = {_T.contiguous}
 TAIL = {
     _T.__getitem__, _T.squeeze, torch.squeeze, _T.unsqueeze, torch.unsqueeze, _T.reshape,
@@ -340,7 +341,7 @@ class _Recorder(TorchFunctionMode):
                 return False  # taken for a no-op)
             self.tail.append((func, args, kwargs))
             return True
-        if out.shape != self.end.shape and func not in _LINEAR | _MATMUL:
+        if out.shape != self.end.shape and func not in _LINEAR | _MATMUL | _ADDMM:
             return False
         step = self._step(func, args, kwargs, out)
         if step is None:
@@ -382,6 +383,13 @@ class _Recorder(TorchFunctionMode):
         if func in _MATMUL and len(args) == 2 and args[0] is end and not kwargs:
             c = args[1]
             return self._linear(c.t(), None) if isinstance(c, Tensor) and c.dim() == 2 else None
+        if func in _ADDMM and len(args) == 3 and args[1] is end and not kwargs:
+            b, c = args[0], args[2]  # addmm(b, h, W.T) is F.linear(h, W, b), default scales
+            if isinstance(c, Tensor) and c.dim() == 2:
+                return self._linear(c.t(), b)
+            return None
+        if func in _NEG and len(args) == 1 and not kwargs:
+            return Scale(torch.tensor(-1.0, dtype=end.dtype, device=end.device))
         if kwargs or len(others) != 1:
             return None
         c = self._constant(others[0])
