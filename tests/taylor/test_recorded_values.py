@@ -142,7 +142,6 @@ GENERAL: dict[str, Forward] = {
     "mul_ after a linear map": lambda s, x: s.b(torch.tanh(s.a(x).mul_(2))),
     "clamp_": lambda s, x: s.b(torch.tanh(s.a(x).clamp_(-0.5, 0.5))),
     "one activation read twice": _read_twice,
-    "addmm": lambda s, x: s.b(torch.tanh(torch.addmm(s.a.bias, x, s.a.weight.T))),
     "gelu, tanh approximation": lambda s, x: s.b(F.gelu(s.a(x), approximate="tanh")),
     "1 - h": lambda s, x: s.b(1 - torch.tanh(s.a(x))),
     "a float32 shift": lambda s, x: s.b(torch.tanh(s.a(x)) + torch.ones(6)),
