@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -298,6 +299,15 @@ class Sets:
         crow[1:] = torch.cumsum(self.counts, 0)
         row, col = self.row.clone(), self.col.clone()
         return (crow, row, col) if with_rows else (crow, col)
+
+    def fingerprint(self) -> tuple[tuple[Any, ...], tuple[Tensor, ...]]:
+        """A key (the form and sizes) and the tensors that hold this matrix in that form: two
+        matrices with equal keys and equal tensors (``torch.equal``) are equal."""
+        e = self._formed()._ell
+        if e is not None:
+            return ("ell", self.rows, self.n, tuple(e.shape)), (e,)
+        row, col = self._pairs()
+        return ("pairs", self.rows, self.n, row.numel()), (row, col)
 
     def to_csr(self) -> Tensor:
         """Boolean sparse CSR ``[rows, n]``."""

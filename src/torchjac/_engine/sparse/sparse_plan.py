@@ -9,7 +9,11 @@ on the pattern tensor (a private attribute) under a key of the pattern's shape, 
 its index and value tensors and their version counters, so an in-place change of the pattern
 makes a new plan, and a pattern passed back in (a Newton loop) costs no detection, colouring or
 index work. A pattern detected within the call has its plan made from the index sets at once,
-with no pattern tensor. The plan's tensors are never handed out: a result gets copies.
+with no pattern tensor, and kept in a small cache of recent detected patterns (at most
+``DETECTED_PLANS`` of them, ``DETECTED_SLOTS`` index slots in all): a call whose detection
+finds index sets equal, tensor for tensor (``torch.equal``: exact, so any change of the
+pattern makes a new plan), to a kept one takes its plan, colourings and probes included, so a
+detection costs its trace only. The plan's tensors are never handed out: a result gets copies.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from torchjac._engine.sparse.index_sets import Sets
 __all__ = ["PatternPlan", "plan_from", "plan_of"]
 
 _ATTR = "_torchjac_plan"
+DETECTED_PLANS = 4  # plans of detected patterns kept (NOTE [pattern plan])
+DETECTED_SLOTS = 2**18  # index slots (int64) of the kept patterns, in all
+
+_detected: list[tuple[tuple[Any, ...], tuple[Tensor, ...], PatternPlan]] = []  # oldest first
 
 
 def _key(pattern: Tensor) -> tuple[Any, ...]:
@@ -143,10 +151,25 @@ class PatternPlan:
 
 
 def plan_from(sets: Sets) -> PatternPlan:
-    """The plan of a pattern detected within the call, made from its index sets at once (no
-    pattern tensor: nobody else sees it)."""
+    """The plan of a pattern detected within the call: a kept one if its index sets are equal
+    (NOTE [pattern plan]), else made from them at once (no pattern tensor: nobody else sees
+    it)."""
+    key, parts = sets.fingerprint()
+    for i, (k, kept, plan) in enumerate(_detected):
+        if k == key and all(torch.equal(a, b) for a, b in zip(kept, parts)):
+            _detected.append(_detected.pop(i))  # the most recent last
+            return plan
     crow, rows, cols = sets.csr_parts(with_rows=True)
-    return PatternPlan(sets.rows, sets.n, crow, rows, cols)
+    plan = PatternPlan(sets.rows, sets.n, crow, rows, cols)
+    if sum(t.numel() for t in parts) <= DETECTED_SLOTS:
+        _detected.append((key, tuple(t.clone() for t in parts), plan))  # read only
+        while len(_detected) > DETECTED_PLANS or _slots() > DETECTED_SLOTS:
+            _detected.pop(0)
+    return plan
+
+
+def _slots() -> int:
+    return sum(t.numel() for _, parts, _ in _detected for t in parts)
 
 
 def plan_of(pattern: Tensor) -> PatternPlan:
