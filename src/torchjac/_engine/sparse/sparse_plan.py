@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.sparse.colouring import Colouring, colour_columns, lattice_colouring
+from torchjac._engine.sparse.index_forms import csr, padded_to_pairs
 from torchjac._engine.sparse.index_sets import Sets
 
-__all__ = ["PatternPlan", "plan_from", "plan_of"]
+__all__ = ["PatternPlan", "csr_parts", "pattern_csr", "plan_from", "plan_of"]
 
 _ATTR = "_torchjac_plan"
 DETECTED_PLANS = 4  # plans of detected patterns kept (NOTE [pattern plan])
@@ -154,18 +155,48 @@ def plan_from(sets: Sets) -> PatternPlan:
     """The plan of a pattern detected within the call: a kept one if its index sets are equal
     (NOTE [pattern plan]), else made from them at once (no pattern tensor: nobody else sees
     it)."""
-    key, parts = sets.fingerprint()
+    key, parts = _fingerprint(sets)
     for i, (k, kept, plan) in enumerate(_detected):
         if k == key and all(torch.equal(a, b) for a, b in zip(kept, parts)):
             _detected.append(_detected.pop(i))  # the most recent last
             return plan
-    crow, rows, cols = sets.csr_parts(with_rows=True)
+    crow, rows, cols = csr_parts(sets)
     plan = PatternPlan(sets.rows, sets.n, crow, rows, cols)
     if sum(t.numel() for t in parts) <= DETECTED_SLOTS:
         _detected.append((key, tuple(t.clone() for t in parts), plan))  # read only
         while len(_detected) > DETECTED_PLANS or _slots() > DETECTED_SLOTS:
             _detected.pop(0)
     return plan
+
+
+def csr_parts(sets: Sets) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR row pointers ``[rows + 1]``, and the row and the column of each entry, of index
+    sets (fresh tensors)."""
+    crow = torch.zeros(sets.rows + 1, dtype=torch.long)
+    ell, row, col = sets.forms()
+    if row is None or col is None:  # straight from the padded rows: no pairs kept
+        assert ell is not None
+        row, col, counts = padded_to_pairs(ell, sets.n)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return crow, row, col
+    crow[1:] = torch.cumsum(sets.counts, 0)
+    return crow, row.clone(), col.clone()
+
+
+def pattern_csr(sets: Sets) -> Tensor:
+    """The boolean sparse CSR ``[rows, n]`` of index sets."""
+    crow, _, col = csr_parts(sets)
+    return csr(crow, col, torch.ones(col.numel(), dtype=torch.bool), (sets.rows, sets.n))
+
+
+def _fingerprint(sets: Sets) -> tuple[tuple[Any, ...], tuple[Tensor, ...]]:
+    """A key (the form and sizes) and the tensors that hold index sets in that form: two with
+    equal keys and equal tensors (``torch.equal``) are equal."""
+    ell, row, col = sets.forms()
+    if ell is not None:
+        return ("ell", sets.rows, sets.n, tuple(ell.shape)), (ell,)
+    assert row is not None and col is not None
+    return ("pairs", sets.rows, sets.n, row.numel()), (row, col)
 
 
 def _slots() -> int:
