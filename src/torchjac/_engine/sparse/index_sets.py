@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.sparse.index_forms import (
+    least,
     padded_to_pairs,
     pairs_to_padded,
     shrink,
@@ -159,7 +160,7 @@ class Sets:
         if self._live is None:
             if self._ell is not None:
                 e = self._ell
-                self._live = bool(e.numel()) and bool(_least(e) < self.n)
+                self._live = bool(e.numel()) and bool(least(e) < self.n)
             else:
                 self._live = bool(self.row.numel())
         return self._live
@@ -300,10 +301,3 @@ def _tidy(s: Sets) -> Sets:
     if isinstance(got, tuple):
         return Sets(s.rows, s.n, *got)
     return Sets(s.rows, s.n, ell=got, ref=max(got.shape[1], 1))
-
-
-def _least(e: Tensor) -> int:
-    """The least entry (NumPy's reduction on CPU: 5x faster than torch's on these sizes)."""
-    if e.device.type == "cpu":
-        return int(e.numpy().min())
-    return int(e.min())
