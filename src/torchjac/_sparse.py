@@ -25,8 +25,9 @@ from torchjac._engine.core.func_call import FuncProblem
 from torchjac._engine.core.func_state import call_state
 from torchjac._engine.core.plan import memory_budget
 from torchjac._engine.func.func_probes import Traced
-from torchjac._engine.sparse.index_sets import Sets, csr
-from torchjac._engine.sparse.sparse_plan import plan_from, plan_of
+from torchjac._engine.sparse.index_forms import csr
+from torchjac._engine.sparse.index_sets import Sets
+from torchjac._engine.sparse.sparse_plan import pattern_csr, plan_from, plan_of
 from torchjac._engine.sparse.sparse_probes import compressed_jacobian
 from torchjac._engine.sparse.sparsity import trace_pattern
 from torchjac._errors import fallback_scope, warn_fallback
@@ -100,7 +101,7 @@ def sparsity_pattern(func: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     p = _problem(fn, func, x)
     with fallback_scope(), torch.inference_mode(False), call_state(func, p.inputs) as state:
         p.state = state
-        return _detect(p)[0].to_csr()
+        return pattern_csr(_detect(p)[0])
 
 
 def sparse_jacobian(

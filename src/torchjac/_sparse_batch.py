@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from torchjac._checks import check_batch_dim
-from torchjac._engine.sparse.index_sets import csr
+from torchjac._engine.sparse.index_forms import csr
 from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["per_sample_blocks"]

@@ -20,7 +20,7 @@ from test_sparse_pattern import dense_jacobian, expect
 
 import torchjac as tj
 from torchjac._engine.core.fast import fast_paths
-from torchjac._engine.sparse import colouring
+from torchjac._engine.sparse import colouring, sparse_plan
 from torchjac._engine.sparse.colouring import colour_columns, lattice_colouring, valid
 
 
@@ -107,6 +107,44 @@ def test_a_pattern_is_reused_with_its_colouring(monkeypatch: pytest.MonkeyPatch)
         J = tj.sparse_jacobian(bratu_roll, x, pattern=P, mode="fwd")
         torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[2], x))
     assert len(calls) == 1
+
+
+def test_a_detected_pattern_found_again_reuses_its_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sparse_plan, "_detected", [])
+    calls = []
+    real = sparse_plan.lattice_colouring
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(sparse_plan, "lattice_colouring", spy)
+    x = torch.randn(5, 6, dtype=DTYPE)
+    for step in range(3):
+        J = tj.sparse_jacobian(bratu_roll, x + step)
+        torch.testing.assert_close(J.to_dense(), dense_jacobian(CASES[2], x + step))
+        if step == 0:
+            first = len(calls)
+    assert first and len(calls) == first  # coloured once
+    # the same sizes, another pattern: a plan of its own, never the kept one
+    for shift in (1, 2):
+        func = functools.partial(lambda u, s: u * torch.roll(u, s, 0), s=shift)
+        J = tj.sparse_jacobian(func, x)
+        want = torch.func.jacfwd(func)(x).reshape(30, 30)
+        torch.testing.assert_close(J.to_dense(), want, rtol=1e-12, atol=1e-12)
+    assert len(calls) > first
+
+
+def test_kept_detected_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sparse_plan, "_detected", [])
+    x = torch.randn(40, dtype=DTYPE)
+    for shift in range(1, 2 * sparse_plan.DETECTED_PLANS):
+        tj.sparse_jacobian(lambda u, s=shift: u * torch.roll(u, s), x)
+    assert len(sparse_plan._detected) == sparse_plan.DETECTED_PLANS
+    monkeypatch.setattr(sparse_plan, "DETECTED_SLOTS", 10)  # larger than this: not kept
+    monkeypatch.setattr(sparse_plan, "_detected", [])
+    tj.sparse_jacobian(lambda u: u * torch.roll(u, 1), x)
+    assert not sparse_plan._detected
 
 
 def test_a_pattern_changed_in_place_gets_a_new_plan() -> None:

@@ -10,8 +10,9 @@ from sparse_cases import CASES, DTYPE, SparseCase
 from torch.autograd.functional import jacobian
 
 import torchjac as tj
-from torchjac._engine.sparse import sparsity, sparsity_rules
+from torchjac._engine.sparse import sparsity, sparsity_movement, sparsity_rules
 from torchjac._engine.sparse.index_sets import Sets
+from torchjac._engine.sparse.sparse_plan import pattern_csr
 
 
 def expect(warns: str | None) -> contextlib.AbstractContextManager[object]:
@@ -85,7 +86,7 @@ def test_index_sets_take_relabel_union() -> None:
     r = t.relabel(torch.tensor([0, 0, 1, 1]), 2)
     assert r.row.tolist() == [0, 0, 0, 1, 1] and r.col.tolist() == [1, 2, 3, 1, 3]
     u = Sets.union([r, Sets.identity(4).take(torch.tensor([3, 0]))], 2, 4)
-    assert torch.equal(u.to_csr().to_dense(), torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]]).bool())
+    assert torch.equal(pattern_csr(u).to_dense(), torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]]).bool())
 
 
 def test_index_sets_padded_rows_lazy_unions_and_views() -> None:
@@ -155,3 +156,25 @@ def test_reductions_with_and_without_torchs_reduction_tag(
         assert int(pattern.sum()) == 12 + 6 + 6 + 6 + 18
     finally:
         sparsity_rules.choose_rule.cache_clear()
+
+
+def test_kept_code_maps_follow_the_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTE [movement codes]: a kept map is taken only for the same op, shapes and arguments."""
+    x = torch.randn(4, 5, dtype=DTYPE)
+    funcs = [
+        lambda u: torch.nn.functional.pad(u, (1, 1, 1, 1))[1:, :-2],
+        lambda u: torch.nn.functional.pad(u, (2, 0, 0, 2))[1:, :-2],
+        lambda u: torch.nn.functional.pad(u, (2, 0, 0, 2), value=3.0)[1:, :-2],  # a superset
+        lambda u: torch.cat([torch.roll(u, 1, 0), u.flip(1)]),
+        lambda u: torch.cat([torch.roll(u, 2, 0), u.flip(0)]),
+    ]
+    monkeypatch.setattr(sparsity_movement, "CACHED_CODES", -1)  # none kept
+    fresh = [tj.sparsity_pattern(func, x).to_dense() for func in funcs]
+    monkeypatch.setattr(sparsity_movement, "CACHED_CODES", 2**16)
+    monkeypatch.setattr(sparsity_movement, "_code_maps", {})
+    for _ in range(2):  # made, then kept
+        for func, want in zip(funcs, fresh):
+            got = tj.sparsity_pattern(func, x).to_dense()
+            assert torch.equal(got, want)
+            assert not ((jacobian(func, x).reshape(-1, x.numel()) != 0) & ~got).any()
+    assert len(sparsity_movement._code_maps) >= len(funcs)

@@ -27,14 +27,22 @@ never ``rows × n``.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Sets", "csr"]
+from torchjac._engine.sparse.index_forms import (
+    least,
+    padded_to_pairs,
+    pairs_to_padded,
+    shrink,
+    sorted_unique,
+    take_pairs,
+    wasteful,
+)
+
+__all__ = ["Sets"]
 
 CLEAN_WIDTH = 8  # padded widths up to this keep their repeats until the end
 
@@ -92,7 +100,7 @@ class Sets:
     @staticmethod
     def from_keys(rows: int, n: int, keys: Tensor) -> Sets:
         """From ``row * n + col`` codes, in any order, duplicates allowed."""
-        keys = _sorted_unique(keys)
+        keys = sorted_unique(keys)
         return Sets(rows, n, keys // max(n, 1), keys % max(n, 1))
 
     # ---- the forms ----------------------------------------------------------------------
@@ -118,12 +126,7 @@ class Sets:
         self._formed()
         if self._row is None or self._col is None:
             assert self._ell is not None
-            s = _clean(self._ell, self.n)
-            keep = s < self.n
-            counts = keep.sum(1)
-            self._row = torch.repeat_interleave(torch.arange(self.rows), counts)
-            self._col = torch.masked_select(s, keep)
-            self._counts = counts
+            self._row, self._col, self._counts = padded_to_pairs(self._ell, self.n)
         return self._row, self._col
 
     @property
@@ -140,12 +143,10 @@ class Sets:
         if self._ell is None and not self._no_ell:
             nnz = self.nnz
             width = int(self.counts.max()) if nnz and self.rows else 0
-            if self.rows * width > 2 * nnz + self.rows:
+            if wasteful(self.rows, width, nnz):
                 self._no_ell = True
                 return None
-            e = torch.full((self.rows, width), self.n, dtype=torch.long)
-            if nnz:
-                e[self.row, torch.arange(nnz) - self.starts[self.row]] = self.col
+            e = pairs_to_padded(self.row, self.col, self.starts, self.rows, width, self.n)
             self._ell, self.ref = e, width
         return self._ell
 
@@ -159,7 +160,7 @@ class Sets:
         if self._live is None:
             if self._ell is not None:
                 e = self._ell
-                self._live = bool(e.numel()) and bool((e < self.n).any())
+                self._live = bool(e.numel()) and bool(least(e) < self.n)
             else:
                 self._live = bool(self.row.numel())
         return self._live
@@ -190,7 +191,8 @@ class Sets:
             if self._ext is None:  # a first row of "none", for the -1s
                 self._ext = torch.cat([e.new_full((1, e.shape[1]), self.n), e])
             at = idx.reshape(-1) if shifted else idx.reshape(-1) + 1
-            picked = self._ext.index_select(0, at).view(r, -1)
+            ext = self._ext.view(-1) if self._ext.shape[1] == 1 else self._ext  # 1-D: 4x faster
+            picked = ext.index_select(0, at).view(r, -1)
             return _tidy(Sets(r, self.n, ell=picked, ref=self.ref))
         if shifted:
             idx = idx - 1
@@ -220,12 +222,7 @@ class Sets:
     def _take_pairs(self, idx: Tensor) -> Sets:
         if idx.numel() == 0:
             return Sets.empty(0, self.n)
-        c = self.counts.index_select(0, idx)
-        total = int(c.sum())
-        new_row = torch.repeat_interleave(torch.arange(idx.numel()), c, output_size=total)
-        shift = self.starts.index_select(0, idx) - (torch.cumsum(c, 0) - c)  # source - result
-        pos = torch.repeat_interleave(shift, c, output_size=total) + torch.arange(total)
-        return Sets(idx.numel(), self.n, new_row, self.col.index_select(0, pos))
+        return Sets(idx.numel(), self.n, *take_pairs(self.col, self.counts, self.starts, idx))
 
     def relabel(self, to: Tensor, rows: int) -> Sets:
         """Row ``i`` goes to row ``to[i]`` of a ``rows``-row result; rows meeting there merge."""
@@ -258,16 +255,10 @@ class Sets:
         return Sets(rows, n, parts=live)
 
     # ---- the rest -----------------------------------------------------------------------
-    def all_rows(self) -> Tensor:
-        """The union of every row: the columns any element depends on."""
-        if self._formed()._ell is not None:
-            u = torch.unique(self._ell)
-            return u[u < self.n]
-        return torch.unique(self.col)
-
     def dense_to(self, rows: int) -> Sets:
         """Every one of ``rows`` rows is the union of all of this matrix's rows."""
-        cols = self.all_rows()
+        padded = self._formed()._ell
+        cols = torch.unique(self.col if padded is None else padded[padded < self.n])
         if cols.numel() == 0 or rows == 0:
             return Sets.empty(rows, self.n)
         return Sets(rows, self.n, ell=cols.view(1, -1).expand(rows, -1), ref=cols.numel())
@@ -281,28 +272,11 @@ class Sets:
         keep = ~mask[self.row]
         return Sets(self.rows, self.n, self.row[keep], self.col[keep])
 
-    def csr_parts(self, with_rows: bool = False) -> tuple[Tensor, ...]:
-        """CSR row pointers ``[rows + 1]`` and column indices, and with ``with_rows`` the row
-        of each entry (fresh tensors)."""
-        crow = torch.zeros(self.rows + 1, dtype=torch.long)
-        if self._formed()._row is None:  # straight from the padded rows: no pairs needed
-            assert self._ell is not None
-            s = _clean(self._ell, self.n)
-            keep = s < self.n
-            counts = keep.sum(1)
-            torch.cumsum(counts, 0, out=crow[1:])
-            col = torch.masked_select(s, keep)
-            if not with_rows:
-                return crow, col
-            return crow, torch.repeat_interleave(torch.arange(self.rows), counts), col
-        crow[1:] = torch.cumsum(self.counts, 0)
-        row, col = self.row.clone(), self.col.clone()
-        return (crow, row, col) if with_rows else (crow, col)
-
-    def to_csr(self) -> Tensor:
-        """Boolean sparse CSR ``[rows, n]``."""
-        crow, col = self.csr_parts()
-        return csr(crow, col, torch.ones(col.numel(), dtype=torch.bool), (self.rows, self.n))
+    def forms(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The padded rows, and the pairs' rows and columns, as held (``None``: a form not
+        made; one of the two always is), a lazy union formed first. Read only."""
+        self._formed()
+        return self._ell, self._row, self._col
 
 
 def _union_now(parts: list[Sets], rows: int, n: int) -> Sets:
@@ -316,15 +290,6 @@ def _union_now(parts: list[Sets], rows: int, n: int) -> Sets:
     return Sets.from_keys(rows, n, torch.cat([p.row * n + p.col for p in parts]))
 
 
-def _clean(e: Tensor, n: int) -> Tensor:
-    """Each row sorted, repeats replaced by ``n`` (so a row's real entries stay in order)."""
-    if e.shape[1] < 2:
-        return e
-    s = torch.sort(e, 1).values
-    s[:, 1:].masked_fill_(s[:, 1:] == s[:, :-1], n)
-    return s
-
-
 def _tidy(s: Sets) -> Sets:
     """Sort out the repeats of padded rows grown past their trigger (NOTE [index sets]); to
     pairs if padding would then waste memory."""
@@ -332,25 +297,7 @@ def _tidy(s: Sets) -> Sets:
     assert e is not None
     if e.shape[1] <= max(CLEAN_WIDTH, 2 * s.ref):
         return s
-    c = torch.sort(_clean(e, s.n), 1).values  # the "none"s last
-    counts = (c < s.n).sum(1)
-    k = int(counts.max()) if counts.numel() else 0
-    nnz = int(counts.sum())
-    if s.rows * k > 2 * nnz + s.rows:  # one long row among short ones: pairs
-        row = torch.repeat_interleave(torch.arange(s.rows), counts)
-        return Sets(s.rows, s.n, row, torch.masked_select(c, c < s.n))
-    return Sets(s.rows, s.n, ell=c[:, :k].contiguous(), ref=max(k, 1))
-
-
-def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, ...]) -> Tensor:
-    """``torch.sparse_csr_tensor`` without torch's "beta" warning (torch's, not the user's)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
-
-
-def _sorted_unique(keys: Tensor) -> Tensor:
-    """Sorted, without duplicates. Keys are mostly a few sorted runs (the parts of a union):
-    NumPy's stable sort (timsort) merges runs, 8x faster than ``torch.sort`` on them."""
-    ordered = torch.from_numpy(np.sort(keys.numpy(), kind="stable"))
-    return torch.unique_consecutive(ordered)
+    got = shrink(e, s.n)
+    if isinstance(got, tuple):
+        return Sets(s.rows, s.n, *got)
+    return Sets(s.rows, s.n, ell=got, ref=max(got.shape[1], 1))

@@ -9,7 +9,11 @@ on the pattern tensor (a private attribute) under a key of the pattern's shape, 
 its index and value tensors and their version counters, so an in-place change of the pattern
 makes a new plan, and a pattern passed back in (a Newton loop) costs no detection, colouring or
 index work. A pattern detected within the call has its plan made from the index sets at once,
-with no pattern tensor. The plan's tensors are never handed out: a result gets copies.
+with no pattern tensor, and kept in a small cache of recent detected patterns (at most
+``DETECTED_PLANS`` of them, ``DETECTED_SLOTS`` index slots in all): a call whose detection
+finds index sets equal, tensor for tensor (``torch.equal``: exact, so any change of the
+pattern makes a new plan), to a kept one takes its plan, colourings and probes included, so a
+detection costs its trace only. The plan's tensors are never handed out: a result gets copies.
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.sparse.colouring import Colouring, colour_columns, lattice_colouring
+from torchjac._engine.sparse.index_forms import csr, padded_to_pairs
 from torchjac._engine.sparse.index_sets import Sets
 
-__all__ = ["PatternPlan", "plan_from", "plan_of"]
+__all__ = ["PatternPlan", "csr_parts", "pattern_csr", "plan_from", "plan_of"]
 
 _ATTR = "_torchjac_plan"
+DETECTED_PLANS = 4  # plans of detected patterns kept (NOTE [pattern plan])
+DETECTED_SLOTS = 2**18  # index slots (int64) of the kept patterns, in all
+
+_detected: list[tuple[tuple[Any, ...], tuple[Tensor, ...], PatternPlan]] = []  # oldest first
 
 
 def _key(pattern: Tensor) -> tuple[Any, ...]:
@@ -143,10 +152,55 @@ class PatternPlan:
 
 
 def plan_from(sets: Sets) -> PatternPlan:
-    """The plan of a pattern detected within the call, made from its index sets at once (no
-    pattern tensor: nobody else sees it)."""
-    crow, rows, cols = sets.csr_parts(with_rows=True)
-    return PatternPlan(sets.rows, sets.n, crow, rows, cols)
+    """The plan of a pattern detected within the call: a kept one if its index sets are equal
+    (NOTE [pattern plan]), else made from them at once (no pattern tensor: nobody else sees
+    it)."""
+    key, parts = _fingerprint(sets)
+    for i, (k, kept, plan) in enumerate(_detected):
+        if k == key and all(torch.equal(a, b) for a, b in zip(kept, parts)):
+            _detected.append(_detected.pop(i))  # the most recent last
+            return plan
+    crow, rows, cols = csr_parts(sets)
+    plan = PatternPlan(sets.rows, sets.n, crow, rows, cols)
+    if sum(t.numel() for t in parts) <= DETECTED_SLOTS:
+        _detected.append((key, tuple(t.clone() for t in parts), plan))  # read only
+        while len(_detected) > DETECTED_PLANS or _slots() > DETECTED_SLOTS:
+            _detected.pop(0)
+    return plan
+
+
+def csr_parts(sets: Sets) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR row pointers ``[rows + 1]``, and the row and the column of each entry, of index
+    sets (fresh tensors)."""
+    crow = torch.zeros(sets.rows + 1, dtype=torch.long)
+    ell, row, col = sets.forms()
+    if row is None or col is None:  # straight from the padded rows: no pairs kept
+        assert ell is not None
+        row, col, counts = padded_to_pairs(ell, sets.n)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return crow, row, col
+    crow[1:] = torch.cumsum(sets.counts, 0)
+    return crow, row.clone(), col.clone()
+
+
+def pattern_csr(sets: Sets) -> Tensor:
+    """The boolean sparse CSR ``[rows, n]`` of index sets."""
+    crow, _, col = csr_parts(sets)
+    return csr(crow, col, torch.ones(col.numel(), dtype=torch.bool), (sets.rows, sets.n))
+
+
+def _fingerprint(sets: Sets) -> tuple[tuple[Any, ...], tuple[Tensor, ...]]:
+    """A key (the form and sizes) and the tensors that hold index sets in that form: two with
+    equal keys and equal tensors (``torch.equal``) are equal."""
+    ell, row, col = sets.forms()
+    if ell is not None:
+        return ("ell", sets.rows, sets.n, tuple(ell.shape)), (ell,)
+    assert row is not None and col is not None
+    return ("pairs", sets.rows, sets.n, row.numel()), (row, col)
+
+
+def _slots() -> int:
+    return sum(t.numel() for _, parts, _ in _detected for t in parts)
 
 
 def plan_of(pattern: Tensor) -> PatternPlan:

@@ -13,12 +13,6 @@ the op). Each rule holds for every value of the tracked inputs:
   ``sparsity_groups``;
 - scatters, ``index_put`` and ``copy_``: the written positions read the source elements sent
   there, the others keep their sets; products and convolutions: ``sparsity_products``.
-
-NOTE [movement codes]: codes are float64, exact up to ``2**53`` elements; an output value is
-truncated to an integer and clamped to ``0..numel`` (``0``: no element), so a constant the op
-writes itself (a padding value) can only be mistaken for a code, which adds a dependence (a
-superset), never removes one. An index, mask or condition computed from ``x`` makes the op read
-the union of its data inputs' sets: which element moves where then depends on the value of ``x``.
 """
 
 from __future__ import annotations
@@ -36,8 +30,6 @@ from torchjac._engine.sparse.sparsity_base import (
     Rule,
     bind,
     broadcast,
-    dense_rule,
-    tensors,
 )
 from torchjac._engine.sparse.sparsity_groups import (
     along_dim_rule,
@@ -46,6 +38,7 @@ from torchjac._engine.sparse.sparsity_groups import (
     pool_rule,
     reduction_rule,
 )
+from torchjac._engine.sparse.sparsity_movement import movement_rule
 from torchjac._engine.sparse.sparsity_products import convolution_rule, matmul_rule
 
 __all__ = ["choose_rule"]
@@ -73,51 +66,6 @@ def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: R
 def _constant(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
     n = read.n
     return [Sets.empty(t.numel(), n) for t in targets]
-
-
-INDEX_ARGS = frozenset({"index", "indices", "mask", "condition", "repeats"})
-
-
-@functools.cache
-def _index_positions(func: Any) -> tuple[tuple[int, str], ...]:
-    """Where the op's index arguments sit: (position, name)."""
-    return tuple((i, a.name) for i, a in enumerate(func._schema.arguments) if a.name in INDEX_ARGS)
-
-
-def _movement(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
-    index = [
-        t
-        for i, name in _index_positions(func)
-        for t in tensors(args[i] if i < len(args) else kwargs.get(name))
-    ]
-    data = [t for t in tensors((args, kwargs)) if not any(t is i for i in index)]
-    live = [t for t in data if read(t).live]
-    n = read.n
-    if any(read(t).live for t in index) or len(targets) != 1:
-        return None if not live else dense_rule(targets, live, read)
-    (out,) = targets
-    parts = []
-    for k in live:
-
-        def code(t: Any, k: Tensor = k) -> Any:
-            if isinstance(t, (list, tuple)):
-                return type(t)(code(v) for v in t)
-            if not isinstance(t, Tensor) or not any(t is d for d in data):
-                return t
-            if t is k:
-                codes = torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device)
-                return codes.view(t.shape)
-            return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
-
-        found = tensors(func(*code(args), **{key: code(v) for key, v in kwargs.items()}))
-        res = found[0] if found else None
-        if res is None or res.shape != out.shape:
-            return None
-        # code q names element q - 1; 0 and whatever is not a code in range (a constant the
-        # op wrote) name none, or some element: a superset (NOTE [movement codes])
-        at = res.reshape(-1).cpu().long().clamp_(0, k.numel())
-        parts.append(read(k).gather(at, shifted=True))
-    return [Sets.union(parts, out.numel(), n)]
 
 
 def _copy(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
@@ -233,7 +181,7 @@ def choose_rule(func: Any) -> Rule | None:
     if name in COPY:
         return _copy
     if name in MOVEMENT:
-        return _movement
+        return movement_rule
     if name in SCATTER:
         return _scatter
     if name in ALONG_DIM and (name not in ("median", "nanmedian") or "dim" in func._overloadname):
