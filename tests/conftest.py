@@ -41,6 +41,21 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def second_order_oracle(name: str, f: Any, x: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``tj.<name>(f, x)`` (``jacobian``, ``hessian``, ``hessian_diagonal`` or ``laplacian``) by
+    ``torch.func``, per sample of ``x [B, D]`` when ``batched``, else of ``x [D]``."""
+    from torch.func import hessian, jacrev, vmap
+
+    g = (lambda r: f(r.unsqueeze(0))[0]) if batched else f
+    if name == "jacobian":
+        return vmap(jacrev(g))(x) if batched else jacrev(g)(x)
+    h = vmap(hessian(g))(x) if batched else hessian(g)(x)
+    if name == "hessian":
+        return h
+    d = h.diagonal(dim1=-2, dim2=-1)
+    return d if name == "hessian_diagonal" else d.sum(-1)
+
+
 def record_answers(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[bool]:
     """Wrap ``module.name`` (a fast path that returns ``None`` where it does not apply): the
     returned list gets, per call, whether it answered."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import second_order_oracle
 from torch import Tensor, nn
-from torch.func import hessian, jacrev, vmap
 
 import torchjac as tj
 from torchjac._engine.taylor import taylor_chain
@@ -24,15 +24,7 @@ NAMES = ["jacobian", "hessian", "hessian_diagonal", "laplacian"]
 Forward = Callable[["Net", Tensor], Tensor]
 
 
-def _oracle(name: str, f: Callable[[Tensor], Tensor], x: Tensor, batched: bool) -> Tensor:
-    g = (lambda r: f(r.unsqueeze(0))[0]) if batched else f
-    if name == "jacobian":
-        return vmap(jacrev(g))(x) if batched else jacrev(g)(x)
-    h = vmap(hessian(g))(x) if batched else hessian(g)(x)
-    if name == "hessian":
-        return h
-    d = h.diagonal(dim1=-2, dim2=-1)
-    return d if name == "hessian_diagonal" else d.sum(-1)
+_oracle = second_order_oracle
 
 
 @dataclass

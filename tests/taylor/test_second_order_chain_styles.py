@@ -10,9 +10,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import record_answers
+from conftest import record_answers, second_order_oracle
 from torch import Tensor, nn
-from torch.func import hessian, jacrev, vmap
 
 import torchjac as tj
 from torchjac._engine.core.fast import fast_paths
@@ -88,15 +87,7 @@ def _per_sample(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return lambda r: f(r.unsqueeze(0))[0]
 
 
-def _oracle(name: str, f: Callable[[Tensor], Tensor], x: Tensor, batched: bool) -> Tensor:
-    g = _per_sample(f) if batched else f
-    if name == "jacobian":
-        return vmap(jacrev(g))(x) if batched else jacrev(g)(x)
-    h = vmap(hessian(g))(x) if batched else hessian(g)(x)
-    if name == "hessian":
-        return h
-    d = h.diagonal(dim1=-2, dim2=-1)
-    return d if name == "hessian_diagonal" else d.sum(-1)
+_oracle = second_order_oracle
 
 
 @pytest.fixture
