@@ -3,6 +3,16 @@
 NOTE [calling convention]: ``func(inputs)`` for a Tensor or a mapping (rebuilt with the same
 keys), ``func(*inputs)`` for a tuple. The result is a Tensor or a sequence of Tensors (rows
 concatenated, as in ``jac``), plus an aux value when ``has_aux``.
+
+NOTE [first call]: a one-off call pays what the engine does once per process, so it must not
+pay for what the call does not use. Forward mode needs torch's forward-AD decompositions, whose
+import scripts a dozen functions with ``torch.jit``: 100-230 ms on the benchmark machine, more
+than most whole calls. Every call of the function once loaded them before running ``func``; now
+only ``forward_jvp``, through which every forward-mode product of the engine goes, loads them.
+Measured by ``python -m benchmarks.first_call`` (each strategy's first call in a fresh process,
+after the workload's float64 ``torch.func`` reference warmed ``torch.func`` for every strategy
+alike; the median of 3 processes). Profiled (cProfile) at W1's small sizes, the import was 234 of
+a module class's 242 ms first call.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from torch import Tensor
 from torchjac._checks import Container, describe
 from torchjac._engine.core.func_state import CallState
 
-__all__ = ["FuncProblem", "load_forward_ad"]
+__all__ = ["FuncProblem", "forward_jvp", "load_forward_ad"]
 
 
 # What ``torch.jit.script`` says on each call: deprecated, a DeprecationWarning in torch 2.13 and a
@@ -35,6 +45,17 @@ def load_forward_ad() -> None:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", JIT_SCRIPT_WARNING, category)
         import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+def forward_jvp(
+    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> Any:
+    """``torch.func.jvp``, torch's forward-AD decompositions loaded first (``load_forward_ad``).
+
+    Every forward-mode product of the engine goes through here, so that a call needing none
+    does not pay their import (NOTE [first call])."""
+    load_forward_ad()
+    return torch.func.jvp(func, primals, tangents)
 
 
 @dataclass
@@ -70,7 +91,6 @@ class FuncProblem:
 
     def call_raw(self, *xs: Tensor) -> Any:
         """Call the function on ``xs`` as the user would (NOTE [calling convention])."""
-        load_forward_ad()
         if self.state is not None:
             self.state.reset_rng()
         kind, keys = self.container
