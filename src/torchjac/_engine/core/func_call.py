@@ -5,14 +5,17 @@ keys), ``func(*inputs)`` for a tuple. The result is a Tensor or a sequence of Te
 concatenated, as in ``jac``), plus an aux value when ``has_aux``.
 
 NOTE [first call]: a one-off call pays what the engine does once per process, so it must not
-pay for what the call does not use. Forward mode needs torch's forward-AD decompositions, whose
-import scripts a dozen functions with ``torch.jit``: 100-230 ms on the benchmark machine, more
-than most whole calls. Every call of the function once loaded them before running ``func``; now
-only ``forward_jvp``, through which every forward-mode product of the engine goes, loads them.
-Measured by ``python -m benchmarks.first_call`` (each strategy's first call in a fresh process,
-after the workload's float64 ``torch.func`` reference warmed ``torch.func`` for every strategy
-alike; the median of 3 processes). Profiled (cProfile) at W1's small sizes, the import was 234 of
-a module class's 242 ms first call.
+pay for what it does not use. Forward mode needs torch's forward-AD decompositions, whose import
+scripts a dozen functions with ``torch.jit`` (100-230 ms); they load in ``forward_jvp``, through
+which every forward-mode product of the engine goes, and nowhere else. Loaded before every call
+of ``func``, they made W1's first call as a module class or a lambda 136 and 142 ms against the
+best peer's 26 (5.3x); loaded in ``forward_jvp``, 33-37 ms of wall and CPU time, against 32 ms
+of CPU time for the best peer (1.02-1.07x). Still paid once per process: oneDNN's first use,
+the agreement check of NOTE [dense kernels] included, ~4 ms, and ~0.6-1.3 ms per new product
+shape: most of what puts W2's lambda form at 16 against the best peer's 10 ms of CPU time (1.6x;
+0.93x by wall time). Each strategy's first call in a fresh process, after the workload's
+float64 ``torch.func`` reference warmed ``torch.func`` for every strategy alike, the median of 3
+processes: ``python -m benchmarks.first_call`` (figures in ``benchmarks/FIRST_CALL.md``).
 """
 
 from __future__ import annotations
