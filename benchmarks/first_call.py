@@ -29,7 +29,9 @@ Per strategy the figure is the median over the ``--processes`` fresh processes; 
 is the smallest such median among the peers (``floor`` rows, which copy a result for scale,
 are no peers). Ratio = torchjac's first call / the best peer's first call. Workload keys are
 exact here: ``W5`` is W5 alone, not its variants (W5c's sweep rows share one key and are not
-offered). ``--write`` also writes ``benchmarks/FIRST_CALL.md``.
+offered). ``--write`` also writes ``benchmarks/FIRST_CALL.md``. What it found, and what a
+first call of torchjac still pays once per process: NOTE [first call]
+(``src/torchjac/_engine/core/func_call.py``).
 """
 
 from __future__ import annotations
