@@ -66,6 +66,19 @@ FIRST_CALLS = {
     "param_jacobian": "tj.param_jacobian(f, x.detach(), batch_dim=0)",
     "param_jacobian_full": "tj.param_jacobian(f, x.detach())",
     "ntk": "tj.ntk(f, x.detach())",
+    # each place the engine runs forward mode (core.func_call.forward_jvp) loads torch's
+    # forward-AD decompositions itself, quietly (NOTE [first call])
+    "taylor_general_rule": (
+        "tj.laplacian(lambda z: torch.logsumexp(z, -1), x.detach(), batch_dim=0)"
+    ),
+    "jacobian_jvp_columns": (
+        "tj.jacobian(lambda z: z.sin().cumsum(-1), x.detach(), mode='fwd', chunk_size=2)"
+    ),
+    "hessian_forward_over_reverse": (
+        "tj.hessian(lambda z: z.sin().cumsum(-1).sum(), x.detach(), mode='fwd', chunk_size=2)"
+    ),
+    "sparse_jacobian_fwd": "tj.sparse_jacobian(torch.sin, x.detach().flatten(), mode='fwd')",
+    "operator_matvec": "J = tj.JacobianOperator(f, x.detach()); J @ torch.ones(J.shape[1])",
     "README": "README",  # its examples, in order, as a user runs them
 }
 

@@ -3,6 +3,19 @@
 NOTE [calling convention]: ``func(inputs)`` for a Tensor or a mapping (rebuilt with the same
 keys), ``func(*inputs)`` for a tuple. The result is a Tensor or a sequence of Tensors (rows
 concatenated, as in ``jac``), plus an aux value when ``has_aux``.
+
+NOTE [first call]: a one-off call pays what the engine does once per process, so it must not
+pay for what it does not use. Forward mode needs torch's forward-AD decompositions, whose import
+scripts a dozen functions with ``torch.jit`` (100-230 ms); they load in ``forward_jvp``, through
+which every forward-mode product of the engine goes, and nowhere else. Loaded before every call
+of ``func``, they made W1's first call as a module class or a lambda 136 and 142 ms against the
+best peer's 26 (5.3x); loaded in ``forward_jvp``, 33-37 ms of wall and CPU time, against 32 ms
+of CPU time for the best peer (1.02-1.07x). Still paid once per process: oneDNN's first use,
+the agreement check of NOTE [dense kernels] included, ~4 ms, and ~0.6-1.3 ms per new product
+shape: most of what puts W2's lambda form at 16 against the best peer's 10 ms of CPU time (1.6x;
+0.93x by wall time). Each strategy's first call in a fresh process, after the workload's
+float64 ``torch.func`` reference warmed ``torch.func`` for every strategy alike, the median of 3
+processes: ``python -m benchmarks.first_call`` (figures in ``benchmarks/FIRST_CALL.md``).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from torch import Tensor
 from torchjac._checks import Container, describe
 from torchjac._engine.core.func_state import CallState
 
-__all__ = ["FuncProblem", "load_forward_ad"]
+__all__ = ["FuncProblem", "forward_jvp", "load_forward_ad"]
 
 
 # What ``torch.jit.script`` says on each call: deprecated, a DeprecationWarning in torch 2.13 and a
@@ -35,6 +48,17 @@ def load_forward_ad() -> None:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", JIT_SCRIPT_WARNING, category)
         import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+def forward_jvp(
+    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> Any:
+    """``torch.func.jvp``, torch's forward-AD decompositions loaded first (``load_forward_ad``).
+
+    Every forward-mode product of the engine goes through here, so that a call needing none
+    does not pay their import (NOTE [first call])."""
+    load_forward_ad()
+    return torch.func.jvp(func, primals, tangents)
 
 
 @dataclass
@@ -70,7 +94,6 @@ class FuncProblem:
 
     def call_raw(self, *xs: Tensor) -> Any:
         """Call the function on ``xs`` as the user would (NOTE [calling convention])."""
-        load_forward_ad()
         if self.state is not None:
             self.state.reset_rng()
         kind, keys = self.container

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.core.basis import Group
-from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.core.func_call import FuncProblem, forward_jvp
 from torchjac._engine.core.plan import choose_chunk_size, choose_mode
 from torchjac._engine.core.run import run_chunks
 from torchjac._engine.core.structure import check_independent
@@ -226,7 +226,7 @@ def _columns(p: FuncProblem, t: Traced, results: list[Tensor], chunk_size: int) 
     ins = p.inputs
 
     def push(*tangents: Tensor) -> tuple[Tensor, ...]:
-        return tuple(torch.func.jvp(p.outputs_only, ins, tangents)[1])
+        return tuple(forward_jvp(p.outputs_only, ins, tangents)[1])
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
         tans = _probes(t.in_group, ins, start, stop)

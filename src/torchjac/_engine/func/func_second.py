@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.core.basis import Group
-from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.core.func_call import FuncProblem, forward_jvp
 from torchjac._engine.core.plan import choose_chunk_size
 from torchjac._engine.core.run import run_chunks
 from torchjac._engine.func.func_probes import Traced, bytes_per_probe
@@ -56,7 +56,7 @@ def hessian_pairs(
             # non-differentiable branch when grad mode is off; forward over reverse needs the
             # differentiable one, whatever the caller's grad mode.
             with torch.enable_grad():
-                return tuple(torch.func.jvp(grad, ins, tans)[1])
+                return tuple(forward_jvp(grad, ins, tans)[1])
         return tuple(torch.func.vjp(grad, *ins)[1](tans))
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchjac._engine.core.func_call import forward_jvp
 from torchjac._engine.core.lean_vmap import batched_grad
 from torchjac._engine.core.plan import choose_chunk_size
 from torchjac._engine.core.run import run_chunks
@@ -142,7 +143,7 @@ class CallSource:
         row_offs = offsets(tuple(s.numel() for s in piece.shapes))
 
         def jvp(*tangents: Tensor) -> tuple[Tensor, ...]:
-            return tuple(torch.func.jvp(piece, primals, tangents)[1])
+            return tuple(forward_jvp(piece, primals, tangents)[1])
 
         def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
             if batched:  # NOTE [operator draw]: one draw for every column of the chunk

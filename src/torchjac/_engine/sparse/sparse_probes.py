@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjac._engine.core.func_call import FuncProblem
+from torchjac._engine.core.func_call import FuncProblem, forward_jvp
 from torchjac._engine.core.plan import MIN_MEMORY_BUDGET, choose_chunk_size, memory_budget
 from torchjac._engine.core.run import run_chunks
 from torchjac._engine.func.func_probes import Traced, autograd_trace
@@ -96,7 +96,7 @@ def _forward(
     """``[C + 1, m]``: ``J s_c`` for each colour, then ``J r``; and the output's shape."""
 
     def push(t: Tensor) -> Tensor:
-        return torch.func.jvp(p.outputs_only, (x,), (t,))[1][0]
+        return forward_jvp(p.outputs_only, (x,), (t,))[1][0]
 
     shape: list[torch.Size] = []
 
@@ -170,7 +170,7 @@ def compressed_jacobian(
             def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
                 t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
                 t[cols[rows == i]] = 0
-                y = torch.func.jvp(p.outputs_only, (x,), (t.view(x.shape),))[1][0]
+                y = forward_jvp(p.outputs_only, (x,), (t.view(x.shape),))[1][0]
                 return bool(y.reshape(-1)[i].isnan())
 
             _confirm(p.fn_name, "row", lines, push_nan)

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torchjac._engine.core.func_call import forward_jvp
+
 __all__ = ["Jet", "JetSpec", "TaylorFailed", "constant", "general_rule", "jets_in"]
 
 
@@ -273,10 +275,10 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         return tuple(leaves[i] for i in live)
 
     def push(primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return tuple(torch.func.jvp(g, primals, tangents)[1])
+        return tuple(forward_jvp(g, primals, tangents)[1])
 
     def curve(t1: tuple[Tensor, ...], t2: tuple[Tensor, ...]) -> Any:
-        return torch.func.jvp(push, (vals, t1), (t1, t2))
+        return forward_jvp(push, (vals, t1), (t1, t2))
 
     d = spec.d
     d1 = tuple(s[1 : 1 + d].clone() for s in stacks)
@@ -298,7 +300,7 @@ def general_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         first = torch.vmap(lambda t: push(vals, t))(d1)
         left = tuple(x[spec.left] for x in d1)
         right = tuple(x[spec.right] for x in d1)
-        second = torch.vmap(lambda a, b, h: torch.func.jvp(push, (vals, b), (a, h))[1])(
+        second = torch.vmap(lambda a, b, h: forward_jvp(push, (vals, b), (a, h))[1])(
             left, right, d2
         )
     for n, i in enumerate(live):
