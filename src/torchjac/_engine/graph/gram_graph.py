@@ -15,8 +15,6 @@ at once and weights used once by ``F.linear`` are taken as ghost products where 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -42,9 +40,7 @@ def graph_gramian(
 
     Every block keeps the graph; it is freed once, at the end (NOTE [retain_graph]).
     """
-    kept = dataclasses.replace(problem, retain_graph=True)
-    if "counted" in problem.__dict__:  # the same graph: its count is not walked again
-        kept.__dict__["counted"] = problem.counted
+    kept = problem.replaced(retain_graph=True)
     freed: list[bool] = []  # NOTE [one pass frees]
     with retained_batch_hint(problem.fn_name):
         free = (not problem.retain_graph, freed)
@@ -99,8 +95,7 @@ def _gramian(
 
 def _subproblem(p: GraphProblem, group: list[int]) -> GraphProblem:
     ins = tuple(p.inputs[j] for j in group)
-    return dataclasses.replace(
-        p,
+    return p.replaced(
         inputs=ins,
         input_names=tuple(p.input_names[j] for j in group),
         used=tuple(True for _ in group),

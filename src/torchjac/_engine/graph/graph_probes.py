@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -81,6 +81,14 @@ class GraphProblem:
     def walk(self, visit: Callable[[Any], None]) -> None:
         """Call ``visit`` on every node of the graph, in the walk that sets ``counted``."""
         self.__dict__["counted"] = kernels.graph_products(self.outputs, visit)
+
+    def replaced(self, **changes: Any) -> GraphProblem:
+        """``dataclasses.replace``; the same outputs are the same graph, so its count is kept
+        (not walked again)."""
+        new = replace(self, **changes)
+        if "counted" in self.__dict__ and "outputs" not in changes:
+            new.__dict__["counted"] = self.counted
+        return new
 
     @property
     def used_inputs(self) -> tuple[Tensor, ...]:
