@@ -44,7 +44,7 @@ and one sample, 5.3 against 5.8 at 32; at W=256, 1.7 against 1.7 at one sample, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -204,8 +204,8 @@ def recorded_chain(call: Callable[[Tensor], Any], x: Tensor, batched: bool) -> C
         picked = None if whole else rows.to(x.device)
     else:  # the last map's output, as it is
         picked = None
-    chain = Chain(_merged(rec.steps), width, picked, tuple(out.shape), out.detach())
-    return _checked(replace(chain, values=rec.values()))
+    steps = _merged(rec.steps)
+    return _checked(Chain(steps, width, picked, tuple(out.shape), out.detach(), rec.values()))
 
 
 def _merged(steps: list[Step]) -> tuple[Step, ...]:
