@@ -18,17 +18,17 @@ drop out; what differs is the multiply-adds,
 
     rows:  m·N·out·in + m²·out·in          ghost: N²·in + m·N²·out + m²·N·out
 
-and the operators: a ghost product takes ~5 more (``a aᵀ``, a copy of ``δ``, two products, the
-sum), each ~``plan.LOOP_NODE_S`` on a CPU, which decides tiny layers. A weight left as rows is
-still taken through its edge when ``N`` or ``out`` is small (``ROWS_FROM_DELTA_MAX``): its rows
-are then one product ``δᵀ a`` after one copy of ``δ``, where autograd's weight gradient under
-vmap is a batch of small products against a broadcast ``a`` (measured: 64→512 on N=32, 4 rows,
-3.5 against 3.0 ms; 64→64 on N=256, 16 rows, 4.2 against 3.5 ms; but 64→256 on N=128 was
-7-15% slower from δ, so larger layers keep autograd's rows). A ghost
-wins when ``N`` is below ``in`` (wide layers, small batches) or ``m`` is large; measured on the
-sweep of ``benchmarks/w5_multitask.py`` (W5c). Everything is held at once (``δ`` of every ghost
-and the rows of every other input); when that does not fit half the memory budget, or a pass
-with edges is not possible, the block-by-block path of NOTE [gramian blocks] runs instead.
+and the operators: a ghost product takes a few more (``a aᵀ``, ``K δ``, ``δᵀ (K δ)``, the sum,
+counted as ``GHOST_EXTRA_OPS``), each ~``plan.LOOP_NODE_S`` on a CPU, which decides tiny layers. A
+weight left as rows is still taken through its edge when ``N`` or ``out`` is small
+(``ROWS_FROM_DELTA_MAX``): its rows are then one batched product of ``δ``'s transposed view against
+a broadcast ``a``, where autograd's weight gradient under vmap is slower for such layers (measured,
+with a copy of ``δ`` then one product: 64→512 on N=32, 4 rows, 3.5 against 3.0 ms; 64→64 on N=256,
+16 rows, 4.2 against 3.5 ms; larger layers measured even, 0.98-1.01 on W5c's cells, so they keep
+autograd's rows). A ghost wins when ``N`` is below ``in`` (wide layers, small batches) or ``m`` is
+large; measured on the sweep of ``benchmarks/w5_sweep.py`` (W5c). Everything is held at once (``δ``
+of every ghost and the rows of every other input); when that does not fit half the memory budget, or
+a pass with edges is not possible, the block-by-block path of NOTE [gramian blocks] runs instead.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ __all__ = ["Consumers", "GhostLayer", "find_ghost_layers", "ghost_gramian", "gho
 _LINEAR = {"AddmmBackward0": 2, "MmBackward0": 1}  # node name -> position of the weight edge
 GHOST_EXTRA_OPS = 5  # NOTE [ghost or rows]
 ROWS_FROM_DELTA_MAX = 64  # NOTE [ghost or rows]: rows from δ when N or out is at most this
-_ONEDNN_MIN_N = 128  # oneDNN ran [2048, 32] @ [32, 32] several times slower than MKL
 _EDGE = getattr(torch.autograd.graph, "GradientEdge", None)
 
 
@@ -269,23 +268,21 @@ def _nameable(node: Any) -> bool:
 def _ghost_block(a: Tensor, d: Tensor) -> Tensor:
     """``G[r, s] = <δ_r, (a aᵀ) δ_s>`` for ``a [N, in]``, ``δ [m, N, out]``: NOTE [graph ghost].
 
-    ``δ`` is copied once, to ``[m·out, N]``; ``K = a aᵀ`` is symmetric, so ``(K δ_r)ᵀ`` for every
-    ``r`` is one product ``δᵀ K`` through ``kernels.linear`` (the biggest product here)."""
+    ``K δ_s`` for every ``s`` is one batched product against a broadcast ``K = a aᵀ``, in
+    ``δ``'s own layout, so ``δ`` is never copied (a transposed copy for one ``[m·out, N]``
+    product measured 1.4x slower: 3.4 against 2.3 ms for m=16, N=128, 256→256)."""
     m, n, out = d.shape
-    product = kernels.linear if n >= _ONEDNN_MIN_N else torch.nn.functional.linear
-    k = product(a, a)  # [N, N]
-    dt = d.transpose(1, 2).reshape(m * out, n)
-    t = product(dt, k)  # [m·out, N]: row (r, o) is (K δ_r)[:, o]
-    return dt.view(m, out * n) @ t.view(m, out * n).T
+    k = a @ a.T  # [N, N]
+    t = torch.bmm(k.expand(m, n, n), d)  # [m, N, out]: (K δ_s)
+    return d.reshape(m, n * out) @ t.view(m, n * out).T
 
 
 def _rows_from_delta(a: Tensor, d: Tensor) -> Tensor:
-    """The rows ``δ_rᵀ a`` of a Linear weight, ``[m, out·in]``: ``δ`` copied once to ``[m·out,
-    N]``, then one product (autograd's own weight gradient under vmap multiplies a batch of
-    ``[out, N] @ [N, in]`` against a broadcast ``a``, several times slower on a CPU)."""
+    """The rows ``δ_rᵀ a`` of a Linear weight, ``[m, out·in]``: one batched product of ``δ``'s
+    transposed view against a broadcast ``a`` (no copy of ``δ``; a copy to ``[m·out, N]`` for
+    one product measured 1.6-1.9x slower)."""
     m, n, out = d.shape
-    dt = d.transpose(1, 2).reshape(m * out, n)
-    return (dt @ a).view(m, out * a.shape[1])
+    return torch.bmm(d.transpose(1, 2), a.expand(m, n, a.shape[1])).view(m, out * a.shape[1])
 
 
 def _row_matrix(g: Tensor) -> Tensor:
