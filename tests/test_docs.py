@@ -62,3 +62,25 @@ def test_the_w5c_sweep_renders_as_a_grid_of_ratios() -> None:
     assert table.splitlines()[0] == "| width | N | m=4 | m=16 |"
     assert "| 64 | 32 | 0.50× | — |" in table
     assert "| 64 | 256 | 1.25× | — |" in table
+
+
+def test_the_w5c_sweep_plot_is_written_and_its_absence_is_stale(tmp_path: Path) -> None:
+    render = _import("render", find_benchmarks())
+    harness = _import("_harness", find_benchmarks())
+    rows = [
+        harness.Row("W5c", f"Gramian of m={m} task losses, N=32, width 64", "", "tj", True, "ok",
+                    ratio=r)
+        for m, r in ((4, 1.5), (16, None), (64, 0.7))
+    ]  # fmt: skip
+    assert not render.sweep_plot([], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert render.sweep_plot(rows, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = tmp_path / "RESULTS.md"  # a results page without its plot beside it is stale
+    results.write_text((ROOT / "benchmarks" / "RESULTS.md").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    args = ["--check", "--results", str(results), "--readme", str(readme)]
+    assert render.main(args) == 1
+    (tmp_path / render.SWEEP_PLOT).write_bytes(b"")
+    assert render.main(args) == 0
