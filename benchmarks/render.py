@@ -98,7 +98,8 @@ def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
         "| workload | torchjac | ms | fastest peer | ms | ratio |",
         "|---|---|---:|---|---:|---:|",
     ]
-    folded = {id(v) for m in rows if not sweep and m.torchjac for v in _variants(rows, m)}
+    bases = [r for r in rows if not sweep and r.torchjac and not _VARIANT.match(r.strategy)]
+    folded = {id(v) for m in bases for v in _variants(rows, m)}
     for mine in (r for r in rows if r.torchjac and (sweep or r.workload != "W5c")):
         if id(mine) in folded:
             continue
@@ -115,7 +116,7 @@ def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
         if best is None and not sweep:  # the README compares; RESULTS.md lists such rows too
             continue
         title = re.sub(r" [(]seeds? [^)]*[)]", "", mine.title)  # the README has no seed numbers
-        group = [mine] + ([] if sweep else _variants(rows, mine))
+        group = [mine] + (_variants(rows, mine) if mine in bases else [])
         styles = "".join(f" / {_VARIANT.match(v.strategy).group(2)}" for v in group[1:])  # type: ignore[union-attr]
         lines.append(
             f"| {mine.workload} {title} | `{mine.strategy}`{styles} | "

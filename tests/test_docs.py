@@ -64,6 +64,23 @@ def test_the_w5c_sweep_renders_as_a_grid_of_ratios() -> None:
     assert "| 64 | 256 | 1.25× | — |" in table
 
 
+def test_a_workload_whose_calls_are_all_named_forms_keeps_every_line() -> None:
+    render = _import("render", find_benchmarks())
+    harness = _import("_harness", find_benchmarks())
+
+    def row(strategy: str, ms: float, mine: bool) -> object:
+        return harness.Row("W9", "sparse", "", strategy, mine, "ok", median_ms=ms, ratio=ms / 100)
+
+    rows = [
+        row("jacfwd", 100.0, False),
+        row("tj.sparse_jacobian, slicing", 3.0, True),
+        row("tj.sparse_jacobian, cached pattern", 2.0, True),
+    ]
+    table = render.summary_table(rows, sweep=False)
+    assert "`tj.sparse_jacobian, slicing` | 3 |" in table
+    assert "`tj.sparse_jacobian, cached pattern` | 2 |" in table
+
+
 def test_the_w5c_sweep_plot_is_written_and_its_absence_is_stale(tmp_path: Path) -> None:
     render = _import("render", find_benchmarks())
     harness = _import("_harness", find_benchmarks())
