@@ -87,7 +87,10 @@ def _variants(rows: Sequence[Row], mine: Row) -> list[Row]:
 
 
 def _ratio(r: Row) -> str:
-    return "—" if r.ratio is None else f"**{r.ratio:.2f}×**"
+    """Two decimals; two significant digits below 0.1 (W9's 0.0148 is not 0.01)."""
+    if r.ratio is None:
+        return "—"
+    return f"**{r.ratio:.2f}×**" if r.ratio >= 0.1 else f"**{r.ratio:.2g}×**"
 
 
 def summary_table(rows: Sequence[Row], sweep: bool = True) -> str:
