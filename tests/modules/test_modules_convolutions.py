@@ -17,10 +17,10 @@ from torchjac._engine.modules import closed_forms
 class _Twice(nn.Module):
     """One convolution called twice: both uses accumulate into its Jacobian."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 2) -> None:
         super().__init__()
-        self.c = nn.Conv2d(2, 2, 3, padding=1)
-        self.head = nn.Linear(2 * 5 * 5, 3)
+        self.c = nn.Conv2d(channels, channels, 3, padding=1)
+        self.head = nn.Linear(channels * 5 * 5, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.c(torch.relu(self.c(x))).flatten(1))
@@ -86,6 +86,11 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], int]]:
             0,
         ),
         "called twice": (_Twice(), (3, 2, 5, 5), 2),
+        "many input columns, called twice: the second use adds to the first's rows": (
+            _Twice(channels=4),
+            (3, 4, 5, 5),
+            0,
+        ),
     }
 
 

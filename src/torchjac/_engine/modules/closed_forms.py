@@ -311,7 +311,12 @@ def _outer(use: Use, d: Tensor, target: Tensor, role: str, first: bool, n: int, 
             prod = r.view(n, i_g, k, 1, o_g).permute(0, 2, 3, 4, 1)
         else:
             left = dd.permute(0, 1, 3, 2).reshape(n, k * o_g, t_len)
-            prod = torch.bmm(left, aa).view(n, k, 1, o_g, i_g)
+            rows = view.view(n, k * o_g, i_g)  # one group: the target's own rows, no copy
+            if first:
+                torch.bmm(left, aa, out=rows)
+            else:
+                rows.baddbmm_(left, aa)
+            return
     else:
         prod = torch.einsum("nktgo,ntgi->nkgoi", d, a)
     if first:
