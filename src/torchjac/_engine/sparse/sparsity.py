@@ -263,7 +263,7 @@ class _Tracer(TorchDispatchMode):
             if a.layout == torch.strided and a.untyped_storage().data_ptr() == at:
                 return False  # not a fresh output
             sets = read(a)
-            if not sets.live:
+            if not sets.maybe_live:  # a constant (a slice of x may be empty too: unread)
                 continue
             tracked = True
             if floating and not (a.is_floating_point() or a.is_complex()):
@@ -275,7 +275,7 @@ class _Tracer(TorchDispatchMode):
                     return False
             parts.append(sets)
         if tracked:  # else constants: nothing to write
-            self.storages.write(out, Sets.union(parts, out.numel(), n), fresh=True)
+            self.storages.write(out, Sets.lazy_union(parts, out.numel(), n), fresh=True)
         return True
 
 
