@@ -47,6 +47,8 @@ from torchjac._engine.sparse.index_forms import (
 __all__ = ["Sets"]
 
 CLEAN_WIDTH = 8  # padded widths up to this keep their repeats until the end
+IDENTITIES = 4  # identity sets kept (``Sets.identity``)
+IDENTITY_ROWS = 2**20  # the largest kept
 
 
 class Sets:
@@ -97,8 +99,18 @@ class Sets:
 
     @staticmethod
     def identity(n: int) -> Sets:
-        ar = torch.arange(n)
-        return Sets(n, n, ar, ar, ell=ar.view(n, 1))
+        """Row ``i`` is ``{i}``: the input's own sets, one kept per size (at most
+        ``IDENTITIES`` of them, of up to ``IDENTITY_ROWS`` rows), with what reading them
+        derives (a Sets is never written: every operation makes a new one)."""
+        found = _identities.get(n)
+        if found is None:
+            ar = torch.arange(n)
+            found = Sets(n, n, ar, ar, ell=ar.view(n, 1))
+            if n <= IDENTITY_ROWS:
+                if len(_identities) >= IDENTITIES:
+                    del _identities[next(iter(_identities))]  # the oldest
+                _identities[n] = found
+        return found
 
     @staticmethod
     def from_keys(rows: int, n: int, keys: Tensor) -> Sets:
@@ -302,6 +314,9 @@ class Sets:
         made; one of the two always is), a lazy union formed first. Read only."""
         self._formed()
         return self._ell, self._row, self._col
+
+
+_identities: dict[int, Sets] = {}
 
 
 def _union_now(parts: list[Sets], rows: int, n: int) -> Sets:
