@@ -67,7 +67,7 @@ class _Storages:
         self.n = n
         self.entries: dict[int, _Entry] = {}
         self.keep: list[Tensor] = []  # without StorageWeakRef: no address is ever reused
-        self._arange = torch.arange(n)
+        self._arange = torch.arange(0)  # grown when first needed (views rarely need it)
 
     def _entry(self, t: Tensor) -> _Entry | None:
         if t.numel() == 0 or t.layout != torch.strided or t.device.type == "meta":
@@ -94,7 +94,7 @@ class _Storages:
     def arange(self, size: int) -> Tensor:
         """``torch.arange(size)``, sliced from one kept tensor (never written)."""
         if self._arange.numel() < size:
-            self._arange = torch.arange(max(size, 2 * self._arange.numel()))
+            self._arange = torch.arange(max(size, self.n, 2 * self._arange.numel()))
         return self._arange[:size]
 
     def _offsets(self, t: Tensor, itemsize: int) -> Tensor:
