@@ -79,6 +79,26 @@ def test_a_branch_on_values_is_reported() -> None:
         tj.sparsity_pattern(f, torch.ones(3, dtype=DTYPE))
 
 
+def test_an_elementwise_op_on_the_padding_alone_stays_a_constant() -> None:
+    """Its union is not checked for emptiness (NOTE [index sets]): a branch on it is still
+    not one on ``x``, and the empty operands add no entry."""
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        p = torch.nn.functional.pad(u, (1, 1))
+        border = p[:1] * 2 + p[-1:]  # the padding only: no dependence on u
+        if border.item() != 0.0:  # not a branch on a value of u
+            return u
+        return u * 3 + (border + p[1:2]) * p[2:3]
+
+    x = torch.randn(4, dtype=DTYPE)
+    pattern = tj.sparsity_pattern(f, x)  # warnings are errors: none is issued
+    expected = torch.eye(4, dtype=torch.bool)
+    expected[:, :2] = True
+    assert torch.equal(pattern.to_dense(), expected)
+    lazy = Sets.lazy_union([Sets.empty(4, 4), Sets.identity(4).gather(torch.full((4,), -1))], 4, 4)
+    assert lazy._live is None and not lazy.live and lazy.nnz == 0
+
+
 def test_index_sets_take_relabel_union() -> None:
     s = Sets(3, 4, torch.tensor([0, 0, 2]), torch.tensor([1, 3, 2]))
     t = s.take(torch.tensor([2, 0, 0, 1]))

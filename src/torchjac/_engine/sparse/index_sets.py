@@ -19,7 +19,9 @@ union of rows ``idx[i, :]``, ``-1`` for none: broadcasting, slicing, stencils), 
 every operand has them, pairs otherwise. A matrix is padded when that takes at most
 ``2 nnz + rows`` slots. A union is lazy: it only lists its operands, and is formed when first
 read, from the distinct matrices at the bottom of the unions it is made of (a chain of
-elementwise ops costs no tensor work, and ``u`` met twice in ``-Δu - λ e^u`` is one operand).
+elementwise ops costs no tensor work, and ``u`` met twice in ``-Δu - λ e^u`` is one operand);
+an elementwise op's union does not even look whether an operand is empty (a slice of the
+padding may be: it then adds only "none"s when the union is formed).
 All of it is vectorised tensor code; the cost is the number of (element, input) pairs moved,
 never ``rows × n``.
 """
@@ -45,6 +47,8 @@ from torchjac._engine.sparse.index_forms import (
 __all__ = ["Sets"]
 
 CLEAN_WIDTH = 8  # padded widths up to this keep their repeats until the end
+IDENTITIES = 4  # identity sets kept (``Sets.identity``)
+IDENTITY_ROWS = 2**20  # the largest kept
 
 
 class Sets:
@@ -76,15 +80,16 @@ class Sets:
         ell: Tensor | None = None,
         ref: int = 1,
         parts: list[Sets] | None = None,
+        checked: bool = True,
     ) -> None:
         self.rows, self.n = rows, n
         self._row, self._col = row, col  # both or neither
         self._ell = ell
-        self._parts = parts  # a lazy union of these (all live)
+        self._parts = parts  # a lazy union of these (all live, when ``checked``)
         self.ref = ref  # the padded width at the last clean-up (repeats trigger)
         self._ext: Tensor | None = None
         self._no_ell = False  # the pairs' rows are too uneven to pad
-        self._live: bool | None = True if parts else None
+        self._live: bool | None = True if parts and checked else None
         self._counts: Tensor | None = None
         self._starts: Tensor | None = None
 
@@ -94,8 +99,18 @@ class Sets:
 
     @staticmethod
     def identity(n: int) -> Sets:
-        ar = torch.arange(n)
-        return Sets(n, n, ar, ar, ell=ar.view(n, 1))
+        """Row ``i`` is ``{i}``: the input's own sets, one kept per size (at most
+        ``IDENTITIES`` of them, of up to ``IDENTITY_ROWS`` rows), with what reading them
+        derives (a Sets is never written: every operation makes a new one)."""
+        found = _identities.get(n)
+        if found is None:
+            ar = torch.arange(n)
+            found = Sets(n, n, ar, ar, ell=ar.view(n, 1))
+            if n <= IDENTITY_ROWS:
+                if len(_identities) >= IDENTITIES:
+                    del _identities[next(iter(_identities))]  # the oldest
+                _identities[n] = found
+        return found
 
     @staticmethod
     def from_keys(rows: int, n: int, keys: Tensor) -> Sets:
@@ -158,12 +173,23 @@ class Sets:
     def live(self) -> bool:
         """Some element depends on some input."""
         if self._live is None:
-            if self._ell is not None:
+            if self._parts is not None:  # an unchecked lazy union
+                self._live = any(p.live for p in self._parts)
+            elif self._ell is not None:
                 e = self._ell
                 self._live = bool(e.numel()) and bool(least(e) < self.n)
             else:
                 self._live = bool(self.row.numel())
         return self._live
+
+    @property
+    def maybe_live(self) -> bool:
+        """``False`` only when known to depend on no input without looking at the entries
+        (a constant's sets): ``live`` may still be ``False`` when this is ``True``."""
+        if self._live is not None:
+            return self._live
+        e = self._ell
+        return not (self._parts is None and e is not None and e.numel() == 0)
 
     @property
     def counts(self) -> Tensor:
@@ -254,6 +280,17 @@ class Sets:
             return live[0]
         return Sets(rows, n, parts=live)
 
+    @staticmethod
+    def lazy_union(parts: Sequence[Sets], rows: int, n: int) -> Sets:
+        """``union`` without looking at whether the parts are empty (that look reads every
+        entry of a fresh slice): ``live`` asks the parts when first asked, and an empty part
+        only adds "none"s to the padded rows when the union is formed."""
+        if not parts:
+            return Sets.empty(rows, n)
+        if len(parts) == 1:
+            return parts[0]
+        return Sets(rows, n, parts=list(parts), checked=False)
+
     # ---- the rest -----------------------------------------------------------------------
     def dense_to(self, rows: int) -> Sets:
         """Every one of ``rows`` rows is the union of all of this matrix's rows."""
@@ -277,6 +314,9 @@ class Sets:
         made; one of the two always is), a lazy union formed first. Read only."""
         self._formed()
         return self._ell, self._row, self._col
+
+
+_identities: dict[int, Sets] = {}
 
 
 def _union_now(parts: list[Sets], rows: int, n: int) -> Sets:

@@ -3,8 +3,9 @@
 NOTE [pattern plan]: everything ``sparse_jacobian`` derives from the pattern and not from ``x``
 is kept in one :class:`PatternPlan`: the (row, column) pairs of its entries (explicit ``False``
 entries dropped), the CSR row pointers, the longest row and column, the colourings of both sides
-(per grid shape: NOTE [lattice colouring]), the side ``"auto"`` takes, and the flat positions
-that read each entry out of the compressed block (NOTE [compressed probes]). The plan is cached
+(per grid shape: NOTE [lattice colouring]), the side ``"auto"`` takes, the flat positions
+that read each entry out of the compressed block, and the check's weights laid out as that block
+(NOTE [compressed probes]). The plan is cached
 on the pattern tensor (a private attribute) under a key of the pattern's shape, the addresses of
 its index and value tensors and their version counters, so an in-place change of the pattern
 makes a new plan, and a pattern passed back in (a Newton loop) costs no detection, colouring or
@@ -141,14 +142,26 @@ class PatternPlan:
             self.cache[key] = flat.to(device)
         return self.cache[key]
 
-    def weights(self, side: str, r: Tensor) -> Tensor:
-        """The check direction ``r`` at each entry: ``r[cols]`` forward, ``r[rows]`` reverse
-        (``r`` is fixed per size, dtype and device)."""
-        key = ("weights", side, r.dtype, r.device)
-        if key not in self.cache:
-            at = self.on("cols" if side == "fwd" else "rows", r.device)
-            self.cache[key] = r.index_select(0, at)
-        return self.cache[key]
+    def check_weights(self, side: str, grid: tuple[int, ...], r: Tensor, keep: bool) -> Tensor:
+        """``[C + 1, lines]``, laid out as the compressed block: at ``(c, l)`` the sum of the
+        check direction ``r`` over the entries of line ``l`` whose other index has colour ``c``
+        (one at most, for a valid colouring), and ``-1`` in the last row, so that
+        ``(block * W).sum(0)`` is the sparse product with ``r`` minus the AD one (NOTE
+        [compressed probes]). Kept (``keep``) per side, grid, dtype and device."""
+        key = ("check", side, grid, r.dtype, r.device)
+        found = self.cache.get(key)
+        if found is not None:
+            return found
+        count = self.colouring(side, grid).count
+        lines = self.m if side == "fwd" else self.n
+        at = self.on("cols" if side == "fwd" else "rows", r.device)
+        w = torch.zeros((count + 1) * lines, dtype=r.dtype, device=r.device)
+        w.index_add_(0, self.index(side, grid, r.device), r.index_select(0, at))
+        w[count * lines :] = -1
+        w = w.view(count + 1, lines)
+        if keep:
+            self.cache[key] = w
+        return w
 
 
 def plan_from(sets: Sets) -> PatternPlan:

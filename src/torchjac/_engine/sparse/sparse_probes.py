@@ -165,7 +165,7 @@ def compressed_jacobian(
             block, y_shape = _forward(p, x, col, r, chunk, m, plan.cache)
             values = block.view(-1).index_select(0, plan.index("fwd", grid, dev))
             rows, cols = plan.on("rows", dev), plan.on("cols", dev)
-            lines = _suspects(rows, values, plan.weights("fwd", r), block[-1])
+            lines = _suspects(block, plan.check_weights("fwd", grid, r, _keep(block)))
 
             def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
                 t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
@@ -185,7 +185,7 @@ def compressed_jacobian(
     block, traced = _reverse(p, col, r, chunk, traced, plan.cache)
     values = block.view(-1).index_select(0, plan.index("rev", grid, dev))
     rows, cols = plan.on("rows", dev), plan.on("cols", dev)
-    lines = _suspects(cols, values, plan.weights("rev", r), block[-1])
+    lines = _suspects(block, plan.check_weights("rev", grid, r, _keep(block)))
 
     def pull_nan(j: int) -> bool:
         y = traced.outputs[0]
@@ -211,20 +211,27 @@ class PatternError(ValueError):
     """The Jacobian has a nonzero outside the pattern (raised as a ``ValueError``)."""
 
 
-def _suspects(at: Tensor, values: Tensor, weights: Tensor, probe: Tensor) -> list[int]:
-    """Lines where ``probe`` (the AD product with the check direction) and the sparse product
-    differ beyond roundoff, worst first (at most ``CONFIRM_LINES``)."""
+def _keep(block: Tensor) -> bool:
+    """A block's check weights are kept on the plan when they take little memory."""
+    return block.numel() * block.element_size() <= KEEP_SEEDS_BYTES
+
+
+def _suspects(block: Tensor, weights: Tensor) -> list[int]:
+    """Lines where the AD product with the check direction (the block's last probe) and the
+    sparse product (``weights``: ``PatternPlan.check_weights``) differ beyond roundoff, worst
+    first (at most ``CONFIRM_LINES``)."""
+    probe = block[-1]
     if probe.numel() == 0:
         return []
-    terms = values * weights
-    product = torch.zeros_like(probe).index_add_(0, at, terms)
-    diff = (product - probe).abs()
-    eps = max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
-    if bool(diff.max() <= CHECK_TOLERANCE * eps * probe.abs().max()):
+    signed = block * weights  # each entry's term, and minus the AD product in the last row
+    diff = signed.sum(0).abs()
+    eps = max(torch.finfo(block.dtype).eps, torch.finfo(torch.float32).eps)  # NOTE above
+    tol = CHECK_TOLERANCE * eps
+    if bool(diff.amax() <= tol * probe.abs().amax()):
         return []  # within roundoff of the largest line: no excess anywhere (floor below)
-    scale = torch.zeros_like(probe).index_add_(0, at, terms.abs()) + probe.abs()
+    scale = signed.abs_().sum(0)  # the terms' sizes, and the AD product's
     floor = scale.max()  # roundoff of cancellations
-    excess = diff - CHECK_TOLERANCE * eps * (scale + floor)
+    excess = diff - tol * (scale + floor)
     if not bool((excess > 0).any()):
         return []
     bad = (excess > 0).nonzero().reshape(-1)

@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented dispatch modes
 
 from torchjac._engine.sparse.index_sets import Sets
-from torchjac._engine.sparse.sparsity_base import Reader, Rule, dense_rule, tensors
-from torchjac._engine.sparse.sparsity_rules import choose_rule
+from torchjac._engine.sparse.sparsity_base import Reader, Rule, broadcast, dense_rule, tensors
+from torchjac._engine.sparse.sparsity_rules import choose_rule, pointwise_rule
 
 try:  # without it (a torch that moved it), storages are kept alive: no address is reused
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -67,7 +67,7 @@ class _Storages:
         self.n = n
         self.entries: dict[int, _Entry] = {}
         self.keep: list[Tensor] = []  # without StorageWeakRef: no address is ever reused
-        self._arange = torch.arange(n)
+        self._arange = torch.arange(0)  # grown when first needed (views rarely need it)
 
     def _entry(self, t: Tensor) -> _Entry | None:
         if t.numel() == 0 or t.layout != torch.strided or t.device.type == "meta":
@@ -94,7 +94,7 @@ class _Storages:
     def arange(self, size: int) -> Tensor:
         """``torch.arange(size)``, sliced from one kept tensor (never written)."""
         if self._arange.numel() < size:
-            self._arange = torch.arange(max(size, 2 * self._arange.numel()))
+            self._arange = torch.arange(max(size, self.n, 2 * self._arange.numel()))
         return self._arange[:size]
 
     def _offsets(self, t: Tensor, itemsize: int) -> Tensor:
@@ -170,6 +170,7 @@ class _Op:
     metadata: bool  # changes metadata only (squeeze_, t_): the storage's sets are unchanged
     view: bool  # returns views of its arguments only (slice, select, view): no data made
     rule: Rule | None
+    elementwise: bool  # the pointwise rule, writing no argument: ``_Tracer._elementwise``
 
 
 _OPS: dict[int, tuple[Any, _Op]] = {}  # by id: an aten op's hash is Python code
@@ -183,7 +184,9 @@ def _op(func: Any) -> _Op:
     writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
     metadata = torch.Tag.inplace_view in func.tags and func is not aten.resize_.default
     view = not writes and bool(schema.returns) and all(r.alias_info for r in schema.returns)
-    op = _Op(writes, func in _BRANCHES, metadata, view, choose_rule(func))
+    rule, branch = choose_rule(func), func in _BRANCHES
+    elementwise = rule is pointwise_rule and not writes and not branch and not view
+    op = _Op(writes, branch, metadata, view, rule, elementwise)
     _OPS[id(func)] = (func, op)
     return op
 
@@ -197,23 +200,35 @@ class _Tracer(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         op = _op(func)
+        if op.view or op.metadata:  # no data made, no storage's sets changed: nothing to do
+            return func(*args, **kwargs)
         leaves = tensors(args) + tensors(kwargs) if kwargs else tensors(args)
-        cache: dict[int, Sets] = {}
-        read = self.storages.read
-
-        def reader(t: Tensor) -> Sets:
-            found = cache.get(id(t))
-            if found is None:
-                found = cache[id(t)] = read(t)
-            return found
-
+        if op.elementwise:
+            out = func(*args, **kwargs)
+            if isinstance(out, Tensor) and self._elementwise(out, leaves):
+                return out
+            return self._after(func, op, args, kwargs, leaves, out, [], _cached(self.storages))
+        reader = _cached(self.storages)
         # read before a write can change them; an op that writes nothing is read after it
         # runs, if it makes data at all (a view makes none: no read)
         early = op.writes or op.branch
         tracked = [t for t in leaves if reader(t).live] if early else []
-        out = func(*args, **kwargs)
-        if op.metadata or op.view:
-            return out
+        return self._after(func, op, args, kwargs, leaves, func(*args, **kwargs), tracked, reader)
+
+    def _after(
+        self,
+        func: Any,
+        op: _Op,
+        args: Any,
+        kwargs: Any,
+        leaves: list[Tensor],
+        out: Any,
+        tracked: list[Tensor],
+        reader: Callable[[Tensor], Sets],
+    ) -> Any:
+        """The op has run: write its outputs' index sets (``tracked``: the live arguments, when
+        read before it ran)."""
+        early = op.writes or op.branch
         if op.branch and tracked:
             self.trace.branches.append(str(func.overloadpacket.__name__))
         fresh = _fresh(out, leaves)
@@ -233,6 +248,49 @@ class _Tracer(TorchDispatchMode):
         for i, (t, s) in enumerate(zip(targets, sets)):
             self.storages.write(t, s, fresh=i < len(fresh))
         return out
+
+    def _elementwise(self, out: Tensor, leaves: list[Tensor]) -> bool:
+        """``pointwise_rule`` for an op that made one fresh tensor, without the general path's
+        bookkeeping; ``False``: not that case, and the general path writes them (the op has
+        run)."""
+        if out.layout != torch.strided or not out.numel():
+            return False
+        at = out.untyped_storage().data_ptr()
+        read, n = self.storages.read, self.storages.n
+        floating = out.is_floating_point() or out.is_complex()
+        parts, tracked = [], False
+        for a in leaves:
+            if a.layout == torch.strided and a.untyped_storage().data_ptr() == at:
+                return False  # not a fresh output
+            sets = read(a)
+            if not sets.maybe_live:  # a constant (a slice of x may be empty too: unread)
+                continue
+            tracked = True
+            if floating and not (a.is_floating_point() or a.is_complex()):
+                continue  # NOTE [sparsity tracing]: a mask selects, it carries no derivative
+            if a.shape != out.shape:
+                try:
+                    sets = broadcast(sets, a, out.shape)
+                except RuntimeError:
+                    return False
+            parts.append(sets)
+        if tracked:  # else constants: nothing to write
+            self.storages.write(out, Sets.lazy_union(parts, out.numel(), n), fresh=True)
+        return True
+
+
+def _cached(storages: _Storages) -> Callable[[Tensor], Sets]:
+    """``storages.read``, each tensor read once (an op's rule may read an argument again)."""
+    cache: dict[int, Sets] = {}
+    read = storages.read
+
+    def reader(t: Tensor) -> Sets:
+        found = cache.get(id(t))
+        if found is None:
+            found = cache[id(t)] = read(t)
+        return found
+
+    return reader
 
 
 def _fresh(out: Any, leaves: list[Tensor]) -> list[Tensor]:

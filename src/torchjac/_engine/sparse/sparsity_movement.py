@@ -76,7 +76,7 @@ def movement_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read
                 del _code_maps[next(iter(_code_maps))]  # the oldest
             _code_maps[key] = at
         parts.append(read(k).gather(at, shifted=True))
-    return [Sets.union(parts, out.numel(), n)]
+    return [Sets.lazy_union(parts, out.numel(), n)]  # gathers: empty only if all "none"
 
 
 CACHED_CODES = 2**16  # output elements up to which an op's code map is kept

@@ -199,4 +199,4 @@ def convolution_rule(
         parts.append(per_channel.take(channel))
     if b_live:
         parts.append(read(bias).take(channel))
-    return [Sets.union(parts, out.numel(), n)]
+    return [Sets.lazy_union(parts, out.numel(), n)]

@@ -41,12 +41,16 @@ from torchjac._engine.sparse.sparsity_groups import (
 from torchjac._engine.sparse.sparsity_movement import movement_rule
 from torchjac._engine.sparse.sparsity_products import convolution_rule, matmul_rule
 
-__all__ = ["choose_rule"]
+__all__ = ["choose_rule", "pointwise_rule"]
 
 aten = torch.ops.aten
 
 
-def _pointwise(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader) -> Result:
+def pointwise_rule(
+    func: Any, args: Any, kwargs: Any, targets: list[Tensor], read: Reader
+) -> Result:
+    """Elementwise ops (NOTE [sparsity tracing]); ``_Tracer`` has a fast path for the common
+    case, which must agree with this rule."""
     leaves = read.tracked
     result = []
     for out in targets:
@@ -175,7 +179,7 @@ def choose_rule(func: Any) -> Rule | None:
     """The rule for an aten op overload, or ``None`` (dense, reported)."""
     name = func.overloadpacket.__name__
     if name in ("fill", "fill_") and func._overloadname == "Tensor":
-        return _pointwise  # filled with a (maybe tracked) 0-d tensor
+        return pointwise_rule  # filled with a (maybe tracked) 0-d tensor
     if name in CONSTANT:
         return _constant
     if name in COPY:
@@ -210,7 +214,7 @@ def choose_rule(func: Any) -> Rule | None:
     if _reduces(func, name):
         return reduction_rule
     if name in POINTWISE or _pointwise_tagged(func):
-        return _pointwise
+        return pointwise_rule
     return None
 
 
