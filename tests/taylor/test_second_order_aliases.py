@@ -166,3 +166,45 @@ def test_a_write_the_taylor_mode_cannot_see_stops_it(
         torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
         torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
         torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
+
+
+class _Keeps(torch.nn.Module):
+    """A model that keeps a detached activation, as feature extraction and logging do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)
+        self.kept: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        self.kept.append(h.detach())
+        return self.b(h * h.detach())  # the detached factor is a constant
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_a_detached_value_is_a_plain_tensor(fn) -> None:  # type: ignore[no-untyped-def]
+    """``detach`` on a Jet gives a plain tensor: the value the model keeps is an ordinary
+    tensor after the call (it was a Jet, carrying the Taylor coefficients, whose products with
+    parameters no longer built a graph), and it is a constant for the derivatives."""
+    torch.manual_seed(0)
+    model = _Keeps().double()
+    x = randn(3, 2, gen=torch.Generator().manual_seed(1))
+    got = fn(model, x, batch_dim=0)
+    kept = model.kept[-1]
+    assert type(kept) is Tensor and type(kept * 2) is Tensor
+    torch.testing.assert_close(kept, torch.tanh(model.a(x)).detach())
+    assert torch.nn.Linear(4, 1).double()(kept).requires_grad
+
+    def one(z: Tensor) -> Tensor:
+        h = torch.tanh(model.a(z))
+        return model.b(h * h.detach())
+
+    second = vmap(hessian(one))(x)
+    want = {
+        tj.jacobian: vmap(jacrev(one))(x),
+        tj.hessian: second,
+        tj.hessian_diagonal: second.diagonal(dim1=-2, dim2=-1),
+        tj.laplacian: second.diagonal(dim1=-2, dim2=-1).sum(-1),
+    }[fn]
+    torch.testing.assert_close(got, want)

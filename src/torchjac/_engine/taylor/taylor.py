@@ -127,6 +127,10 @@ class Jet(Tensor):
             self.first, self.pending = self.pending(), None
         return self.first if self.first is not None else self._stack[1 : 1 + self.spec.d]
 
+    def value_row(self) -> Tensor:
+        """``stack[0]``, the value, without computing or writing a lazy first order."""
+        return self._stack[0]
+
     def second_rows(self) -> Tensor:
         """``stack[1 + d :]``, without computing or writing a lazy first order."""
         return self._stack[1 + self.spec.d :]
