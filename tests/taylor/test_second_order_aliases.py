@@ -171,24 +171,27 @@ def test_a_write_the_taylor_mode_cannot_see_stops_it(
 class _Keeps(torch.nn.Module):
     """A model that keeps a detached activation, as feature extraction and logging do."""
 
-    def __init__(self) -> None:
+    def __init__(self, data: bool) -> None:
         super().__init__()
         self.a, self.b = torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)
         self.kept: list[Tensor] = []
+        self.data = data
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.a(x))
-        self.kept.append(h.detach())
+        self.kept.append(h.data if self.data else h.detach())
         return self.b(h * h.detach())  # the detached factor is a constant
 
 
+@pytest.mark.parametrize("data", [False, True], ids=["detach", "data"])
 @pytest.mark.parametrize("fn", FNS)
-def test_a_detached_value_is_a_plain_tensor(fn) -> None:  # type: ignore[no-untyped-def]
-    """``detach`` on a Jet gives a plain tensor: the value the model keeps is an ordinary
-    tensor after the call (it was a Jet, carrying the Taylor coefficients, whose products with
-    parameters no longer built a graph), and it is a constant for the derivatives."""
+def test_a_detached_value_is_a_plain_tensor(fn, data: bool) -> None:  # type: ignore[no-untyped-def]
+    """``detach`` (or ``.data``) on a Jet gives a plain tensor: the value the model keeps is an
+    ordinary tensor after the call (it was a Jet, carrying the Taylor coefficients, whose
+    products with parameters no longer built a graph), and it is a constant for the
+    derivatives."""
     torch.manual_seed(0)
-    model = _Keeps().double()
+    model = _Keeps(data).double()
     x = randn(3, 2, gen=torch.Generator().manual_seed(1))
     got = fn(model, x, batch_dim=0)
     kept = model.kept[-1]

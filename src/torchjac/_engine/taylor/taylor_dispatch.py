@@ -88,7 +88,8 @@ def dispatch(
         if name != "requires_grad_":
             _check_not_aliased(args[0])
         return _inplace(func, name, args, kwargs)
-    if name == "detach" and len(args) == 1 and not kwargs and isinstance(args[0], Jet):
+    detached = name == "detach" or getattr(func, "__self__", None) is Tensor.data  # .data too
+    if detached and len(args) == 1 and not kwargs and isinstance(args[0], Jet):
         # A detached value is a constant, and a constant is a plain tensor here (a Jet would
         # escape into what the function keeps, an attribute or a hook's list, and outlive the
         # call); it shares the value's storage, as ``detach`` does, so a write into the Jet
