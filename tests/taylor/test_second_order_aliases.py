@@ -211,3 +211,34 @@ def test_a_detached_value_is_a_plain_tensor(fn, data: bool) -> None:  # type: ig
         tj.laplacian: second.diagonal(dim1=-2, dim2=-1).sum(-1),
     }[fn]
     torch.testing.assert_close(got, want)
+
+
+def _written_from_a_scalar(width: int) -> Callable[[Tensor], Tensor]:
+    m = randn(2, width, gen=torch.Generator().manual_seed(3))
+
+    def f(x: Tensor) -> Tensor:
+        h = torch.tanh(x @ m)
+        g = h * 1.0
+        g.copy_(torch.tensor(0.5, dtype=x.dtype))  # a 0-d source, broadcast over [B, width]
+        return (h * (g + 1.0)).sum(-1)
+
+    return f
+
+
+@pytest.mark.parametrize("width", [3, 4, 5, 6])
+def test_a_write_from_a_smaller_source_broadcasts_as_a_value(width: int) -> None:
+    """An in-place write from a source of fewer dimensions broadcasts its coefficients as its
+    value broadcasts: a 0-d source's stack ``[K]`` was aligned with the target's last dimension,
+    which went through silently (and wrongly) when that dimension has ``K`` elements (3 for a
+    first order in 2 inputs, 4 for a trace, 5 for a diagonal, 6 for a Hessian)."""
+    func = _written_from_a_scalar(width)
+    x = randn(4, 2, gen=torch.Generator().manual_seed(4))
+    single = lambda r: func(r[None])[0]  # noqa: E731
+    h = vmap(hessian(single))(x)
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(
+        tj.jacobian(func, x, batch_dim=0, mode="fwd"), vmap(jacrev(single))(x)
+    )
+    torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
+    torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
+    torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)

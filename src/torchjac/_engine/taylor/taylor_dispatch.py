@@ -137,7 +137,13 @@ def _assign(jet: Jet, new: Any) -> Jet:
     if jet.spec.tape is not None:  # tape entries hold this Jet: its value must not change
         raise NeedForward
     stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
-    jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
+    target = jet.stack.shape
+    # the source broadcasts as a value would: its dimensions align with the target's last ones,
+    # never with the coefficients' (a 0-d source's [K] stack against [K, ..., n] with n == K)
+    lead = len(target) - stack.dim()
+    if lead > 0:
+        stack = stack.reshape(stack.shape[0], *([1] * lead), *stack.shape[1:])
+    jet.stack = stack.expand(target).to(jet.stack.dtype)
     jet.seed = False  # its first order is no longer the one-hot basis
     # NOTE [batch proof]: the batch of what was written, if it kept the same layout
     jet.bdim = new.bdim if isinstance(new, Jet) and new.dim() == jet.dim() else None
