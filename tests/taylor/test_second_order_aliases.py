@@ -242,3 +242,23 @@ def test_a_write_from_a_smaller_source_broadcasts_as_a_value(width: int) -> None
     torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
     torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
     torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
+
+
+@pytest.mark.parametrize("width", [3, 4, 5, 6])
+def test_an_item_assigned_from_a_smaller_value_broadcasts_as_a_value(width: int) -> None:
+    """``h[1] = s`` with a 0-d ``s`` carrying derivatives: its stack ``[K]`` was aligned with the
+    row's ``width`` elements, silently wrong when ``width == K`` (an unbatched input of 2:
+    3 for a first order, 4 for a trace, 5 for a diagonal, 6 for a Hessian)."""
+    m = randn(2, width, gen=torch.Generator().manual_seed(5))
+
+    def f(x: Tensor) -> Tensor:
+        h = torch.tanh(torch.stack([x @ m, (2 * x) @ m, x.sin() @ m])) * 1.0
+        h[1] = (x**2).sum()
+        return (h**2).sum()
+
+    x = randn(2, gen=torch.Generator().manual_seed(6))
+    h = hessian(f)(x)
+    torch.testing.assert_close(tj.jacobian(f, x, mode="fwd"), jacrev(f)(x))
+    torch.testing.assert_close(tj.laplacian(f, x), h.diagonal().sum())
+    torch.testing.assert_close(tj.hessian_diagonal(f, x), h.diagonal())
+    torch.testing.assert_close(tj.hessian(f, x), h)

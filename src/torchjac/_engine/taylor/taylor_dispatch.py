@@ -138,16 +138,20 @@ def _assign(jet: Jet, new: Any) -> Jet:
         raise NeedForward
     stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
     target = jet.stack.shape
-    # the source broadcasts as a value would: its dimensions align with the target's last ones,
-    # never with the coefficients' (a 0-d source's [K] stack against [K, ..., n] with n == K)
-    lead = len(target) - stack.dim()
-    if lead > 0:
-        stack = stack.reshape(stack.shape[0], *([1] * lead), *stack.shape[1:])
-    jet.stack = stack.expand(target).to(jet.stack.dtype)
+    jet.stack = _as_value(stack, len(target)).expand(target).to(jet.stack.dtype)
     jet.seed = False  # its first order is no longer the one-hot basis
     # NOTE [batch proof]: the batch of what was written, if it kept the same layout
     jet.bdim = new.bdim if isinstance(new, Jet) and new.dim() == jet.dim() else None
     return jet
+
+
+def _as_value(stack: Tensor, dims: int) -> Tensor:
+    """A source's stack ``[K, *shape]`` with ones after ``K`` up to ``dims`` dimensions, so
+    that it broadcasts into a target as its value does: its dimensions align with the target's
+    last ones, never with the coefficients' (a 0-d source's ``[K]`` against ``[K, ..., n]`` was
+    taken for ``n`` values when ``n == K``)."""
+    lead = dims - stack.dim()
+    return stack if lead <= 0 else stack.reshape(stack.shape[0], *([1] * lead), *stack.shape[1:])
 
 
 def _inplace(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -175,7 +179,10 @@ def _setitem(args: tuple[Any, ...]) -> Any:
     _check_not_aliased(target)
     stack = target.stack.clone()
     full = (slice(None), *(index if isinstance(index, tuple) else (index,)))
-    stack[full] = promote(value, target.spec) if isinstance(value, Jet) else 0
+    if isinstance(value, Jet):  # broadcast as the value does (see ``_as_value``)
+        stack[full] = _as_value(promote(value, target.spec), stack[full].dim())
+    else:
+        stack[full] = 0
     if not isinstance(value, Jet):
         stack[0][index] = value
     else:  # NOTE [batch proof]: a derivative-carrying value from anywhere: no longer proven
