@@ -134,6 +134,23 @@ def test_the_one_pass_frees_the_graph_unless_retained(fn: str) -> None:
     assert all(p.grad is not None for p in ps)
 
 
+@pytest.mark.parametrize("fn", ["jac", "gramian"])
+def test_a_failed_freeing_pass_names_its_own_cause(fn: str) -> None:
+    """NOTE [one pass frees]: a freeing pass that fails is not retried as a loop (the retry met
+    the half-freed graph and its 'a second time' hid the cause, here an in-place write on a
+    saved value, which the user's own backward would name)."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(2, 3), nn.Linear(3, 2)
+    x = torch.randn(4, 2, requires_grad=True)
+    h = torch.relu(lin1(x))
+    h += 1.0  # writes relu's output, which relu saved for its backward
+    inputs = [x] if fn == "jac" else [*lin1.parameters(), *lin2.parameters()]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+        getattr(tj, fn)(lin2(h), inputs)
+    assert "a second time" not in str(info.value)
+    assert "retain_graph=True" in str(info.value)
+
+
 def test_a_custom_function_keeps_the_release_pass_and_its_fallback() -> None:
     """With a custom Function on the graph the pass keeps the graph: a vmap failure inside it
     still falls back to a loop, and the release pass frees the graph afterwards."""

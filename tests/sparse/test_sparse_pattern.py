@@ -109,6 +109,23 @@ def test_index_sets_take_relabel_union() -> None:
     assert torch.equal(pattern_csr(u).to_dense(), torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]]).bool())
 
 
+@pytest.mark.parametrize(
+    "func",
+    [
+        lambda x: torch.zeros(2, 3, dtype=x.dtype) @ x,
+        lambda x: x @ torch.zeros(3, 2, dtype=x.dtype) + x[:2] ** 2,
+        lambda x: torch.addmm(x[:2].view(2, 1), torch.zeros(2, 3, dtype=x.dtype), x.view(3, 1)),
+    ],
+    ids=["mv", "mm-plus", "addmm"],
+)
+def test_a_constant_operand_without_nonzeros(func) -> None:  # type: ignore[no-untyped-def]
+    """A product with an all-zero constant adds no pairs (an empty gather, which raised)."""
+    x = torch.randn(3, dtype=DTYPE)
+    want = jacobian(func, x).reshape(-1, 3)
+    assert not ((want != 0) & ~tj.sparsity_pattern(func, x).to_dense()).any()
+    torch.testing.assert_close(tj.sparse_jacobian(func, x).to_dense(), want)
+
+
 def test_index_sets_padded_rows_lazy_unions_and_views() -> None:
     eye = Sets.identity(6)
     shifted = eye.gather(torch.tensor([1, 2, 3, 4, 5, -1]))  # one gather, -1: none

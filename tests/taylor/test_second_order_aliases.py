@@ -166,3 +166,99 @@ def test_a_write_the_taylor_mode_cannot_see_stops_it(
         torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
         torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
         torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
+
+
+class _Keeps(torch.nn.Module):
+    """A model that keeps a detached activation, as feature extraction and logging do."""
+
+    def __init__(self, data: bool) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)
+        self.kept: list[Tensor] = []
+        self.data = data
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        self.kept.append(h.data if self.data else h.detach())
+        return self.b(h * h.detach())  # the detached factor is a constant
+
+
+@pytest.mark.parametrize("data", [False, True], ids=["detach", "data"])
+@pytest.mark.parametrize("fn", FNS)
+def test_a_detached_value_is_a_plain_tensor(fn, data: bool) -> None:  # type: ignore[no-untyped-def]
+    """``detach`` (or ``.data``) on a Jet gives a plain tensor: the value the model keeps is an
+    ordinary tensor after the call (it was a Jet, carrying the Taylor coefficients, whose
+    products with parameters no longer built a graph), and it is a constant for the
+    derivatives."""
+    torch.manual_seed(0)
+    model = _Keeps(data).double()
+    x = randn(3, 2, gen=torch.Generator().manual_seed(1))
+    got = fn(model, x, batch_dim=0)
+    kept = model.kept[-1]
+    assert type(kept) is Tensor and type(kept * 2) is Tensor
+    torch.testing.assert_close(kept, torch.tanh(model.a(x)).detach())
+    assert torch.nn.Linear(4, 1).double()(kept).requires_grad
+
+    def one(z: Tensor) -> Tensor:
+        h = torch.tanh(model.a(z))
+        return model.b(h * h.detach())
+
+    second = vmap(hessian(one))(x)
+    want = {
+        tj.jacobian: vmap(jacrev(one))(x),
+        tj.hessian: second,
+        tj.hessian_diagonal: second.diagonal(dim1=-2, dim2=-1),
+        tj.laplacian: second.diagonal(dim1=-2, dim2=-1).sum(-1),
+    }[fn]
+    torch.testing.assert_close(got, want)
+
+
+def _written_from_a_scalar(width: int) -> Callable[[Tensor], Tensor]:
+    m = randn(2, width, gen=torch.Generator().manual_seed(3))
+
+    def f(x: Tensor) -> Tensor:
+        h = torch.tanh(x @ m)
+        g = h * 1.0
+        g.copy_(torch.tensor(0.5, dtype=x.dtype))  # a 0-d source, broadcast over [B, width]
+        return (h * (g + 1.0)).sum(-1)
+
+    return f
+
+
+@pytest.mark.parametrize("width", [3, 4, 5, 6])
+def test_a_write_from_a_smaller_source_broadcasts_as_a_value(width: int) -> None:
+    """An in-place write from a source of fewer dimensions broadcasts its coefficients as its
+    value broadcasts: a 0-d source's stack ``[K]`` was aligned with the target's last dimension,
+    which went through silently (and wrongly) when that dimension has ``K`` elements (3 for a
+    first order in 2 inputs, 4 for a trace, 5 for a diagonal, 6 for a Hessian)."""
+    func = _written_from_a_scalar(width)
+    x = randn(4, 2, gen=torch.Generator().manual_seed(4))
+    single = lambda r: func(r[None])[0]  # noqa: E731
+    h = vmap(hessian(single))(x)
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(
+        tj.jacobian(func, x, batch_dim=0, mode="fwd"), vmap(jacrev(single))(x)
+    )
+    torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
+    torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
+    torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
+
+
+@pytest.mark.parametrize("width", [3, 4, 5, 6])
+def test_an_item_assigned_from_a_smaller_value_broadcasts_as_a_value(width: int) -> None:
+    """``h[1] = s`` with a 0-d ``s`` carrying derivatives: its stack ``[K]`` was aligned with the
+    row's ``width`` elements, silently wrong when ``width == K`` (an unbatched input of 2:
+    3 for a first order, 4 for a trace, 5 for a diagonal, 6 for a Hessian)."""
+    m = randn(2, width, gen=torch.Generator().manual_seed(5))
+
+    def f(x: Tensor) -> Tensor:
+        h = torch.tanh(torch.stack([x @ m, (2 * x) @ m, x.sin() @ m])) * 1.0
+        h[1] = (x**2).sum()
+        return (h**2).sum()
+
+    x = randn(2, gen=torch.Generator().manual_seed(6))
+    h = hessian(f)(x)
+    torch.testing.assert_close(tj.jacobian(f, x, mode="fwd"), jacrev(f)(x))
+    torch.testing.assert_close(tj.laplacian(f, x), h.diagonal().sum())
+    torch.testing.assert_close(tj.hessian_diagonal(f, x), h.diagonal())
+    torch.testing.assert_close(tj.hessian(f, x), h)

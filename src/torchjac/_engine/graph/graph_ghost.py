@@ -44,7 +44,7 @@ from torch import Tensor
 from torchjac._engine.core import fast
 from torchjac._engine.core.lean_vmap import vmap_first
 from torchjac._engine.core.plan import LOOP_NODE_S, MAC_S, choose_graph_chunk_size
-from torchjac._engine.core.run import run_chunks
+from torchjac._engine.core.run import FinalError, run_chunks
 from torchjac._engine.graph.graph_probes import GraphProblem, freed_message
 from torchjac._engine.kernel import kernels
 
@@ -220,9 +220,14 @@ def ghost_gramian(
                 for g, s in zip(grads, shapes)
             ]
 
-        if batched:
-            return list(vmap_first(one)(*cots))
-        return [g.unsqueeze(0) for g in one(*[c[0] for c in cots])]
+        if not freeing:
+            return _pass(one, cots, batched)
+        try:
+            return _pass(one, cots, batched)
+        except TypeError:  # a torch whose autograd.grad takes no edges
+            raise
+        except Exception as err:  # NOTE [one pass frees]: final, never retried as a loop
+            raise FinalError(freed_message(p.fn_name, err)) from err
 
     def write(start: int, stop: int, grads: list[Tensor]) -> None:
         for k, g in enumerate(grads):
@@ -241,7 +246,7 @@ def ghost_gramian(
             raise
         return None
     except Exception as err:
-        if freeing:  # NOTE [one pass frees]: no retry on a graph that may be partly freed
+        if freeing and not isinstance(err, FinalError):  # NOTE [one pass frees]
             raise RuntimeError(freed_message(p.fn_name, err)) from err
         raise
     if freeing:
@@ -283,6 +288,14 @@ def _rows_from_delta(a: Tensor, d: Tensor) -> Tensor:
     one product measured 1.6-1.9x slower)."""
     m, n, out = d.shape
     return torch.bmm(d.transpose(1, 2), a.expand(m, n, a.shape[1])).view(m, out * a.shape[1])
+
+
+def _pass(one: Callable[..., list[Tensor]], cots: list[Tensor], batched: bool) -> list[Tensor]:
+    """One pass of ``one`` over the cotangents: vectorised over their first dimension, or on
+    the single probe they hold."""
+    if batched:
+        return list(vmap_first(one)(*cots))
+    return [g.unsqueeze(0) for g in one(*[c[0] for c in cots])]
 
 
 def _row_matrix(g: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torchjac._engine.core.attention import FIX, names_fused_attention
 from torchjac._engine.core.basis import Group
 from torchjac._engine.core.lean_vmap import batched_grad
 from torchjac._engine.core.plan import GRAPH_COLUMN_COST, choose_graph_chunk_size, choose_mode
-from torchjac._engine.core.run import run_chunks
+from torchjac._engine.core.run import FinalError, run_chunks
 from torchjac._engine.core.structure import check_independent
 from torchjac._engine.graph.graph_columns import columns
 from torchjac._engine.graph.graph_release import release_graph, retained_batch_hint
@@ -284,8 +284,8 @@ def _rows(
             return p.grad(targets, [ins[j] for j in live], cots, batched)
         try:
             return p.grad(targets, [ins[j] for j in live], cots, batched, retain=False)
-        except Exception as err:
-            raise RuntimeError(freed_message(p.fn_name, err)) from err
+        except Exception as err:  # NOTE [one pass frees]: final, never retried as a loop
+            raise FinalError(freed_message(p.fn_name, err)) from err
 
     def write(start: int, stop: int, grads: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(live, grads):

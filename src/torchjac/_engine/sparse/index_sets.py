@@ -208,8 +208,8 @@ class Sets:
         """Row ``i`` of the result is the union of rows ``idx[i, :]`` of this one (``idx``
         ``[r]`` or ``[r, s]``, ``-1`` for none; any order, repeats allowed). ``shifted``:
         ``idx`` is one more (``0`` for none)."""
-        idx = idx.long().reshape(idx.shape[0] if idx.dim() else 1, -1)
-        r = idx.shape[0]
+        r = idx.shape[0] if idx.dim() else 1
+        idx = idx.long().reshape(r, math.prod(idx.shape[1:]))  # not ``-1``: ``idx`` may be empty
         if r == 0 or not self.live:
             return Sets.empty(r, self.n)
         e = self.ell()

@@ -127,6 +127,14 @@ class Jet(Tensor):
             self.first, self.pending = self.pending(), None
         return self.first if self.first is not None else self._stack[1 : 1 + self.spec.d]
 
+    def value_row(self) -> Tensor:
+        """``stack[0]``, the value, without computing or writing a lazy first order (a copy
+        where a broadcast write left it with repeated elements, so that it can be written)."""
+        value = self._stack[0]
+        if any(st == 0 and n > 1 for st, n in zip(value.stride(), value.shape)):
+            return value.clone()
+        return value
+
     def second_rows(self) -> Tensor:
         """``stack[1 + d :]``, without computing or writing a lazy first order."""
         return self._stack[1 + self.spec.d :]

@@ -88,6 +88,14 @@ def dispatch(
         if name != "requires_grad_":
             _check_not_aliased(args[0])
         return _inplace(func, name, args, kwargs)
+    detached = name == "detach" or getattr(func, "__self__", None) is Tensor.data  # .data too
+    if detached and len(args) == 1 and not kwargs and isinstance(args[0], Jet):
+        # A detached value is a constant, and a constant is a plain tensor here (a Jet would
+        # escape into what the function keeps, an attribute or a hook's list, and outlive the
+        # call); it shares the value's storage, as ``detach`` does, so a write into the Jet
+        # after it stops the Taylor mode (``_check_not_aliased``).
+        args[0].aliased = True
+        return args[0].value_row().detach()
     if name == "__iter__" and isinstance(args[0], Jet):
         return iter(dispatch(Tensor.unbind, args, {}))
     if kwargs.get("inplace") is True and args and isinstance(args[0], Jet):
@@ -129,11 +137,21 @@ def _assign(jet: Jet, new: Any) -> Jet:
     if jet.spec.tape is not None:  # tape entries hold this Jet: its value must not change
         raise NeedForward
     stack = new.stack if isinstance(new, Jet) else constant(new, jet.spec)
-    jet.stack = stack.expand(jet.stack.shape).to(jet.stack.dtype)
+    target = jet.stack.shape
+    jet.stack = _as_value(stack, len(target)).expand(target).to(jet.stack.dtype)
     jet.seed = False  # its first order is no longer the one-hot basis
     # NOTE [batch proof]: the batch of what was written, if it kept the same layout
     jet.bdim = new.bdim if isinstance(new, Jet) and new.dim() == jet.dim() else None
     return jet
+
+
+def _as_value(stack: Tensor, dims: int) -> Tensor:
+    """A source's stack ``[K, *shape]`` with ones after ``K`` up to ``dims`` dimensions, so
+    that it broadcasts into a target as its value does: its dimensions align with the target's
+    last ones, never with the coefficients' (a 0-d source's ``[K]`` against ``[K, ..., n]`` was
+    taken for ``n`` values when ``n == K``)."""
+    lead = dims - stack.dim()
+    return stack if lead <= 0 else stack.reshape(stack.shape[0], *([1] * lead), *stack.shape[1:])
 
 
 def _inplace(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -161,7 +179,10 @@ def _setitem(args: tuple[Any, ...]) -> Any:
     _check_not_aliased(target)
     stack = target.stack.clone()
     full = (slice(None), *(index if isinstance(index, tuple) else (index,)))
-    stack[full] = promote(value, target.spec) if isinstance(value, Jet) else 0
+    if isinstance(value, Jet):  # broadcast as the value does (see ``_as_value``)
+        stack[full] = _as_value(promote(value, target.spec), stack[full].dim())
+    else:
+        stack[full] = 0
     if not isinstance(value, Jet):
         stack[0][index] = value
     else:  # NOTE [batch proof]: a derivative-carrying value from anywhere: no longer proven
