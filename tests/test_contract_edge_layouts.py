@@ -98,3 +98,22 @@ def test_has_aux_returns_result_and_aux(name: str, batch_dim: int | None) -> Non
     assert type(aux) is dict and list(aux) == ["y"]
     torch.testing.assert_close(aux["y"], f(x)[0])
     torch.testing.assert_close(result, getattr(tj, name)(lambda x: f(x)[0], x, batch_dim=batch_dim))
+
+
+@pytest.mark.parametrize("name", ["jacobian", "hessian", "hessian_diagonal", "laplacian"])
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_aux_carries_no_graph_whichever_plan_ran(
+    name: str, mode: str, batch_dim: int | None
+) -> None:
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]], dtype=torch.float64)
+
+    def f(x: Tensor) -> tuple[Tensor, dict[str, object]]:
+        y = torch.tanh(lin(x))[..., 0]
+        return y, {"y": y * 2, "sum": [x.sum(), 3]}
+
+    _, aux = getattr(tj, name)(f, x, has_aux=True, batch_dim=batch_dim, mode=mode)
+    assert not aux["y"].requires_grad and aux["y"].grad_fn is None
+    assert not aux["sum"][0].requires_grad and aux["sum"][1] == 3
+    torch.testing.assert_close(aux["y"], f(x)[1]["y"].detach())

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from torchjac._checks import (
     check_batch_dim,
@@ -104,4 +105,14 @@ def in_shape(p: FuncProblem, t: Traced | TaylorResult, j: int) -> tuple[int, ...
 
 
 def finish(p: FuncProblem, t: Traced | TaylorResult, result: Any) -> Any:
-    return (result, t.aux) if p.has_aux else result
+    """``result``, with the aux value when ``has_aux``: without ``create_graph`` its tensors carry
+    no graph, whichever plan ran (a pass of rows calls ``func`` on inputs of its own that
+    require grad, so its aux hung on that internal graph)."""
+    if not p.has_aux:
+        return result
+    aux = t.aux if p.create_graph else tree_map(_detached, t.aux)
+    return result, aux
+
+
+def _detached(a: Any) -> Any:
+    return a.detach() if isinstance(a, Tensor) else a
