@@ -97,7 +97,11 @@ def test_the_w5c_sweep_plot_is_written_and_its_absence_is_stale(tmp_path: Path) 
     results.write_text((ROOT / "benchmarks" / "RESULTS.md").read_text())
     readme = tmp_path / "README.md"
     readme.write_text((ROOT / "README.md").read_text())
-    args = ["--check", "--results", str(results), "--readme", str(readme)]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    args = ["--check", "--results", str(results), "--readme", str(readme), "--docs", str(docs)]
     assert render.main(args) == 1
     (tmp_path / render.SWEEP_PLOT).write_bytes(b"")
+    assert render.main(args) == 1  # the docs' copy is missing still
+    (docs / render.SWEEP_PLOT).write_bytes(b"")
     assert render.main(args) == 0
