@@ -251,3 +251,20 @@ def test_an_input_requiring_grad_keeps_no_grad_and_the_result_no_graph(mode: str
         u = point.detach()
         want = torch.diag(torch.roll(u, 1)) + torch.roll(torch.eye(5), 1, 0) * u.view(-1, 1)
         torch.testing.assert_close(J.to_dense(), want.to(DTYPE))
+
+
+@pytest.mark.parametrize("func", [tj.sparse_jacobian, tj.sparsity_pattern])
+def test_torch_beta_warning_stays_hidden_when_torch_warns_always(func) -> None:  # type: ignore[no-untyped-def]
+    """``torch.set_warn_always(True)`` makes torch's once-only beta warning show every time:
+    a result's CSR construction still hides it (warnings are errors here)."""
+    x = torch.randn(5, dtype=DTYPE)
+    f = lambda u: torch.roll(u, 1) * u  # noqa: E731
+    func(f, x)  # the first call, under torch's default
+    was = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            func(f, x)
+    finally:
+        torch.set_warn_always(was)
