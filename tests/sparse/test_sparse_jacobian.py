@@ -268,3 +268,25 @@ def test_torch_beta_warning_stays_hidden_when_torch_warns_always(func) -> None: 
             func(f, x)
     finally:
         torch.set_warn_always(was)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+@pytest.mark.parametrize("given", [False, True])
+def test_a_func_writing_into_its_argument_leaves_x_alone(chunk_size, given) -> None:  # type: ignore[no-untyped-def]
+    """Forward probes give ``func`` a copy of its (dual) input: ``x`` is not written, and
+    each probe sees ``x``, not the point the previous probe left."""
+
+    def writes(u: torch.Tensor) -> torch.Tensor:
+        u[1:] += u[:-1].clone() ** 2
+        u.mul_(2)
+        return u
+
+    def pure(u: torch.Tensor) -> torch.Tensor:
+        return torch.cat([u[:1], u[1:] + u[:-1] ** 2]) * 2
+
+    x = torch.randn(6, dtype=DTYPE)
+    before = x.clone()
+    pattern = tj.sparsity_pattern(pure, x) if given else None
+    J = tj.sparse_jacobian(writes, x, mode="fwd", pattern=pattern, chunk_size=chunk_size)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(pure)(x))
