@@ -290,3 +290,22 @@ def test_a_func_writing_into_its_argument_leaves_x_alone(chunk_size, given) -> N
     J = tj.sparse_jacobian(writes, x, mode="fwd", pattern=pattern, chunk_size=chunk_size)
     assert torch.equal(x, before)
     torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(pure)(x))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_a_pattern_with_an_entry_twice_counts_it_once(mode: str) -> None:
+    """A CSR built unchecked may hold an entry twice (or out of order): each entry of the
+    result is still the Jacobian's, once."""
+    crow, col = torch.tensor([0, 2, 4, 5]), torch.tensor([0, 0, 2, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's beta warning
+        ones = torch.ones(5, dtype=torch.bool)
+        pattern = torch.sparse_csr_tensor(crow, col, ones, (3, 3), check_invariants=False)
+    x = torch.randn(3, dtype=DTYPE)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        return u * 2 + torch.cat([u[:1] * 0, u[2:] * u[1:2], u[2:] * 0])
+
+    J = tj.sparse_jacobian(f, x, pattern=pattern, mode=mode)
+    torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(f)(x))
+    assert J.values().numel() == 4
