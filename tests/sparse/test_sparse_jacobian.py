@@ -251,3 +251,61 @@ def test_an_input_requiring_grad_keeps_no_grad_and_the_result_no_graph(mode: str
         u = point.detach()
         want = torch.diag(torch.roll(u, 1)) + torch.roll(torch.eye(5), 1, 0) * u.view(-1, 1)
         torch.testing.assert_close(J.to_dense(), want.to(DTYPE))
+
+
+@pytest.mark.parametrize("func", [tj.sparse_jacobian, tj.sparsity_pattern])
+def test_torch_beta_warning_stays_hidden_when_torch_warns_always(func) -> None:  # type: ignore[no-untyped-def]
+    """``torch.set_warn_always(True)`` makes torch's once-only beta warning show every time:
+    a result's CSR construction still hides it (warnings are errors here)."""
+    x = torch.randn(5, dtype=DTYPE)
+    f = lambda u: torch.roll(u, 1) * u  # noqa: E731
+    func(f, x)  # the first call, under torch's default
+    was = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            func(f, x)
+    finally:
+        torch.set_warn_always(was)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+@pytest.mark.parametrize("given", [False, True])
+def test_a_func_writing_into_its_argument_leaves_x_alone(chunk_size, given) -> None:  # type: ignore[no-untyped-def]
+    """Forward probes give ``func`` a copy of its (dual) input: ``x`` is not written, and
+    each probe sees ``x``, not the point the previous probe left."""
+
+    def writes(u: torch.Tensor) -> torch.Tensor:
+        u[1:] += u[:-1].clone() ** 2
+        u.mul_(2)
+        return u
+
+    def pure(u: torch.Tensor) -> torch.Tensor:
+        return torch.cat([u[:1], u[1:] + u[:-1] ** 2]) * 2
+
+    x = torch.randn(6, dtype=DTYPE)
+    before = x.clone()
+    pattern = tj.sparsity_pattern(pure, x) if given else None
+    J = tj.sparse_jacobian(writes, x, mode="fwd", pattern=pattern, chunk_size=chunk_size)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(pure)(x))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_a_pattern_with_an_entry_twice_counts_it_once(mode: str) -> None:
+    """A CSR built unchecked may hold an entry twice (or out of order): each entry of the
+    result is still the Jacobian's, once."""
+    crow, col = torch.tensor([0, 2, 4, 5]), torch.tensor([0, 0, 2, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's beta warning
+        ones = torch.ones(5, dtype=torch.bool)
+        pattern = torch.sparse_csr_tensor(crow, col, ones, (3, 3), check_invariants=False)
+    x = torch.randn(3, dtype=DTYPE)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        return u * 2 + torch.cat([u[:1] * 0, u[2:] * u[1:2], u[2:] * 0])
+
+    J = tj.sparse_jacobian(f, x, pattern=pattern, mode=mode)
+    torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(f)(x))
+    assert J.values().numel() == 4

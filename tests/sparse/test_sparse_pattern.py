@@ -215,3 +215,17 @@ def test_kept_code_maps_follow_the_arguments(monkeypatch: pytest.MonkeyPatch) ->
             assert torch.equal(got, want)
             assert not ((jacobian(func, x).reshape(-1, x.numel()) != 0) & ~got).any()
     assert len(sparsity_movement._code_maps) >= len(funcs)
+
+
+def test_a_long_chain_of_elementwise_ops_is_no_deep_recursion() -> None:
+    """Their lazy unions nest as deep as the chain is long (NOTE [index sets]): asking the
+    last whether it is live (here the reduction does) walks them without recursion."""
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        y = u
+        for _ in range(800):  # 1,600 nested unions, past Python's recursion limit
+            y = y * u + u
+        return y.sum(0, keepdim=True)
+
+    x = torch.full((3,), 1e-3, dtype=DTYPE)
+    assert torch.equal(tj.sparsity_pattern(f, x).to_dense(), torch.ones(1, 3, dtype=torch.bool))

@@ -88,8 +88,10 @@ BETA_WARNING = "Sparse CSR tensor support is in beta"
 
 def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, ...]) -> Tensor:
     """``torch.sparse_csr_tensor`` without torch's "beta" warning (torch's, not the user's):
-    hidden while torch may still issue it (``catch_warnings`` cost a W9 call 18 us)."""
-    if _beta_warned_once():
+    hidden while torch may still issue it (``catch_warnings`` cost a W9 call 18 us): a
+    ``TORCH_WARN_ONCE`` already issued stays silent unless ``torch.set_warn_always(True)``,
+    which makes it show every time and is asked at each call."""
+    if _beta_warned_once() and not torch.is_warn_always_enabled():
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", BETA_WARNING, UserWarning)
@@ -99,7 +101,8 @@ def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, ...]) -> Ten
 @functools.cache
 def _beta_warned_once() -> bool:
     """Whether torch issues its beta warning once per process (a ``TORCH_WARN_ONCE``) and so
-    never again: two tiny tensors made here, all their warnings hidden, say so."""
+    never again (unless ``torch.set_warn_always(True)``, asked by the caller at each call):
+    two tiny tensors made here, all their warnings hidden, say so."""
     crow, col = torch.tensor([0, 1]), torch.tensor([0])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -174,13 +174,30 @@ class Sets:
         """Some element depends on some input."""
         if self._live is None:
             if self._parts is not None:  # an unchecked lazy union
-                self._live = any(p.live for p in self._parts)
+                self._live = self._any_part_live()
             elif self._ell is not None:
                 e = self._ell
                 self._live = bool(e.numel()) and bool(least(e) < self.n)
             else:
                 self._live = bool(self.row.numel())
         return self._live
+
+    def _any_part_live(self) -> bool:
+        """Some matrix at the bottom of this lazy union is live: a walk down the unions not
+        yet asked, without recursion (a chain of elementwise ops nests as deep as it is
+        long), each matrix met once."""
+        assert self._parts is not None
+        stack, seen = list(self._parts), set()
+        while stack:
+            s = stack.pop()
+            if id(s) in seen:
+                continue
+            seen.add(id(s))
+            if s._live is None and s._parts is not None:
+                stack.extend(s._parts)
+            elif s.live:
+                return True
+        return False
 
     @property
     def maybe_live(self) -> bool:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.sparse.colouring import Colouring, colour_columns, lattice_colouring
-from torchjac._engine.sparse.index_forms import csr, padded_to_pairs
+from torchjac._engine.sparse.index_forms import csr, padded_to_pairs, sorted_unique
 from torchjac._engine.sparse.index_sets import Sets
 
 __all__ = ["PatternPlan", "csr_parts", "pattern_csr", "plan_from", "plan_of"]
@@ -226,7 +226,15 @@ def plan_of(pattern: Tensor) -> PatternPlan:
     crow, col = pattern.crow_indices().cpu(), pattern.col_indices().cpu()
     rows = torch.repeat_interleave(torch.arange(m), crow[1:] - crow[:-1])
     keep = pattern.values().cpu()
-    if bool(keep.all()):
+    keys = rows * n + col
+    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        # not canonical (torch builds it unchecked): an entry twice would be read out twice,
+        # its value doubled by any sum of the result; sorted, each entry once (kept if any
+        # of its copies is True)
+        keys = sorted_unique(keys[keep])
+        rows, cols = keys // max(n, 1), keys % max(n, 1)
+        plan = PatternPlan(m, n, _crow(rows, m), rows, cols)
+    elif bool(keep.all()):
         plan = PatternPlan(m, n, crow.clone(), rows, col.clone())
     else:
         rows, cols = rows[keep], col[keep]

@@ -96,7 +96,7 @@ def _forward(
     """``[C + 1, m]``: ``J s_c`` for each colour, then ``J r``; and the output's shape."""
 
     def push(t: Tensor) -> Tensor:
-        return forward_jvp(p.outputs_only, (x,), (t,))[1][0]
+        return forward_jvp(_on_copy(p), (x,), (t,))[1][0]
 
     shape: list[torch.Size] = []
 
@@ -113,6 +113,14 @@ def _forward(
 
     block = _run(p.fn_name, col.count + 1, chunk, probe)
     return block, shape[0]
+
+
+def _on_copy(p: FuncProblem) -> Callable[[Tensor], Any]:
+    """``func`` called on a copy of its dual input: a ``func`` that writes into its argument
+    would write into ``x`` itself (a dual tensor is a view of its primal), and each probe
+    would see the point the previous one left (the reverse probes' graph starts from a copy
+    too: NOTE [sparsity tracing])."""
+    return lambda v: p.outputs_only(v.clone())
 
 
 def _reverse(
@@ -170,7 +178,7 @@ def compressed_jacobian(
             def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
                 t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
                 t[cols[rows == i]] = 0
-                y = forward_jvp(p.outputs_only, (x,), (t.view(x.shape),))[1][0]
+                y = forward_jvp(_on_copy(p), (x,), (t.view(x.shape),))[1][0]
                 return bool(y.reshape(-1)[i].isnan())
 
             _confirm(p.fn_name, "row", lines, push_nan)
