@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randn
+from conftest import randn, second_order_oracle
 from torch import Tensor
 from torch.func import hessian, jacrev, vmap
 
@@ -114,19 +114,11 @@ def _shape_then_inplace(x: Tensor) -> Tensor:
 )
 def test_in_place_values_are_exact(func: Callable[[Tensor], Tensor]) -> None:
     x = randn(3, 1, gen=torch.Generator().manual_seed(2))
-    single = lambda r: func(r[None])[0]  # noqa: E731
     if func is _scaled_through_positive:  # a write through an alias: nested AD, warned
         with pytest.warns(tj.FallbackWarning, match="shares memory with a view"):
             tj.laplacian(func, x, batch_dim=0)
         warnings.simplefilter("ignore", tj.FallbackWarning)
-    h = vmap(hessian(single))(x)
-    diag = h.diagonal(dim1=-2, dim2=-1)
-    torch.testing.assert_close(
-        tj.jacobian(func, x, batch_dim=0, mode="fwd"), vmap(jacrev(single))(x)
-    )
-    torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
-    torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
-    torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
+    _every_order_agrees(func, x)
 
 
 @torch.jit.script
@@ -158,14 +150,8 @@ def test_a_write_the_taylor_mode_cannot_see_stops_it(
     from torchjac._engine.core.fast import fast_paths
 
     x = randn(4, 3, gen=torch.Generator().manual_seed(3))
-    single = lambda r: func(r[None])[0]  # noqa: E731
-    h = vmap(hessian(single))(x)
-    diag = h.diagonal(dim1=-2, dim2=-1)
     with fast_paths(fast):
-        torch.testing.assert_close(tj.jacobian(func, x, batch_dim=0), vmap(jacrev(single))(x))
-        torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
-        torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
-        torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
+        _every_order_agrees(func, x, mode="auto")
 
 
 class _Keeps(torch.nn.Module):
@@ -233,15 +219,7 @@ def test_a_write_from_a_smaller_source_broadcasts_as_a_value(width: int) -> None
     first order in 2 inputs, 4 for a trace, 5 for a diagonal, 6 for a Hessian)."""
     func = _written_from_a_scalar(width)
     x = randn(4, 2, gen=torch.Generator().manual_seed(4))
-    single = lambda r: func(r[None])[0]  # noqa: E731
-    h = vmap(hessian(single))(x)
-    diag = h.diagonal(dim1=-2, dim2=-1)
-    torch.testing.assert_close(
-        tj.jacobian(func, x, batch_dim=0, mode="fwd"), vmap(jacrev(single))(x)
-    )
-    torch.testing.assert_close(tj.laplacian(func, x, batch_dim=0), diag.sum(-1))
-    torch.testing.assert_close(tj.hessian_diagonal(func, x, batch_dim=0), diag)
-    torch.testing.assert_close(tj.hessian(func, x, batch_dim=0), h)
+    _every_order_agrees(func, x)
 
 
 @pytest.mark.parametrize("width", [3, 4, 5, 6])
@@ -257,8 +235,15 @@ def test_an_item_assigned_from_a_smaller_value_broadcasts_as_a_value(width: int)
         return (h**2).sum()
 
     x = randn(2, gen=torch.Generator().manual_seed(6))
-    h = hessian(f)(x)
-    torch.testing.assert_close(tj.jacobian(f, x, mode="fwd"), jacrev(f)(x))
-    torch.testing.assert_close(tj.laplacian(f, x), h.diagonal().sum())
-    torch.testing.assert_close(tj.hessian_diagonal(f, x), h.diagonal())
-    torch.testing.assert_close(tj.hessian(f, x), h)
+    _every_order_agrees(f, x, batched=False)
+
+
+def _every_order_agrees(
+    func: Callable[[Tensor], Tensor], x: Tensor, batched: bool = True, mode: str = "fwd"
+) -> None:
+    """``jacobian`` (in ``mode``), ``laplacian``, ``hessian_diagonal`` and ``hessian`` of ``func``
+    at ``x`` (per sample when ``batched``) against ``torch.func``."""
+    per = {"batch_dim": 0} if batched else {}
+    for name in ("jacobian", "laplacian", "hessian_diagonal", "hessian"):
+        got = getattr(tj, name)(func, x, **per, **({"mode": mode} if name == "jacobian" else {}))
+        torch.testing.assert_close(got, second_order_oracle(name, func, x, batched), msg=name)
