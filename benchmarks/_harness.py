@@ -190,14 +190,17 @@ def time_strategies(
     """Time the checked strategies in interleaved rounds; fill ``times_ms``/``median_ms``.
 
     NOTE [repeats]: the check call warms up. Rounds interleave the strategies, so that load from
-    other processes hits them alike; a strategy slower than the budget is timed once (by its
-    check call if that took over ``reuse_first_s``), the others until ``repeats`` calls or their
-    share of the budget is spent (at least ``min_repeats``). ``torch.func`` is warmed up once per
-    process first (its first call pays for lazy imports, seconds). Each call follows a
-    ``gc.collect()``, so that no strategy pays for another's garbage, with the objects alive
-    before the rounds frozen (``gc.freeze``): a full collection walks every live object (about
-    290,000 with the peers imported), and the call after one ran up to 1.4 ms slower on W9 (a
-    bare ten-op function: 0.05 ms before, 0.4 ms after), a cost no loop of calls pays.
+    other processes hits them alike; a strategy slower than the budget is timed once (by its check
+    call if that took over ``reuse_first_s``), the others until ``repeats`` calls or their share of
+    the budget is spent (at least ``min_repeats``). ``torch.func`` is warmed up once per process
+    first (its first call pays for lazy imports, seconds). Each call follows a ``gc.collect()``, so
+    that no strategy pays for another's garbage, with the objects alive before the rounds frozen
+    (``gc.freeze``): a full collection walks every live object (about 290,000 with the peers
+    imported), and the call after one ran up to 1.4 ms slower on W9 (a bare ten-op function: 0.05 ms
+    before, 0.4 ms after), a cost no loop of calls pays. The order of the strategies rotates by one
+    each round: a call right after a peer that touched gigabytes ran on a cold machine (W9's slicing
+    form, 3.9 ms right after a dense ``jacfwd`` against 2.6 ms after another sparse call), and a
+    fixed order charged that to the same strategy every round.
     """
     wanted = [1 if f > timing.budget_s else timing.repeats for f in first_s]
     for row, first in zip(rows, first_s):
@@ -208,7 +211,8 @@ def time_strategies(
     gc.freeze()
     try:
         for round_ in range(max(wanted, default=0)):
-            for i, (row, strategy) in enumerate(zip(rows, strategies)):
+            for i in rotated(len(rows), round_):
+                row, strategy = rows[i], strategies[i]
                 done = len(row.times_ms)
                 if row.status or done >= wanted[i] or round_ > done:
                     continue
@@ -226,6 +230,13 @@ def time_strategies(
             row.median_ms = statistics.median(row.times_ms)
             fallback = any(w.startswith("FallbackWarning") for w in row.warnings)
             row.status = "ok (fallback warned)" if fallback else "ok"
+
+
+def rotated(count: int, round_: int) -> list[int]:
+    """The strategies' order in round ``round_``: rotated by one each round, so that each
+    follows each of the others equally often (NOTE [repeats])."""
+    start = round_ % max(count, 1)
+    return list(range(start, count)) + list(range(start))
 
 
 def _warm_up_torch_func() -> None:

@@ -32,13 +32,13 @@ SWEEP_PLOT = "W5C_SWEEP.png"  # beside RESULTS.md, and in docs/ whose benchmarks
 _RATIO_TICKS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
 
 _METHOD = (
-    "Every strategy's result is checked against a reference (float64 where affordable) before "
-    "it is timed. Strategies of a workload run in interleaved rounds, `gc.collect()` before each "
-    "call (the objects alive before the rounds frozen, so that it walks only new ones); the "
-    "figure is the median wall time per call after one untimed checked call. Ratio = "
-    "median / fastest peer: below 1, torchjac is faster. A *floor* row (copying a result of the "
-    "same size) is shown for scale and is not a peer. Timings on a shared machine move by 10-20% "
-    "from run to run; `--threads 1` keeps the ratios steadiest."
+    "Every strategy's result is checked against a reference (float64 where affordable) before it "
+    "is timed. Strategies of a workload run in interleaved rounds (the order rotated by one each "
+    "round), `gc.collect()` before each call (the objects alive before the rounds frozen, so that"
+    " it walks only new ones); the figure is the median wall time per call after one untimed "
+    "checked call. Ratio = median / fastest peer: below 1, torchjac is faster. A *floor* row "
+    "(copying a result of the same size) is shown for scale and is not a peer. Timings on a "
+    "shared machine move by 10-20% from run to run; `--threads 1` keeps the ratios steadiest."
 )
 
 

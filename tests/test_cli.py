@@ -133,6 +133,16 @@ def test_harness_rows_for_missing_peers_placeholders_and_wrong_results() -> None
     assert all(r.median_ms is None for r in rows.values() if r.status != "ok")
 
 
+def test_the_rounds_rotate_so_each_strategy_follows_each_other_equally() -> None:
+    from torchjac._bench import _import, find_benchmarks
+
+    h = _import("_harness", find_benchmarks())
+    orders = [h.rotated(3, r) for r in range(4)]
+    assert orders == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    assert {o[0] for o in orders[:3]} == {0, 1, 2}  # each is first (after a peer) once
+    assert h.rotated(0, 4) == [] and h.rotated(1, 7) == [0]
+
+
 @pytest.mark.slow
 def test_peak_memory_of_one_strategy_in_a_subprocess() -> None:
     from torchjac._bench import _import, find_benchmarks
