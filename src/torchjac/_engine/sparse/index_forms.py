@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "least",
     "padded_to_pairs",
     "pairs_to_padded",
+    "remember",
     "shrink",
     "sorted_unique",
     "take_pairs",
@@ -81,6 +83,13 @@ def pairs_to_padded(
     if col.numel():
         e[row, torch.arange(col.numel()) - starts[row]] = col
     return e
+
+
+def remember(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """``cache[key] = value`` in a cache of at most ``limit`` entries, the oldest dropped first."""
+    if key not in cache and len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 BETA_WARNING = "Sparse CSR tensor support is in beta"

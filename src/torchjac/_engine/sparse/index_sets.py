@@ -38,6 +38,7 @@ from torchjac._engine.sparse.index_forms import (
     least,
     padded_to_pairs,
     pairs_to_padded,
+    remember,
     shrink,
     sorted_unique,
     take_pairs,
@@ -107,9 +108,7 @@ class Sets:
             ar = torch.arange(n)
             found = Sets(n, n, ar, ar, ell=ar.view(n, 1))
             if n <= IDENTITY_ROWS:
-                if len(_identities) >= IDENTITIES:
-                    del _identities[next(iter(_identities))]  # the oldest
-                _identities[n] = found
+                remember(_identities, n, found, IDENTITIES)
         return found
 
     @staticmethod

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchjac._engine.sparse.index_forms import remember
 from torchjac._engine.sparse.index_sets import Sets
 from torchjac._engine.sparse.sparsity_base import Reader, Result, dense_rule, tensors
 
@@ -72,9 +73,7 @@ def movement_rule(func: Any, args: Any, kwargs: Any, targets: list[Tensor], read
         # op wrote) name none, or some element: a superset (NOTE [movement codes])
         at = res.reshape(-1).cpu().long().clamp_(0, k.numel())
         if key is not None and at.numel() <= CACHED_CODES:
-            if len(_code_maps) >= CODE_MAPS:
-                del _code_maps[next(iter(_code_maps))]  # the oldest
-            _code_maps[key] = at
+            remember(_code_maps, key, at, CODE_MAPS)
         parts.append(read(k).gather(at, shifted=True))
     return [Sets.lazy_union(parts, out.numel(), n)]  # gathers: empty only if all "none"
 
