@@ -309,3 +309,26 @@ def test_a_pattern_with_an_entry_twice_counts_it_once(mode: str) -> None:
     J = tj.sparse_jacobian(f, x, pattern=pattern, mode=mode)
     torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(f)(x))
     assert J.values().numel() == 4
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_reverse_probes_of_a_given_pattern_call_func_on_a_copy(grad: bool) -> None:
+    """With ``pattern`` given, the reverse probes' one call of ``func`` gets a copy of ``x``
+    too: a ``func`` writing into its argument raised on a leaf, and wrote into an ``x``
+    computed with grad (``x`` left at 1.5 x, the Jacobian's entries 1.0 for 1.5)."""
+
+    def writes(u: torch.Tensor) -> torch.Tensor:
+        u.mul_(1.5)
+        return u * torch.roll(u, 1)
+
+    def pure(u: torch.Tensor) -> torch.Tensor:
+        return (1.5 * u) * torch.roll(1.5 * u, 1)
+
+    w = torch.randn(6, dtype=DTYPE, requires_grad=grad)
+    x = w * 2 if grad else w
+    before = x.detach().clone()
+    pattern = tj.sparsity_pattern(pure, before)
+    for given in (None, pattern):
+        J = tj.sparse_jacobian(writes, x, mode="rev", pattern=given)
+        assert torch.equal(x.detach(), before)
+        torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(pure)(before))

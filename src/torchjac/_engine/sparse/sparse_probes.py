@@ -33,7 +33,7 @@ from torch import Tensor
 from torchjac._engine.core.func_call import FuncProblem, forward_jvp
 from torchjac._engine.core.plan import MIN_MEMORY_BUDGET, choose_chunk_size, memory_budget
 from torchjac._engine.core.run import run_chunks
-from torchjac._engine.func.func_probes import Traced, autograd_trace
+from torchjac._engine.func.func_probes import Traced
 from torchjac._engine.sparse.colouring import Colouring
 from torchjac._engine.sparse.sparse_plan import PatternPlan
 from torchjac._errors import warn_fallback
@@ -124,11 +124,19 @@ def _on_copy(p: FuncProblem) -> Callable[[Tensor], Any]:
 
 
 def _reverse(
-    p: FuncProblem, col: Colouring, r: Tensor, chunk: int, t: Traced | None, keep: dict[Any, Tensor]
+    p: FuncProblem,
+    x: Tensor,
+    col: Colouring,
+    r: Tensor,
+    chunk: int,
+    t: Traced | None,
+    keep: dict[Any, Tensor],
 ) -> tuple[Tensor, Traced]:
     """``[C + 1, n]``: ``s_cᵀ J`` for each colour, then ``rᵀ J``; and the call's record."""
-    if t is None:
-        t = autograd_trace(p, lambda outs: None)
+    if t is None:  # the graph starts from a leaf of its own; func gets a copy (``_on_copy``)
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            t = Traced.of(p, p.outputs_only(leaf.clone()), (leaf,))
     y = t.outputs[0]
     _check_output(p, y, r.numel())
 
@@ -190,7 +198,7 @@ def compressed_jacobian(
     col = plan.colouring("rev", grid)
     r = _direction(m, p.dtype, dev)
     chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
-    block, traced = _reverse(p, col, r, chunk, traced, plan.cache)
+    block, traced = _reverse(p, x, col, r, chunk, traced, plan.cache)
     values = block.view(-1).index_select(0, plan.index("rev", grid, dev))
     rows, cols = plan.on("rows", dev), plan.on("cols", dev)
     lines = _suspects(block, plan.check_weights("rev", grid, r, _keep(block)))
