@@ -229,3 +229,29 @@ def test_a_long_chain_of_elementwise_ops_is_no_deep_recursion() -> None:
 
     x = torch.full((3,), 1e-3, dtype=DTYPE)
     assert torch.equal(tj.sparsity_pattern(f, x).to_dense(), torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        lambda u: u.view(3, 3).to_sparse().to_dense() * 2,
+        lambda u: torch.sparse.mm(u.view(3, 3).to_sparse(), torch.ones(3, 2, dtype=DTYPE)),
+        lambda u: u.view(3, 3).to_sparse_csr().values().sin(),
+        lambda u: torch.sparse_coo_tensor(
+            torch.tensor([[0, 2]]), u[:2], (3,), check_invariants=True
+        ).to_dense(),
+        lambda u: torch.sparse.sum(u.view(3, 3).to_sparse(), 1).to_dense(),
+    ],
+    ids=["to_dense", "sparse_mm", "csr_values", "coo_tensor", "sparse_sum"],
+)
+def test_a_tensor_of_a_sparse_layout_carries_its_sets(func) -> None:  # type: ignore[no-untyped-def]
+    """A sparse tensor made from ``x`` has no storage of its elements: it keeps the union of
+    what made it, reported, where its dependence was dropped (an empty pattern, silently)."""
+    x = torch.randn(9, dtype=DTYPE)
+    with pytest.warns(tj.FallbackWarning, match="superset.*sparse|superset.*coo"):
+        pattern = tj.sparsity_pattern(func, x)
+    nonzero = jacobian(func, x).reshape(pattern.shape) != 0
+    assert nonzero.any() and not (nonzero & ~pattern.to_dense()).any()
+    with pytest.warns(tj.FallbackWarning, match="superset"):
+        J = tj.sparse_jacobian(func, x, mode="rev")
+    torch.testing.assert_close(J.to_dense(), jacobian(func, x).reshape(J.shape))

@@ -13,6 +13,10 @@ never a missed nonzero, and the op is reported. Integer and boolean tensors carr
 (the values they were computed from), so an index, mask or condition computed from ``x`` makes
 the op that uses it depend on all the elements it could select. A Python branch on a value of
 ``x`` (``.item()``, ``bool(t)``) is reported: the pattern then holds for the branch taken.
+A tensor of a sparse layout (``x.to_sparse()``, ``torch.sparse_coo_tensor`` of values from
+``x``) has no storage of its elements: it keeps one set, the union of what made it, for all its
+elements (and the tensors viewed from it, as its ``values()``), and an op that makes or reads
+one is dense and reported.
 An op that writes no argument reads its inputs' sets only after it ran and only if it made
 data (a view makes none, so slicing costs no set work). When ``sparse_jacobian`` detects the
 pattern itself, this one call runs with autograd on, and its graph is the one the reverse
@@ -21,6 +25,7 @@ probes pull back through (NOTE [compressed probes]): ``func`` runs once for both
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +72,8 @@ class _Storages:
         self.n = n
         self.entries: dict[int, _Entry] = {}
         self.keep: list[Tensor] = []  # without StorageWeakRef: no address is ever reused
+        # tensors of a sparse layout, by object: one set (a row) for all their elements
+        self.opaque: dict[int, tuple[Any, Sets]] = {}
         self._arange = torch.arange(0)  # grown when first needed (views rarely need it)
 
     def _entry(self, t: Tensor) -> _Entry | None:
@@ -109,6 +116,10 @@ class _Storages:
         """The index sets of ``t``'s elements (row-major)."""
         e = self._entry(t)
         if e is None:
+            if self.opaque and t.layout != torch.strided:
+                found = self.opaque.get(id(t))
+                if found is not None and found[0]() is t:
+                    return found[1].dense_to(t.numel())
             return Sets.empty(t.numel(), self.n)
         if self._whole(t, e.itemsize):
             return e.sets
@@ -124,7 +135,11 @@ class _Storages:
     def write(self, t: Tensor, sets: Sets, fresh: bool = False) -> None:
         """``t``'s elements (row-major) now have the index sets ``sets``; ``fresh``: ``t`` is
         an op's new output (any entry at its address is a dead storage's)."""
-        if t.numel() == 0 or t.layout != torch.strided:
+        if t.numel() == 0:
+            return
+        if t.layout != torch.strided:  # a sparse layout: one set for all its elements
+            if sets.live or id(t) in self.opaque:
+                self.opaque[id(t)] = (weakref.ref(t), sets.dense_to(1))
             return
         if fresh and self._whole(t, t.element_size()):
             self._store(t, t.element_size(), sets)
@@ -201,6 +216,8 @@ class _Tracer(TorchDispatchMode):
         kwargs = kwargs or {}
         op = _op(func)
         if op.view or op.metadata:  # no data made, no storage's sets changed: nothing to do
+            if self.storages.opaque and op.view:  # unless it views a sparse layout's data
+                return self._view_of_opaque(func(*args, **kwargs), args, kwargs)
             return func(*args, **kwargs)
         leaves = tensors(args) + tensors(kwargs) if kwargs else tensors(args)
         if op.elementwise:
@@ -240,13 +257,25 @@ class _Tracer(TorchDispatchMode):
         if not tracked:  # constants: nothing to write (an untracked target has no sets)
             return out
         sets = None
-        if op.rule is not None:
+        if op.rule is not None and not _opaque(targets, tracked):
             sets = op.rule(func, args, kwargs, targets, Reader(reader, self.storages.n, tracked))
         if sets is None:
             self.trace.dense_ops.append(str(func))
             sets = dense_rule(targets, tracked, reader)
         for i, (t, s) in enumerate(zip(targets, sets)):
             self.storages.write(t, s, fresh=i < len(fresh))
+        return out
+
+    def _view_of_opaque(self, out: Any, args: Any, kwargs: Any) -> Any:
+        """A view's outputs (``values()``, ``indices()``, an alias) read every element of the
+        tensors of a sparse layout it views (NOTE [sparsity tracing])."""
+        read = self.storages.read
+        parts = [read(t) for t in tensors((args, kwargs)) if t.layout != torch.strided]
+        parts = [s for s in parts if s.live]
+        if parts:
+            union = Sets.union(parts, sum(s.rows for s in parts), self.storages.n).dense_to(1)
+            for t in tensors(out):
+                self.storages.write(t, union.dense_to(t.numel()))
         return out
 
     def _elementwise(self, out: Tensor, leaves: list[Tensor]) -> bool:
@@ -279,6 +308,13 @@ class _Tracer(TorchDispatchMode):
         return True
 
 
+def _opaque(targets: list[Tensor], tracked: list[Tensor]) -> bool:
+    """An op makes or reads a tensor of a sparse layout: no rule knows its elements."""
+    return any(t.layout != torch.strided for t in targets) or any(
+        t.layout != torch.strided for t in tracked
+    )
+
+
 def _cached(storages: _Storages) -> Callable[[Tensor], Sets]:
     """``storages.read``, each tensor read once (an op's rule may read an argument again)."""
     cache: dict[int, Sets] = {}
@@ -302,7 +338,12 @@ def _fresh(out: Any, leaves: list[Tensor]) -> list[Tensor]:
     return [
         t
         for t in found
-        if t.layout == torch.strided and t.numel() and t.untyped_storage().data_ptr() not in mine
+        if t.numel()
+        and (
+            t.untyped_storage().data_ptr() not in mine
+            if t.layout == torch.strided
+            else not any(t is a for a in leaves)
+        )
     ]
 
 
