@@ -117,9 +117,9 @@ class _Storages:
         e = self._entry(t)
         if e is None:
             if self.opaque and t.layout != torch.strided:
-                found = self.opaque.get(id(t))
-                if found is not None and found[0]() is t:
-                    return found[1].dense_to(t.numel())
+                kept = self.opaque.get(id(t))
+                if kept is not None and kept[0]() is t:
+                    return kept[1].dense_to(t.numel())
             return Sets.empty(t.numel(), self.n)
         if self._whole(t, e.itemsize):
             return e.sets
