@@ -184,6 +184,22 @@ def test_float32_and_an_empty_pattern() -> None:
     assert zero.shape == (3, 5) and zero.values().numel() == 0
 
 
+@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
+@pytest.mark.parametrize(("x_dtype", "y_dtype"), [(DTYPE, torch.float32), (torch.float32, DTYPE)])
+def test_the_result_has_x_dtype_in_every_mode(mode: str, x_dtype, y_dtype) -> None:  # type: ignore[no-untyped-def]
+    """As the dense ``tj.jacobian``: forward probes gave the output's dtype (float32 for a
+    float64 ``x`` whose ``func`` returns float32), reverse ones ``x``'s."""
+    x = torch.randn(5, dtype=x_dtype)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        return (u.sin() * torch.roll(u, 1)).to(y_dtype)
+
+    J = tj.sparse_jacobian(f, x, mode=mode)
+    assert J.dtype == x_dtype
+    want = tj.jacobian(f, x, mode=mode)
+    torch.testing.assert_close(J.to_dense(), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -180,6 +180,7 @@ def compressed_jacobian(
             chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
             block, y_shape = _forward(p, x, col, r, chunk, m, plan.cache)
             values = block.view(-1).index_select(0, plan.index("fwd", grid, dev))
+            values = values.to(p.dtype)  # x's dtype, as reverse probes give (not the output's)
             rows, cols = plan.on("rows", dev), plan.on("cols", dev)
             lines = _suspects(block, plan.check_weights("fwd", grid, r, _keep(block)))
 
