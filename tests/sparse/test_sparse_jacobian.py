@@ -348,3 +348,21 @@ def test_reverse_probes_of_a_given_pattern_call_func_on_a_copy(grad: bool) -> No
         J = tj.sparse_jacobian(writes, x, mode="rev", pattern=given)
         assert torch.equal(x.detach(), before)
         torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(pure)(before))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
+def test_a_pattern_with_int32_indices(mode: str) -> None:
+    """A CSR with int32 indices (as built from SciPy's ``indptr`` and ``indices``) is a
+    pattern like any other: forward colouring raised (``index_add_`` of int32 into int64)."""
+    x = torch.randn(6, dtype=DTYPE)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        return u.sin() * torch.roll(u, 1) + u[[0]]
+
+    p = tj.sparsity_pattern(f, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's beta warning
+        crow, col = p.crow_indices().int(), p.col_indices().int()
+        pattern = torch.sparse_csr_tensor(crow, col, p.values(), p.shape)
+    J = tj.sparse_jacobian(f, x, pattern=pattern, mode=mode)
+    torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(f)(x))

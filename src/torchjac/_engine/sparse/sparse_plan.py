@@ -223,7 +223,8 @@ def plan_of(pattern: Tensor) -> PatternPlan:
     if isinstance(found, tuple) and found[0] == key:
         return found[1]
     m, n = pattern.shape
-    crow, col = pattern.crow_indices().cpu(), pattern.col_indices().cpu()
+    # int64, whatever the pattern's (SciPy's indptr and indices are int32)
+    crow, col = pattern.crow_indices().cpu().long(), pattern.col_indices().cpu().long()
     rows = torch.repeat_interleave(torch.arange(m), crow[1:] - crow[:-1])
     keep = pattern.values().cpu()
     keys = rows * n + col
