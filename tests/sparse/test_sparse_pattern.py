@@ -71,9 +71,18 @@ def test_an_op_without_a_rule_is_dense_and_reported() -> None:
     assert torch.equal(pattern.to_dense(), expected)
 
 
-def test_a_branch_on_values_is_reported() -> None:
+@pytest.mark.parametrize(
+    "test",
+    [
+        lambda u: u.sum() > 0,
+        lambda u: torch.allclose(u, u.roll(1)),  # aten.allclose: a bool, no tensor, was unseen
+        lambda u: torch.equal(u, u.roll(1)),
+    ],
+    ids=["bool", "allclose", "equal"],
+)
+def test_a_branch_on_values_is_reported(test) -> None:  # type: ignore[no-untyped-def]
     def f(u: torch.Tensor) -> torch.Tensor:
-        return u * 2 if u.sum() > 0 else u.roll(1)
+        return u * 2 if test(u) else u.roll(1)
 
     with pytest.warns(tj.FallbackWarning, match="branch"):
         tj.sparsity_pattern(f, torch.ones(3, dtype=DTYPE))

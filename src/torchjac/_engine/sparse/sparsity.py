@@ -12,7 +12,8 @@ with no rule makes every element it writes depend on every input element it read
 never a missed nonzero, and the op is reported. Integer and boolean tensors carry index sets too
 (the values they were computed from), so an index, mask or condition computed from ``x`` makes
 the op that uses it depend on all the elements it could select. A Python branch on a value of
-``x`` (``.item()``, ``bool(t)``) is reported: the pattern then holds for the branch taken.
+``x`` (``.item()``, ``bool(t)``, ``torch.allclose``) is reported: the pattern then holds for
+the branch taken (``.tolist()`` and ``.numpy()`` read values with no aten op: unseen).
 A tensor of a sparse layout (``x.to_sparse()``, ``torch.sparse_coo_tensor`` of values from
 ``x``) has no storage of its elements: it keeps one set, the union of what made it, for all its
 elements (and the tensors viewed from it, as its ``values()``), and an op that makes or reads
@@ -46,7 +47,12 @@ except ImportError:  # pragma: no cover
 __all__ = ["Trace", "trace_pattern"]
 
 aten = torch.ops.aten
-_BRANCHES = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
+_BRANCHES = {  # ops that read values of a tensor into Python (a number or a bool)
+    aten._local_scalar_dense.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.allclose.default,
+}
 
 
 @dataclass
