@@ -71,6 +71,22 @@ def test_an_op_without_a_rule_is_dense_and_reported() -> None:
     assert torch.equal(pattern.to_dense(), expected)
 
 
+def test_an_op_without_a_rule_reading_inputs_of_different_sizes() -> None:
+    """The dense rule's union of the inputs' sets: inputs of 4 and 2 elements raised (the
+    union of index sets of different row counts), as in ``solve(A(x), b(x))``."""
+    eye = torch.eye(2, dtype=DTYPE)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.linalg.solve(u[:4].view(2, 2) + 3 * eye, u[4:6]), u[6:] * 2])
+
+    with pytest.warns(tj.FallbackWarning, match="superset.*linalg_solve"):
+        pattern = tj.sparsity_pattern(f, torch.randn(8, dtype=DTYPE))
+    expected = torch.zeros(4, 8, dtype=torch.bool)
+    expected[:2, :6] = True
+    expected[2, 6] = expected[3, 7] = True
+    assert torch.equal(pattern.to_dense(), expected)
+
+
 @pytest.mark.parametrize(
     "test",
     [

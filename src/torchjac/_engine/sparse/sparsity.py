@@ -277,9 +277,9 @@ class _Tracer(TorchDispatchMode):
         tensors of a sparse layout it views (NOTE [sparsity tracing])."""
         read = self.storages.read
         parts = [read(t) for t in tensors((args, kwargs)) if t.layout != torch.strided]
-        parts = [s for s in parts if s.live]
+        parts = [s.dense_to(1) for s in parts if s.live]
         if parts:
-            union = Sets.union(parts, sum(s.rows for s in parts), self.storages.n).dense_to(1)
+            union = Sets.union(parts, 1, self.storages.n)
             for t in tensors(out):
                 self.storages.write(t, union.dense_to(t.numel()))
         return out

@@ -70,7 +70,8 @@ def dense_rule(
 ) -> list[Sets]:
     """Every written element depends on every element the op read (a superset)."""
     n = read(tracked[0]).n
-    union = Sets.union([read(t) for t in tracked], sum(t.numel() for t in tracked), n)
+    # one row per input first: a union is of index sets of as many rows
+    union = Sets.union([read(t).dense_to(1) for t in tracked], 1, n)
     return [union.dense_to(t.numel()) for t in targets]
 
 
