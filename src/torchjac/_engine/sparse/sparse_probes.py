@@ -142,6 +142,8 @@ def _reverse(
 
     def probe(start: int, stop: int, batched: bool) -> Tensor:
         seeds = _seeds(col, r, start, stop, keep).to(y.dtype).view(stop - start, *y.shape)
+        if seeds.storage_offset():  # torch's as_strided backward misreads an offset cotangent
+            seeds = seeds.clone()
         if batched:
             return t.pullback((seeds,), True)[0]
         return t.pullback((seeds[0],))[0].unsqueeze(0)
