@@ -140,7 +140,8 @@ def sparse_jacobian(
             same pattern again (a Newton loop) skips detection and colouring.
         mode: ``"auto"``, ``"fwd"`` (column colouring, ``jvp``) or ``"rev"`` (row colouring,
             batched backward passes); forward falls back to reverse, with one
-            ``FallbackWarning``, when forward-mode AD cannot follow ``func``.
+            ``FallbackWarning``, when forward-mode AD cannot follow ``func``, and reverse
+            chosen by ``"auto"`` to forward when reverse-mode AD cannot.
         chunk_size: probes per vectorised pass (``1``: a loop). Default: from ``max_memory``
             (bytes or a string like ``"512MiB"``; default a share of free memory).
         batch_dim: the batch dimension of ``x`` and of the output: the result is then the
@@ -178,11 +179,12 @@ def sparse_jacobian(
             plan = plan_from(sets)
         else:
             plan, traced = plan_of(pattern), None
-        if mode == "auto":
+        auto = mode == "auto"
+        if auto:
             mode = plan.side(tuple(x.shape))
         with torch.no_grad():
             values, y_shape = compressed_jacobian(
-                p, p.inputs[0], plan, mode, chunk_size, max_memory, traced
+                p, p.inputs[0], plan, mode, chunk_size, max_memory, traced, auto
             )
     rows, cols = plan.rows, plan.cols
     if batch_dim is not None:

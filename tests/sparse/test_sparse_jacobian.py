@@ -382,3 +382,21 @@ def test_reverse_probes_in_chunks_pass_cotangents_of_their_own(chunk_size: int) 
     x = torch.randn(8, dtype=DTYPE)
     J = tj.sparse_jacobian(f, x, mode="rev", chunk_size=chunk_size)
     torch.testing.assert_close(J.to_dense(), jacobian(f, x))  # vmap has no as_strided_scatter
+
+
+def test_auto_falls_back_to_forward_when_reverse_mode_ad_fails() -> None:
+    """A ``func`` writing in place a value saved for backward: reverse-mode AD raises, forward
+    mode follows it. ``"auto"`` took reverse (fewer colours on ties) and raised, where the
+    dense ``tj.jacobian`` (columns) returned the Jacobian."""
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        t = (u * 2).reshape(2, 6)
+        t[..., 1:] += t[..., :-1] * t[..., 1:]
+        return t
+
+    x = torch.randn(12, dtype=DTYPE)
+    with pytest.warns(tj.FallbackWarning, match="computed columns in forward mode"):
+        J = tj.sparse_jacobian(f, x)
+    torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(f)(x).reshape(12, 12))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        tj.sparse_jacobian(f, x, mode="rev")

@@ -169,51 +169,86 @@ def compressed_jacobian(
     chunk_size: int | None,
     max_memory: Any,
     traced: Traced | None = None,
+    auto: bool = False,
 ) -> tuple[Tensor, torch.Size]:
     """The values of the pattern's nonzeros in CSR order (NOTE [compressed probes]), and the
-    shape of the output; ``traced``: a call already on the graph, for reverse probes."""
-    m, n, grid = plan.m, plan.n, tuple(x.shape)
-    dev = x.device
-    per_probe = 16 * (m + n) * p.dtype.itemsize
+    shape of the output; ``traced``: a call already on the graph, for reverse probes. Forward
+    probes fall back to reverse ones when forward-mode AD fails; reverse ones to forward ones
+    when ``auto`` chose them and reverse-mode AD fails (an in-place write of a value saved for
+    backward), as the dense ``"auto"`` would have taken columns."""
+    per_probe = 16 * (plan.m + plan.n) * p.dtype.itemsize
+    args = (p, x, plan, per_probe, chunk_size, max_memory)
     if mode == "fwd":
-        col = plan.colouring("fwd", grid)
-        r = _direction(n, p.dtype, dev)
         try:
-            chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
-            block, y_shape = _forward(p, x, col, r, chunk, m, plan.cache)
-            values = block.view(-1).index_select(0, plan.index("fwd", grid, dev))
-            values = values.to(p.dtype)  # x's dtype, as reverse probes give (not the output's)
-            rows, cols = plan.on("rows", dev), plan.on("cols", dev)
-            lines = _suspects(block, plan.check_weights("fwd", grid, r, _keep(block)))
-
-            def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
-                t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
-                t[cols[rows == i]] = 0
-                y = forward_jvp(_on_copy(p), (x,), (t.view(x.shape),))[1][0]
-                return bool(y.reshape(-1)[i].isnan())
-
-            _confirm(p.fn_name, "row", lines, push_nan)
-            return values, y_shape
+            return _forward_values(*args)
         except (RuntimeError, NotImplementedError) as err:
             if isinstance(err, PatternError):
                 raise
             warn_fallback(p.fn_name, "forward-mode AD failed, computed rows in reverse mode", err)
+        return _reverse_values(*args, traced)
+    try:
+        return _reverse_values(*args, traced)
+    except RuntimeError as err:
+        if not auto:
+            raise
+        warn_fallback(p.fn_name, "reverse-mode AD failed, computed columns in forward mode", err)
+    return _forward_values(*args)
+
+
+def _forward_values(
+    p: FuncProblem,
+    x: Tensor,
+    plan: PatternPlan,
+    per_probe: int,
+    chunk_size: int | None,
+    max_memory: Any,
+) -> tuple[Tensor, torch.Size]:
+    m, n, grid, dev = plan.m, plan.n, tuple(x.shape), x.device
+    col = plan.colouring("fwd", grid)
+    r = _direction(n, p.dtype, dev)
+    chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
+    block, y_shape = _forward(p, x, col, r, chunk, m, plan.cache)
+    values = block.view(-1).index_select(0, plan.index("fwd", grid, dev))
+    values = values.to(p.dtype)  # x's dtype, as reverse probes give (not the output's)
+    rows, cols = plan.on("rows", dev), plan.on("cols", dev)
+    lines = _suspects(block, plan.check_weights("fwd", grid, r, _keep(block)))
+
+    def push_nan(i: int) -> bool:  # NOTE [compressed probes]: a path, or roundoff?
+        t = torch.full((n,), float("nan"), dtype=p.dtype, device=dev)
+        t[cols[rows == i]] = 0
+        y = forward_jvp(_on_copy(p), (x,), (t.view(x.shape),))[1][0]
+        return bool(y.reshape(-1)[i].isnan())
+
+    _confirm(p.fn_name, "row", lines, push_nan)
+    return values, y_shape
+
+
+def _reverse_values(
+    p: FuncProblem,
+    x: Tensor,
+    plan: PatternPlan,
+    per_probe: int,
+    chunk_size: int | None,
+    max_memory: Any,
+    traced: Traced | None,
+) -> tuple[Tensor, torch.Size]:
+    m, grid, dev = plan.m, tuple(x.shape), x.device
     col = plan.colouring("rev", grid)
     r = _direction(m, p.dtype, dev)
     chunk = _chunk(p.fn_name, col.count + 1, per_probe, chunk_size, max_memory, dev)
-    block, traced = _reverse(p, x, col, r, chunk, traced, plan.cache)
+    block, t = _reverse(p, x, col, r, chunk, traced, plan.cache)
     values = block.view(-1).index_select(0, plan.index("rev", grid, dev))
     rows, cols = plan.on("rows", dev), plan.on("cols", dev)
     lines = _suspects(block, plan.check_weights("rev", grid, r, _keep(block)))
 
     def pull_nan(j: int) -> bool:
-        y = traced.outputs[0]
+        y = t.outputs[0]
         u = torch.full((m,), float("nan"), dtype=y.dtype, device=dev)
         u[rows[cols == j]] = 0
-        return bool(traced.pullback((u.view(y.shape),))[0].reshape(-1)[j].isnan())
+        return bool(t.pullback((u.view(y.shape),))[0].reshape(-1)[j].isnan())
 
     _confirm(p.fn_name, "column", lines, pull_nan)
-    return values, traced.outputs[0].shape
+    return values, t.outputs[0].shape
 
 
 def _check_output(p: FuncProblem, y: Tensor, m: int) -> None:
