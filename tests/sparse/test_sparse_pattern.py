@@ -280,3 +280,17 @@ def test_a_tensor_of_a_sparse_layout_carries_its_sets(func) -> None:  # type: ig
     with pytest.warns(tj.FallbackWarning, match="superset"):
         J = tj.sparse_jacobian(func, x, mode="rev")
     torch.testing.assert_close(J.to_dense(), jacobian(func, x).reshape(J.shape))
+
+
+def test_the_gradient_of_a_sum_over_slices_has_the_hessian_pattern() -> None:
+    """``torch.func.grad`` inside ``func`` (a sparse Hessian): the backward of slicing,
+    ``select`` and ``diagonal`` moves elements into zeros, as padding does; each was dense."""
+
+    def energy(u: torch.Tensor) -> torch.Tensor:
+        m = u.view(3, 3)
+        return ((u[1:] - u[:-1]) ** 2 * u[1:]).sum() + u[2] ** 3 + m.diagonal().prod()
+
+    x = torch.randn(9, dtype=DTYPE)
+    pattern = tj.sparsity_pattern(torch.func.grad(energy), x)  # no FallbackWarning
+    hessian = torch.func.hessian(energy)(x) != 0
+    assert torch.equal(pattern.to_dense(), hessian)

@@ -134,7 +134,8 @@ MOVEMENT = _names(
     pixel_shuffle pixel_unshuffle channel_shuffle upsample_nearest1d upsample_nearest2d
     upsample_nearest3d _upsample_nearest_exact1d _upsample_nearest_exact2d
     _upsample_nearest_exact3d slice_scatter select_scatter diagonal_scatter
-    as_strided_scatter masked_scatter index_fill repeat_interleave
+    as_strided_scatter masked_scatter index_fill repeat_interleave slice_backward
+    select_backward diagonal_backward
     """
 )
 ALONG_DIM = _names(
