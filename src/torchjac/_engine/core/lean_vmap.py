@@ -15,13 +15,14 @@ Where the primitives are missing, ``torch.func.vmap`` runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["batched_grad", "vmap_first"]
+__all__ = ["batch_way", "batched_grad", "vmap_first"]
 
 
 def _primitives() -> Any:
@@ -40,6 +41,12 @@ def _loader() -> Any:
     return lazy_load_decompositions
 
 
+# NOTE [slow batching rules]: for an op without a batching rule (``to_dense_backward``) functorch
+# loops over the probes inside the pass and says so with a ``UserWarning`` asking the reader to
+# file an issue with PyTorch; the rows are right, and the user can do nothing about it, so the
+# batched passes of ``batched_grad`` do not pass it on (no torch warning reaches the user through
+# torchjac's internal calls).
+_SLOW_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 _F = _primitives()
 _LOAD = _loader()  # the batching rules torch.func.vmap registers on first use
 
@@ -70,7 +77,27 @@ def batched_grad(
     outs: list[Tensor], ins: list[Tensor], cotangents: list[Tensor], retain: bool, create: bool
 ) -> tuple[Tensor | None, ...]:
     """``autograd.grad`` vmapped over the cotangents' leading dimension (NOTE [vmap over the
-    graph] in ``graph_probes``); ``None`` for an input the outputs do not reach."""
+    graph] in ``graph_probes``); ``None`` for an input the outputs do not reach. A graph holding
+    an op whose batching rule is wrong takes another way (NOTE [wrong batching rules])."""
+    how = batch_way(outs)
+    if how == "legacy":
+        return torch.autograd.grad(
+            outs, ins, cotangents, retain, create, allow_unused=True, is_grads_batched=True
+        )
+    if how == "loop":
+        n = cotangents[0].shape[0]
+        rows = [
+            torch.autograd.grad(
+                outs,
+                ins,
+                [c[i] for c in cotangents],
+                retain_graph=retain or i < n - 1,
+                create_graph=create,
+                allow_unused=True,
+            )
+            for i in range(n)
+        ]
+        return tuple(None if g[0] is None else torch.stack(g) for g in zip(*rows))
     unused: list[bool] = []  # torch.func.vmap wants tensors out: zeros stand in for None
 
     def one(*cots: Tensor) -> tuple[Tensor, ...]:
@@ -78,5 +105,49 @@ def batched_grad(
         unused[:] = [g is None for g in grads]
         return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins))
 
-    batched = vmap_first(one)(*cotangents)
+    with warnings.catch_warnings():  # NOTE [slow batching rules]
+        warnings.filterwarnings("ignore", _SLOW_RULE, UserWarning)
+        batched = vmap_first(one)(*cotangents)
     return tuple(None if u else g for g, u in zip(batched, unused))
+
+
+# NOTE [wrong batching rules]: torch's two vmaps over a backward pass are each wrong for an op the
+# other gets right (torch 2.13, float64, against one cotangent at a time): functorch's batching
+# rule of ``_cdist_backward`` (cotangents batched, points not, as in every Jacobian by rows)
+# returned rows off by 0.97 for ``torch.cdist(x, y)`` (``torch.func.jacrev`` too), where the
+# legacy vmap of ``is_grads_batched`` loops over that op; the legacy one returned rows off by
+# 0.18 through ``native_group_norm``'s backward in the graph of a function that differentiates
+# it itself (``torch.func.grad`` of an energy), where functorch's is right. A batched pass takes
+# functorch's vmap unless the graph holds an op of ``_WRONG["functorch"]``: then the legacy vmap,
+# or a loop where the graph also holds one of ``_WRONG["legacy"]``. The walk that tells is made
+# once per graph (the last graph's verdict is kept, by the identity and sequence number of its
+# output nodes), and costs about a microsecond a node.
+_WRONG = {
+    "functorch": frozenset({"CdistBackward0"}),
+    "legacy": frozenset({"NativeGroupNormBackward0"}),
+}
+_last: list[Any] = [None, "functorch"]
+
+
+def batch_way(outs: Sequence[Tensor]) -> str:
+    """``"functorch"``, ``"legacy"`` or ``"loop"`` for a batched pass from ``outs`` (NOTE [wrong
+    batching rules])."""
+    roots = [y.grad_fn for y in outs if y.grad_fn is not None]
+    key = tuple((id(n), n._sequence_nr()) for n in roots)
+    if _last[0] == key:
+        return str(_last[1])
+    names: set[str] = set()
+    seen: set[Any] = set()
+    stack = roots
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(c for c, _ in node.next_functions if c is not None)
+    way = "functorch"
+    if names & _WRONG["functorch"]:
+        way = "loop" if names & _WRONG["legacy"] else "legacy"
+    _last[:] = [key, way]
+    return way

@@ -2,9 +2,12 @@
 
 NOTE [function probes]: the function is called once with plain autograd, as the user would call
 it (this gives the outputs' shapes for planning, the aux value, the batch coupling check, and the
-graph that rows are read from: ``autograd.grad(is_grads_batched=True)``, one vectorised backward
-pass for many one-hot cotangents). Columns are forward mode: the Taylor mode's first-order part
-(NOTE [taylor mode], one pass carrying every direction) when all columns fit in one pass, else
+graph that rows are read from: one vectorised backward pass for many one-hot cotangents, by
+functorch's vmap over ``autograd.grad`` (NOTE [vmap over the graph]); the legacy vmap of
+``is_grads_batched`` returned wrong rows through the backward of a fused normalisation that the
+function differentiates itself, ``torch.func.grad`` of an energy through ``F.group_norm``, off
+by 0.18 on torch 2.13). Columns are forward mode: the Taylor mode's first-order part (NOTE
+[taylor mode], one pass carrying every direction) when all columns fit in one pass, else
 ``torch.func.jvp`` vmapped over chunks of one-hot tangents. With ``batch_dim`` the one-hot probes
 are broadcast over the batch (NOTE [flat layout]), so a per-sample Jacobian costs ``out`` (or
 ``in``) probes and never forms the ``[B, ..., B, ...]`` cross terms. Forward-mode AD can be
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from torchjac._engine.core.basis import Group
 from torchjac._engine.core.func_call import FuncProblem, forward_jvp
+from torchjac._engine.core.lean_vmap import batched_grad
 from torchjac._engine.core.plan import choose_chunk_size, choose_mode
 from torchjac._engine.core.run import run_chunks
 from torchjac._engine.core.structure import check_independent
@@ -84,15 +88,12 @@ class Traced:
             [i for i, y in enumerate(self.graph_outputs) if y.requires_grad],
         )
         grads: Sequence[Tensor | None] = [None] * len(xs)
-        if live:
+        outs, pulled = [self.graph_outputs[i] for i in live], [cots[i] for i in live]
+        if live and batched:  # NOTE [vmap over the graph]: functorch's rules, not the legacy vmap
+            grads = batched_grad(outs, list(xs), pulled, True, create_graph)
+        elif live:
             grads = torch.autograd.grad(
-                [self.graph_outputs[i] for i in live],
-                xs,
-                [cots[i] for i in live],
-                retain_graph=True,
-                create_graph=create_graph,
-                allow_unused=True,
-                is_grads_batched=batched,
+                outs, xs, pulled, retain_graph=True, create_graph=create_graph, allow_unused=True
             )
         lead = (cots[0].shape[0],) if batched else ()
         return tuple(x.new_zeros(*lead, *x.shape) if g is None else g for g, x in zip(grads, xs))

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from torchjac._engine.core import fast
-from torchjac._engine.core.lean_vmap import vmap_first
+from torchjac._engine.core.lean_vmap import batch_way, vmap_first
 from torchjac._engine.core.plan import LOOP_NODE_S, MAC_S, choose_graph_chunk_size
 from torchjac._engine.core.run import FinalError, run_chunks
 from torchjac._engine.graph.graph_probes import GraphProblem, freed_message
@@ -194,8 +194,10 @@ def ghost_gramian(
     )
 
     rest_ids = {id(p.inputs[j]) for j in rest}
+    way = batch_way(p.outputs)  # NOTE [wrong batching rules]: other than functorch's, a loop
     freeing = (
         free[0]
+        and way == "functorch"
         and not p.create_graph
         and counted.builtin
         and chunk >= max(m, 2)
@@ -221,7 +223,7 @@ def ghost_gramian(
             ]
 
         if not freeing:
-            return _pass(one, cots, batched)
+            return _pass(one, cots, batched and way == "functorch")
         try:
             return _pass(one, cots, batched)
         except TypeError:  # a torch whose autograd.grad takes no edges
@@ -291,11 +293,12 @@ def _rows_from_delta(a: Tensor, d: Tensor) -> Tensor:
 
 
 def _pass(one: Callable[..., list[Tensor]], cots: list[Tensor], batched: bool) -> list[Tensor]:
-    """One pass of ``one`` over the cotangents: vectorised over their first dimension, or on
-    the single probe they hold."""
+    """One pass of ``one`` over the cotangents: vectorised over their first dimension, or one
+    probe at a time."""
     if batched:
         return list(vmap_first(one)(*cots))
-    return [g.unsqueeze(0) for g in one(*[c[0] for c in cots])]
+    rows = [one(*[c[i] for c in cots]) for i in range(cots[0].shape[0])]
+    return [torch.stack(g) for g in zip(*rows)]
 
 
 def _row_matrix(g: Tensor) -> Tensor:
