@@ -136,6 +136,23 @@ def test_module_one_batch_and_params_subset(gen: torch.Generator) -> None:
         torch.testing.assert_close(Jc.T @ U, want.T @ U)
 
 
+@pytest.mark.parametrize("option", [{"padding_idx": 1}, {"scale_grad_by_freq": True}])
+def test_embedding_products_agree_with_the_dense_operator(
+    gen: torch.Generator, option: dict
+) -> None:
+    """``J @ v`` (forward mode) takes the embedding's derivative as its backward defines it:
+    the padding row's columns are zero, rows divided by the indices' counts."""
+    model = nn.Sequential(nn.Embedding(4, 2, **option), nn.Flatten(), nn.Tanh(), nn.Linear(6, 2))
+    model = model.to(D)
+    idx = torch.tensor([[1, 3, 3], [0, 1, 3]])
+    J = tj.JacobianOperator.from_module(model, idx)
+    want = _param_oracle(model, idx)
+    torch.testing.assert_close(J.to_dense(), want)
+    V = randn(J.shape[1], 3, gen=gen)
+    torch.testing.assert_close(J @ V, want @ V)
+    torch.testing.assert_close(J @ V[:, 0], want @ V[:, 0])
+
+
 def test_module_kwargs_reach_every_call(gen: torch.Generator) -> None:
     class Scaled(nn.Module):
         def __init__(self) -> None:
