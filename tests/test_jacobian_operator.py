@@ -11,6 +11,7 @@ import torch
 from conftest import randn
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchjac as tj
@@ -151,6 +152,32 @@ def test_embedding_products_agree_with_the_dense_operator(
     V = randn(J.shape[1], 3, gen=gen)
     torch.testing.assert_close(J @ V, want @ V)
     torch.testing.assert_close(J @ V[:, 0], want @ V[:, 0])
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.att(x, x, x, need_weights=False)[0]).flatten(1)
+
+
+def test_attention_products_use_a_differentiable_kernel(gen: torch.Generator) -> None:
+    """``nn.MultiheadAttention`` runs the fused CPU kernel, which has neither forward-mode AD nor
+    a double backward: ``J @ V`` runs it as the math kernel (NOTE [fused attention])."""
+    torch.manual_seed(0)
+    model, x = _Attention().to(D), randn(2, 3, 4, gen=gen)
+    J = tj.JacobianOperator.from_module(model, x)
+    with sdpa_kernel(SDPBackend.MATH):  # the oracle: jacrev batches the backward
+        want = _flat(
+            jacrev(lambda p: functional_call(model, p, (x,)))(dict(model.named_parameters())), 6
+        )
+    V, U = randn(J.shape[1], 2, gen=gen), randn(6, 2, gen=gen)
+    torch.testing.assert_close(J @ V, want @ V)
+    torch.testing.assert_close(J.T @ U, want.T @ U)
+    torch.testing.assert_close(J.to_dense(), want)
 
 
 def test_module_kwargs_reach_every_call(gen: torch.Generator) -> None:

@@ -12,7 +12,9 @@ chunk, never a second forward per batch, and its memory is one pass times a chun
 never formed. Chunks come from ``plan.choose_chunk_size`` (``1`` is a loop with no vmap) and a
 failing vectorised chunk is redone as a loop (NOTE [fallback]). Where forward mode cannot follow
 the function (an ``autograd.Function`` without ``jvp``), ``J @ V`` is a double backward on the
-piece's graph instead (NOTE [double backward]), with one ``FallbackWarning``.
+piece's graph instead (NOTE [double backward]), with one ``FallbackWarning``. Both products
+run the pieces with the math attention kernel (NOTE [fused attention]): the fused kernels have
+neither forward mode nor a double backward, and one kernel for both keeps one random draw.
 
 NOTE [operator draw]: every evaluation of a piece starts from the RNG state recorded for it when
 the operator was built (``Draw``), so a model that draws (dropout in train mode) gives one fixed
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchjac._engine.core.attention import math_attention
 from torchjac._engine.core.func_call import forward_jvp
 from torchjac._engine.core.lean_vmap import batched_grad
 from torchjac._engine.core.plan import choose_chunk_size
@@ -119,7 +122,7 @@ class CallSource:
         k = v.shape[1]
         out = torch.empty(k, self.n_rows, dtype=self.dtype, device=self.device)
         cols = offsets(self.col_sizes)
-        with fallback_scope(), self.open() as (leaves, pieces):
+        with fallback_scope(), math_attention(), self.open() as (leaves, pieces):
             # plain tensors: jvp on primals requiring grad ran 20-30% slower (W8a), even in no_grad
             primals = tuple(x.detach() for x in leaves)
             # [*shape, k]: views of V's rows, the columns last (vmapped over in_dims=-1), so no
@@ -202,7 +205,7 @@ class CallSource:
         out = torch.empty(k, sum(self.col_sizes), dtype=self.dtype, device=self.device)
         cols = offsets(self.col_sizes)
         fresh = [True] * len(cols)  # no piece has written column tensor j yet: copy, not add
-        with fallback_scope(), self.open() as (primals, pieces):
+        with fallback_scope(), math_attention(), self.open() as (primals, pieces):
             leaves = tuple(
                 p if p.requires_grad and p.is_leaf else p.detach().requires_grad_(True)
                 for p in primals
