@@ -183,3 +183,35 @@ def test_nan_outputs_are_not_taken_for_a_coupling() -> None:
     finite = [0, 2]  # sample 1's rows carry its NaN (0 * NaN in a vector-Jacobian product)
     torch.testing.assert_close(got[finite], torch.diag_embed(torch.log(x[finite])))
     assert bool(got[1].isnan().any())
+
+
+class SequenceFirst(nn.Module):
+    """Layers on ``[T, B, E]`` (torch's default layout for attention): the batch at dim 1."""
+
+    def __init__(self, attention: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).to(DTYPE)
+        self.att = nn.MultiheadAttention(4, 2, kdim=3, vdim=3).to(DTYPE) if attention else None
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, E]
+        h = x.transpose(0, 1)
+        k = self.lin(h)
+        if self.att is not None:
+            k = self.att(h, k, k, need_weights=False)[0]
+        return k.transpose(0, 1).flatten(1)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_a_layer_with_the_batch_at_another_dim_of_the_same_size(attention: bool) -> None:
+    """T == B: a layer's input ``[T, B, E]`` has the batch's size at dim 0 too; its closed form
+    took T for the batch (wrong rows, or a coupling error once attention ended the proof)."""
+    torch.manual_seed(0)
+    model, x = SequenceFirst(attention), torch.randn(2, 2, 4, dtype=DTYPE)
+    full = tj.param_jacobian(model, x)
+    per_sample = tj.param_jacobian(model, x, batch_dim=0)
+    for name, j in full.items():
+        torch.testing.assert_close(per_sample[name], j)
+    m = model(x).numel()
+    rows = torch.cat([j.reshape(m, -1) for j in full.values()], 1)
+    k = tj.ntk(model, x)
+    torch.testing.assert_close(k.reshape(rows.shape[0], -1), rows @ rows.T)

@@ -38,6 +38,14 @@ Without ``batch_dim`` the whole batch is one sample (N = 1). ``Use.weight`` / ``
 parameter names in ``state.names`` (``None`` when that parameter is not asked for, e.g. frozen).
 ``capture`` never checks batch independence; ``layer_deltas.CouplingCheck`` does (its probes
 are carried by the first ``deltas`` pass).
+
+NOTE [layer batch axis]: a closed form takes the batch of a layer's input at ``batch_dim`` when
+the size there is the model's batch size; a sequence-first layer (``[T, B, E]``, torch's default
+for attention) with ``T == B`` passed that test with the batch at dim 1, and a model the trace
+proved (no coupling check) got rows mixing the samples (``param_jacobian`` off by 1.0 on a
+Linear bias, ``ntk`` by 7.7). Where the forward is traced (NOTE [op batch proof]) and the trace
+still follows the batch, a layer input whose batch is elsewhere, or which has none, is left to
+the general path; the capture that gives the general path its input leaves is traced too.
 """
 
 from __future__ import annotations
@@ -213,6 +221,12 @@ def capture(
     trace: BatchTrace | None = None
 
     def hook(module: nn.Module, h_args: tuple, h_kwargs: dict, output: Any) -> Any:
+        x = h_args[0] if h_args else h_kwargs.get("input")
+        if trace is not None and batch_dim is not None and isinstance(x, Tensor) and x.dim():
+            # NOTE [layer batch axis]: the batch where the trace found it, not where sizes say
+            at = trace.batch_at(x)
+            if at is not None and at != batch_dim % x.dim():
+                return None
         with trace.paused() if trace is not None else contextlib.nullcontext():
             built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim, batch_size)
         if built is None:
@@ -221,7 +235,6 @@ def capture(
         if trace is not None:
             trace.same_batch(output, new_output)
         uses.append(use)
-        x = h_args[0] if h_args else h_kwargs.get("input")
         leaves = {id(state.leaves[n]) for n in (use.weight, use.bias) if n is not None}
         leaves.discard(id(x))  # a parameter fed in as the layer's input is not covered there
         covered.extend((node, leaves) for node in _layer_nodes(output, x))

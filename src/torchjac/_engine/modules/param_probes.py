@@ -85,14 +85,20 @@ def per_sample_jacobian(
     chain = param_chain(model, state, args, kwargs, batch_dim, not proven)
     proven = proven or chain is not None  # a chain keeps samples apart
     checked: list[tuple[str, Tensor]] = []
+    traced = False
     if chain is not None:  # NOTE [parameter chain]
         cap = Capture(output=chain.output, state=state, uses=chain.uses)
     else:
-        cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name, prove=not proven)
+        traced = not proven
+        cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name, prove=traced)
         proven = proven or cap.proven  # NOTE [op batch proof]
     if cap.general:  # the general path needs independent inputs too: capture with input leaves
         leaf_args, leaf_kwargs, checked = _input_leaves(args, kwargs)
-        cap = capture(model, state, leaf_args, leaf_kwargs, batch_dim, fn_name=fn_name)
+        # traced again, as the first: a layer whose input has the batch elsewhere stays on the
+        # general path (NOTE [layer batch axis])
+        cap = capture(
+            model, state, leaf_args, leaf_kwargs, batch_dim, fn_name=fn_name, prove=traced
+        )
     out = _checked_output(fn_name, cap.output)
     if out.dim() == 0:
         raise ValueError(
