@@ -215,3 +215,39 @@ def test_a_layer_with_the_batch_at_another_dim_of_the_same_size(attention: bool)
     rows = torch.cat([j.reshape(m, -1) for j in full.values()], 1)
     k = tj.ntk(model, x)
     torch.testing.assert_close(k.reshape(rows.shape[0], -1), rows @ rows.T)
+
+
+class UntracedSequenceFirst(nn.Module):
+    """A sequence-first Linear after an op the batch trace does not follow (``sort``)."""
+
+    def __init__(self, coupled: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).to(DTYPE)
+        self.coupled = coupled
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 3]
+        h = self.lin(x.sort(-1)[0].transpose(0, 1))  # [T, B, 2]
+        if self.coupled:
+            h = h - h.mean(1, keepdim=True)  # across the batch
+        return h.transpose(0, 1).flatten(1)
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_an_untraced_layer_with_an_ambiguous_batch(coupled: bool) -> None:
+    """The trace ends at ``sort``: the Linear's ``[T, B, 2]`` input with ``T == B`` cannot be told
+    from a batch-first one; the coupling check that blames it sends it to the general path (it
+    was a BatchCouplingError), and a real coupling still raises."""
+    torch.manual_seed(0)
+    model, x = UntracedSequenceFirst(coupled), torch.randn(3, 3, 3, dtype=DTYPE)
+    if coupled:
+        with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+            tj.param_jacobian(model, x, batch_dim=0)
+        with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+            tj.ntk(model, x)
+        return
+    full = tj.param_jacobian(model, x)
+    per_sample = tj.param_jacobian(model, x, batch_dim=0)
+    for name, j in full.items():
+        torch.testing.assert_close(per_sample[name], j)
+    rows = torch.cat([j.reshape(model(x).numel(), -1) for j in full.values()], 1)
+    torch.testing.assert_close(tj.ntk(model, x).reshape(rows.shape[0], -1), rows @ rows.T)

@@ -45,7 +45,11 @@ for attention) with ``T == B`` passed that test with the batch at dim 1, and a m
 proved (no coupling check) got rows mixing the samples (``param_jacobian`` off by 1.0 on a
 Linear bias, ``ntk`` by 7.7). Where the forward is traced (NOTE [op batch proof]) and the trace
 still follows the batch, a layer input whose batch is elsewhere, or which has none, is left to
-the general path; the capture that gives the general path its input leaves is traced too.
+the general path; the capture that gives the general path its input leaves is traced too. Where
+the trace has ended (an op it does not follow) and the input has the batch's size at another
+dim too, the closed form is kept but the layer is ``ambiguous``: when the coupling check blames
+it, the call is redone with that layer on the general path (``layer_deltas.retry_declining``),
+whose own checks still raise for a real coupling; before, such a model was refused.
 """
 
 from __future__ import annotations
@@ -194,6 +198,9 @@ class Capture:
     uses: list[Use] = field(default_factory=list)
     general: tuple[str, ...] = ()
     proven: bool = False  # per sample by its ops (NOTE [op batch proof]), when asked to prove
+    # modules with a use whose input has the batch's size at another dim than ``batch_dim``
+    # too, the trace not knowing which (NOTE [layer batch axis])
+    ambiguous: frozenset[nn.Module] = frozenset()
 
 
 def capture(
@@ -205,6 +212,7 @@ def capture(
     *,
     fn_name: str = "capture",
     prove: bool = False,
+    decline: frozenset[nn.Module] = frozenset(),
 ) -> Capture:
     """Run ``model`` once with hooks on supported layers; see NOTE [layer capture].
 
@@ -216,12 +224,16 @@ def capture(
     by_id = {id(t): n for n, t in state.leaves.items()}
     batch_size = _batch_size(args, kwargs, batch_dim)
     uses: list[Use] = []
+    ambiguous: set[nn.Module] = set()
     covered: list[tuple[Any, set[int]]] = []  # (node, ids of the leaves it covers) per use
 
     trace: BatchTrace | None = None
 
     def hook(module: nn.Module, h_args: tuple, h_kwargs: dict, output: Any) -> Any:
         x = h_args[0] if h_args else h_kwargs.get("input")
+        if module in decline:
+            return None
+        at = None
         if trace is not None and batch_dim is not None and isinstance(x, Tensor) and x.dim():
             # NOTE [layer batch axis]: the batch where the trace found it, not where sizes say
             at = trace.batch_at(x)
@@ -235,6 +247,10 @@ def capture(
         if trace is not None:
             trace.same_batch(output, new_output)
         uses.append(use)
+        if at is None and isinstance(x, Tensor) and batch_dim is not None:
+            bd = batch_dim % x.dim()
+            if any(size == batch_size for i, size in enumerate(x.shape) if i != bd):
+                ambiguous.add(module)
         leaves = {id(state.leaves[n]) for n in (use.weight, use.bias) if n is not None}
         leaves.discard(id(x))  # a parameter fed in as the layer's input is not covered there
         covered.extend((node, leaves) for node in _layer_nodes(output, x))
@@ -257,7 +273,7 @@ def capture(
             f"{fn_name}: the model must return a Tensor, got {type(output).__name__}. Wrap it "
             "to return the Tensor to differentiate."
         )
-    cap = Capture(output=output, state=state, uses=uses, proven=proven)
+    cap = Capture(output, state, uses, proven=proven, ambiguous=frozenset(ambiguous))
     blocked: dict[Any, set[int]] = {}
     for node, leaves in covered:
         blocked.setdefault(node, set()).update(leaves)
