@@ -180,6 +180,23 @@ def test_attention_products_use_a_differentiable_kernel(gen: torch.Generator) ->
     torch.testing.assert_close(J.to_dense(), want)
 
 
+@pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
+def test_embedding_bag_products_by_rows_when_no_mode_follows(gen: torch.Generator) -> None:
+    """``embedding_bag`` has neither forward-mode AD nor a double backward: ``J @ V`` takes the
+    rows of ``J`` by reverse mode, a chunk at a time, with one warning (it raised)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(5, 3, mode="mean"), nn.Linear(3, 2)).to(D)
+    idx = torch.tensor([[0, 4, 4], [2, 1, 0]])
+    want = _param_oracle(model, idx)
+    V = randn(want.shape[1], 3, gen=gen)
+    for chunk in (1, None):
+        J = tj.JacobianOperator.from_module(model, idx, chunk_size=chunk)
+        with pytest.warns(tj.FallbackWarning, match="by rows of J") as record:
+            got = J @ V
+        assert len([w for w in record if issubclass(w.category, tj.FallbackWarning)]) == 1
+        torch.testing.assert_close(got, want @ V)
+
+
 def test_module_kwargs_reach_every_call(gen: torch.Generator) -> None:
     class Scaled(nn.Module):
         def __init__(self) -> None:

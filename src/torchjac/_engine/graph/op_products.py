@@ -12,7 +12,9 @@ chunk, never a second forward per batch, and its memory is one pass times a chun
 never formed. Chunks come from ``plan.choose_chunk_size`` (``1`` is a loop with no vmap) and a
 failing vectorised chunk is redone as a loop (NOTE [fallback]). Where forward mode cannot follow
 the function (an ``autograd.Function`` without ``jvp``), ``J @ V`` is a double backward on the
-piece's graph instead (NOTE [double backward]), with one ``FallbackWarning``. Both products
+piece's graph instead (NOTE [double backward]), with one ``FallbackWarning``; where that fails
+too (``embedding_bag``'s backward is not differentiable), the rows of ``J``, a chunk at a time
+by reverse mode, each chunk multiplied by ``V``. Both products
 run the pieces with the math attention kernel (NOTE [fused attention]): the fused kernels have
 neither forward mode nor a double backward, and one kernel for both keeps one random draw.
 
@@ -164,8 +166,17 @@ class CallSource:
         except (RuntimeError, NotImplementedError) as err:
             if not _no_forward_ad(err):
                 raise
-            warn_fallback(self.fn_name, "forward-mode AD failed, J @ V by double backward", err)
-            self._push_double_backward(piece, primals, tans, out, size)
+            try:
+                self._push_double_backward(piece, primals, tans, out, size)
+            except (RuntimeError, NotImplementedError) as again:
+                if not _no_double_backward(again):
+                    raise
+                how = "forward-mode AD and double backward failed, J @ V by rows of J"
+                warn_fallback(self.fn_name, how, again)
+                self._push_by_rows(piece, primals, tans, out, size)
+            else:
+                how = "forward-mode AD failed, J @ V by double backward"
+                warn_fallback(self.fn_name, how, err)
 
     def _push_double_backward(
         self, piece: Piece, primals: tuple[Tensor, ...], tans: list[Tensor], out: Tensor, size: int
@@ -196,6 +207,54 @@ class CallSource:
                     r = next(it) if id(y) in lives else None
                     if r is not None:
                         out[j:stop, o : o + y.numel()] = r.reshape(stop - j, -1)
+
+    def _push_by_rows(
+        self, piece: Piece, primals: tuple[Tensor, ...], tans: list[Tensor], out: Tensor, size: int
+    ) -> None:
+        """``J V`` from the piece's rows of ``J``, a chunk of ``size`` rows at a time (reverse
+        mode, one-hot cotangents): an op with neither forward mode nor a double backward
+        (``embedding_bag``). Memory: a chunk of rows, never the piece's whole ``J``."""
+        with torch.enable_grad():
+            leaves = tuple(p.detach().requires_grad_(True) for p in primals)
+            ys = piece(*leaves)
+        k = out.shape[0]
+        v = torch.cat([t.reshape(-1, k) for t in tans]).to(out.dtype)  # [n, k]
+        offs = offsets(tuple(y.numel() for y in ys))
+        live = [i for i, y in enumerate(ys) if y.requires_grad]
+        rows = out.shape[1]
+        out.zero_()
+        if not live:
+            return
+
+        def probe(start: int, stop: int, batched: bool) -> Tensor:
+            c = stop - start
+            eye = torch.zeros(c, rows, dtype=ys[live[0]].dtype, device=out.device)
+            eye[torch.arange(c), torch.arange(start, stop)] = 1
+            cots = [
+                eye[:, offs[i] : offs[i] + ys[i].numel()].reshape(c, *ys[i].shape) for i in live
+            ]
+            outs = [ys[i] for i in live]
+            if batched:
+                grads = batched_grad(outs, list(leaves), cots, True, False)
+            else:
+                one = [torch.autograd.grad(outs, leaves, [t[j] for t in cots], retain_graph=True,
+                                           allow_unused=True) for j in range(c)]  # fmt: skip
+                grads = tuple(None if g[0] is None else torch.stack(g) for g in zip(*one))
+            j = torch.cat(
+                [
+                    torch.zeros(c, x.numel(), dtype=out.dtype, device=out.device)
+                    if g is None
+                    else g.reshape(c, -1).to(out.dtype)
+                    for g, x in zip(grads, leaves)
+                ],
+                dim=1,
+            )
+            return j @ v  # [c, k]
+
+        def write(start: int, stop: int, jv: Tensor) -> None:
+            out[:, start:stop] = jv.T
+
+        run_chunks(self.fn_name, rows, size, probe, write)
 
     def pull(self, u: Tensor, chunk_size: int | None, budget: int) -> Tensor:
         """``Jᵀ @ U``: ``U [m, k]`` -> ``[n, k]``, summed over the pieces (a view of probe-major
@@ -269,6 +328,13 @@ class CallSource:
                 fresh[j] = False
 
         run_chunks(self.fn_name, k, size, probe, write)
+
+
+def _no_double_backward(err: BaseException) -> bool:
+    """Whether an error says a backward is not differentiable (``derivative for ... is not
+    implemented``)."""
+    text = str(err).lower()
+    return "derivative for" in text and "not implemented" in text
 
 
 def _no_forward_ad(err: BaseException) -> bool:
