@@ -251,3 +251,31 @@ def test_an_untraced_layer_with_an_ambiguous_batch(coupled: bool) -> None:
         torch.testing.assert_close(per_sample[name], j)
     rows = torch.cat([j.reshape(model(x).numel(), -1) for j in full.values()], 1)
     torch.testing.assert_close(tj.ntk(model, x).reshape(rows.shape[0], -1), rows @ rows.T)
+
+
+class TableLayer(nn.Module):
+    """A Linear on a buffer with one row per sample: read row by row, or summed over the rows."""
+
+    def __init__(self, rows: int, summed: bool) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, 2).to(DTYPE)
+        self.register_buffer("table", torch.randn(rows, 3, dtype=DTYPE))
+        self.summed = summed
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.lin(self.table)
+        return self.out(torch.tanh((z.sum(0) if self.summed else z) + x))
+
+
+@pytest.mark.parametrize("summed", [False, True])
+def test_a_layer_on_a_buffer_with_the_batch_size(summed: bool) -> None:
+    """The buffer has the batch's size at dim 0 but no batch: its closed form held only while
+    each sample's rows stay at its own row; summed, a proven model got wrong rows (0.70)."""
+    torch.manual_seed(0)
+    model, x = TableLayer(3, summed), torch.randn(3, 3, dtype=DTYPE)
+    full = tj.param_jacobian(model, x)
+    per_sample = tj.param_jacobian(model, x, batch_dim=0)
+    for name, j in full.items():
+        torch.testing.assert_close(per_sample[name], j)
+    rows = torch.cat([j.reshape(6, -1) for j in full.values()], 1)
+    torch.testing.assert_close(tj.ntk(model, x).reshape(6, 6), rows @ rows.T)

@@ -44,8 +44,12 @@ the size there is the model's batch size; a sequence-first layer (``[T, B, E]``,
 for attention) with ``T == B`` passed that test with the batch at dim 1, and a model the trace
 proved (no coupling check) got rows mixing the samples (``param_jacobian`` off by 1.0 on a
 Linear bias, ``ntk`` by 7.7). Where the forward is traced (NOTE [op batch proof]) and the trace
-still follows the batch, a layer input whose batch is elsewhere, or which has none, is left to
-the general path; the capture that gives the general path its input leaves is traced too. Where
+still follows the batch, a layer input whose batch is elsewhere is left to the general path;
+the capture that gives the general path its input leaves is traced too. An input the trace found
+without the batch but with its size at ``batch_dim`` (a buffer of one row per sample, or a table
+whose rows a later op sums) keeps its closed form, but the model is then not proven: the
+coupling check sees whether each sample's rows stay at their own row (a sum over the rows made
+``param_jacobian`` off by 0.70 and ``ntk`` by 2.7 in a proven model). Where
 the trace has ended (an op it does not follow) and the input has the batch's size at another
 dim too, the closed form is kept but the layer is ``ambiguous``: when the coupling check blames
 it, the call is redone with that layer on the general path (``layer_deltas.retry_declining``),
@@ -225,6 +229,7 @@ def capture(
     batch_size = _batch_size(args, kwargs, batch_dim)
     uses: list[Use] = []
     ambiguous: set[nn.Module] = set()
+    unsure: list[nn.Module] = []  # closed forms on inputs the trace found without the batch
     covered: list[tuple[Any, set[int]]] = []  # (node, ids of the leaves it covers) per use
 
     trace: BatchTrace | None = None
@@ -237,7 +242,7 @@ def capture(
         if trace is not None and batch_dim is not None and isinstance(x, Tensor) and x.dim():
             # NOTE [layer batch axis]: the batch where the trace found it, not where sizes say
             at = trace.batch_at(x)
-            if at is not None and at != batch_dim % x.dim():
+            if at is not None and at >= 0 and at != batch_dim % x.dim():
                 return None
         with trace.paused() if trace is not None else contextlib.nullcontext():
             built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim, batch_size)
@@ -247,7 +252,10 @@ def capture(
         if trace is not None:
             trace.same_batch(output, new_output)
         uses.append(use)
-        if at is None and isinstance(x, Tensor) and batch_dim is not None:
+        if at == -1:  # no batch, its size by chance (or aligned data): the check decides
+            unsure.append(module)
+            ambiguous.add(module)
+        elif at is None and isinstance(x, Tensor) and batch_dim is not None:
             bd = batch_dim % x.dim()
             if any(size == batch_size for i, size in enumerate(x.shape) if i != bd):
                 ambiguous.add(module)
@@ -265,6 +273,7 @@ def capture(
         with tracing as trace:
             output = call(model, state.with_leaves(state.leaves), args, kwargs)
             proven = trace is not None and batch_dim is not None and trace.proves(output, batch_dim)
+            proven = proven and not unsure
     finally:
         for h in handles:
             h.remove()
