@@ -169,7 +169,29 @@ def call(model: nn.Module, tensors: dict[str, Tensor], args: tuple, kwargs: dict
         return copies[id(t)]
 
     args, kwargs = tree_map(copy, (args, kwargs))
-    return functional_call(model, slots, args, kwargs, tie_weights=False, strict=False)
+    handles = [
+        m.register_forward_pre_hook(_group_norm_layout)
+        for m in model.modules()
+        if isinstance(m, nn.GroupNorm) and m.affine
+    ]
+    try:
+        return functional_call(model, slots, args, kwargs, tie_weights=False, strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _group_norm_layout(module: nn.Module, args: tuple) -> tuple | None:
+    """NOTE [group norm layout]: torch 2.13's CPU backward of ``group_norm`` on a channels-last
+    input that does not require grad, asked for the weight's gradient, crashes the process
+    (segmentation fault). The general path makes exactly that call (a ``GroupNorm`` after a
+    convolution whose parameters a closed form covers, or a ``params`` subset), where the user's
+    own backward, with every parameter requiring grad, does not: such an input is passed on
+    contiguous (the same values)."""
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and not x.requires_grad and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def _slots(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
