@@ -138,6 +138,7 @@ def build(rng: random.Random):
             "transformer",
             "convT_groups",
             "table",
+            "norm2d",
         ]
     )
     r = rng.randint
@@ -318,6 +319,27 @@ def build(rng: random.Random):
         n = conv(torch.zeros(1, 4, 2, 2)).numel()
         m = nn.Sequential(conv, nn.ELU(), nn.Flatten(), nn.Linear(n, 2))
         return kind, m, lambda B: torch.randn(B, 4, 2, 2), True
+    if kind == "norm2d":
+        which = rng.choice(["ln", "gn", "bn", "in"])
+        if which == "ln":
+            nrm = nn.LayerNorm([4, 3, 3])
+        elif which == "gn":
+            nrm = nn.GroupNorm(rng.choice([1, 2, 4]), 4, affine=rng.random() < 0.8)
+        elif which == "bn":
+            nrm = nn.BatchNorm2d(4).eval()
+            nrm.running_mean.normal_()
+        else:
+            nrm = nn.InstanceNorm2d(4, affine=True)
+        m = nn.Sequential(
+            nn.Conv2d(2, 4, rng.choice([1, 3]), padding="same", bias=bias),
+            nrm,
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(36, 2),
+        )
+        if rng.random() < 0.6:
+            m = m.to(memory_format=torch.channels_last)
+        return f"{kind}:{which}", m, lambda B: torch.randn(B, 2, 3, 3), True
     if kind == "table":
         how = rng.choice(["rows", "sum", "flip", "mean_emb"])
 
