@@ -116,10 +116,12 @@ def _mlp(seed: int = 0, dropout: bool = False) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(5, 2)).double()
 
 
-def _param_oracle(model: nn.Module, x: Tensor, names: list[str] | None = None) -> Tensor:
+def _param_oracle(
+    model: nn.Module, x: Tensor, names: list[str] | None = None, rows: int | None = None
+) -> Tensor:
     params = {k: v.detach() for k, v in model.named_parameters() if names is None or k in names}
     jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
-    return _flat(jac, x.shape[0] * 2)
+    return _flat(jac, x.shape[0] * 2 if rows is None else rows)
 
 
 def test_module_one_batch_and_params_subset(gen: torch.Generator) -> None:
@@ -195,6 +197,22 @@ def test_embedding_bag_products_by_rows_when_no_mode_follows(gen: torch.Generato
             got = J @ V
         assert len([w for w in record if issubclass(w.category, tj.FallbackWarning)]) == 1
         torch.testing.assert_close(got, want @ V)
+
+
+def test_group_norm_on_channels_last_in_forward_mode(gen: torch.Generator) -> None:
+    """torch's forward AD of ``group_norm`` fails on a channels-last input (a ``view`` error):
+    forward-mode products give it the input contiguous (NOTE [embedding forward rules])."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten())
+    net = net.to(D).to(memory_format=torch.channels_last)
+    x = randn(1, 2, 3, 3, gen=gen)
+    J = tj.JacobianOperator(net, x)
+    want = jacrev(net)(x).reshape(36, 18)
+    v = randn(18, gen=gen)
+    torch.testing.assert_close(J @ v, want @ v)
+    P = tj.JacobianOperator.from_module(net, x)
+    V = randn(P.shape[1], 2, gen=gen)
+    torch.testing.assert_close(P @ V, _param_oracle(net, x, rows=36) @ V)
 
 
 def test_module_kwargs_reach_every_call(gen: torch.Generator) -> None:

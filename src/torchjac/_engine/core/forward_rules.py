@@ -8,7 +8,9 @@ by the number of times its index occurs in the call with ``scale_grad_by_freq=Tr
 ``mode="fwd"`` and ``mode="rev"``. Every forward-mode product of the engine runs the user's
 function under ``reverse_conventions``, which rewrites such a lookup ``e`` (same values) so its
 tangent is reverse mode's: ``where(idx == padding_idx, e.detach(), e)`` and ``e.detach() +
-(e - e.detach()) / count[idx]``. Lookups without either option run untouched.
+(e - e.detach()) / count[idx]``. Lookups without either option run untouched. The same pass
+gives ``group_norm`` a channels-last input contiguous (same values): torch 2.13's forward AD of
+it fails there (``view size is not compatible with input tensor's size and stride``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ class _ReverseConventions(TorchFunctionMode):
                 return func(*args, **kwargs)
             e = func(weight, idx, -1, False, bool(_arg(args, kwargs, 4, "sparse", False)))
             return _adjusted(e, idx, weight.shape[0], pad if pad >= 0 else None, by_freq)
+        if func is F.group_norm:
+            x = _arg(args, kwargs, 0, "input", None)
+            if isinstance(x, Tensor) and not x.is_contiguous():  # NOTE [group norm layout]
+                rest = {k: v for k, v in kwargs.items() if k != "input"}
+                return func(x.contiguous(), *args[1:], **rest)
         return func(*args, **kwargs)
 
 

@@ -187,7 +187,8 @@ def _group_norm_layout(module: nn.Module, args: tuple) -> tuple | None:
     (segmentation fault). The general path makes exactly that call (a ``GroupNorm`` after a
     convolution whose parameters a closed form covers, or a ``params`` subset), where the user's
     own backward, with every parameter requiring grad, does not: such an input is passed on
-    contiguous (the same values)."""
+    contiguous (the same values). Its forward AD fails on such an input too: forward-mode
+    products do the same (NOTE [embedding forward rules])."""
     x = args[0] if args else None
     if isinstance(x, Tensor) and not x.requires_grad and not x.is_contiguous():
         return (x.contiguous(), *args[1:])
