@@ -35,7 +35,9 @@ def tensors_of(result: Any) -> list[Tensor]:
 
 def bits(t: Tensor) -> Tensor:
     """The bytes of ``t`` (so -0.0 != 0.0 and NaN == NaN with the same payload)."""
-    return t.detach().reshape(-1).clone().view(torch.uint8)
+    # a fresh contiguous copy: a size-1 tensor may keep a stride other than 1 through clone()
+    flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device).copy_(t.detach().reshape(-1))
+    return flat.view(torch.uint8)
 
 
 def same_bits(a: Tensor, b: Tensor) -> bool:

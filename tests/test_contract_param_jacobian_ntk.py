@@ -194,3 +194,18 @@ def test_module_hooks_are_part_of_the_model(gen: torch.Generator, batch_dim: int
     flat = torch.cat([want[n].reshape(4, 2, -1) for n in ps], -1)
     torch.testing.assert_close(tj.ntk(model, x), torch.einsum("iap,jbp->iajb", flat, flat))
     assert len(model[0]._forward_hooks) == 1 and len(model[2]._forward_pre_hooks) == 1
+
+
+def test_embedding_scaled_by_frequency_per_sample_equals_full() -> None:
+    """``scale_grad_by_freq``: torch's derivative divides by the index's count in the whole call,
+    so the per-sample rows (closed form) and the kernel must use those counts too."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(5, 2, scale_grad_by_freq=True, padding_idx=4)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Tanh(), nn.Linear(6, 2)).double()
+    idx = torch.tensor([[0, 2, 2], [2, 1, 4], [3, 0, 4]])
+    full = tj.param_jacobian(model, idx)
+    per_sample = tj.param_jacobian(model, idx, batch_dim=0)
+    for name, j in full.items():
+        torch.testing.assert_close(per_sample[name], j)
+    rows = torch.cat([j.reshape(6, -1) for j in full.values()], 1)
+    torch.testing.assert_close(tj.ntk(model, idx).reshape(6, 6), rows @ rows.T)

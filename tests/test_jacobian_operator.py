@@ -11,6 +11,7 @@ import torch
 from conftest import randn
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchjac as tj
@@ -115,10 +116,12 @@ def _mlp(seed: int = 0, dropout: bool = False) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(5, 2)).double()
 
 
-def _param_oracle(model: nn.Module, x: Tensor, names: list[str] | None = None) -> Tensor:
+def _param_oracle(
+    model: nn.Module, x: Tensor, names: list[str] | None = None, rows: int | None = None
+) -> Tensor:
     params = {k: v.detach() for k, v in model.named_parameters() if names is None or k in names}
     jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
-    return _flat(jac, x.shape[0] * 2)
+    return _flat(jac, x.shape[0] * 2 if rows is None else rows)
 
 
 def test_module_one_batch_and_params_subset(gen: torch.Generator) -> None:
@@ -134,6 +137,82 @@ def test_module_one_batch_and_params_subset(gen: torch.Generator) -> None:
         Jc = tj.JacobianOperator.from_module(model, x, chunk_size=chunk)
         torch.testing.assert_close(Jc @ V, want @ V)
         torch.testing.assert_close(Jc.T @ U, want.T @ U)
+
+
+@pytest.mark.parametrize("option", [{"padding_idx": 1}, {"scale_grad_by_freq": True}])
+def test_embedding_products_agree_with_the_dense_operator(
+    gen: torch.Generator, option: dict
+) -> None:
+    """``J @ v`` (forward mode) takes the embedding's derivative as its backward defines it:
+    the padding row's columns are zero, rows divided by the indices' counts."""
+    model = nn.Sequential(nn.Embedding(4, 2, **option), nn.Flatten(), nn.Tanh(), nn.Linear(6, 2))
+    model = model.to(D)
+    idx = torch.tensor([[1, 3, 3], [0, 1, 3]])
+    J = tj.JacobianOperator.from_module(model, idx)
+    want = _param_oracle(model, idx)
+    torch.testing.assert_close(J.to_dense(), want)
+    V = randn(J.shape[1], 3, gen=gen)
+    torch.testing.assert_close(J @ V, want @ V)
+    torch.testing.assert_close(J @ V[:, 0], want @ V[:, 0])
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.att(x, x, x, need_weights=False)[0]).flatten(1)
+
+
+def test_attention_products_use_a_differentiable_kernel(gen: torch.Generator) -> None:
+    """``nn.MultiheadAttention`` runs the fused CPU kernel, which has neither forward-mode AD nor
+    a double backward: ``J @ V`` runs it as the math kernel (NOTE [fused attention])."""
+    torch.manual_seed(0)
+    model, x = _Attention().to(D), randn(2, 3, 4, gen=gen)
+    J = tj.JacobianOperator.from_module(model, x)
+    with sdpa_kernel(SDPBackend.MATH):  # the oracle: jacrev batches the backward
+        want = _flat(
+            jacrev(lambda p: functional_call(model, p, (x,)))(dict(model.named_parameters())), 6
+        )
+    V, U = randn(J.shape[1], 2, gen=gen), randn(6, 2, gen=gen)
+    torch.testing.assert_close(J @ V, want @ V)
+    torch.testing.assert_close(J.T @ U, want.T @ U)
+    torch.testing.assert_close(J.to_dense(), want)
+
+
+@pytest.mark.filterwarnings("ignore:.*performance drop.*:UserWarning")
+def test_embedding_bag_products_by_rows_when_no_mode_follows(gen: torch.Generator) -> None:
+    """``embedding_bag`` has neither forward-mode AD nor a double backward: ``J @ V`` takes the
+    rows of ``J`` by reverse mode, a chunk at a time, with one warning (it raised)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(5, 3, mode="mean"), nn.Linear(3, 2)).to(D)
+    idx = torch.tensor([[0, 4, 4], [2, 1, 0]])
+    want = _param_oracle(model, idx)
+    V = randn(want.shape[1], 3, gen=gen)
+    for chunk in (1, None):
+        J = tj.JacobianOperator.from_module(model, idx, chunk_size=chunk)
+        with pytest.warns(tj.FallbackWarning, match="by rows of J") as record:
+            got = J @ V
+        assert len([w for w in record if issubclass(w.category, tj.FallbackWarning)]) == 1
+        torch.testing.assert_close(got, want @ V)
+
+
+def test_group_norm_on_channels_last_in_forward_mode(gen: torch.Generator) -> None:
+    """torch's forward AD of ``group_norm`` fails on a channels-last input (a ``view`` error):
+    forward-mode products give it the input contiguous (NOTE [embedding forward rules])."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten())
+    net = net.to(D).to(memory_format=torch.channels_last)
+    x = randn(1, 2, 3, 3, gen=gen)
+    J = tj.JacobianOperator(net, x)
+    want = jacrev(net)(x).reshape(36, 18)
+    v = randn(18, gen=gen)
+    torch.testing.assert_close(J @ v, want @ v)
+    P = tj.JacobianOperator.from_module(net, x)
+    V = randn(P.shape[1], 2, gen=gen)
+    torch.testing.assert_close(P @ V, _param_oracle(net, x, rows=36) @ V)
 
 
 def test_module_kwargs_reach_every_call(gen: torch.Generator) -> None:

@@ -193,6 +193,30 @@ def test_forward_mode_follows_the_declared_backward(gen: torch.Generator) -> Non
     torch.testing.assert_close(got, 2 * x)
 
 
+@pytest.mark.parametrize(
+    "option", [{"padding_idx": 0}, {"padding_idx": -1}, {"scale_grad_by_freq": True}]
+)
+def test_forward_mode_follows_the_embedding_backward(gen: torch.Generator, option: dict) -> None:
+    """torch's backward zeroes the padding row and divides by the indices' counts; its forward
+    AD does neither. Every mode gives reverse mode's derivative (NOTE [embedding forward rules])."""
+    weight, idx = randn(5, 2, gen=gen), torch.tensor([[0, 4, 4], [2, 0, 4]])
+
+    def f(w: Tensor) -> Tensor:
+        return torch.nn.functional.embedding(idx, w, **option).sin()
+
+    want = jacrev(f)(weight)
+    for mode in ("rev", "fwd", "auto"):
+        torch.testing.assert_close(tj.jacobian(f, weight, mode=mode), want)
+    # torch.embedding directly (a negative padding_idx means none there)
+    pad = option.get("padding_idx", -1) % 5 if "padding_idx" in option else -1
+    by_freq = option.get("scale_grad_by_freq", False)
+
+    def g(w: Tensor) -> Tensor:
+        return torch.embedding(w, idx, pad, by_freq).sin()
+
+    torch.testing.assert_close(tj.jacobian(g, weight, mode="fwd"), jacrev(g)(weight))
+
+
 def test_batch_coupling_raises(gen: torch.Generator) -> None:
     x = randn(6, 3, gen=gen)
     with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):

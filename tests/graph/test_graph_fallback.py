@@ -179,3 +179,28 @@ def test_torch_func_vmap_serves_where_functorch_primitives_are_missing(
     for got in (lean, plain):
         torch.testing.assert_close(got[0], want)
         torch.testing.assert_close(got[1], torch.zeros(3, 2, dtype=want.dtype))
+
+
+@pytest.mark.filterwarnings("ignore::torchjac.FallbackWarning")
+def test_group_norm_on_channels_last_falls_back_instead_of_freeing() -> None:
+    """vmap cannot run ``group_norm``'s backward on a channels-last input (torch: ``NYI: querying
+    is_contiguous inside of vmap``): the one pass that frees the graph must not be taken there,
+    or its failure cannot be retried (it raised, ``retain_graph=False``)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.Tanh(), torch.nn.Flatten()
+    )
+    net = net.double().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    params = list(net.parameters())
+    want = torch.func.jacrev(
+        lambda ps: torch.func.functional_call(net, dict(zip(dict(net.named_parameters()), ps)), x)
+    )(tuple(p.detach() for p in params))
+    rows = torch.cat([w.reshape(72, -1) for w in want], 1)
+    losses = net(x)[:, :2]
+    got = tj.jac(losses, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w[:, :2].reshape(4, -1).reshape(g.shape))
+    losses = net(x).pow(2).sum(1)
+    lw = torch.cat([(2 * net(x).detach().reshape(2, 36, 1) * rows.reshape(2, 36, -1)).sum(1)], 1)
+    torch.testing.assert_close(tj.gramian(losses, params), lw @ lw.T)

@@ -4,6 +4,10 @@ closed form must get right."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import randn
@@ -120,3 +124,32 @@ def test_per_sample_convolutions_match_vmap_jacrev(
     for k in want:
         torch.testing.assert_close(got[k], want[k], msg=k)
     assert bool(calls) == bool(grouped)
+
+
+_GROUP_NORM_SCRIPT = """
+import torch, torchjac as tj
+from torch import nn
+from torch.func import functional_call, jacrev
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
+                    nn.Linear(36, 2)).double().to(memory_format=torch.channels_last)
+x = torch.randn(BATCH, 2, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+want = jacrev(lambda p: functional_call(net, p, (x,)))(
+    {k: v.detach() for k, v in net.named_parameters()})
+for got in (tj.param_jacobian(net, x, batch_dim=0), tj.param_jacobian(net, x, params=["1.weight"])):
+    for k, j in got.items():
+        torch.testing.assert_close(j, want[k])
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_group_norm_on_channels_last_input_without_grad(batch: int) -> None:
+    """torch's CPU ``group_norm`` backward crashes the process (segfault) on a channels-last input
+    that does not require grad: the general path's call after a covered convolution, or with a
+    ``params`` subset (NOTE [group norm layout]). Run in a child process: a crash is a failure."""
+    script = _GROUP_NORM_SCRIPT.replace("BATCH", str(batch))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=os.environ
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr)

@@ -183,3 +183,99 @@ def test_nan_outputs_are_not_taken_for_a_coupling() -> None:
     finite = [0, 2]  # sample 1's rows carry its NaN (0 * NaN in a vector-Jacobian product)
     torch.testing.assert_close(got[finite], torch.diag_embed(torch.log(x[finite])))
     assert bool(got[1].isnan().any())
+
+
+class SequenceFirst(nn.Module):
+    """Layers on ``[T, B, E]`` (torch's default layout for attention): the batch at dim 1."""
+
+    def __init__(self, attention: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3).to(DTYPE)
+        self.att = nn.MultiheadAttention(4, 2, kdim=3, vdim=3).to(DTYPE) if attention else None
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, E]
+        h = x.transpose(0, 1)
+        k = self.lin(h)
+        if self.att is not None:
+            k = self.att(h, k, k, need_weights=False)[0]
+        return k.transpose(0, 1).flatten(1)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_a_layer_with_the_batch_at_another_dim_of_the_same_size(attention: bool) -> None:
+    """T == B: a layer's input ``[T, B, E]`` has the batch's size at dim 0 too; its closed form
+    took T for the batch (wrong rows, or a coupling error once attention ended the proof)."""
+    torch.manual_seed(0)
+    model, x = SequenceFirst(attention), torch.randn(2, 2, 4, dtype=DTYPE)
+    full = tj.param_jacobian(model, x)
+    per_sample = tj.param_jacobian(model, x, batch_dim=0)
+    for name, j in full.items():
+        torch.testing.assert_close(per_sample[name], j)
+    m = model(x).numel()
+    rows = torch.cat([j.reshape(m, -1) for j in full.values()], 1)
+    k = tj.ntk(model, x)
+    torch.testing.assert_close(k.reshape(rows.shape[0], -1), rows @ rows.T)
+
+
+class UntracedSequenceFirst(nn.Module):
+    """A sequence-first Linear after an op the batch trace does not follow (``sort``)."""
+
+    def __init__(self, coupled: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).to(DTYPE)
+        self.coupled = coupled
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 3]
+        h = self.lin(x.sort(-1)[0].transpose(0, 1))  # [T, B, 2]
+        if self.coupled:
+            h = h - h.mean(1, keepdim=True)  # across the batch
+        return h.transpose(0, 1).flatten(1)
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_an_untraced_layer_with_an_ambiguous_batch(coupled: bool) -> None:
+    """The trace ends at ``sort``: the Linear's ``[T, B, 2]`` input with ``T == B`` cannot be told
+    from a batch-first one; the coupling check that blames it sends it to the general path (it
+    was a BatchCouplingError), and a real coupling still raises."""
+    torch.manual_seed(0)
+    model, x = UntracedSequenceFirst(coupled), torch.randn(3, 3, 3, dtype=DTYPE)
+    if coupled:
+        with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+            tj.param_jacobian(model, x, batch_dim=0)
+        with pytest.raises(tj.BatchCouplingError, match="batch_dim=0"):
+            tj.ntk(model, x)
+        return
+    full = tj.param_jacobian(model, x)
+    per_sample = tj.param_jacobian(model, x, batch_dim=0)
+    for name, j in full.items():
+        torch.testing.assert_close(per_sample[name], j)
+    rows = torch.cat([j.reshape(model(x).numel(), -1) for j in full.values()], 1)
+    torch.testing.assert_close(tj.ntk(model, x).reshape(rows.shape[0], -1), rows @ rows.T)
+
+
+class TableLayer(nn.Module):
+    """A Linear on a buffer with one row per sample: read row by row, or summed over the rows."""
+
+    def __init__(self, rows: int, summed: bool) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, 2).to(DTYPE)
+        self.register_buffer("table", torch.randn(rows, 3, dtype=DTYPE))
+        self.summed = summed
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.lin(self.table)
+        return self.out(torch.tanh((z.sum(0) if self.summed else z) + x))
+
+
+@pytest.mark.parametrize("summed", [False, True])
+def test_a_layer_on_a_buffer_with_the_batch_size(summed: bool) -> None:
+    """The buffer has the batch's size at dim 0 but no batch: its closed form held only while
+    each sample's rows stay at its own row; summed, a proven model got wrong rows (0.70)."""
+    torch.manual_seed(0)
+    model, x = TableLayer(3, summed), torch.randn(3, 3, dtype=DTYPE)
+    full = tj.param_jacobian(model, x)
+    per_sample = tj.param_jacobian(model, x, batch_dim=0)
+    for name, j in full.items():
+        torch.testing.assert_close(per_sample[name], j)
+    rows = torch.cat([j.reshape(6, -1) for j in full.values()], 1)
+    torch.testing.assert_close(tj.ntk(model, x).reshape(6, 6), rows @ rows.T)

@@ -5,7 +5,8 @@ CPU in torch 2.13: flash attention for 4-d inputs, float32 and float64 alike). I
 not differentiable (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
 is not implemented``), nor does it have forward-mode AD, so a Hessian through it fails. Where
 torchjac calls the function itself and needs second derivatives (``hessian``,
-``hessian_diagonal``, ``laplacian``) it runs it under ``sdpa_kernel(SDPBackend.MATH)``, whose
+``hessian_diagonal``, ``laplacian``, and ``JacobianOperator``'s products, whose ``J @ V`` is forward
+mode or a double backward) it runs it under ``sdpa_kernel(SDPBackend.MATH)``, whose
 operations (matrix products, softmax) differentiate to any order and give the same values to
 floating point. The backend flags are process-wide in torch: they are restored on exit, and
 attention run by another thread meanwhile takes the math kernel too (same values). On a graph

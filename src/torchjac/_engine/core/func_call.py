@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from torchjac._checks import Container, describe
+from torchjac._engine.core.forward_rules import reverse_conventions
 from torchjac._engine.core.func_state import CallState
 
 __all__ = ["FuncProblem", "forward_jvp", "load_forward_ad"]
@@ -56,9 +57,10 @@ def forward_jvp(
     """``torch.func.jvp``, torch's forward-AD decompositions loaded first (``load_forward_ad``).
 
     Every forward-mode product of the engine goes through here, so that a call needing none
-    does not pay their import (NOTE [first call])."""
+    does not pay their import (NOTE [first call]). ``func`` runs under the derivatives reverse
+    mode defines (NOTE [embedding forward rules])."""
     load_forward_ad()
-    return torch.func.jvp(func, primals, tangents)
+    return torch.func.jvp(reverse_conventions(func), primals, tangents)
 
 
 @dataclass

@@ -11,7 +11,9 @@ once they are done, when ``retain_graph=False``.
 
 NOTE [one pass frees]: when the rows take one vectorised pass, with ``retain_graph=False`` and no
 ``create_graph``, and every node of the graph is torch's own (no custom ``Function``, whose
-backward may do what vmap cannot: ``.item()``, data-dependent control flow), that pass frees the
+backward may do what vmap cannot: ``.item()``, data-dependent control flow; none of torch's
+whose backward vmap cannot run either: ``group_norm`` on a channels-last input, which made
+``jac``/``gramian`` through a channels-last ``GroupNorm`` raise), that pass frees the
 graph itself, as ``torch.autograd.grad`` does, and the release pass is skipped: it cost 0.1-0.25
 ms, a fifth of the Gramian of 4 losses of a 64-wide trunk. Should such a pass still fail (a
 user's hook), it cannot be retried as a loop, part of the graph may be gone: the error says so

@@ -12,7 +12,11 @@ chunk, never a second forward per batch, and its memory is one pass times a chun
 never formed. Chunks come from ``plan.choose_chunk_size`` (``1`` is a loop with no vmap) and a
 failing vectorised chunk is redone as a loop (NOTE [fallback]). Where forward mode cannot follow
 the function (an ``autograd.Function`` without ``jvp``), ``J @ V`` is a double backward on the
-piece's graph instead (NOTE [double backward]), with one ``FallbackWarning``.
+piece's graph instead (NOTE [double backward]), with one ``FallbackWarning``; where that fails
+too (``embedding_bag``'s backward is not differentiable), the rows of ``J``, a chunk at a time
+by reverse mode, each chunk multiplied by ``V``. Both products
+run the pieces with the math attention kernel (NOTE [fused attention]): the fused kernels have
+neither forward mode nor a double backward, and one kernel for both keeps one random draw.
 
 NOTE [operator draw]: every evaluation of a piece starts from the RNG state recorded for it when
 the operator was built (``Draw``), so a model that draws (dropout in train mode) gives one fixed
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torchjac._engine.core.attention import math_attention
 from torchjac._engine.core.func_call import forward_jvp
 from torchjac._engine.core.lean_vmap import batched_grad
 from torchjac._engine.core.plan import choose_chunk_size
@@ -119,7 +124,7 @@ class CallSource:
         k = v.shape[1]
         out = torch.empty(k, self.n_rows, dtype=self.dtype, device=self.device)
         cols = offsets(self.col_sizes)
-        with fallback_scope(), self.open() as (leaves, pieces):
+        with fallback_scope(), math_attention(), self.open() as (leaves, pieces):
             # plain tensors: jvp on primals requiring grad ran 20-30% slower (W8a), even in no_grad
             primals = tuple(x.detach() for x in leaves)
             # [*shape, k]: views of V's rows, the columns last (vmapped over in_dims=-1), so no
@@ -161,8 +166,17 @@ class CallSource:
         except (RuntimeError, NotImplementedError) as err:
             if not _no_forward_ad(err):
                 raise
-            warn_fallback(self.fn_name, "forward-mode AD failed, J @ V by double backward", err)
-            self._push_double_backward(piece, primals, tans, out, size)
+            try:
+                self._push_double_backward(piece, primals, tans, out, size)
+            except (RuntimeError, NotImplementedError) as again:
+                if not _no_double_backward(again):
+                    raise
+                how = "forward-mode AD and double backward failed, J @ V by rows of J"
+                warn_fallback(self.fn_name, how, again)
+                self._push_by_rows(piece, primals, tans, out, size)
+            else:
+                how = "forward-mode AD failed, J @ V by double backward"
+                warn_fallback(self.fn_name, how, err)
 
     def _push_double_backward(
         self, piece: Piece, primals: tuple[Tensor, ...], tans: list[Tensor], out: Tensor, size: int
@@ -194,6 +208,54 @@ class CallSource:
                     if r is not None:
                         out[j:stop, o : o + y.numel()] = r.reshape(stop - j, -1)
 
+    def _push_by_rows(
+        self, piece: Piece, primals: tuple[Tensor, ...], tans: list[Tensor], out: Tensor, size: int
+    ) -> None:
+        """``J V`` from the piece's rows of ``J``, a chunk of ``size`` rows at a time (reverse
+        mode, one-hot cotangents): an op with neither forward mode nor a double backward
+        (``embedding_bag``). Memory: a chunk of rows, never the piece's whole ``J``."""
+        with torch.enable_grad():
+            leaves = tuple(p.detach().requires_grad_(True) for p in primals)
+            ys = piece(*leaves)
+        k = out.shape[0]
+        v = torch.cat([t.reshape(-1, k) for t in tans]).to(out.dtype)  # [n, k]
+        offs = offsets(tuple(y.numel() for y in ys))
+        live = [i for i, y in enumerate(ys) if y.requires_grad]
+        rows = out.shape[1]
+        out.zero_()
+        if not live:
+            return
+
+        def probe(start: int, stop: int, batched: bool) -> Tensor:
+            c = stop - start
+            eye = torch.zeros(c, rows, dtype=ys[live[0]].dtype, device=out.device)
+            eye[torch.arange(c), torch.arange(start, stop)] = 1
+            cots = [
+                eye[:, offs[i] : offs[i] + ys[i].numel()].reshape(c, *ys[i].shape) for i in live
+            ]
+            outs = [ys[i] for i in live]
+            if batched:
+                grads = batched_grad(outs, list(leaves), cots, True, False)
+            else:
+                one = [torch.autograd.grad(outs, leaves, [t[j] for t in cots], retain_graph=True,
+                                           allow_unused=True) for j in range(c)]  # fmt: skip
+                grads = tuple(None if g[0] is None else torch.stack(g) for g in zip(*one))
+            j = torch.cat(
+                [
+                    torch.zeros(c, x.numel(), dtype=out.dtype, device=out.device)
+                    if g is None
+                    else g.reshape(c, -1).to(out.dtype)
+                    for g, x in zip(grads, leaves)
+                ],
+                dim=1,
+            )
+            return j @ v  # [c, k]
+
+        def write(start: int, stop: int, jv: Tensor) -> None:
+            out[:, start:stop] = jv.T
+
+        run_chunks(self.fn_name, rows, size, probe, write)
+
     def pull(self, u: Tensor, chunk_size: int | None, budget: int) -> Tensor:
         """``Jᵀ @ U``: ``U [m, k]`` -> ``[n, k]``, summed over the pieces (a view of probe-major
         ``[k, n]`` storage: each probe's gradients are written contiguously)."""
@@ -202,7 +264,7 @@ class CallSource:
         out = torch.empty(k, sum(self.col_sizes), dtype=self.dtype, device=self.device)
         cols = offsets(self.col_sizes)
         fresh = [True] * len(cols)  # no piece has written column tensor j yet: copy, not add
-        with fallback_scope(), self.open() as (primals, pieces):
+        with fallback_scope(), math_attention(), self.open() as (primals, pieces):
             leaves = tuple(
                 p if p.requires_grad and p.is_leaf else p.detach().requires_grad_(True)
                 for p in primals
@@ -266,6 +328,13 @@ class CallSource:
                 fresh[j] = False
 
         run_chunks(self.fn_name, k, size, probe, write)
+
+
+def _no_double_backward(err: BaseException) -> bool:
+    """Whether an error says a backward is not differentiable (``derivative for ... is not
+    implemented``)."""
+    text = str(err).lower()
+    return "derivative for" in text and "not implemented" in text
 
 
 def _no_forward_ad(err: BaseException) -> bool:

@@ -139,6 +139,14 @@ class BatchTrace(TorchFunctionMode):
         if isinstance(old, Tensor) and isinstance(new, Tensor) and id(old) in self._bdim:
             self._mark(new, self._bdim[id(old)])
 
+    def batch_at(self, t: Tensor) -> int | None:
+        """Where ``t`` carries the batch, ``-1`` where it carries none (it derives from no
+        input, or only through what kept no batch), ``None`` once the proof has ended (unknown).
+        """
+        if self.failed is not None:
+            return None
+        return self._bdim.get(id(t), -1)
+
     def proves(self, output: Any, batch_dim: int) -> bool:
         """Whether ``output`` provably keeps samples apart at ``batch_dim``."""
         if self.failed is not None or not isinstance(output, Tensor) or output.dim() == 0:

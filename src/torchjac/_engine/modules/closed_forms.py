@@ -215,7 +215,7 @@ def _conv(
 
 
 def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
-    if w is None or m.max_norm is not None or m.scale_grad_by_freq or x.is_floating_point():
+    if w is None or m.max_norm is not None or x.is_floating_point():
         return None
     if batch_dim is not None and x.dim() < 1:
         return None
@@ -223,7 +223,14 @@ def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | No
     xa = _first(x.detach(), ax)
     n, dim = xa.shape[0], w.shape[1]
     a = xa.reshape(n, -1).clone()
-    return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+    if not m.scale_grad_by_freq:
+        return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+    # torch's backward divides a row's gradient by its index's count in the whole call (all
+    # samples): the rows of the full Jacobian, which the per-sample ones must equal
+    inv = torch.bincount(a.reshape(-1), minlength=w.shape[0]).to(w.dtype).reciprocal()[a]
+    return _ready(
+        a
+    ), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim) * inv[:, None, :, None].to(d.dtype)
 
 
 def _prelu(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:

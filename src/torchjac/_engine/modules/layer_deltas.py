@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -14,7 +15,9 @@ from torchjac._engine.modules.closed_forms import Use
 from torchjac._engine.modules.layers import Capture
 from torchjac._errors import BatchCouplingError, coupling_fix
 
-__all__ = ["CouplingCheck", "deltas"]
+__all__ = ["CouplingCheck", "LayerCoupled", "deltas", "retry_declining"]
+
+T = TypeVar("T")
 
 
 def deltas(
@@ -112,7 +115,7 @@ class CouplingCheck:
         for h, outside in enumerate(self.outside):
             for use, d in zip(self.cap.uses, ds):
                 if d is not None and bool((d[:, first + h][outside].nan_to_num(0.0) != 0).any()):
-                    _raise_coupled(self.fn_name, self.batch_dim, self.describe_use(use))
+                    _raise_coupled(self.fn_name, self.batch_dim, self.describe_use(use), use)
             for (name, x), g in zip(self.inputs, gs):
                 if g is None:
                     continue
@@ -140,10 +143,36 @@ def _probes(
 _cached_probes = functools.lru_cache(maxsize=16)(_probes)
 
 
-def _raise_coupled(fn_name: str, batch_dim: int, where: str) -> None:
-    raise BatchCouplingError(
+class LayerCoupled(BatchCouplingError):
+    """Coupling seen at a closed form's use: its layer may only have its input's batch at
+    another dim than assumed (NOTE [layer batch axis]); ``module`` is that layer."""
+
+    def __init__(self, message: str, module: object) -> None:
+        super().__init__(message)
+        self.module = module
+
+
+def retry_declining(run: Callable[[frozenset], T], ambiguous: Callable[[], frozenset]) -> T:
+    """``run(declined)``, again with a layer declined each time the coupling check blames a
+    layer whose input's batch was ambiguous (NOTE [layer batch axis]); ``ambiguous()`` gives
+    those of the last run. Any other coupling error, or a second one at a layer, is raised."""
+    declined: frozenset = frozenset()
+    while True:
+        try:
+            return run(declined)
+        except LayerCoupled as err:
+            if err.module in declined or err.module not in ambiguous():
+                raise
+            declined = declined | {err.module}
+
+
+def _raise_coupled(fn_name: str, batch_dim: int, where: str, use: Use | None = None) -> None:
+    message = (
         f"{fn_name}: `batch_dim={batch_dim}` declares that output sample i depends only on "
         f"sample i, but the outputs depend on other samples through {where}. Samples are "
         "coupled, e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
         f"`x - x.mean(0)`, or attention across the batch. {coupling_fix(fn_name)}"
     )
+    if use is not None:
+        raise LayerCoupled(message, use.module)
+    raise BatchCouplingError(message)

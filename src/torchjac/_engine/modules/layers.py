@@ -38,6 +38,22 @@ Without ``batch_dim`` the whole batch is one sample (N = 1). ``Use.weight`` / ``
 parameter names in ``state.names`` (``None`` when that parameter is not asked for, e.g. frozen).
 ``capture`` never checks batch independence; ``layer_deltas.CouplingCheck`` does (its probes
 are carried by the first ``deltas`` pass).
+
+NOTE [layer batch axis]: a closed form takes the batch of a layer's input at ``batch_dim`` when
+the size there is the model's batch size; a sequence-first layer (``[T, B, E]``, torch's default
+for attention) with ``T == B`` passed that test with the batch at dim 1, and a model the trace
+proved (no coupling check) got rows mixing the samples (``param_jacobian`` off by 1.0 on a
+Linear bias, ``ntk`` by 7.7). Where the forward is traced (NOTE [op batch proof]) and the trace
+still follows the batch, a layer input whose batch is elsewhere is left to the general path;
+the capture that gives the general path its input leaves is traced too. An input the trace found
+without the batch but with its size at ``batch_dim`` (a buffer of one row per sample, or a table
+whose rows a later op sums) keeps its closed form, but the model is then not proven: the
+coupling check sees whether each sample's rows stay at their own row (a sum over the rows made
+``param_jacobian`` off by 0.70 and ``ntk`` by 2.7 in a proven model). Where
+the trace has ended (an op it does not follow) and the input has the batch's size at another
+dim too, the closed form is kept but the layer is ``ambiguous``: when the coupling check blames
+it, the call is redone with that layer on the general path (``layer_deltas.retry_declining``),
+whose own checks still raise for a real coupling; before, such a model was refused.
 """
 
 from __future__ import annotations
@@ -153,7 +169,30 @@ def call(model: nn.Module, tensors: dict[str, Tensor], args: tuple, kwargs: dict
         return copies[id(t)]
 
     args, kwargs = tree_map(copy, (args, kwargs))
-    return functional_call(model, slots, args, kwargs, tie_weights=False, strict=False)
+    handles = [
+        m.register_forward_pre_hook(_group_norm_layout)
+        for m in model.modules()
+        if isinstance(m, nn.GroupNorm) and m.affine
+    ]
+    try:
+        return functional_call(model, slots, args, kwargs, tie_weights=False, strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _group_norm_layout(module: nn.Module, args: tuple) -> tuple | None:
+    """NOTE [group norm layout]: torch 2.13's CPU backward of ``group_norm`` on a channels-last
+    input that does not require grad, asked for the weight's gradient, crashes the process
+    (segmentation fault). The general path makes exactly that call (a ``GroupNorm`` after a
+    convolution whose parameters a closed form covers, or a ``params`` subset), where the user's
+    own backward, with every parameter requiring grad, does not: such an input is passed on
+    contiguous (the same values). Its forward AD fails on such an input too: forward-mode
+    products do the same (NOTE [embedding forward rules])."""
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and not x.requires_grad and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def _slots(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -186,6 +225,9 @@ class Capture:
     uses: list[Use] = field(default_factory=list)
     general: tuple[str, ...] = ()
     proven: bool = False  # per sample by its ops (NOTE [op batch proof]), when asked to prove
+    # modules with a use whose input has the batch's size at another dim than ``batch_dim``
+    # too, the trace not knowing which (NOTE [layer batch axis])
+    ambiguous: frozenset[nn.Module] = frozenset()
 
 
 def capture(
@@ -197,6 +239,7 @@ def capture(
     *,
     fn_name: str = "capture",
     prove: bool = False,
+    decline: frozenset[nn.Module] = frozenset(),
 ) -> Capture:
     """Run ``model`` once with hooks on supported layers; see NOTE [layer capture].
 
@@ -208,11 +251,22 @@ def capture(
     by_id = {id(t): n for n, t in state.leaves.items()}
     batch_size = _batch_size(args, kwargs, batch_dim)
     uses: list[Use] = []
+    ambiguous: set[nn.Module] = set()
+    unsure: list[nn.Module] = []  # closed forms on inputs the trace found without the batch
     covered: list[tuple[Any, set[int]]] = []  # (node, ids of the leaves it covers) per use
 
     trace: BatchTrace | None = None
 
     def hook(module: nn.Module, h_args: tuple, h_kwargs: dict, output: Any) -> Any:
+        x = h_args[0] if h_args else h_kwargs.get("input")
+        if module in decline:
+            return None
+        at = None
+        if trace is not None and batch_dim is not None and isinstance(x, Tensor) and x.dim():
+            # NOTE [layer batch axis]: the batch where the trace found it, not where sizes say
+            at = trace.batch_at(x)
+            if at is not None and at >= 0 and at != batch_dim % x.dim():
+                return None
         with trace.paused() if trace is not None else contextlib.nullcontext():
             built = build_use(module, h_args, h_kwargs, output, by_id, batch_dim, batch_size)
         if built is None:
@@ -221,7 +275,13 @@ def capture(
         if trace is not None:
             trace.same_batch(output, new_output)
         uses.append(use)
-        x = h_args[0] if h_args else h_kwargs.get("input")
+        if at == -1:  # no batch, its size by chance (or aligned data): the check decides
+            unsure.append(module)
+            ambiguous.add(module)
+        elif at is None and isinstance(x, Tensor) and batch_dim is not None:
+            bd = batch_dim % x.dim()
+            if any(size == batch_size for i, size in enumerate(x.shape) if i != bd):
+                ambiguous.add(module)
         leaves = {id(state.leaves[n]) for n in (use.weight, use.bias) if n is not None}
         leaves.discard(id(x))  # a parameter fed in as the layer's input is not covered there
         covered.extend((node, leaves) for node in _layer_nodes(output, x))
@@ -236,6 +296,7 @@ def capture(
         with tracing as trace:
             output = call(model, state.with_leaves(state.leaves), args, kwargs)
             proven = trace is not None and batch_dim is not None and trace.proves(output, batch_dim)
+            proven = proven and not unsure
     finally:
         for h in handles:
             h.remove()
@@ -244,7 +305,7 @@ def capture(
             f"{fn_name}: the model must return a Tensor, got {type(output).__name__}. Wrap it "
             "to return the Tensor to differentiate."
         )
-    cap = Capture(output=output, state=state, uses=uses, proven=proven)
+    cap = Capture(output, state, uses, proven=proven, ambiguous=frozenset(ambiguous))
     blocked: dict[Any, set[int]] = {}
     for node, leaves in covered:
         blocked.setdefault(node, set()).update(leaves)

@@ -26,9 +26,9 @@ from torchjac._engine.core.module_proof import proven_per_sample
 from torchjac._engine.core.plan import choose_chunk_size
 from torchjac._engine.core.run import run_chunks
 from torchjac._engine.modules.ghost import UseD, layer_kernel, param_kernel
-from torchjac._engine.modules.layer_deltas import CouplingCheck, deltas
+from torchjac._engine.modules.layer_deltas import CouplingCheck, deltas, retry_declining
 from torchjac._engine.modules.layers import Capture, ModelState, capture
-from torchjac._engine.modules.param_chain import param_chain
+from torchjac._engine.modules.param_chain import Chain, param_chain
 from torchjac._engine.modules.sample_vmap import SampleProblem
 
 __all__ = ["NtkSide", "kernel_of", "run_side"]
@@ -61,15 +61,44 @@ def run_side(
     budget: int,
 ) -> NtkSide:
     """``model(*xs)`` captured, checked for coupling, and its ``δ`` for every output element."""
-    leaves = tuple(x.detach().requires_grad_(True) if x.is_floating_point() else x for x in xs)
     proven = proven_per_sample(model, tuple(xs), {}, batch_dim)  # before any hook of ours
     # NOTE [parameter chain]: a proven Sequential's modules, else the layers read from its ops
     chain = param_chain(model, state, tuple(xs), {}, batch_dim, not proven)
+    caps: list[Capture] = []
+
+    def attempt(declined: frozenset) -> NtkSide:
+        return _run_side(
+            fn, arg, model, state, xs, batch_dim, chunk_size, budget, proven, chain, declined,
+            caps,
+        )  # fmt: skip
+
+    return retry_declining(attempt, lambda: caps[-1].ambiguous if caps else frozenset())
+
+
+def _run_side(
+    fn: str,
+    arg: str,
+    model: nn.Module,
+    state: ModelState,
+    xs: tuple[Tensor, ...],
+    batch_dim: int,
+    chunk_size: int | None,
+    budget: int,
+    proven: bool,
+    chain: Chain | None,
+    declined: frozenset,
+    caps: list[Capture],
+) -> NtkSide:
+    """``run_side`` with the layers ``declined`` on the general path (NOTE [layer batch axis])."""
+    leaves = tuple(x.detach().requires_grad_(True) if x.is_floating_point() else x for x in xs)
     if chain is not None:
         cap, proven = Capture(output=chain.output, state=state, uses=chain.uses), True
     else:
-        cap = capture(model, state, leaves, {}, batch_dim, fn_name=fn, prove=not proven)
+        cap = capture(
+            model, state, leaves, {}, batch_dim, fn_name=fn, prove=not proven, decline=declined
+        )
         proven = proven or cap.proven  # NOTE [op batch proof]
+    caps.append(cap)
     out = cap.output
     unbatched = (
         f" If {arg} (shape {list(xs[0].shape)}) is one sample without a batch dimension, pass "

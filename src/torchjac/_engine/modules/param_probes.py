@@ -22,7 +22,7 @@ from torchjac._engine.core.run import run_chunks
 from torchjac._engine.core.structure import reachable
 from torchjac._engine.graph.graph_probes import GraphProblem, solve
 from torchjac._engine.modules.closed_forms import Use, write_use
-from torchjac._engine.modules.layer_deltas import CouplingCheck, deltas
+from torchjac._engine.modules.layer_deltas import CouplingCheck, deltas, retry_declining
 from torchjac._engine.modules.layers import Capture, ModelState, call, capture
 from torchjac._engine.modules.param_chain import Chain, param_chain
 from torchjac._engine.modules.sample_vmap import SampleProblem
@@ -84,15 +84,51 @@ def per_sample_jacobian(
     # NOTE [parameter chain]: a proven Sequential's modules, else the layers read from its ops
     chain = param_chain(model, state, args, kwargs, batch_dim, not proven)
     proven = proven or chain is not None  # a chain keeps samples apart
+    caps: list[Capture] = []
+
+    def attempt(declined: frozenset) -> dict[str, Tensor]:
+        return _per_sample(
+            fn_name, model, state, args, kwargs, batch_dim, chunk_size, budget, proven, chain,
+            declined, caps,
+        )  # fmt: skip
+
+    return retry_declining(attempt, lambda: caps[-1].ambiguous if caps else frozenset())
+
+
+def _per_sample(
+    fn_name: str,
+    model: nn.Module,
+    state: ModelState,
+    args: tuple,
+    kwargs: dict,
+    batch_dim: int,
+    chunk_size: int | None,
+    budget: int,
+    proven: bool,
+    chain: Chain | None,
+    declined: frozenset,
+    caps: list[Capture],
+) -> dict[str, Tensor]:
+    """``per_sample_jacobian`` with the layers ``declined`` on the general path."""
     checked: list[tuple[str, Tensor]] = []
+    traced = False
     if chain is not None:  # NOTE [parameter chain]
         cap = Capture(output=chain.output, state=state, uses=chain.uses)
     else:
-        cap = capture(model, state, args, kwargs, batch_dim, fn_name=fn_name, prove=not proven)
+        traced = not proven
+        cap = capture(
+            model, state, args, kwargs, batch_dim, fn_name=fn_name, prove=traced, decline=declined
+        )
         proven = proven or cap.proven  # NOTE [op batch proof]
     if cap.general:  # the general path needs independent inputs too: capture with input leaves
         leaf_args, leaf_kwargs, checked = _input_leaves(args, kwargs)
-        cap = capture(model, state, leaf_args, leaf_kwargs, batch_dim, fn_name=fn_name)
+        # traced again, as the first: a layer whose input has the batch elsewhere stays on the
+        # general path (NOTE [layer batch axis])
+        cap = capture(
+            model, state, leaf_args, leaf_kwargs, batch_dim, fn_name=fn_name, prove=traced,
+            decline=declined,
+        )  # fmt: skip
+    caps.append(cap)
     out = _checked_output(fn_name, cap.output)
     if out.dim() == 0:
         raise ValueError(
