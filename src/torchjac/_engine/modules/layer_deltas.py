@@ -152,16 +152,19 @@ class LayerCoupled(BatchCouplingError):
         self.module = module
 
 
-def retry_declining(run: Callable[[frozenset], T], ambiguous: Callable[[], frozenset]) -> T:
-    """``run(declined)``, again with a layer declined each time the coupling check blames a
-    layer whose input's batch was ambiguous (NOTE [layer batch axis]); ``ambiguous()`` gives
-    those of the last run. Any other coupling error, or a second one at a layer, is raised."""
+def retry_declining(run: Callable[[frozenset, list[Capture]], T]) -> T:
+    """``run(declined, caps)``, again with a layer declined each time the coupling check blames
+    a layer whose input's batch was ambiguous (NOTE [layer batch axis]) in the last capture
+    ``run`` appended to ``caps``. Any other coupling error, or a second one at a layer, is
+    raised."""
     declined: frozenset = frozenset()
+    caps: list[Capture] = []
     while True:
         try:
-            return run(declined)
+            return run(declined, caps)
         except LayerCoupled as err:
-            if err.module in declined or err.module not in ambiguous():
+            ambiguous = caps[-1].ambiguous if caps else frozenset()
+            if err.module in declined or err.module not in ambiguous:
                 raise
             declined = declined | {err.module}
 

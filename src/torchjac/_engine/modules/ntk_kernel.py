@@ -64,15 +64,14 @@ def run_side(
     proven = proven_per_sample(model, tuple(xs), {}, batch_dim)  # before any hook of ours
     # NOTE [parameter chain]: a proven Sequential's modules, else the layers read from its ops
     chain = param_chain(model, state, tuple(xs), {}, batch_dim, not proven)
-    caps: list[Capture] = []
 
-    def attempt(declined: frozenset) -> NtkSide:
+    def attempt(declined: frozenset, caps: list[Capture]) -> NtkSide:
         return _run_side(
             fn, arg, model, state, xs, batch_dim, chunk_size, budget, proven, chain, declined,
             caps,
         )  # fmt: skip
 
-    return retry_declining(attempt, lambda: caps[-1].ambiguous if caps else frozenset())
+    return retry_declining(attempt)
 
 
 def _run_side(

@@ -84,15 +84,14 @@ def per_sample_jacobian(
     # NOTE [parameter chain]: a proven Sequential's modules, else the layers read from its ops
     chain = param_chain(model, state, args, kwargs, batch_dim, not proven)
     proven = proven or chain is not None  # a chain keeps samples apart
-    caps: list[Capture] = []
 
-    def attempt(declined: frozenset) -> dict[str, Tensor]:
+    def attempt(declined: frozenset, caps: list[Capture]) -> dict[str, Tensor]:
         return _per_sample(
             fn_name, model, state, args, kwargs, batch_dim, chunk_size, budget, proven, chain,
             declined, caps,
         )  # fmt: skip
 
-    return retry_declining(attempt, lambda: caps[-1].ambiguous if caps else frozenset())
+    return retry_declining(attempt)
 
 
 def _per_sample(
