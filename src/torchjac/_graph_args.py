@@ -25,6 +25,7 @@ from torchjac._checks import (
     input_names,
 )
 from torchjac._engine.core.basis import Group
+from torchjac._engine.core.lean_vmap import remember_graph
 from torchjac._engine.core.plan import memory_budget
 from torchjac._engine.core.structure import reachable
 from torchjac._engine.graph.graph_probes import GraphProblem
@@ -135,8 +136,10 @@ def _walk(
     leaves: set[int] = set()
     edges: set[tuple[Any, int]] = {(y.grad_fn, y.output_nr) for y in outs if y.grad_fn is not None}
     found: set[str] = set()
+    names: set[str] = set()
 
     def visit(node: Any) -> None:
+        names.add(type(node).__name__)
         variable = getattr(node, "variable", None)
         if variable is not None:
             leaves.add(id(variable))
@@ -150,6 +153,7 @@ def _walk(
     counted = kernels.graph_products(outs, visit)
     if counted.nodes >= kernels.MAX_WALK:
         return None, reachable(outs, ins), None
+    remember_graph(outs, names)  # NOTE [wrong batching rules]: the whole graph was seen
     leaves.update(id(y) for y in outs if y.grad_fn is None)  # an output that is itself an input
     used = [
         id(x) in leaves if x.grad_fn is None else (x.grad_fn, x.output_nr) in edges for x in ins

@@ -69,3 +69,10 @@ def test_the_verdict_is_kept_for_the_last_graph_only() -> None:
     assert lean_vmap.batch_way([y1]) == "legacy"
     assert lean_vmap.batch_way([y2]) == "functorch"
     assert lean_vmap.batch_way([y1]) == "legacy"
+
+
+def test_jac_keeps_the_verdict_of_its_validation_walk() -> None:
+    x = _points().requires_grad_(True)
+    y = torch.cdist(x, x.detach() + 1)
+    tj.jac(y, x, retain_graph=True)
+    assert lean_vmap._last[0] == lean_vmap._key([y]) and lean_vmap._last[1] == "legacy"

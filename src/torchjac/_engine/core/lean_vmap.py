@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["batch_way", "batched_grad", "vmap_first"]
+__all__ = ["batch_way", "batched_grad", "remember_graph", "vmap_first"]
 
 
 def _primitives() -> Any:
@@ -121,7 +121,8 @@ def batched_grad(
 # functorch's vmap unless the graph holds an op of ``_WRONG["functorch"]``: then the legacy vmap,
 # or a loop where the graph also holds one of ``_WRONG["legacy"]``. The walk that tells is made
 # once per graph (the last graph's verdict is kept, by the identity and sequence number of its
-# output nodes), and costs about a microsecond a node.
+# output nodes), and costs about a microsecond a node; ``jac`` and ``gramian`` give the names
+# their validation walk saw instead.
 _WRONG = {
     "functorch": frozenset({"CdistBackward0"}),
     "legacy": frozenset({"NativeGroupNormBackward0"}),
@@ -132,13 +133,12 @@ _last: list[Any] = [None, "functorch"]
 def batch_way(outs: Sequence[Tensor]) -> str:
     """``"functorch"``, ``"legacy"`` or ``"loop"`` for a batched pass from ``outs`` (NOTE [wrong
     batching rules])."""
-    roots = [y.grad_fn for y in outs if y.grad_fn is not None]
-    key = tuple((id(n), n._sequence_nr()) for n in roots)
+    key = _key(outs)
     if _last[0] == key:
         return str(_last[1])
     names: set[str] = set()
     seen: set[Any] = set()
-    stack = roots
+    stack = [y.grad_fn for y in outs if y.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node in seen:
@@ -146,8 +146,18 @@ def batch_way(outs: Sequence[Tensor]) -> str:
         seen.add(node)
         names.add(type(node).__name__)
         stack.extend(c for c, _ in node.next_functions if c is not None)
+    return remember_graph(outs, names)
+
+
+def remember_graph(outs: Sequence[Tensor], names: set[str]) -> str:
+    """The way for the graph behind ``outs`` from the names of all its nodes (a caller's own
+    complete walk: NOTE [wrong batching rules]), kept for its batched passes."""
     way = "functorch"
     if names & _WRONG["functorch"]:
         way = "loop" if names & _WRONG["legacy"] else "legacy"
-    _last[:] = [key, way]
+    _last[:] = [_key(outs), way]
     return way
+
+
+def _key(outs: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
+    return tuple((id(y.grad_fn), y.grad_fn._sequence_nr()) for y in outs if y.grad_fn is not None)
