@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -340,3 +341,29 @@ def test_rows_of_a_gradient_through_group_norm(chunk_size: int | None) -> None:
     torch.testing.assert_close(got, want)
     sparse = tj.sparse_jacobian(g, x, mode="rev", chunk_size=chunk_size).to_dense()
     torch.testing.assert_close(sparse, want)
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [
+        lambda z, idx, v: z.index_fill(0, idx, v),
+        lambda z, idx, v: torch.index_fill(z, 0, idx, v),
+        lambda z, idx, v: z.clone().index_fill_(0, idx, v),
+    ],
+    ids=["method", "function", "in_place"],
+)
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+def test_forward_mode_through_index_fill_with_a_tensor_value(fill, mode: str) -> None:  # type: ignore[no-untyped-def]
+    # torch's vmapped forward derivative of index_fill drops the tangent of a tensor value
+    # (NOTE [index_fill under vmap]): jacobian(mode="fwd") and "auto" were off by 2.0
+    idx = torch.tensor([0, 2, 2])
+
+    def f(x: Tensor) -> Tensor:
+        return fill(torch.ones(4, dtype=x.dtype), idx, x[0]) * x[1] + x[2]
+
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    want = jacrev(f)(x)
+    with warnings.catch_warnings():  # in place into a constant: the Taylor mode falls back
+        warnings.simplefilter("ignore", tj.FallbackWarning)
+        torch.testing.assert_close(tj.jacobian(f, x, mode=mode), want)
+        torch.testing.assert_close(tj.sparse_jacobian(f, x, mode="fwd").to_dense(), want)

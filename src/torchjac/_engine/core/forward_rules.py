@@ -77,12 +77,39 @@ class _ReverseConventions(TorchFunctionMode):
                 return func(*args, **kwargs)
             e = func(weight, idx, -1, False, bool(_arg(args, kwargs, 4, "sparse", False)))
             return _adjusted(e, idx, weight.shape[0], pad if pad >= 0 else None, by_freq)
+        if func in _INDEX_FILLS and isinstance(_arg(args, kwargs, 3, "value", None), Tensor):
+            return _index_fill(func, args, kwargs)  # NOTE [index_fill under vmap]
         if func is F.group_norm:
             x = _arg(args, kwargs, 0, "input", None)
             if isinstance(x, Tensor) and not x.is_contiguous():  # NOTE [group norm layout]
                 rest = {k: v for k, v in kwargs.items() if k != "input"}
                 return func(x.contiguous(), *args[1:], **rest)
         return func(*args, **kwargs)
+
+
+# NOTE [index_fill under vmap]: torch's vmapped forward derivative of ``index_fill`` with a tensor
+# ``value`` drops that value's tangent (torch 2.13: ``jacfwd`` of ``zeros(4).index_fill(0, idx,
+# x[0])`` is 0 where it is 1; one ``jvp`` at a time is right), and every forward product of the
+# engine is vmapped over its directions (the Taylor mode's general rule, columns, a sparse
+# Jacobian's compressed probes): ``jacobian(mode="fwd")`` and ``"auto"`` were off by 2.0. Under
+# ``reverse_conventions`` the fill is the same selection written as ``where`` over a mask of the
+# filled positions, whose derivative batches right.
+_INDEX_FILLS = (torch.index_fill, Tensor.index_fill, Tensor.index_fill_)
+
+
+def _index_fill(func: Any, args: tuple, kwargs: dict) -> Tensor:
+    x = _arg(args, kwargs, 0, "input", None) if func is torch.index_fill else args[0]
+    dim, index, value = (
+        _arg(args, kwargs, i, n, None) for i, n in ((1, "dim"), (2, "index"), (3, "value"))
+    )
+    dim = dim % x.dim() if x.dim() else 0
+    mask = torch.zeros(x.shape[dim] if x.dim() else 1, dtype=torch.bool, device=x.device)
+    mask[index] = True
+    shape = [1] * x.dim()
+    if shape:
+        shape[dim] = -1
+    filled = torch.where(mask.view(shape), value.to(x.dtype), x)
+    return x.copy_(filled) if func is Tensor.index_fill_ else filled
 
 
 def reverse_conventions(func: Callable[..., Any]) -> Callable[..., Any]:
