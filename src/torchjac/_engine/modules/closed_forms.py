@@ -223,14 +223,17 @@ def _embedding(m: nn.Embedding, x: Tensor, w: Tensor | None, batch_dim: int | No
     xa = _first(x.detach(), ax)
     n, dim = xa.shape[0], w.shape[1]
     a = xa.reshape(n, -1).clone()
-    if not m.scale_grad_by_freq:
-        return _ready(a), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
-    # torch's backward divides a row's gradient by its index's count in the whole call (all
-    # samples): the rows of the full Jacobian, which the per-sample ones must equal
-    inv = torch.bincount(a.reshape(-1), minlength=w.shape[0]).to(w.dtype).reciprocal()[a]
-    return _ready(
-        a
-    ), lambda d: _first_k(d, ax).reshape(n, d.shape[0], -1, dim) * inv[:, None, :, None].to(d.dtype)
+    inv = None
+    if m.scale_grad_by_freq:
+        # torch's backward divides a row's gradient by its index's count in the whole call (all
+        # samples): the rows of the full Jacobian, which the per-sample ones must equal
+        inv = torch.bincount(a.reshape(-1), minlength=w.shape[0]).to(w.dtype).reciprocal()[a]
+
+    def rows(d: Tensor) -> Tensor:
+        r = _first_k(d, ax).reshape(n, d.shape[0], -1, dim)
+        return r if inv is None else r * inv[:, None, :, None].to(d.dtype)
+
+    return _ready(a), rows
 
 
 def _prelu(x: Tensor, w: Tensor | None, batch_dim: int | None) -> Made | None:
