@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["batch_way", "batched_grad", "remember_graph", "vmap_first"]
+__all__ = ["batch_way", "batched_grad", "remember_graph", "vmap_cannot_run", "vmap_first"]
 
 
 def _primitives() -> Any:
@@ -157,6 +157,17 @@ def remember_graph(outs: Sequence[Tensor], names: set[str]) -> str:
         way = "loop" if names & _WRONG["legacy"] else "legacy"
     _last[:] = [_key(outs), way]
     return way
+
+
+def vmap_cannot_run(node: Any) -> bool:
+    """A node of torch's whose backward functorch's vmap raises on: ``group_norm`` on a
+    channels-last input (torch 2.13: ``NYI: querying is_contiguous inside of vmap``), so a graph
+    with one is not taken as safe for the one freeing pass (NOTE [one pass frees]); beside the
+    ops of NOTE [wrong batching rules], which it runs wrong."""
+    if not type(node).__name__.startswith("NativeGroupNormBackward"):
+        return False
+    saved = getattr(node, "_saved_input", None)
+    return isinstance(saved, Tensor) and not saved.is_contiguous()
 
 
 def _key(outs: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:

@@ -57,6 +57,7 @@ from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchjac._engine.core import fast
+from torchjac._engine.core.lean_vmap import vmap_cannot_run
 
 __all__ = ["MAX_WALK", "MIN_SIDE", "GraphProducts", "backward_products", "graph_products", "linear"]
 
@@ -232,7 +233,7 @@ def graph_products(
         seen.add(node)
         if visit is not None:
             visit(node)
-        builtin = builtin and not isinstance(node, _CUSTOM) and not _unbatchable(node)
+        builtin = builtin and not isinstance(node, _CUSTOM) and not vmap_cannot_run(node)
         sizes = _mm_sizes(node)
         if sizes is not None:
             products += 1
@@ -241,16 +242,6 @@ def graph_products(
                 big += sizes[0] * sizes[1] * sizes[2]
         stack.extend(n for n, _ in node.next_functions if n is not None)
     return GraphProducts(len(seen), products, macs, big, builtin)
-
-
-def _unbatchable(node: Any) -> bool:
-    """A node of torch's whose backward vmap cannot run: ``group_norm`` on a channels-last input
-    (torch 2.13: ``NYI: querying is_contiguous inside of vmap``), so a graph with one is not
-    taken as safe for the one freeing pass (NOTE [one pass frees])."""
-    if not type(node).__name__.startswith("NativeGroupNormBackward"):
-        return False
-    saved = getattr(node, "_saved_input", None)
-    return isinstance(saved, Tensor) and not saved.is_contiguous()
 
 
 def backward_products(
