@@ -25,7 +25,6 @@ from torchjac._checks import (
     input_names,
 )
 from torchjac._engine.core.basis import Group
-from torchjac._engine.core.lean_vmap import remember_graph
 from torchjac._engine.core.plan import memory_budget
 from torchjac._engine.core.structure import reachable
 from torchjac._engine.graph.graph_probes import GraphProblem
@@ -133,30 +132,22 @@ def _walk(
     """One walk of the graph: the planner's count, which inputs the outputs reach (as
     ``structure.reachable``, which runs instead on a graph too big to be counted whole), and with
     ``norms`` the fused normalisations on it (NOTE [exact norms]; ``None`` when cut short)."""
-    leaves: set[int] = set()
-    edges: set[tuple[Any, int]] = {(y.grad_fn, y.output_nr) for y in outs if y.grad_fn is not None}
     found: set[str] = set()
-    names: set[str] = set()
 
     def visit(node: Any) -> None:
-        names.add(type(node).__name__)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.add(id(variable))
-        edges.update((c, nr) for c, nr in node.next_functions if c is not None)
         norm = fused_norm(node) if norms else None
         if norm is not None:
             found.add(norm)
         if extra is not None:
             extra(node)
 
-    counted = kernels.graph_products(outs, visit)
+    counted = kernels.graph_products(outs, visit if norms or extra is not None else None)
     if counted.nodes >= kernels.MAX_WALK:
         return None, reachable(outs, ins), None
-    remember_graph(outs, names)  # NOTE [wrong batching rules]: the whole graph was seen
-    leaves.update(id(y) for y in outs if y.grad_fn is None)  # an output that is itself an input
+    leaves = {*counted.leaves, *(id(y) for y in outs if y.grad_fn is None)}  # an output input
     used = [
-        id(x) in leaves if x.grad_fn is None else (x.grad_fn, x.output_nr) in edges for x in ins
+        id(x) in leaves if x.grad_fn is None else (x.grad_fn, x.output_nr) in counted.edges
+        for x in ins
     ]
     return counted, used, found
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -121,8 +122,9 @@ def batched_grad(
 # functorch's vmap unless the graph holds an op of ``_WRONG["functorch"]``: then the legacy vmap,
 # or a loop where the graph also holds one of ``_WRONG["legacy"]``. The walk that tells is made
 # once per graph (the last graph's verdict is kept, by the identity and sequence number of its
-# output nodes), and costs about a microsecond a node; ``jac`` and ``gramian`` give the names
-# their validation walk saw instead.
+# output nodes), and costs about a microsecond a node; the planner's count of a graph
+# (``kernels.graph_products``, the validation walk of ``jac`` and ``gramian``) gives the names it
+# saw instead.
 _WRONG = {
     "functorch": frozenset({"CdistBackward0"}),
     "legacy": frozenset({"NativeGroupNormBackward0"}),
@@ -149,7 +151,7 @@ def batch_way(outs: Sequence[Tensor]) -> str:
     return remember_graph(outs, names)
 
 
-def remember_graph(outs: Sequence[Tensor], names: set[str]) -> str:
+def remember_graph(outs: Sequence[Tensor], names: AbstractSet[str]) -> str:
     """The way for the graph behind ``outs`` from the names of all its nodes (a caller's own
     complete walk: NOTE [wrong batching rules]), kept for its batched passes."""
     way = "functorch"

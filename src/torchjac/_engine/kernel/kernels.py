@@ -48,6 +48,7 @@ Never inside a forward-AD level (for every product): the op has no forward deriv
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, NamedTuple
 
 import torch
@@ -57,7 +58,7 @@ from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchjac._engine.core import fast
-from torchjac._engine.core.lean_vmap import vmap_cannot_run
+from torchjac._engine.core.lean_vmap import remember_graph, vmap_cannot_run
 
 __all__ = ["MAX_WALK", "MIN_SIDE", "GraphProducts", "backward_products", "graph_products", "linear"]
 
@@ -204,7 +205,9 @@ def _onednn() -> Callable[..., Tensor] | None:
 
 class GraphProducts(NamedTuple):
     """What one walk of a graph counts: its nodes, its ``mm``/``addmm`` nodes and their
-    multiply-adds (forward), and those of the products big enough for oneDNN."""
+    multiply-adds (forward), and those of the products big enough for oneDNN; and what it saw on
+    the way, for the callers that ride it (``_graph_args``): the nodes' class names, the ids of
+    the leaves it reached and every edge ``(node, output_nr)`` it crossed."""
 
     nodes: int
     products: int
@@ -212,18 +215,32 @@ class GraphProducts(NamedTuple):
     big_macs: int
     builtin: bool  # every node is torch's own (no custom Function), vmap runs its backward,
     # and the walk saw them all
+    names: AbstractSet[str] = frozenset()
+    leaves: AbstractSet[int] = frozenset()
+    edges: AbstractSet[tuple[Any, int]] = frozenset()
+
+
+# a product node's saved operand sizes, ``[rows, inner]`` and ``[inner, cols]``
+_MM = {
+    "AddmmBackward0": ("_saved_mat1_sym_sizes", "_saved_mat2_sym_sizes"),
+    "MmBackward0": ("_saved_self_sym_sizes", "_saved_mat2_sym_sizes"),
+}
 
 
 def graph_products(
     roots: Sequence[Tensor], visit: Callable[[Any], None] | None = None
 ) -> GraphProducts:
     """Count the graph behind ``roots`` (at most ``MAX_WALK`` nodes); ``visit(node)`` is called
-    on each node, once, so that a caller's own walk can ride this one."""
-    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    on each node, once, so that a caller's own walk can ride this one. A walk that saw the whole
+    graph gives its node names to NOTE [wrong batching rules] (``remember_graph``)."""
+    stack: list[Any] = [t.grad_fn for t in roots if t.grad_fn is not None]
+    edges: set[tuple[Any, int]] = {(t.grad_fn, t.output_nr) for t in roots if t.grad_fn is not None}
     seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
+    names: set[str] = set()
+    leaves: set[int] = set()
     products = macs = big = 0
     builtin = True
-    while stack:
+    while stack:  # one tight loop: it runs on every ``jac`` and ``gramian`` (~0.7 µs a node)
         if len(seen) >= MAX_WALK:
             builtin = False
             break
@@ -233,15 +250,26 @@ def graph_products(
         seen.add(node)
         if visit is not None:
             visit(node)
-        builtin = builtin and not isinstance(node, _CUSTOM) and not vmap_cannot_run(node)
-        sizes = _mm_sizes(node)
-        if sizes is not None:
-            products += 1
-            macs += sizes[0] * sizes[1] * sizes[2]
-            if min(sizes) >= MIN_SIDE:
-                big += sizes[0] * sizes[1] * sizes[2]
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return GraphProducts(len(seen), products, macs, big, builtin)
+        name = type(node).__name__
+        names.add(name)
+        for edge in node.next_functions:
+            if edge[0] is not None:
+                edges.add(edge)
+                stack.append(edge[0])
+        if name == "AccumulateGrad":
+            leaves.add(id(node.variable))
+        elif name in _MM:
+            sizes = _mm_sizes(node, *_MM[name])
+            if sizes is not None:
+                products += 1
+                macs += sizes[0] * sizes[1] * sizes[2]
+                if min(sizes) >= MIN_SIDE:
+                    big += sizes[0] * sizes[1] * sizes[2]
+        elif isinstance(node, _CUSTOM) or vmap_cannot_run(node):
+            builtin = False
+    else:  # the whole graph was seen
+        remember_graph(roots, names)
+    return GraphProducts(len(seen), products, macs, big, builtin, names, leaves, edges)
 
 
 def backward_products(
@@ -258,20 +286,17 @@ def backward_products(
     ``per_pass``: the big products' multiply-adds in one vectorised pass (NOTE [products per
     pass])."""
     if not (
-        fast.enabled()
-        and (work >= _MIN_PROBE_WORK or per_pass > 0)
+        (work >= _MIN_PROBE_WORK or per_pass > 0)
         and device.type == "cpu"
         and dtype is torch.float32
         and _state["usable"]
-        and _full_precision()
-        and _no_dispatch_modes()
-        and _onednn() is not None
     ):
         return None
     c = graph_products(roots) if counted is None else counted
     pays = c.big_macs >= _MACS_PER_NODE * max(c.nodes, 1)
     pays = pays or per_pass * _SAVED_S_PER_MAC >= _PASS_MARGIN * _MODE_S_PER_NODE * c.nodes
-    return _OneDnnProducts() if pays else None
+    usable = pays and fast.enabled() and _full_precision() and _no_dispatch_modes()
+    return _OneDnnProducts() if usable and _onednn() is not None else None
 
 
 def _no_dispatch_modes() -> bool:
@@ -279,14 +304,8 @@ def _no_dispatch_modes() -> bool:
     return length is not None and length() == 0
 
 
-def _mm_sizes(node: Any) -> tuple[int, int, int] | None:
-    name = type(node).__name__
-    if name == "AddmmBackward0":
-        left, right = node._saved_mat1_sym_sizes, node._saved_mat2_sym_sizes
-    elif name == "MmBackward0":
-        left, right = node._saved_self_sym_sizes, node._saved_mat2_sym_sizes
-    else:
-        return None
+def _mm_sizes(node: Any, left_name: str, right_name: str) -> tuple[int, int, int] | None:
+    left, right = getattr(node, left_name), getattr(node, right_name)
     try:
         return int(left[0]), int(left[1]), int(right[1])
     except (TypeError, ValueError, IndexError):  # symbolic sizes
