@@ -135,12 +135,12 @@ _last: list[Any] = [None, "functorch"]
 def batch_way(outs: Sequence[Tensor]) -> str:
     """``"functorch"``, ``"legacy"`` or ``"loop"`` for a batched pass from ``outs`` (NOTE [wrong
     batching rules])."""
-    key = _key(outs)
-    if _last[0] == key:
+    roots = [y.grad_fn for y in outs if y.grad_fn is not None]
+    if _last[0] == _key(roots):
         return str(_last[1])
     names: set[str] = set()
     seen: set[Any] = set()
-    stack = [y.grad_fn for y in outs if y.grad_fn is not None]
+    stack = list(roots)
     while stack:
         node = stack.pop()
         if node in seen:
@@ -148,16 +148,17 @@ def batch_way(outs: Sequence[Tensor]) -> str:
         seen.add(node)
         names.add(type(node).__name__)
         stack.extend(c for c, _ in node.next_functions if c is not None)
-    return remember_graph(outs, names)
+    return remember_graph(roots, names)
 
 
-def remember_graph(outs: Sequence[Tensor], names: AbstractSet[str]) -> str:
-    """The way for the graph behind ``outs`` from the names of all its nodes (a caller's own
-    complete walk: NOTE [wrong batching rules]), kept for its batched passes."""
+def remember_graph(roots: Sequence[Any], names: AbstractSet[str]) -> str:
+    """The way for the graph behind the output nodes ``roots`` (the outputs' ``grad_fn``) from
+    the names of all its nodes (a caller's own complete walk: NOTE [wrong batching rules]), kept
+    for its batched passes."""
     way = "functorch"
     if names & _WRONG["functorch"]:
         way = "loop" if names & _WRONG["legacy"] else "legacy"
-    _last[:] = [_key(outs), way]
+    _last[:] = [_key(roots), way]
     return way
 
 
@@ -172,5 +173,5 @@ def vmap_cannot_run(node: Any) -> bool:
     return isinstance(saved, Tensor) and not saved.is_contiguous()
 
 
-def _key(outs: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
-    return tuple((id(y.grad_fn), y.grad_fn._sequence_nr()) for y in outs if y.grad_fn is not None)
+def _key(roots: Sequence[Any]) -> frozenset[tuple[int, int]]:
+    return frozenset((id(node), node._sequence_nr()) for node in roots)

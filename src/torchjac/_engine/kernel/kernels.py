@@ -233,8 +233,13 @@ def graph_products(
     """Count the graph behind ``roots`` (at most ``MAX_WALK`` nodes); ``visit(node)`` is called
     on each node, once, so that a caller's own walk can ride this one. A walk that saw the whole
     graph gives its node names to NOTE [wrong batching rules] (``remember_graph``)."""
-    stack: list[Any] = [t.grad_fn for t in roots if t.grad_fn is not None]
-    edges: set[tuple[Any, int]] = {(t.grad_fn, t.output_nr) for t in roots if t.grad_fn is not None}
+    edges: set[tuple[Any, int]] = set()
+    for t in roots:  # each ``grad_fn`` read once: torch makes a Python object at each read
+        node = t.grad_fn
+        if node is not None:
+            edges.add((node, t.output_nr))
+    stack: list[Any] = [node for node, _ in edges]
+    firsts = list(stack)  # the output nodes, for NOTE [wrong batching rules]
     seen: set[Any] = set()  # the nodes themselves: NOTE [node identity] in structure.py
     names: set[str] = set()
     leaves: set[int] = set()
@@ -268,7 +273,7 @@ def graph_products(
         elif isinstance(node, _CUSTOM) or vmap_cannot_run(node):
             builtin = False
     else:  # the whole graph was seen
-        remember_graph(roots, names)
+        remember_graph(firsts, names)
     return GraphProducts(len(seen), products, macs, big, builtin, names, leaves, edges)
 
 
