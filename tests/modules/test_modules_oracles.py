@@ -126,3 +126,37 @@ def test_prelu_weights_by_their_closed_form(layers, shape) -> None:  # type: ign
     per_sample = [one(x[i : i + 1]) for i in range(shape[0])]
     for name in params:
         torch.testing.assert_close(got[name], torch.stack([r[name] for r in per_sample]))
+
+
+class FreqLookups(nn.Module):
+    """Two lookups with ``scale_grad_by_freq`` in a hand-written forward: no closed form."""
+
+    def __init__(self, padding_idx: int | None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 2, dtype=DTYPE))
+        self.lin = nn.Linear(4, 2).to(DTYPE)
+        self.padding_idx = padding_idx
+
+    def forward(self, i: Tensor) -> Tensor:
+        e = torch.nn.functional.embedding(
+            i, self.w, padding_idx=self.padding_idx, scale_grad_by_freq=True
+        )
+        e2 = torch.embedding(self.w, i.flip(-1), -1, True)
+        return self.lin(torch.tanh(e + e2**2).flatten(1))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 1])
+@pytest.mark.parametrize("chunk_size", [1, None])
+def test_lookups_scaled_by_frequency_count_the_whole_call(
+    padding_idx: int | None, chunk_size: int | None
+) -> None:
+    """NOTE [per-sample index counts]: the per-sample rows are the whole call's rows, whose
+    derivative divides by the indices' counts over all samples (not per sample, as a run on one
+    sample would count them); the kernel follows."""
+    torch.manual_seed(0)
+    model, idx = FreqLookups(padding_idx), torch.tensor([[0, 2], [2, 1], [3, 2]])
+    want = full_oracle(model, (idx,), {})
+    _assert_close(tj.param_jacobian(model, idx, batch_dim=0, chunk_size=chunk_size), want)
+    rows = torch.cat([j.reshape(6, -1) for j in want.values()], 1)
+    got = tj.ntk(model, idx, chunk_size=chunk_size)
+    torch.testing.assert_close(got.reshape(6, 6), rows @ rows.T)
