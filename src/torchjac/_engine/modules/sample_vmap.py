@@ -22,6 +22,7 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torchjac._engine.core.lean_vmap import batch_way, batched_grad
 from torchjac._engine.modules.layers import ModelState, call
 from torchjac._engine.modules.sample_counts import NeedCounts, WholeCallCounts
 from torchjac._errors import BatchCouplingError, coupling_fix
@@ -58,6 +59,8 @@ class SampleProblem:
         flat, self.spec = tree_flatten((args, kwargs))
         self.flat = flat
         self.counts = WholeCallCounts(fn_name)  # NOTE [per-sample index counts]
+        # NOTE [wrong batching rules]: the batch's graph has the ops of a sample's
+        self.vmap_safe = out.grad_fn is None or batch_way([out]) == "functorch"
         self.dims: list[int | None] = []
         for t in flat:
             dim = batch_dim % t.dim() if isinstance(t, Tensor) and t.dim() > 0 else None
@@ -139,12 +142,17 @@ class SampleProblem:
 
     def rows(self, start: int, stop: int, vectorised: bool) -> dict[str, Tensor]:
         """Rows ``[N, stop - start, *p]`` of each parameter, for output probes ``start..stop-1``."""
-        run = self._vectorised if vectorised else self._loop
+
+        def run() -> dict[str, Tensor]:
+            if vectorised and self.vmap_safe:
+                return self._vectorised(start, stop)
+            return self._loop(start, stop, batched=vectorised)
+
         try:
-            return run(start, stop)
+            return run()
         except NeedCounts:  # NOTE [per-sample index counts]
             self.counts.record(self._whole)
-            return run(start, stop)
+            return run()
 
     def _whole(self) -> Any:
         args, kwargs = tree_unflatten(list(self.flat), self.spec)
@@ -160,18 +168,26 @@ class SampleProblem:
 
         return vmap(one_sample, in_dims=tuple(self.dims))(*self.flat)
 
-    def _loop(self, start: int, stop: int) -> dict[str, Tensor]:
+    def _loop(self, start: int, stop: int, batched: bool = False) -> dict[str, Tensor]:
+        """One sample at a time; its probes one at a time, or ``batched`` in one pass."""
         c = stop - start
         res = {
             n: torch.zeros(self.n, c, *p.shape, dtype=self.dtype, device=self.device)
             for n, p in self.params.items()
         }
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        basis = self._basis(start, stop) if batched else None
         for s in range(self.n):
             row = self._row(leaves, self._sample(s))
+            if not row.requires_grad:
+                continue
+            if basis is not None:
+                found = batched_grad([row], list(leaves.values()), [basis], False, False)
+                for n, g in zip(leaves, found):
+                    if g is not None:
+                        res[n][s] = g
+                continue
             for i in range(c):
-                if not row.requires_grad:
-                    break
                 grads = torch.autograd.grad(
                     row[start + i], list(leaves.values()), retain_graph=True, allow_unused=True
                 )
