@@ -181,6 +181,68 @@ def batch_norm_train(u: Tensor) -> Tensor:
     return BN(u) * u.roll(1, 1)
 
 
+class StraightThrough(torch.autograd.Function):
+    """A step whose derivative is the identity's (a straight-through estimator): its forward's
+    ops are constant, its backward and jvp are not (NOTE [custom functions in sparsity])."""
+
+    @staticmethod
+    def forward(ctx, u):  # type: ignore[no-untyped-def]
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g
+
+    @staticmethod
+    def jvp(ctx, t):  # type: ignore[no-untyped-def]
+        return t
+
+
+class Reversed(torch.autograd.Function):
+    """``torch.func`` style (``setup_context``, a generated vmap rule): zeros forward, and a
+    derivative that reverses its input."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u):  # type: ignore[no-untyped-def]
+        return torch.zeros_like(u)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        pass
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g.flip(-1)
+
+    @staticmethod
+    def jvp(ctx, t):  # type: ignore[no-untyped-def]
+        return t.flip(-1)
+
+
+def straight_through(u: Tensor) -> Tensor:
+    """On a slice, and viewed before any other op reads it."""
+    return torch.cat([StraightThrough.apply(u[:3]) * 2, u[3:] ** 2, StraightThrough.apply(u)[1:3]])
+
+
+def reversed_rows(u: Tensor) -> Tensor:
+    return torch.func.vmap(Reversed.apply)(u) + u
+
+
+def checkpointed(u: Tensor) -> Tensor:
+    """torch's checkpointing computes the forward's derivative: no density."""
+    return torch.utils.checkpoint.checkpoint(dirichlet_1d, u, use_reentrant=False)
+
+
+HOOKED = torch.nn.Linear(5, 5, dtype=DTYPE)
+HOOKED.register_full_backward_hook(lambda m, gi, go: None)  # the identity Function of torch
+
+
+def full_backward_hook(u: Tensor) -> Tensor:
+    return HOOKED(u.roll(1, -1)) * u
+
+
 CASES = [
     SparseCase("periodic_1d", periodic_1d, (7,)),
     SparseCase("dirichlet_1d", dirichlet_1d, (6,)),
@@ -208,4 +270,8 @@ CASES = [
     SparseCase("size_one", lambda u: (u * 3).exp(), (1,)),
     SparseCase("one_by_one", lambda u: torch.roll(u, 1, 0) * u, (1, 1)),
     SparseCase("scalar_output", lambda u: (u**2).sum(), (4,)),
+    SparseCase("straight_through", straight_through, (6,), exact=False, warns="StraightThrough"),
+    SparseCase("reversed_rows", reversed_rows, (2, 3), exact=False, warns="Reversed"),
+    SparseCase("checkpointed", checkpointed, (6,)),
+    SparseCase("full_backward_hook", full_backward_hook, (3, 5)),
 ]

@@ -51,9 +51,10 @@ def test_a_graph_wrong_for_both_vmaps_is_a_loop(monkeypatch: pytest.MonkeyPatch)
     want = _rows_one_at_a_time(y, x)
     wrong = {"functorch": frozenset({"SinBackward0"}), "legacy": frozenset({"ViewBackward0"})}
     monkeypatch.setattr(lean_vmap, "_WRONG", wrong)
-    monkeypatch.setattr(lean_vmap, "_last", [None, "functorch"])
+    monkeypatch.setattr(lean_vmap, "_last", [None, frozenset()])
     cots = [torch.eye(12, dtype=D).reshape(12, *y.shape)]
     assert lean_vmap.batch_way([y]) == "loop"
+    assert lean_vmap.batch_way([y], prefer="legacy") == "loop"
     (got,) = lean_vmap.batched_grad([y], [x], cots, True, False)
     torch.testing.assert_close(got, want)
     (got,) = lean_vmap.batched_grad([y], [x], cots, False, False)  # the last row frees the graph
@@ -69,14 +70,18 @@ def test_the_verdict_is_kept_for_the_last_graph_only() -> None:
     assert lean_vmap.batch_way([y1]) == "legacy"
     assert lean_vmap.batch_way([y2]) == "functorch"
     assert lean_vmap.batch_way([y1]) == "legacy"
+    assert lean_vmap.batch_way([y1], prefer="legacy") == "legacy"  # the verdict kept, either way
+    z = F.group_norm(x.reshape(1, 4, 3), 2)
+    (g,) = torch.autograd.grad(z.sin().sum(), x, create_graph=True)
+    assert lean_vmap.batch_way([g], prefer="legacy") == "functorch"
 
 
 def test_jac_keeps_the_verdict_of_its_validation_walk() -> None:
     x = _points().requires_grad_(True)
     y = torch.cdist(x, x.detach() + 1)
-    lean_vmap._last[:] = [None, "functorch"]
+    lean_vmap._last[:] = [None, frozenset()]
     tj.jac(y, x, retain_graph=True)
-    assert lean_vmap._last[1] == "legacy"
+    assert lean_vmap._last[1] == frozenset({"functorch"})  # its batching rule is wrong there
     # torch 2.4 makes a new node object at each access (the key then never matches: a new walk)
     if torch.torch_version.TorchVersion(torch.__version__) >= "2.13":
         assert lean_vmap._last[0] == lean_vmap._key([y.grad_fn])

@@ -16,6 +16,7 @@ from registry import (
     per_sample_oracle,
 )
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 import torchjac as tj
 
@@ -126,3 +127,83 @@ def test_prelu_weights_by_their_closed_form(layers, shape) -> None:  # type: ign
     per_sample = [one(x[i : i + 1]) for i in range(shape[0])]
     for name in params:
         torch.testing.assert_close(got[name], torch.stack([r[name] for r in per_sample]))
+
+
+class FreqLookups(nn.Module):
+    """Two lookups with ``scale_grad_by_freq`` in a hand-written forward: no closed form."""
+
+    def __init__(self, padding_idx: int | None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 2, dtype=DTYPE))
+        self.lin = nn.Linear(4, 2).to(DTYPE)
+        self.padding_idx = padding_idx
+
+    def forward(self, i: Tensor) -> Tensor:
+        e = torch.nn.functional.embedding(
+            i, self.w, padding_idx=self.padding_idx, scale_grad_by_freq=True
+        )
+        e2 = torch.embedding(self.w, i.flip(-1), -1, True)
+        return self.lin(torch.tanh(e + e2**2).flatten(1))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 1])
+@pytest.mark.parametrize("chunk_size", [1, None])
+def test_lookups_scaled_by_frequency_count_the_whole_call(
+    padding_idx: int | None, chunk_size: int | None
+) -> None:
+    """NOTE [per-sample index counts]: the per-sample rows are the whole call's rows, whose
+    derivative divides by the indices' counts over all samples (not per sample, as a run on one
+    sample would count them); the kernel follows."""
+    torch.manual_seed(0)
+    model, idx = FreqLookups(padding_idx), torch.tensor([[0, 2], [2, 1], [3, 2]])
+    want = full_oracle(model, (idx,), {})
+    _assert_close(tj.param_jacobian(model, idx, batch_dim=0, chunk_size=chunk_size), want)
+    rows = torch.cat([j.reshape(6, -1) for j in want.values()], 1)
+    got = tj.ntk(model, idx, chunk_size=chunk_size)
+    torch.testing.assert_close(got.reshape(6, 6), rows @ rows.T)
+
+
+class RBFFeatures(nn.Module):
+    """``exp(-|x - c|²)`` by ``torch.cdist`` with trainable centres: no closed form."""
+
+    def __init__(self, out: int) -> None:
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(5, 3, dtype=DTYPE))
+        self.lin = nn.Linear(5, out).to(DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(torch.exp(-(torch.cdist(x, self.centres) ** 2)))
+
+
+def _energy_gradient(h: Tensor) -> Tensor:
+    """A gradient the model takes itself, through ``group_norm``'s backward."""
+    return torch.func.grad(lambda u: F.group_norm(u.view(-1, 4, 2), 2).sin().sum())(h)
+
+
+class GroupNormGradient(nn.Module):
+    def forward(self, h: Tensor) -> Tensor:
+        return _energy_gradient(h)
+
+
+@pytest.mark.parametrize(
+    ("make", "n"),
+    [
+        (lambda: RBFFeatures(6), 4),  # the general per-sample path: functorch's vmap
+        (lambda: nn.Sequential(nn.Linear(3, 8), GroupNormGradient(), nn.Linear(8, 2)), 1),
+        (lambda: nn.Sequential(nn.Linear(3, 8), GroupNormGradient(), nn.Linear(8, 2)), 3),
+    ],
+    ids=["cdist_general_path", "group_norm_gradient_deltas_1", "group_norm_gradient_deltas_3"],
+)
+@pytest.mark.parametrize("chunk_size", [2, None])
+def test_ops_a_vmap_gets_wrong_per_sample(make, n: int, chunk_size: int | None) -> None:  # type: ignore[no-untyped-def]
+    """NOTE [wrong batching rules]: functorch's rule of ``_cdist_backward`` made the vmapped
+    per-sample rows off by 0.35 (the kernel by 0.14), the legacy vmap of the layers' ``δ``
+    through ``group_norm``'s backward by 0.34 (one sample) or failed (a loop, with a warning)."""
+    torch.manual_seed(0)
+    model, x = make().to(DTYPE), torch.randn(n, 3, dtype=DTYPE)
+    want = double_loop(model, (x,), {})  # jacrev uses functorch's rule of _cdist_backward
+    _assert_close(tj.param_jacobian(model, x, batch_dim=0, chunk_size=chunk_size), want)
+    m = model(x).numel()
+    rows = torch.cat([j.reshape(m, -1) for j in want.values()], 1)
+    got = tj.ntk(model, x, chunk_size=chunk_size).reshape(m, m)
+    torch.testing.assert_close(got, rows @ rows.T)

@@ -6,8 +6,9 @@ import contextlib
 
 import pytest
 import torch
-from sparse_cases import CASES, DTYPE, SparseCase
+from sparse_cases import CASES, DTYPE, SparseCase, StraightThrough, dirichlet_1d
 from torch.autograd.functional import jacobian
+from torch.utils.checkpoint import checkpoint
 
 import torchjac as tj
 from torchjac._engine.sparse import sparsity, sparsity_movement, sparsity_rules
@@ -294,3 +295,59 @@ def test_the_gradient_of_a_sum_over_slices_has_the_hessian_pattern() -> None:
     pattern = tj.sparsity_pattern(torch.func.grad(energy), x)  # no FallbackWarning
     hessian = torch.func.hessian(energy)(x) != 0
     assert torch.equal(pattern.to_dense(), hessian)
+
+
+def test_reentrant_checkpointing_keeps_the_pattern_of_its_ops() -> None:
+    """NOTE [custom functions in sparsity]: torch's reentrant checkpoint is an autograd Function
+    whose backward is its forward's derivative: its pattern is the plain call's, no warning."""
+    x = torch.randn(7, dtype=DTYPE)
+    plain = tj.sparsity_pattern(dirichlet_1d, x).to_dense()
+    got = tj.sparsity_pattern(lambda u: checkpoint(dirichlet_1d, u, use_reentrant=True), x)
+    assert torch.equal(got.to_dense(), plain)
+
+
+class _Blind(torch.autograd.Function):
+    """A forward that never reads its input: its derivative may involve all of ``x``."""
+
+    @staticmethod
+    def forward(ctx, u):  # type: ignore[no-untyped-def]
+        return torch.ones(2, dtype=u.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g.sum() * torch.ones(3, dtype=g.dtype)
+
+
+def test_a_custom_function_reads_its_inputs_as_they_came() -> None:
+    """An input's sets are those it had when the Function was called (here the slice ``u[:3]``
+    of ``x``); an input its forward never read counts as all of ``x``; a Function of constants
+    forces nothing."""
+    x = torch.randn(5, dtype=DTYPE)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(5, dtype=u.dtype)
+        return torch.cat([StraightThrough.apply(u[:3]) + StraightThrough.apply(ones)[:3], u[3:]])
+
+    with pytest.warns(tj.FallbackWarning, match=r"superset.*StraightThrough \(a custom"):
+        got = tj.sparsity_pattern(f, x).to_dense()
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    want[:3, :3], want[3, 3], want[4, 4] = True, True, True
+    assert torch.equal(got, want)
+    with pytest.warns(tj.FallbackWarning, match=r"_Blind"):
+        blind = tj.sparsity_pattern(lambda u: _Blind.apply(u[1:4]) * 2, x).to_dense()
+    assert blind.all()
+
+
+def test_a_function_autograd_cannot_run_is_traced_without_it() -> None:
+    """The trace runs with autograd on (NOTE [custom functions in sparsity]); a function that
+    cannot (``.numpy()`` of ``x``, an ``out=`` op) has no AD derivative, and is traced as
+    before, without it."""
+    x = torch.randn(4, dtype=DTYPE)
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(4, dtype=u.dtype)
+        torch.add(u.roll(1), float(u.numpy()[0]), out=buf)
+        return buf * u
+
+    eye = torch.eye(4, dtype=torch.bool)
+    assert torch.equal(tj.sparsity_pattern(f, x).to_dense(), eye | eye.roll(-1, 1))

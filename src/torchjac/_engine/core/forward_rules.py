@@ -16,28 +16,72 @@ it fails there (``view size is not compatible with input tensor's size and strid
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["reverse_conventions"]
+__all__ = ["Lookup", "lookup_of", "reverse_conventions"]
 
 
-def _adjusted(e: Tensor, idx: Tensor, rows: int, padding_idx: int | None, by_freq: bool) -> Tensor:
-    """``e = weight[idx]`` with the tangent of reverse mode's derivative (values unchanged)."""
-    if by_freq:
-        counts = torch.bincount(idx.reshape(-1), minlength=rows).to(e.dtype)
-        e = e.detach() + (e - e.detach()) / counts[idx].unsqueeze(-1)
-    if padding_idx is not None:
-        e = torch.where((idx == padding_idx).unsqueeze(-1), e.detach(), e)
-    return e
+class Lookup(NamedTuple):
+    """A call of ``F.embedding`` or ``torch.embedding``, read: its indices, weight, padding row
+    (``None``, or non-negative) and ``scale_grad_by_freq``; ``plain()`` runs it without either
+    option (the same values)."""
+
+    idx: Tensor
+    weight: Tensor
+    padding_idx: int | None
+    by_freq: bool
+    plain: Callable[[], Tensor]
+
+    def adjusted(self, e: Tensor, counts: Tensor | None) -> Tensor:
+        """``e = weight[idx]`` with the tangent of reverse mode's derivative (values unchanged):
+        divided by ``counts[idx]`` (the index counts of the call) when given, zero at the
+        padding row."""
+        if counts is not None:
+            e = e.detach() + (e - e.detach()) / counts.to(e.dtype)[self.idx].unsqueeze(-1)
+        if self.padding_idx is not None:
+            e = torch.where((self.idx == self.padding_idx).unsqueeze(-1), e.detach(), e)
+        return e
+
+    def counts(self) -> Tensor:
+        """How often each row's index occurs in this call: ``[rows]``."""
+        return torch.bincount(self.idx.reshape(-1), minlength=self.weight.shape[0])
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def lookup_of(func: Any, args: tuple, kwargs: dict) -> Lookup | None:
+    """The embedding lookup ``func(*args, **kwargs)`` is, or ``None`` for any other call."""
+    if func is F.embedding:
+        idx, weight = _arg(args, kwargs, 0, "input", None), _arg(args, kwargs, 1, "weight", None)
+        pad = _arg(args, kwargs, 2, "padding_idx", None)
+        by_freq = bool(_arg(args, kwargs, 5, "scale_grad_by_freq", False))
+        pad = pad + weight.shape[0] if pad is not None and pad < 0 else pad
+        rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
+        rest.update(
+            max_norm=_arg(args, kwargs, 3, "max_norm", None),
+            norm_type=_arg(args, kwargs, 4, "norm_type", 2.0),
+            sparse=_arg(args, kwargs, 6, "sparse", False),
+            padding_idx=None,
+            scale_grad_by_freq=False,
+        )
+        return Lookup(idx, weight, pad, by_freq, lambda: func(idx, weight, **rest))
+    if func is torch.embedding:
+        weight, idx = _arg(args, kwargs, 0, "weight", None), _arg(args, kwargs, 1, "indices", None)
+        pad = int(_arg(args, kwargs, 2, "padding_idx", -1))  # negative: no padding row
+        by_freq = bool(_arg(args, kwargs, 3, "scale_grad_by_freq", False))
+        sparse = bool(_arg(args, kwargs, 4, "sparse", False))
+        return Lookup(
+            idx, weight, pad if pad >= 0 else None, by_freq,
+            lambda: func(weight, idx, -1, False, sparse),
+        )  # fmt: skip
+    return None
 
 
 class _ReverseConventions(TorchFunctionMode):
@@ -45,38 +89,11 @@ class _ReverseConventions(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.embedding:
-            idx, weight = (
-                _arg(args, kwargs, 0, "input", None),
-                _arg(args, kwargs, 1, "weight", None),
-            )
-            pad = _arg(args, kwargs, 2, "padding_idx", None)
-            by_freq = bool(_arg(args, kwargs, 5, "scale_grad_by_freq", False))
-            if pad is None and not by_freq:
+        lookup = lookup_of(func, args, kwargs)
+        if lookup is not None:
+            if lookup.padding_idx is None and not lookup.by_freq:
                 return func(*args, **kwargs)
-            rows = weight.shape[0]
-            pad = pad + rows if pad is not None and pad < 0 else pad
-            plain = dict(zip(("padding_idx", "scale_grad_by_freq"), (None, False)))
-            rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
-            rest.update(
-                max_norm=_arg(args, kwargs, 3, "max_norm", None),
-                norm_type=_arg(args, kwargs, 4, "norm_type", 2.0),
-                sparse=_arg(args, kwargs, 6, "sparse", False),
-                **plain,
-            )
-            e = func(idx, weight, **rest)
-            return _adjusted(e, idx, rows, pad, by_freq)
-        if func is torch.embedding:
-            weight, idx = (
-                _arg(args, kwargs, 0, "weight", None),
-                _arg(args, kwargs, 1, "indices", None),
-            )
-            pad = int(_arg(args, kwargs, 2, "padding_idx", -1))
-            by_freq = bool(_arg(args, kwargs, 3, "scale_grad_by_freq", False))
-            if pad < 0 and not by_freq:  # torch.embedding: a negative padding_idx means none
-                return func(*args, **kwargs)
-            e = func(weight, idx, -1, False, bool(_arg(args, kwargs, 4, "sparse", False)))
-            return _adjusted(e, idx, weight.shape[0], pad if pad >= 0 else None, by_freq)
+            return lookup.adjusted(lookup.plain(), lookup.counts() if lookup.by_freq else None)
         if func in _INDEX_FILLS and isinstance(_arg(args, kwargs, 3, "value", None), Tensor):
             return _index_fill(func, args, kwargs)  # NOTE [index_fill under vmap]
         if func is F.group_norm:

@@ -75,12 +75,18 @@ def vmap_first(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def batched_grad(
-    outs: list[Tensor], ins: list[Tensor], cotangents: list[Tensor], retain: bool, create: bool
+    outs: list[Tensor],
+    ins: list[Tensor],
+    cotangents: list[Tensor],
+    retain: bool,
+    create: bool,
+    prefer: str = "functorch",
 ) -> tuple[Tensor | None, ...]:
     """``autograd.grad`` vmapped over the cotangents' leading dimension (NOTE [vmap over the
-    graph] in ``graph_probes``); ``None`` for an input the outputs do not reach. A graph holding
-    an op whose batching rule is wrong takes another way (NOTE [wrong batching rules])."""
-    how = batch_way(outs)
+    graph] in ``graph_probes``); ``None`` for an input the outputs do not reach. ``prefer``: the
+    vmap to take (``"functorch"`` or ``"legacy"``) unless the graph holds an op whose batching
+    rule it gets wrong (NOTE [wrong batching rules])."""
+    how = batch_way(outs, prefer)
     if how == "legacy":
         return torch.autograd.grad(
             outs, ins, cotangents, retain, create, allow_unused=True, is_grads_batched=True
@@ -119,25 +125,28 @@ def batched_grad(
 # legacy vmap of ``is_grads_batched`` loops over that op; the legacy one returned rows off by
 # 0.18 through ``native_group_norm``'s backward in the graph of a function that differentiates
 # it itself (``torch.func.grad`` of an energy), where functorch's is right. A batched pass takes
-# functorch's vmap unless the graph holds an op of ``_WRONG["functorch"]``: then the legacy vmap,
-# or a loop where the graph also holds one of ``_WRONG["legacy"]``. The walk that tells is made
-# once per graph (the last graph's verdict is kept, by the identity and sequence number of its
-# output nodes), and costs about a microsecond a node; the planner's count of a graph
-# (``kernels.graph_products``, the validation walk of ``jac`` and ``gramian``) gives the names it
-# saw instead.
+# the vmap it prefers (functorch's, the legacy one for ``layer_deltas``) unless the graph holds an
+# op of that vmap's ``_WRONG``: then the other, or a loop where the graph holds one of each. The
+# general per-sample path (``sample_vmap``) is functorch's vmap over samples of ``vjp``s: a
+# model whose graph makes functorch's vmap wrong runs it one sample at a time, its probes
+# batched by ``batched_grad`` (``param_jacobian`` and ``ntk`` through ``torch.cdist`` were off by
+# 0.35 and 0.14). The walk that tells is made once per graph (the last graph's verdict is kept,
+# by the identity and sequence number of its output nodes), and costs about a microsecond a
+# node; the planner's count of a graph (``kernels.graph_products``, the validation walk of
+# ``jac`` and ``gramian``) gives the names it saw instead.
 _WRONG = {
     "functorch": frozenset({"CdistBackward0"}),
     "legacy": frozenset({"NativeGroupNormBackward0"}),
 }
-_last: list[Any] = [None, "functorch"]
+_last: list[Any] = [None, frozenset()]  # a graph's key, and the vmaps its ops make wrong
 
 
-def batch_way(outs: Sequence[Tensor]) -> str:
-    """``"functorch"``, ``"legacy"`` or ``"loop"`` for a batched pass from ``outs`` (NOTE [wrong
-    batching rules])."""
+def batch_way(outs: Sequence[Tensor], prefer: str = "functorch") -> str:
+    """``"functorch"``, ``"legacy"`` or ``"loop"`` for a batched pass from ``outs``: ``prefer``
+    unless the graph makes it wrong (NOTE [wrong batching rules])."""
     roots = [y.grad_fn for y in outs if y.grad_fn is not None]
     if _last[0] == _key(roots):
-        return str(_last[1])
+        return _way(_last[1], prefer)
     names: set[str] = set()
     seen: set[Any] = set()
     stack = list(roots)
@@ -148,18 +157,23 @@ def batch_way(outs: Sequence[Tensor]) -> str:
         seen.add(node)
         names.add(type(node).__name__)
         stack.extend(c for c, _ in node.next_functions if c is not None)
-    return remember_graph(roots, names)
+    return remember_graph(roots, names, prefer)
 
 
-def remember_graph(roots: Sequence[Any], names: AbstractSet[str]) -> str:
+def remember_graph(roots: Sequence[Any], names: AbstractSet[str], prefer: str = "functorch") -> str:
     """The way for the graph behind the output nodes ``roots`` (the outputs' ``grad_fn``) from
     the names of all its nodes (a caller's own complete walk: NOTE [wrong batching rules]), kept
     for its batched passes."""
-    way = "functorch"
-    if names & _WRONG["functorch"]:
-        way = "loop" if names & _WRONG["legacy"] else "legacy"
-    _last[:] = [_key(roots), way]
-    return way
+    wrong = frozenset(way for way, ops in _WRONG.items() if names & ops)
+    _last[:] = [_key(roots), wrong]
+    return _way(wrong, prefer)
+
+
+def _way(wrong: frozenset[str], prefer: str) -> str:
+    for way in (prefer, "legacy" if prefer == "functorch" else "functorch"):
+        if way not in wrong:
+            return way
+    return "loop"
 
 
 def vmap_cannot_run(node: Any) -> bool:

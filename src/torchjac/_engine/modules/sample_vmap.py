@@ -12,6 +12,7 @@ value is shared. A chunk that cannot be vectorised is redone with a loop over sa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,9 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torchjac._engine.core.lean_vmap import batch_way, batched_grad
 from torchjac._engine.modules.layers import ModelState, call
+from torchjac._engine.modules.sample_counts import NeedCounts, WholeCallCounts
 from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["SampleProblem"]
@@ -55,6 +58,9 @@ class SampleProblem:
         self.device = out.device
         flat, self.spec = tree_flatten((args, kwargs))
         self.flat = flat
+        self.counts = WholeCallCounts(fn_name)  # NOTE [per-sample index counts]
+        # NOTE [wrong batching rules]: the batch's graph has the ops of a sample's
+        self.vmap_safe = out.grad_fn is None or batch_way([out]) == "functorch"
         self.dims: list[int | None] = []
         for t in flat:
             dim = batch_dim % t.dim() if isinstance(t, Tensor) and t.dim() > 0 else None
@@ -66,10 +72,12 @@ class SampleProblem:
                 f"at `batch_dim` (the output keeping the batch there)."
             )
 
-    def _row(self, params: dict[str, Tensor], flat: Sequence[Any]) -> Tensor:
-        """The model on one sample (batch of one), flattened to ``[n_out]``."""
+    def _row(self, params: dict[str, Tensor], flat: Sequence[Any], counted: bool = True) -> Tensor:
+        """The model on one sample (batch of one), flattened to ``[n_out]``; ``counted``: its
+        lookups' derivatives use the whole batch's index counts (raises ``NeedCounts`` until
+        recorded)."""
         args, kwargs = tree_unflatten(list(flat), self.spec)
-        with _PreluAsWhere():
+        with _PreluAsWhere(), self.counts.per_sample() if counted else contextlib.nullcontext():
             out = call(self.model, {**self.base, **params}, args, kwargs)
         if out.dim() <= self.out_dim or out.shape[self.out_dim] != 1:
             raise ValueError(
@@ -92,7 +100,7 @@ class SampleProblem:
 
         def one(*flat: Any) -> Tensor:
             flat1 = [t if d is None else t.unsqueeze(d) for t, d in zip(flat, self.dims)]
-            return self._row(self.params, flat1)
+            return self._row(self.params, flat1, counted=False)
 
         rng = torch.get_rng_state()
         with torch.no_grad():
@@ -100,7 +108,7 @@ class SampleProblem:
                 alone = vmap(one, in_dims=tuple(self.dims))(*self.flat)
             except Exception:  # not vectorisable: one sample at a time, errors as they are
                 alone = torch.stack(
-                    [self._row(self.params, self._sample(s)) for s in range(self.n)]
+                    [self._row(self.params, self._sample(s), False) for s in range(self.n)]
                 )
         if not torch.equal(torch.get_rng_state(), rng):  # a draw per sample is not the batch's
             raise BatchCouplingError(
@@ -133,8 +141,24 @@ class SampleProblem:
         return basis
 
     def rows(self, start: int, stop: int, vectorised: bool) -> dict[str, Tensor]:
-        if not vectorised:
-            return self._loop(start, stop)
+        """Rows ``[N, stop - start, *p]`` of each parameter, for output probes ``start..stop-1``."""
+
+        def run() -> dict[str, Tensor]:
+            if vectorised and self.vmap_safe:
+                return self._vectorised(start, stop)
+            return self._loop(start, stop, batched=vectorised)
+
+        try:
+            return run()
+        except NeedCounts:  # NOTE [per-sample index counts]
+            self.counts.record(self._whole)
+            return run()
+
+    def _whole(self) -> Any:
+        args, kwargs = tree_unflatten(list(self.flat), self.spec)
+        return call(self.model, {**self.base, **self.params}, args, kwargs)
+
+    def _vectorised(self, start: int, stop: int) -> dict[str, Tensor]:
         basis = self._basis(start, stop)
 
         def one_sample(*flat: Any) -> dict[str, Tensor]:
@@ -144,18 +168,26 @@ class SampleProblem:
 
         return vmap(one_sample, in_dims=tuple(self.dims))(*self.flat)
 
-    def _loop(self, start: int, stop: int) -> dict[str, Tensor]:
+    def _loop(self, start: int, stop: int, batched: bool = False) -> dict[str, Tensor]:
+        """One sample at a time; its probes one at a time, or ``batched`` in one pass."""
         c = stop - start
         res = {
             n: torch.zeros(self.n, c, *p.shape, dtype=self.dtype, device=self.device)
             for n, p in self.params.items()
         }
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        basis = self._basis(start, stop) if batched else None
         for s in range(self.n):
             row = self._row(leaves, self._sample(s))
+            if not row.requires_grad:
+                continue
+            if basis is not None:
+                found = batched_grad([row], list(leaves.values()), [basis], False, False)
+                for n, g in zip(leaves, found):
+                    if g is not None:
+                        res[n][s] = g
+                continue
             for i in range(c):
-                if not row.requires_grad:
-                    break
                 grads = torch.autograd.grad(
                     row[start + i], list(leaves.values()), retain_graph=True, allow_unused=True
                 )

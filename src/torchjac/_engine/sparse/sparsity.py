@@ -20,8 +20,9 @@ elements (and the tensors viewed from it, as its ``values()``), and an op that m
 one is dense and reported.
 An op that writes no argument reads its inputs' sets only after it ran and only if it made
 data (a view makes none, so slicing costs no set work). When ``sparse_jacobian`` detects the
-pattern itself, this one call runs with autograd on, and its graph is the one the reverse
-probes pull back through (NOTE [compressed probes]): ``func`` runs once for both.
+pattern itself, its graph (the call always runs with autograd on: NOTE [custom functions in
+sparsity]) is the one the reverse probes pull back through (NOTE [compressed probes]): ``func``
+runs once for both.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented
 
 from torchjac._engine.sparse.index_sets import Sets
 from torchjac._engine.sparse.sparsity_base import Reader, Rule, broadcast, dense_rule, tensors
+from torchjac._engine.sparse.sparsity_custom import CustomFunctions
 from torchjac._engine.sparse.sparsity_rules import choose_rule, pointwise_rule
 
 try:  # without it (a torch that moved it), storages are kept alive: no address is reused
@@ -213,19 +215,22 @@ def _op(func: Any) -> _Op:
 
 
 class _Tracer(TorchDispatchMode):
-    def __init__(self, storages: _Storages, trace: Trace) -> None:
+    def __init__(self, storages: _Storages, trace: Trace, custom: CustomFunctions | None) -> None:
         super().__init__()
         self.storages = storages
         self.trace = trace
+        self.custom = custom
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         op = _op(func)
+        leaves = tensors(args) + tensors(kwargs) if kwargs else tensors(args)
+        if self.custom is not None:
+            self.custom.see(leaves)  # NOTE [custom functions in sparsity]
         if op.view or op.metadata:  # no data made, no storage's sets changed: nothing to do
             if self.storages.opaque and op.view:  # unless it views a sparse layout's data
                 return self._view_of_opaque(func(*args, **kwargs), args, kwargs)
             return func(*args, **kwargs)
-        leaves = tensors(args) + tensors(kwargs) if kwargs else tensors(args)
         if op.elementwise:
             out = func(*args, **kwargs)
             if isinstance(out, Tensor) and self._elementwise(out, leaves):
@@ -373,17 +378,37 @@ def trace_pattern(
     Returns the output, its trace (``trace.sets`` has one row per output element) and, with
     ``graph``, the leaf the output's autograd graph starts from: the call is then also the
     one reverse probes pull back through (``func`` gets a copy of that leaf, which it may
-    write into); without, the output is computed under ``no_grad``.
+    write into); without, the output is returned detached. Autograd is on either way (NOTE
+    [custom functions in sparsity]), unless ``func`` cannot run with it and no graph is asked
+    for.
     """
+    try:
+        return _traced(func, x, graph, True)
+    except RuntimeError:
+        if graph:
+            raise
+    # a function autograd cannot run (``.numpy()`` of ``x``, an ``out=`` op reading it) has no
+    # derivative AD could take, so no custom Function's to miss: traced without autograd
+    return _traced(func, x, False, False)
+
+
+def _traced(
+    func: Callable[[Tensor], Any], x: Tensor, graph: bool, autograd: bool
+) -> tuple[Any, Trace, Tensor | None]:
     n = x.numel()
     storages = _Storages(n)
     trace = Trace(Sets.empty(0, n))
-    leaf = x.detach().requires_grad_(True) if graph else None
-    with torch.set_grad_enabled(graph):
-        copy = (x.detach() if leaf is None else leaf).clone(memory_format=torch.contiguous_format)
+    custom = CustomFunctions(storages, trace.dense_ops) if autograd else None
+    leaf = x.detach().requires_grad_(autograd)
+    with torch.set_grad_enabled(autograd):
+        copy = leaf.clone(memory_format=torch.contiguous_format)
         storages.write(copy, Sets.identity(n))
-        with _Tracer(storages, trace):
+        with _Tracer(storages, trace, custom):
             y = func(copy)
     if isinstance(y, Tensor):
+        if custom is not None:
+            custom.see([y])
         trace.sets = storages.read(y)
+    if not graph:
+        return (y.detach() if isinstance(y, Tensor) else y), trace, None
     return y, trace, leaf
