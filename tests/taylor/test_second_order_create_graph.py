@@ -151,3 +151,24 @@ def test_nested_path_traces_again_only_for_fused_norms(
         got, hessian(lambda x: (_written_out("layer", x, w, 0) * x).sum().sin())(x)
     )
     assert len(traces) == (2 if fused else 1)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+def test_create_graph_linear_on_the_input_times_a_function_of_it(
+    gen: torch.Generator, mode: str
+) -> None:
+    # F.linear on the input saves the input's value row for the weight's gradient; the product
+    # then reads the input's one-hot first order, which was written in place into the same
+    # stack: the result's graph raised "modified by an inplace operation" on backward
+    w = randn(4, 2, gen=gen).requires_grad_()
+    x = randn(3, 2, gen=gen)
+
+    def f(x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, w) * x.sum(-1, keepdim=True)
+
+    got = tj.jacobian(f, x, batch_dim=0, mode=mode, create_graph=True)
+    want = vmap(torch.func.jacrev(f))(x)
+    torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(got.pow(2).sum(), w)
+    (g_want,) = torch.autograd.grad(want.pow(2).sum(), w)
+    torch.testing.assert_close(g, g_want)
