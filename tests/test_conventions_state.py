@@ -129,3 +129,28 @@ def test_full_jacobian_of_a_training_model_keeps_buffers_and_flags(params: Any) 
         got = tj.param_jacobian(net, x, params=params)
     names = ["lin1.weight"] if params else [n for n, p in net.named_parameters() if p.requires_grad]
     assert list(got) == names
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd"])
+@pytest.mark.parametrize("kind", ["plain", "leaf", "non-leaf"])
+@pytest.mark.parametrize("name", FUNCTIONAL)
+def test_func_writing_into_its_argument(name: str, kind: str, mode: str, chunk_size: Any) -> None:
+    """func may write into its argument (as a plain call may): the derivative is that of the
+    function it computes, and the user's input stays put. The reverse trace called func on the
+    input itself (a leaf raised, a non-leaf was written), chunks of jvp on a primal sharing the
+    input's storage (written, silently, then differentiated at the moved point)."""
+    fn = getattr(tj, name)
+    base = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3)
+    base.requires_grad_(kind != "plain")
+    x = base * 1.0 if kind == "non-leaf" else base
+
+    def writes(x: Tensor) -> Tensor:
+        x.mul_(2.0)
+        return _poly(x)
+
+    before, version = x.detach().clone(), x._version
+    got = fn(writes, x, batch_dim=0, mode=mode, chunk_size=chunk_size)
+    assert torch.equal(x.detach(), before) and x._version == version
+    want = fn(lambda x: _poly(2.0 * x), x.detach(), batch_dim=0)
+    torch.testing.assert_close(got, want)

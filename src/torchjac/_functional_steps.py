@@ -82,7 +82,9 @@ def running(p: FuncProblem) -> Iterator[None]:
         call_state(p.func, p.inputs) as state,
         torch.inference_mode(False),
         torch.enable_grad() if p.create_graph else torch.no_grad(),
-        exact_norms() if p.create_graph else contextlib.nullcontext(),  # NOTE [exact norms]
+        exact_norms(graph=True)
+        if p.create_graph
+        else contextlib.nullcontext(),  # NOTE [exact norms]
     ):
         p.state = state
         try:

@@ -151,3 +151,64 @@ def test_nested_path_traces_again_only_for_fused_norms(
         got, hessian(lambda x: (_written_out("layer", x, w, 0) * x).sum().sin())(x)
     )
     assert len(traces) == (2 if fused else 1)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+def test_create_graph_linear_on_the_input_times_a_function_of_it(
+    gen: torch.Generator, mode: str
+) -> None:
+    # F.linear on the input saves the input's value row for the weight's gradient; the product
+    # then reads the input's one-hot first order, which was written in place into the same
+    # stack: the result's graph raised "modified by an inplace operation" on backward
+    w = randn(4, 2, gen=gen).requires_grad_()
+    x = randn(3, 2, gen=gen)
+
+    def f(x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, w) * x.sum(-1, keepdim=True)
+
+    got = tj.jacobian(f, x, batch_dim=0, mode=mode, create_graph=True)
+    want = vmap(torch.func.jacrev(f))(x)
+    torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(got.pow(2).sum(), w)
+    (g_want,) = torch.autograd.grad(want.pow(2).sum(), w)
+    torch.testing.assert_close(g, g_want)
+
+
+_NORMS = {
+    "normalize": lambda h: torch.nn.functional.normalize(h, dim=-1),
+    "Tensor.norm": lambda h: h.norm(dim=-1, keepdim=True) * h,
+    "vector_norm": lambda h: torch.linalg.vector_norm(h, dim=-1, keepdim=True) * h,
+    "linalg.norm": lambda h: torch.linalg.norm(h, dim=-1, keepdim=True) * h,
+    "std": lambda h: h.std(-1, keepdim=True) * h,
+    "cosine_similarity": lambda h: torch.nn.functional.cosine_similarity(
+        h, h.sin(), dim=-1
+    ).unsqueeze(-1),
+    "pairwise_distance": lambda h: torch.nn.functional.pairwise_distance(h, h.cos(), keepdim=True),
+}
+
+
+@pytest.mark.parametrize("fn", ["hessian", "hessian_diagonal", "laplacian"])
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+@pytest.mark.parametrize("norm", list(_NORMS))
+def test_create_graph_through_vector_norms(
+    gen: torch.Generator, fn: str, mode: str, norm: str
+) -> None:
+    """NOTE [vector norms with create_graph]: torch's norm backward writes in place, so a
+    forward-over-reverse result's graph raised on backward; the derivative must also be right."""
+    w = randn(3, 2, gen=gen).requires_grad_()
+    x = randn(4, 2, gen=gen)
+
+    def f(x: Tensor) -> Tensor:
+        return _NORMS[norm](x @ w.T).sum(-1)
+
+    got = getattr(tj, fn)(f, x, batch_dim=0, mode=mode, create_graph=True)
+    jacrev = torch.func.jacrev
+    h = vmap(jacrev(jacrev(f)))(x)  # [4, 2, 2]; torch.func.hessian has the in-place write
+    want = {"hessian": h, "hessian_diagonal": h.diagonal(0, 1, 2)}.get(fn, h.diagonal(0, 1, 2))
+    if fn == "laplacian":
+        want = want.sum(-1)
+    torch.testing.assert_close(got, want)
+    r = randn(*got.shape, gen=gen)
+    (g,) = torch.autograd.grad((got * r).sum(), w)
+    (g_want,) = torch.autograd.grad((want * r).sum(), w)
+    torch.testing.assert_close(g, g_want)

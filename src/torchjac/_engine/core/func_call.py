@@ -143,3 +143,8 @@ class FuncProblem:
     def outputs_only(self, *xs: Tensor) -> tuple[Tensor, ...]:
         """The function's outputs as a tuple of Tensors (aux dropped)."""
         return self.call(*xs)[0]
+
+    def outputs_of_copies(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        """:meth:`outputs_only` on copies of ``xs``: ``func`` may write into its arguments, and
+        a primal of ``torch.func.jvp`` or ``vjp`` shares its storage with the user's input."""
+        return self.call(*(x.clone() for x in xs))[0]

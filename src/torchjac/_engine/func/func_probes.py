@@ -102,8 +102,8 @@ class Traced:
 def autograd_trace(p: FuncProblem, check_batch: CheckBatch) -> Traced:
     """Call the function once (NOTE [function probes]); check the batch and its coupling."""
     xs = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in p.inputs)
-    with torch.enable_grad():
-        outs, aux = p.call(*xs)
+    with torch.enable_grad():  # on copies: func may write into its arguments (the user's x)
+        outs, aux = p.call(*(x.clone() for x in xs))
     check_batch(outs)
     t = Traced(
         tuple(y.detach() for y in outs),
@@ -227,7 +227,7 @@ def _columns(p: FuncProblem, t: Traced, results: list[Tensor], chunk_size: int) 
     ins = p.inputs
 
     def push(*tangents: Tensor) -> tuple[Tensor, ...]:
-        return tuple(forward_jvp(p.outputs_only, ins, tangents)[1])
+        return tuple(forward_jvp(p.outputs_of_copies, ins, tangents)[1])
 
     def probe(start: int, stop: int, batched: bool) -> tuple[Tensor, ...]:
         tans = _probes(t.in_group, ins, start, stop)

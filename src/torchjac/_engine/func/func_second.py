@@ -49,7 +49,7 @@ def hessian_pairs(
 
     def pair(cots: tuple[Tensor, ...], tans: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         def grad(*xs: Tensor) -> tuple[Tensor, ...]:
-            return tuple(torch.func.vjp(p.outputs_only, *xs)[1](cots))
+            return tuple(torch.func.vjp(p.outputs_of_copies, *xs)[1](cots))
 
         if mode == "fwd":
             # NOTE [grad mode in nested AD]: some backward formulas (det, solve) take a faster,

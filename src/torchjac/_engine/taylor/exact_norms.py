@@ -27,13 +27,18 @@ from typing import Any
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from torchjac._engine.taylor.taylor_decomp import DECOMPOSITIONS
+from torchjac._engine.taylor.taylor_decomp import DECOMPOSITIONS, GRAPH_DECOMPOSITIONS
 
 __all__ = ["exact_norms", "fused_norm", "fused_norms", "warn_fused_norms"]
 
 
 class _ExactNorms(TorchFunctionMode):
-    """Calls of the fused normalisations become their decompositions; the rest runs as is."""
+    """Calls of the fused normalisations become their decompositions (and with ``graph``, the
+    vector norms: NOTE [vector norms with create_graph]); the rest runs as is."""
+
+    def __init__(self, graph: bool) -> None:
+        super().__init__()
+        self.graph = graph
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -42,12 +47,19 @@ class _ExactNorms(TorchFunctionMode):
         decomposition = DECOMPOSITIONS.get(func)
         if decomposition is not None:
             return decomposition(*args, **kwargs)
+        if self.graph:
+            decomposition = GRAPH_DECOMPOSITIONS.get(func)
+            if decomposition is not None:
+                out = decomposition(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
         return func(*args, **kwargs)
 
 
-def exact_norms() -> _ExactNorms:
-    """A context manager: NOTE [exact norms] for the code it runs."""
-    return _ExactNorms()
+def exact_norms(graph: bool = False) -> _ExactNorms:
+    """A context manager: NOTE [exact norms] for the code it runs; ``graph`` (a call with
+    ``create_graph``): NOTE [vector norms with create_graph] too."""
+    return _ExactNorms(graph)
 
 
 def fused_norm(node: Any) -> str | None:

@@ -108,8 +108,12 @@ class Jet(Tensor):
         if self.first is not None:  # NOTE [lazy first order]: written on first use
             d, first = self.spec.d, self.first
             self.first = None
-            if torch.is_grad_enabled() and (self._stack.requires_grad or first.requires_grad):
-                # out of place: an op may have saved a view of the value row for its backward
+            if torch.is_grad_enabled() and (
+                self._stack.requires_grad or first.requires_grad or self.spec.grad
+            ):
+                # out of place: an op may have saved a view of the value row for its backward,
+                # also where only its other operand requires grad (``F.linear(x, w)`` saves
+                # ``x`` for ``w``'s gradient with ``create_graph``)
                 rest = first.expand(d, *self._stack.shape[1:])
                 self._stack = torch.cat([self._stack[:1], rest, self._stack[1 + d :]])
             else:
