@@ -256,6 +256,34 @@ def test_linear_weights_as_ghost_products(
     torch.testing.assert_close(only_weight, jacs[0].reshape(3, -1) @ jacs[0].reshape(3, -1).T)
 
 
+@pytest.mark.parametrize("ghost", [True, False])
+def test_a_hooked_weight_is_not_a_ghost(
+    ghost: bool, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weight's tensor hook changes its gradient; the ghost products (and the rows from ``δ``)
+    never form that gradient, so a hooked weight takes the ordinary rows (NOTE [graph ghost])."""
+    monkeypatch.delenv("TORCHJAC_FAST_PATHS", raising=False)
+    monkeypatch.setattr(graph_ghost, "ghost_is_cheaper", lambda *_: ghost)
+    x, w, b = randn(5, 4, gen=gen), randn(3, 4, gen=gen), randn(3, gen=gen)
+    w.requires_grad_()
+    b.requires_grad_()
+    w.register_hook(lambda g: 2.0 * g)
+
+    def losses() -> Tensor:
+        y = torch.nn.functional.linear(x, w, b)
+        return torch.stack([y.pow(2).sum(), y.tanh().sum()])
+
+    ys = losses()
+    j = torch.stack([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, [w, b], retain_graph=True)])
+        for l in ys
+    ])  # fmt: skip
+    for inputs in ([w], [w, b]):
+        got = tj.gramian(losses(), inputs)
+        k = j if len(inputs) == 2 else j[:, : w.numel()]
+        torch.testing.assert_close(got, k @ k.T, rtol=1e-12, atol=1e-12)
+
+
 def test_a_gramian_walks_its_graph_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # the validation's walk also finds the ghost layers' consumers (NOTE [graph ghost])
     from torchjac._engine.kernel import kernels

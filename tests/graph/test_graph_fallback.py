@@ -101,6 +101,32 @@ def test_a_backward_cut_from_its_cotangent_is_not_read_as_zero_columns(
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("door", ["jac", "gramian", "operator"])
+def test_once_differentiable_beside_a_penalty_is_not_read_as_partial_columns(
+    door: str, gen
+) -> None:
+    # the penalty's path reaches the cotangent, the custom Function's is silently cut: columns
+    # would miss it, so they fall back to rows
+    x = randn(3, gen=gen, grad=True)
+    w = randn(4, 3, gen=gen)
+
+    def outputs() -> Tensor:
+        return w @ OnceSin.apply(x) + 0.1 * (x**2).sum()
+
+    want = w * x.detach().cos() + 0.2 * x.detach()
+    with pytest.warns(tj.FallbackWarning, match="not differentiable"):
+        if door == "jac":
+            got = tj.jac(outputs(), x, mode="fwd")
+        elif door == "gramian":
+            got = tj.gramian(outputs(), x, mode="fwd")
+            want = want @ want.T
+        else:
+            v = randn(3, 2, gen=gen)
+            got = tj.JacobianOperator.from_graph(outputs(), x) @ v
+            want = want @ v
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_once_differentiable_rows_need_no_fallback(gen) -> None:
     y, x, expected = _problem(OnceSin, gen)
     torch.testing.assert_close(tj.jac(y, x, mode="rev"), expected, rtol=1e-12, atol=1e-12)

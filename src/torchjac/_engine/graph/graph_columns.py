@@ -89,13 +89,24 @@ class DifferentiableCheck:
     ``u_i`` of an output i that depends on the input: those columns would silently be zero. An
     ``Error`` node on the path raises by itself. With one input, the probes tell: such a column
     comes back as ``None``. With several, a probe chunk may span them and another input may
-    reach ``u_i``, so each input's graph is walked once, up front. (Reachability is all that is
-    checked: a second path that does reach ``u_i`` hides a cut one.)
+    reach ``u_i``, so each input's graph is walked once, up front. Reachability alone misses a
+    cut path beside one that does reach ``u_i`` (a weight decay term beside a custom Function):
+    an ``@once_differentiable`` backward leaves its mark there, an ``Error`` node whose only input
+    is a detached copy of its result, never run by the double backward, so with a custom
+    ``Function`` on the graph each input's graph is searched for one. (A backward computed
+    outside autograd beside a second path still goes unseen.)
     """
 
     def __init__(self, p: GraphProblem, trans: dict[int, Tensor], dummies: list[Tensor]) -> None:
         self.p, self.inputs = p, list(trans)
         self.depends: list[list[bool]] | None = None  # [output][k] for input inputs[k]
+        if not p.counted.builtin:  # only a custom Function's backward is @once_differentiable
+            for j, gj in trans.items():
+                if _cut_once(gj):
+                    raise FinalError(
+                        f"the backward from outputs to {p.input_names[j]} is not "
+                        "differentiable (e.g. @once_differentiable)"
+                    )
         if len(trans) > 1:
             for k, gj in enumerate(trans.values()):
                 self._verify(k, reachable([gj], dummies))
@@ -116,3 +127,20 @@ class DifferentiableCheck:
                 f"the backward from outputs to {p.input_names[self.inputs[k]]} is not "
                 "differentiable (e.g. @once_differentiable)"
             )
+
+
+def _cut_once(g: Tensor) -> bool:
+    """Whether the graph of ``g`` holds the ``Error`` node of an ``@once_differentiable``
+    backward: a path to the cotangents that autograd silently drops."""
+    if g.grad_fn is None:
+        return False
+    stack, seen = [g.grad_fn], {g.grad_fn}  # the nodes themselves: NOTE [node identity]
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "Error":
+            return True
+        for n in (n for n, _ in node.next_functions if n is not None):
+            if n not in seen:
+                seen.add(n)
+                stack.append(n)
+    return False

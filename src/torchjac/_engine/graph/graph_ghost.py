@@ -9,7 +9,11 @@ the gradient reaching the layer's output. Its Gramian block is then
 
 ``δ`` is asked of autograd directly, as the gradient of the node's output edge (a
 ``GradientEdge`` among the inputs of the same vectorised pass that gives the rows of every other
-input), so ``W``'s own gradient, ``m·N·out·in`` multiply-adds, is never formed.
+input), so ``W``'s own gradient, ``m·N·out·in`` multiply-adds, is never formed. Nor do the tensor
+hooks of ``W`` ever see it: a weight with such hooks (``W.register_hook``, which may change its
+gradient) is left to the ordinary rows, which run them. (Hooks on the layer's output or on its
+node cannot be seen from the graph; torch itself leaves a tensor's hooks out of the gradient it
+captures for that tensor when the tensor's node also runs in the pass.)
 
 NOTE [ghost or rows]: each such weight is taken as a ghost product or as ordinary rows (its
 gradient formed in the pass, then ``J_W J_Wᵀ``), whichever the cost model says is cheaper. Both
@@ -122,6 +126,8 @@ def find_ghost_layers(
     for j, w in enumerate(p.inputs):
         acc = accs.get(id(w))
         if not p.used[j] or w.dim() != 2 or counts[id(w)] > 1 or acc is None:
+            continue
+        if w._backward_hooks:  # NOTE [graph ghost]: its hooks would never see its gradient
             continue
         if indeg.get(acc) != 1:
             continue
