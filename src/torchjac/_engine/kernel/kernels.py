@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchjac._engine.core import fast
+from torchjac._engine.core.dispatch import EagerDispatchMode
 from torchjac._engine.core.lean_vmap import remember_graph, vmap_cannot_run
 
 __all__ = ["MAX_WALK", "MIN_SIDE", "GraphProducts", "backward_products", "graph_products", "linear"]
@@ -284,7 +284,7 @@ def backward_products(
     work: int,
     counted: GraphProducts | None = None,
     per_pass: int = 0,
-) -> TorchDispatchMode | None:
+) -> EagerDispatchMode | None:
     """The oneDNN mode of NOTE [dense kernels] for backward passes over ``roots``' graph, when
     it pays; else ``None``. ``work``: probes times the elements of outputs and inputs, below
     ``_MIN_PROBE_WORK`` the graph is not even walked; ``counted``: a walk already made;
@@ -328,7 +328,7 @@ def _big_product(a: Any, b: Any) -> bool:
     )
 
 
-class _OneDnnProducts(TorchDispatchMode):
+class _OneDnnProducts(EagerDispatchMode):
     """``mm(a, b)`` and ``addmm(c, a, b)`` (default scales, 1-d ``c``) as oneDNN linears."""
 
     def __torch_dispatch__(

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode  # torch's documented dispatch modes
 
+from torchjac._engine.core.dispatch import EagerDispatchMode
 from torchjac._engine.sparse.index_sets import Sets
 from torchjac._engine.sparse.sparsity_base import Reader, Rule, broadcast, dense_rule, tensors
 from torchjac._engine.sparse.sparsity_custom import CustomFunctions
@@ -214,7 +214,7 @@ def _op(func: Any) -> _Op:
     return op
 
 
-class _Tracer(TorchDispatchMode):
+class _Tracer(EagerDispatchMode):
     def __init__(self, storages: _Storages, trace: Trace, custom: CustomFunctions | None) -> None:
         super().__init__()
         self.storages = storages
