@@ -124,3 +124,28 @@ def test_graph_and_module_fallbacks_warn_at_most_once(name: str, batch_dim: Any)
     for w in record:
         assert issubclass(w.category, tj.FallbackWarning)
         assert re.match(rf"{name}\b", str(w.message)), str(w.message)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+@pytest.mark.parametrize("mode", ["auto", "fwd"])
+@pytest.mark.parametrize("name", FUNCTIONAL)
+def test_no_grad_block_is_a_constant_in_every_mode(name: str, mode: str, chunk_size: Any) -> None:
+    """NOTE [forward mode and no_grad]: a value computed under ``torch.no_grad()`` is a constant
+    for autograd (rows); forward mode differentiated through it, so jvp columns (jacobian
+    ``fwd``/``auto``) and forward over reverse (``mode="fwd"``) were off by its share (0.1 to
+    0.2): they fall back to reverse mode, with one FallbackWarning."""
+    w = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3)
+
+    def f(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            s = x.sum(-1, keepdim=True)
+        return (x @ w.T).tanh() * s
+
+    x = torch.linspace(-0.5, 0.7, 9, dtype=torch.float64).reshape(3, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = getattr(tj, name)(f, x, batch_dim=0, mode=mode, chunk_size=chunk_size)
+    want = getattr(tj, name)(f, x, batch_dim=0, mode="rev")
+    torch.testing.assert_close(got, want)
+    fallbacks = [c for c in caught if issubclass(c.category, tj.FallbackWarning)]
+    assert len(fallbacks) == 1 if mode == "fwd" else len(fallbacks) <= 1

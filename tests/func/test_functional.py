@@ -159,7 +159,8 @@ def test_vmap_failure_falls_back_to_a_loop(gen: torch.Generator) -> None:
 
 def test_missing_forward_ad_falls_back_to_reverse(gen: torch.Generator) -> None:
     x = randn(4, 3, gen=gen)
-    with pytest.warns(tj.FallbackWarning, match="forward-mode AD failed") as record:
+    # NOTE [forward mode and no_grad]: a custom autograd.Function is seen before a jvp is tried
+    with pytest.warns(tj.FallbackWarning, match="custom autograd.Function") as record:
         got = tj.jacobian(lambda x: Cube.apply(x).sum(-1), x, batch_dim=0, mode="fwd", chunk_size=1)
     _one_fallback(record)
     torch.testing.assert_close(got, 3 * x**2)

@@ -17,12 +17,14 @@ one ``FallbackWarning``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from torchjac._engine.core.basis import Group
 from torchjac._engine.core.func_call import FuncProblem, forward_jvp
@@ -35,6 +37,7 @@ from torchjac._engine.taylor.taylor_run import TaylorFailed, TaylorResult, taylo
 from torchjac._errors import warn_fallback
 
 __all__ = [
+    "GRAD_OFF",
     "CheckBatch",
     "Traced",
     "autograd_trace",
@@ -44,6 +47,10 @@ __all__ = [
 ]
 
 CheckBatch = Callable[[tuple[Tensor, ...]], None]
+# NOTE [forward mode and no_grad]: the cause named by the FallbackWarning
+GRAD_OFF = (
+    "an op ran with gradients disabled: a torch.no_grad() block or a custom autograd.Function"
+)
 # Columns are planned without calling the function first (so without counting its rows) when
 # there are at most this many: the Taylor-mode pass then costs a few forward passes at most.
 BLIND_COLUMNS = 4
@@ -65,6 +72,7 @@ class Traced:
     create_graph: bool
     # (cotangents, gradients) of the coupling check's pullback, reused by NOTE [taylor check]
     probe: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
+    grad_off: bool = False  # NOTE [forward mode and no_grad], when the trace watched for it
 
     @staticmethod
     def of(p: FuncProblem, outs: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> Traced:
@@ -99,10 +107,33 @@ class Traced:
         return tuple(x.new_zeros(*lead, *x.shape) if g is None else g for g, x in zip(grads, xs))
 
 
-def autograd_trace(p: FuncProblem, check_batch: CheckBatch) -> Traced:
-    """Call the function once (NOTE [function probes]); check the batch and its coupling."""
+class _GradOff(TorchFunctionMode):
+    """Notes whether a torch function runs with gradients disabled."""
+
+    found = False
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if not torch.is_grad_enabled():
+            self.found = True
+        return func(*args, **(kwargs or {}))
+
+
+def autograd_trace(p: FuncProblem, check_batch: CheckBatch, forward: bool = False) -> Traced:
+    """Call the function once (NOTE [function probes]); check the batch and its coupling.
+
+    NOTE [forward mode and no_grad]: torch's forward-mode AD differentiates through a
+    ``torch.no_grad()`` block (and a custom ``autograd.Function``'s forward), which reverse mode
+    treats as a constant: ``jvp`` columns, and forward over reverse, disagree with rows there
+    (off by the block's share). With ``forward`` (forward-mode probes will follow) the call
+    notes any op run with gradients disabled in ``grad_off``, and the caller computes in
+    reverse mode instead, with a ``FallbackWarning``, as the Taylor mode does (NOTE [taylor
+    check]).
+    """
     xs = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in p.inputs)
-    with torch.enable_grad():  # on copies: func may write into its arguments (the user's x)
+    watch = _GradOff() if forward else contextlib.nullcontext()
+    with torch.enable_grad(), watch:  # on copies: func may write into its arguments
         outs, aux = p.call(*(x.clone() for x in xs))
     check_batch(outs)
     t = Traced(
@@ -113,6 +144,7 @@ def autograd_trace(p: FuncProblem, check_batch: CheckBatch) -> Traced:
         Group.of(outs, p.batch_dim),
         Group.of(p.inputs, p.batch_dim),
         p.create_graph,
+        grad_off=isinstance(watch, _GradOff) and watch.found,
     )
     if p.batch_dim is not None:
 
@@ -174,7 +206,7 @@ def solve_jacobian(
                 warn_fallback(p.fn_name, "Taylor-mode propagation could not follow func", err)
             mode = "rev" if err.reverse else mode  # NOTE [unreliable nested forward]
     if t is None:
-        t = autograd_trace(p, check_batch)
+        t = autograd_trace(p, check_batch, forward=mode != "rev")
     return _probes_on_trace(p, t, "fwd" if mode != "rev" else "rev", chunk_size, budget), t
 
 
@@ -196,6 +228,9 @@ def _probes_on_trace(
         torch.zeros(t.in_group.batch_size, n_rows, s, dtype=p.dtype, device=p.device)
         for s in t.in_group.sizes
     ]
+    if chosen == "fwd" and t.grad_off:  # NOTE [forward mode and no_grad]
+        warn_fallback(p.fn_name, "forward mode cannot follow func, computed rows", GRAD_OFF)
+        chosen = "rev"
     if chosen == "fwd":
         try:
             _columns(p, t, results, choose_chunk_size(n_cols, per_probe, budget, chunk_size))

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchjac._engine.core.attention import FIX, math_attention, names_fused_attention
 from torchjac._engine.core.basis import Group
 from torchjac._engine.core.func_call import FuncProblem
-from torchjac._engine.func.func_probes import CheckBatch, Traced, autograd_trace
+from torchjac._engine.func.func_probes import GRAD_OFF, CheckBatch, Traced, autograd_trace
 from torchjac._engine.func.func_second import graph_pairs, hessian_pairs
 from torchjac._engine.taylor.exact_norms import exact_norms, fused_norms
 from torchjac._engine.taylor.taylor_run import (
@@ -101,7 +101,7 @@ def _second_derivatives(
     # graph_pairs differentiates) holds a fused norm
     with exact_norms():
         if t is None or fused_norms(t.graph_outputs):
-            t = autograd_trace(p, check_batch)
+            t = autograd_trace(p, check_batch, mode == "fwd")
         return _nested(p, t, kind, "rev" if mode == "auto" else mode, chunk_size, budget), t
 
 
@@ -120,6 +120,8 @@ def _nested(
         res[:, o, a] = block.gather(2, idx)[..., 0].to(p.dtype)
 
     sink: Callable[[Tensor, Tensor, Tensor], None] = full_sink if kind == "full" else diag_sink
+    grad_off = mode == "fwd" and t.grad_off  # NOTE [forward mode and no_grad]
+    mode = "rev" if grad_off else mode
     if mode == "fwd":
         try:
             hessian_pairs(p, t, "fwd", chunk_size, budget, sink)
@@ -133,4 +135,8 @@ def _nested(
         warn_fallback(p.fn_name, "torch.func failed, used autograd.grad on the graph", err)
         res.zero_()
         graph_pairs(t, sink)
+    if grad_off:  # after: a failure of the reverse path is the first cause to name
+        warn_fallback(
+            p.fn_name, "forward mode cannot follow func, used reverse over reverse", GRAD_OFF
+        )
     return res.sum(dim=2) if kind == "trace" else res

@@ -177,9 +177,13 @@ class Jet(Tensor):
         if not _HOOKS:
             _load_hooks()
         if not torch.is_grad_enabled():  # NOTE [taylor check]: the pass runs with grad on
+            # reverse: torch's forward mode differentiates through a no_grad block, which
+            # reverse mode (and so the user's autograd) treats as a constant; jvp columns
+            # would disagree with rows
             raise TaylorFailed(
                 f"{getattr(func, '__name__', func)} ran with gradients disabled (inside a custom "
-                "autograd.Function or a torch.no_grad() block)"
+                "autograd.Function or a torch.no_grad() block)",
+                reverse=True,
             )
         kwargs = kwargs or {}
         jets = jets_in(args, kwargs)
