@@ -224,13 +224,15 @@ class _Tracer(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         op = _op(func)
-        leaves = tensors(args) + tensors(kwargs) if kwargs else tensors(args)
-        if self.custom is not None:
-            self.custom.see(leaves)  # NOTE [custom functions in sparsity]
         if op.view or op.metadata:  # no data made, no storage's sets changed: nothing to do
+            if self.custom is not None:
+                self.custom.see_viewed(args, kwargs)  # NOTE [custom functions in sparsity]
             if self.storages.opaque and op.view:  # unless it views a sparse layout's data
                 return self._view_of_opaque(func(*args, **kwargs), args, kwargs)
             return func(*args, **kwargs)
+        leaves = tensors(args) + tensors(kwargs) if kwargs else tensors(args)
+        if self.custom is not None:
+            self.custom.see(leaves)  # NOTE [custom functions in sparsity]
         if op.elementwise:
             out = func(*args, **kwargs)
             if isinstance(out, Tensor) and self._elementwise(out, leaves):
