@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torchjac as tj
@@ -203,6 +204,46 @@ def ntk_of_an_embedding_on_integer_inputs(rank: int, g: Any) -> None:
     tokens = torch.randint(0, 10, (5, 2), generator=torch.Generator().manual_seed(0))
     close(tj.ntk(model, tokens, process_group=g), tj.ntk(model, tokens))
     close(tj.ntk(model, tokens, tokens[:3], process_group=g), tj.ntk(model, tokens, tokens[:3]))
+
+
+class FunctionalLookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4, dtype=DT))
+        self.lin = nn.Linear(8, 2).to(DT)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.lin(F.embedding(t, self.table, scale_grad_by_freq=True).flatten(1))
+
+
+@scenario
+def lookups_scaled_by_the_whole_calls_index_counts(rank: int, g: Any) -> None:
+    """``scale_grad_by_freq=True`` divides by the whole call's index counts (NOTE [per-sample
+    index counts]); a rank's samples alone counted their own (off by 0.17 to 0.20)."""
+    torch.manual_seed(6)
+    module = nn.Sequential(
+        nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(8, 2)
+    ).to(DT)
+    torch.manual_seed(7)
+    tokens = torch.tensor([[1, 2], [1, 3], [2, 2], [1, 5], [3, 3]])  # 1, 2, 3 across ranks
+    for model in (module, FunctionalLookup()):
+        want = tj.param_jacobian(model, tokens, batch_dim=0)
+        close(tj.param_jacobian(model, tokens, batch_dim=0, process_group=g), want)
+        shard, index = tj.param_jacobian(model, tokens, batch_dim=0, process_group=g, gather=False)
+        close(shard, {k: v[index] for k, v in want.items()})
+        close(tj.ntk(model, tokens, process_group=g), tj.ntk(model, tokens))
+        close(tj.ntk(model, tokens, tokens[:3], process_group=g), tj.ntk(model, tokens, tokens[:3]))
+        op = tj.JacobianOperator.from_module(model, data=[tokens], process_group=g)
+        close(op.to_dense(), tj.JacobianOperator.from_module(model, data=[tokens]).to_dense())
+    late = FunctionalLookup()  # samples at dim 1: [2, N] tokens to [2, N] outputs
+    late.forward = lambda t: F.embedding(t, late.table, scale_grad_by_freq=True).tanh().sum(-1)
+    cols = tokens.T
+    close(
+        tj.param_jacobian(late, cols, batch_dim=1, process_group=g, params="table"),
+        tj.param_jacobian(late, cols, batch_dim=1, params="table"),
+    )
+    tile, index = tj.ntk(late, cols, batch_dim=1, process_group=g, gather=False)
+    close(tile, tj.ntk(late, cols, batch_dim=1)[index])
 
 
 class TwoInputs(nn.Module):

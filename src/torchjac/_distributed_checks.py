@@ -6,7 +6,12 @@ only when (a) the function draws no random numbers (a shard cannot repeat the ba
 rank's samples; ``check_samples`` adds one backward pass on the whole batch with a random
 cotangent on the rank's samples, whose gradient must vanish at every other sample, and the same
 evaluation checks that the RNG state did not move. Together they see every coupling the
-single-process check sees, through the floating inputs.
+single-process check sees, through the floating inputs. (c) The derivative of an embedding
+lookup with ``scale_grad_by_freq=True`` divides by index counts over the whole call (NOTE
+[per-sample index counts]), which a rank's samples alone do not have: the same evaluation
+records whether one runs (``check_samples`` returns it, ``scaled_lookups`` asks without a
+graph), and a rank that meets one computes the whole result and keeps its part (every rank
+does the whole work, as without ``process_group``, and gets its result).
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from torchjac._checks import check_batch_dim
+from torchjac._engine.core.forward_rules import lookup_of
 from torchjac._engine.core.func_state import call_state
 from torchjac._errors import BatchCouplingError, coupling_fix
 
-__all__ = ["check_samples", "evaluate"]
+__all__ = ["check_samples", "evaluate", "scaled_lookups"]
 
 
 def _draws(fn: str) -> ValueError:
@@ -42,6 +49,32 @@ def evaluate(fn: str, target: Any, call: Callable[[], Any], tensors: tuple[Tenso
     return out
 
 
+class _ScaledLookups(TorchFunctionMode):
+    """Records whether a lookup with ``scale_grad_by_freq=True`` runs (NOTE [split samples])."""
+
+    found = False
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        lookup = lookup_of(func, args, kwargs)
+        if lookup is not None and lookup.by_freq:
+            self.found = True
+        return func(*args, **kwargs)
+
+
+def scaled_lookups(
+    fn: str, target: Any, call: Callable[[list[Tensor]], Any], named: Sequence[tuple[str, Tensor]]
+) -> bool:
+    """Whether ``call`` on the whole batch ``named`` runs a lookup with ``scale_grad_by_freq``
+    (NOTE [split samples]): one evaluation, no graph."""
+    seen = _ScaledLookups()
+    with seen:
+        evaluate(fn, target, lambda: call([x for _, x in named]), tuple(x for _, x in named))
+    return seen.found
+
+
 def check_samples(
     fn: str,
     target: Any,
@@ -50,13 +83,16 @@ def check_samples(
     batch_dim: int,
     start: int,
     stop: int,
-) -> None:
-    """NOTE [split samples] for samples ``[start, stop)`` of the batched inputs ``named``."""
+) -> bool:
+    """NOTE [split samples] for samples ``[start, stop)`` of the batched inputs ``named``;
+    returns whether a lookup with ``scale_grad_by_freq`` ran (then the part is not enough)."""
     xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for _, x in named]
+    seen = _ScaledLookups()
     with call_state(target, tuple(x for _, x in named)), torch.inference_mode(False):
         with torch.enable_grad():
             before = torch.get_rng_state()
-            out = call(xs)
+            with seen:
+                out = call(xs)
             if not torch.equal(before, torch.get_rng_state()):
                 raise _draws(fn)
         outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))]
@@ -64,7 +100,7 @@ def check_samples(
         check_batch_dim(fn, batch_dim, [*named, *((f"output {i}", o) for i, o in enumerate(outs))])
         wrt = [x for x in xs if x.requires_grad]
         if not outs or not wrt:
-            return
+            return seen.found
         gen = torch.Generator().manual_seed(11)
         cots = []
         for o in outs:
@@ -90,3 +126,4 @@ def check_samples(
                 "e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
                 f"`x - x.mean(0)`, or attention across the batch. {coupling_fix(fn)}"
             )
+    return seen.found

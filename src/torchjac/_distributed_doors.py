@@ -247,11 +247,19 @@ def split_param_jacobian(door: Door, fn: str, a: dict[str, Any]) -> Any:
                         full[i] = x
                     return model(*full[: len(args)], **dict(zip(kwargs, full[len(args) :])))
 
-                check_samples(fn, model, call, [named[i] for i in float_at], bd, start, stop)
-                res = door(model, *cut[: len(args)], **opts, **dict(zip(kwargs, cut[len(args) :])))
                 shapes = dict(model.named_parameters())
+                at = lambda k, v: bd % (v.dim() - shapes[k].dim())  # noqa: E731  the samples
+                mine = [named[i] for i in float_at]
+                if check_samples(fn, model, call, mine, bd, start, stop):  # NOTE [split samples]
+                    res = {  # a part of its own (the whole result not kept alive)
+                        k: v.narrow(at(k, v), start, stop - start).clone()
+                        for k, v in whole().items()
+                    }
+                else:
+                    kw = dict(zip(kwargs, cut[len(args) :]))
+                    res = door(model, *cut[: len(args)], **opts, **kw)
                 name, leaf = next(iter(res.items()))
-                return res, (bd % (leaf.dim() - shapes[name].dim()),)
+                return res, (at(name, leaf),)
 
             return Job(sig, (n,), device, samples, whole)
         out = evaluate(fn, model, lambda: model(*args, **kwargs), tensors)

@@ -7,12 +7,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchjac._checks import check_gather, check_process_group
 from torchjac._distributed import Job, Ranges, balanced, run
-from torchjac._distributed_checks import check_samples
+from torchjac._distributed_checks import check_samples, scaled_lookups
 from torchjac._distributed_doors import describe_named, selected_params, whole_or_pair
 from torchjac._engine.core.blocked import copy_transposed_
 
@@ -49,15 +50,31 @@ def split_ntk(door: Door, fn: str, a: dict[str, Any]) -> Any:
         def call(xs: list[Tensor]) -> Any:
             return model(*xs)
 
+        whole_kernel: list[Tensor] = []  # computed once by a rank that needs it
+        seen: list[bool] = []  # whether x1's call scales a lookup, once known on this rank
+
         def tile(ranges: Ranges) -> tuple[Any, tuple[int, ...]]:
             (r0, r1), (c0, c1) = ranges
             triangle = x2 is None and gather is not False  # NOTE [symmetric tiles]
+            scaled = False  # a lookup scaled by index counts (NOTE [split samples])
             if not triangle or (r0, r1) == (c0, c1):  # each block checked once over the ranks
                 floats1 = [(n, x) for n, x in named1 if x.is_floating_point()]
-                check_samples(fn, model, _with_fixed(call, named1), floats1, bd, r0, r1)
+                scaled = check_samples(fn, model, _with_fixed(call, named1), floats1, bd, r0, r1)
+                seen[:] = [scaled]
+            else:
+                if not seen:
+                    seen.append(scaled_lookups(fn, model, call, named1))
+                scaled = seen[0]
             if x2 is not None:
                 floats2 = [(n, x) for n, x in named2 if x.is_floating_point()]
-                check_samples(fn, model, _with_fixed(call, named2), floats2, bd, c0, c1)
+                scaled |= check_samples(fn, model, _with_fixed(call, named2), floats2, bd, c0, c1)
+            if scaled:
+                if not whole_kernel:
+                    whole_kernel.append(door(model, x1, x2, **opts))
+                k = whole_kernel[0]
+                cols_at = 1 + (k.dim() - 2) // 2
+                k = k.narrow(0, r0, r1 - r0).narrow(cols_at, c0, c1 - c0)
+                return k.clone(memory_format=torch.contiguous_format), (0, cols_at)
             rows = pack(tuple(x.narrow(bd, r0, r1 - r0) for x in xs1))
             cols = pack(tuple(x.narrow(bd, c0, c1 - c0) for x in xs2))
             same = triangle and (r0, r1) == (c0, c1)

@@ -368,3 +368,33 @@ def test_forward_mode_through_index_fill_with_a_tensor_value(fill, mode: str) ->
         warnings.simplefilter("ignore", tj.FallbackWarning)
         torch.testing.assert_close(tj.jacobian(f, x, mode=mode), want)
         torch.testing.assert_close(tj.sparse_jacobian(f, x, mode="fwd").to_dense(), want)
+
+
+def _write_into_a_chunk(x: Tensor) -> Tensor:
+    """Autograd refuses an in-place write into one of ``chunk``'s views; forward mode follows."""
+    y = x.clone()
+    c = y.chunk(3)
+    c[-1].copy_(c[0][: c[-1].numel()] * 2)
+    return y
+
+
+@pytest.mark.parametrize("rows", [7, 2], ids=["square", "wide"])
+def test_columns_when_reverse_mode_ad_cannot_follow_func(rows: int) -> None:
+    """Forward probes started from a call with autograd on, which raised (``Output 2 of Split
+    is a view ... modified inplace``) though ``torch.func.jacfwd`` follows ``func``; now that
+    call runs without autograd, and ``"auto"`` takes columns even where rows were fewer."""
+
+    def f(x: Tensor) -> tuple[Tensor, Tensor]:
+        y = _write_into_a_chunk(x)
+        return y[:rows], y.sum()
+
+    x = torch.randn(7, dtype=torch.float64)
+    want = torch.func.jacfwd(lambda x: f(x)[0])(x)
+    with warnings.catch_warnings():  # Taylor mode, or "auto"'s rows, fell back
+        warnings.simplefilter("ignore", tj.FallbackWarning)
+        for mode in ("fwd", "auto"):
+            got, aux = tj.jacobian(f, x, mode=mode, has_aux=True)
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(aux, f(x)[1])
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        tj.jacobian(f, x, mode="rev", has_aux=True)

@@ -400,3 +400,41 @@ def test_auto_falls_back_to_forward_when_reverse_mode_ad_fails() -> None:
     torch.testing.assert_close(J.to_dense(), torch.func.jacfwd(f)(x).reshape(12, 12))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         tj.sparse_jacobian(f, x, mode="rev")
+
+
+def _write_into_a_chunk(u: torch.Tensor) -> torch.Tensor:
+    """Writes into one of ``chunk``'s views: autograd refuses (a view of a multi-output view
+    op written in place), forward-mode AD follows it."""
+    y = u.clone()
+    c = y.chunk(3, dim=-1)
+    c[-1].copy_(c[0][..., : c[-1].shape[-1]] * 2)
+    return y
+
+
+@pytest.mark.parametrize("summed", [False, True], ids=["fwd_fewer", "rev_fewer"])
+def test_auto_detects_a_pattern_when_autograd_cannot_run_func(summed: bool) -> None:
+    """Detection traced ``func`` with autograd on for ``"auto"``'s reverse probes and raised
+    (``Output 2 of Split is a view ... modified inplace``), though forward mode follows it;
+    now the trace runs without autograd, and ``"auto"`` takes columns whichever side had
+    fewer colours (a summed row makes rows the fewer)."""
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        y = _write_into_a_chunk(u)
+        return torch.cat([y, y.sum(-1, keepdim=True)], -1) if summed else y
+
+    x = torch.randn(7, dtype=DTYPE)
+    expected = torch.func.jacfwd(f)(x)
+    with warnings.catch_warnings():  # the fallback warns when reverse had fewer colours
+        warnings.simplefilter("ignore", tj.FallbackWarning)
+        J = tj.sparse_jacobian(f, x)
+        again = tj.sparse_jacobian(f, x, pattern=tj.sparsity_pattern(f, x))
+    for got in (J, again, tj.sparse_jacobian(f, x, mode="fwd")):
+        torch.testing.assert_close(got.to_dense(), expected)
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        tj.sparse_jacobian(f, x, mode="rev")
+    xs = torch.randn(3, 7, dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tj.FallbackWarning)
+        blocks = tj.sparse_jacobian(f, xs, batch_dim=0)
+    for i in range(3):
+        torch.testing.assert_close(blocks[i].to_dense(), torch.func.jacfwd(f)(xs[i]))

@@ -73,6 +73,7 @@ class Traced:
     # (cotangents, gradients) of the coupling check's pullback, reused by NOTE [taylor check]
     probe: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
     grad_off: bool = False  # NOTE [forward mode and no_grad], when the trace watched for it
+    graph: bool = True  # False: called without autograd (``plain_trace``), no pullback
 
     @staticmethod
     def of(p: FuncProblem, outs: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> Traced:
@@ -167,6 +168,18 @@ def autograd_trace(p: FuncProblem, check_batch: CheckBatch, forward: bool = Fals
     return t
 
 
+def plain_trace(p: FuncProblem, check_batch: CheckBatch) -> Traced:
+    """The function called once without autograd, for forward probes only: a ``func`` that
+    reverse-mode AD cannot follow (an in-place write into one of ``split``'s views), which
+    forward mode can. No batch (its coupling check pulls back) and no ``create_graph``."""
+    with torch.no_grad():  # on copies: func may write into its arguments
+        outs, aux = p.call(*(x.detach().clone() for x in p.inputs))
+    check_batch(outs)
+    t = Traced.of(p, outs, p.inputs)
+    t.aux, t.graph = aux, False
+    return t
+
+
 def zeros_for(like: Tensor, c: int) -> Tensor:
     """A free (stride-0) zero probe for a tensor a chunk does not touch."""
     return torch.zeros((), dtype=like.dtype, device=like.device).expand(c, *like.shape)
@@ -191,6 +204,7 @@ def solve_jacobian(
     """Plan and run; return one ``[B, rows, n_j]`` tensor per input (B = 1 when unbatched)."""
     g_in = Group.of(p.inputs, p.batch_dim)
     d = g_in.numel
+    columns_only = mode != "rev" and p.batch_dim is None and not p.create_graph
     in_bytes = 16 * sum(x.numel() for x in p.inputs) * p.dtype.itemsize
     t: Traced | None = None
     if mode == "auto" and d > BLIND_COLUMNS:
@@ -206,7 +220,15 @@ def solve_jacobian(
                 warn_fallback(p.fn_name, "Taylor-mode propagation could not follow func", err)
             mode = "rev" if err.reverse else mode  # NOTE [unreliable nested forward]
     if t is None:
-        t = autograd_trace(p, check_batch, forward=mode != "rev")
+        try:
+            t = autograd_trace(p, check_batch, forward=mode != "rev")
+        except RuntimeError as err:
+            if not columns_only:
+                raise
+            t = plain_trace(p, check_batch)  # reverse-mode AD cannot follow func: columns
+            if mode == "rev":  # "auto" chose rows
+                warn_fallback(p.fn_name, "reverse-mode AD failed, computed columns", err)
+            mode = "fwd"
     return _probes_on_trace(p, t, "fwd" if mode != "rev" else "rev", chunk_size, budget), t
 
 
@@ -236,6 +258,8 @@ def _probes_on_trace(
             _columns(p, t, results, choose_chunk_size(n_cols, per_probe, budget, chunk_size))
             return results
         except (RuntimeError, NotImplementedError) as err:
+            if not t.graph:  # neither mode follows func
+                raise
             warn_fallback(p.fn_name, "forward-mode AD failed, computed rows in reverse mode", err)
             for r in results:
                 r.zero_()

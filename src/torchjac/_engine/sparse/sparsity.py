@@ -381,16 +381,17 @@ def trace_pattern(
     ``graph``, the leaf the output's autograd graph starts from: the call is then also the
     one reverse probes pull back through (``func`` gets a copy of that leaf, which it may
     write into); without, the output is returned detached. Autograd is on either way (NOTE
-    [custom functions in sparsity]), unless ``func`` cannot run with it and no graph is asked
-    for.
+    [custom functions in sparsity]), unless ``func`` cannot run with it: then no graph is
+    returned (``None``, even if asked for), and reverse probes, making their own, fail as
+    reverse-mode AD does (``"auto"`` then takes columns in forward mode).
     """
     try:
         return _traced(func, x, graph, True)
     except RuntimeError:
-        if graph:
-            raise
-    # a function autograd cannot run (``.numpy()`` of ``x``, an ``out=`` op reading it) has no
-    # derivative AD could take, so no custom Function's to miss: traced without autograd
+        pass
+    # a function autograd cannot run (``.numpy()`` of ``x``, an ``out=`` op reading it, an
+    # in-place write into one of ``split``'s views) has no reverse-mode derivative, so no
+    # custom Function's to miss: traced without autograd (forward-mode AD may still follow it)
     return _traced(func, x, False, False)
 
 
