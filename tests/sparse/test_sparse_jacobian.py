@@ -12,6 +12,7 @@ from sparse_cases import (
     DTYPE,
     SparseCase,
     bratu_roll,
+    checkpointed,
     dirichlet_1d,
     sparse_matrix,
     stencil_3d,
@@ -32,10 +33,23 @@ def csr(dense: torch.Tensor) -> torch.Tensor:
         return dense.to_sparse_csr()
 
 
+@functools.cache
+def _checkpoint_without_jvp() -> bool:
+    """Whether this torch's checkpoint is a Function without a forward derivative (torch 2.4)."""
+    x = torch.zeros(6, dtype=DTYPE)
+    try:
+        torch.func.jvp(checkpointed, (x,), (x,))
+    except NotImplementedError:
+        return True
+    return False
+
+
 def _warning(case: SparseCase, mode: str) -> str | None:
     if case.func is sparse_matrix:  # torch.func has no sparse jvp, vmap no sparse expand
         return "reverse mode|loop"
     if case.name == "batch_norm_train" and mode == "fwd":  # num_batches_tracked += 1 under jvp
+        return "reverse mode"
+    if case.func is checkpointed and mode == "fwd" and _checkpoint_without_jvp():
         return "reverse mode"
     return case.warns
 
