@@ -173,6 +173,33 @@ def test_retained_grads_of_outputs_and_inputs_are_left_as_they_were(
     torch.testing.assert_close(y.grad, torch.ones_like(y))
 
 
+@pytest.mark.parametrize("plan", ["rows_in_chunks", "rows_one_vectorised_pass"])
+@pytest.mark.parametrize("fn", FNS)
+def test_a_hook_rejecting_none_frees_the_graph_beside_a_retained_output(
+    fn: str, plan: str, gen: torch.Generator
+) -> None:
+    """The release pass is repeated with zeros when a hook rejects ``None``; that pass adds no
+    gradient to a retained output's ``.grad``, which still held the last vectorised pass's."""
+    x = randn(4, 3, gen=gen, grad=True)
+    w = randn(3, 5, gen=gen, grad=True)
+    h = x * 1.0
+    h.register_hook(lambda g: g * 1.5)  # written for tensors only
+    y = torch.tanh(h @ w) * 2
+    y.retain_grad()
+    got = FNS[fn](y, [x, w], **PLANS[plan])
+    assert y.grad is None
+    with pytest.raises(RuntimeError, match=FREED):
+        y.sum().backward()
+    j = jacrev(lambda a: torch.tanh(a @ w.detach()) * 2)(x.detach()) * 1.5
+    jw = jacrev(lambda b: torch.tanh(x.detach() @ b) * 2)(w.detach())
+    if fn == "jac":
+        torch.testing.assert_close(got[0], j)
+        torch.testing.assert_close(got[1], jw)
+    else:
+        gram = torch.einsum("abij,cdij->abcd", j, j) + torch.einsum("abij,cdij->abcd", jw, jw)
+        torch.testing.assert_close(got, gram)
+
+
 @pytest.mark.parametrize("fn", FNS)
 def test_a_retained_intermediate_names_the_loop_when_passes_collide(
     fn: str, gen: torch.Generator

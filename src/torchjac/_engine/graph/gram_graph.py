@@ -46,7 +46,7 @@ def graph_gramian(
         free = (not problem.retain_graph, freed)
         gram = _gramian(kept, mode, chunk_size, budget, free, walked)
     if not problem.retain_graph and not freed:
-        release_graph(problem.outputs, problem.used_inputs)
+        release_graph(problem.outputs, problem.used_inputs, problem.retained)
     return gram
 
 

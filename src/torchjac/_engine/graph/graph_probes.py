@@ -170,7 +170,7 @@ def solve(
     with fallback_scope(), retained_batch_hint(problem.fn_name):  # NOTE [fallback]
         result = _solve(problem, mode, chunk_size, budget, native, freed)
     if not problem.retain_graph and not freed:  # NOTE [retain_graph]
-        release_graph(problem.outputs, problem.used_inputs)
+        release_graph(problem.outputs, problem.used_inputs, problem.retained)
     return result
 
 

@@ -25,10 +25,11 @@ what no user asked for: the sum of the probed rows (a loop), a ``BatchedTensor``
 so the outputs and inputs, which the call holds, get their ``.grad`` back as it was (the same
 object, or ``None``); meanwhile it is cleared before each probe pass, so that a pass never adds its
 gradient to an earlier pass's (a ``vmap`` of another size), and the release pass adds nothing (its
-gradient is undefined). A ``retain_grad()`` tensor strictly inside the graph cannot be reached from
-the call: it receives what torch writes during the probes, as with ``autograd.grad(...,
-is_grads_batched=True)``; a second vectorised pass then fails inside torch when its hook adds to
-the first pass's ``BatchedTensor``, and the error says to probe with a loop.
+gradient is undefined; its repetition with zeros, when a hook rejects ``None``, clears it too: it
+would add to a finished ``vmap``'s gradient). A ``retain_grad()`` tensor strictly inside the graph
+cannot be reached from the call: it receives what torch writes during the probes, as with
+``autograd.grad(..., is_grads_batched=True)``; a second vectorised pass then fails inside torch
+when its hook adds to the first pass's ``BatchedTensor``, and the error says to probe with a loop.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ class _UndefinedRoot(torch.autograd.Function):
         return (None,) * ctx.n_outputs
 
 
-def release_graph(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
-    """Free the nodes on the paths from ``outputs`` to ``inputs`` (NOTE [retain_graph])."""
+def release_graph(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], retained: Sequence[Tensor] = ()
+) -> None:
+    """Free the nodes on the paths from ``outputs`` to ``inputs`` (NOTE [retain_graph]);
+    ``retained``: the call's ``retain_grad()`` outputs and inputs (NOTE [retain_grad])."""
     outs = [y for y in outputs if y.requires_grad]
     ins = [x for x in inputs if x.requires_grad]
     if not outs or not ins:
@@ -69,6 +73,8 @@ def release_graph(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
             root = _UndefinedRoot.apply(*outs)
             torch.autograd.grad(root, ins, allow_unused=True)
     except Exception:  # something on the path rejects None (a hook, a custom backward)
+        for t in retained:  # NOTE [retain_grad]: the zeros' pass adds to no probe's gradient
+            t.grad = None
         _release_with_zeros(outs, ins)
 
 
