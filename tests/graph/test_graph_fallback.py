@@ -127,6 +127,28 @@ def test_once_differentiable_beside_a_penalty_is_not_read_as_partial_columns(
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+class DiffSin(SavedSin):
+    """``sin`` with a differentiable backward of its own."""
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return g * x.cos()
+
+
+def test_once_differentiable_upstream_of_the_input_keeps_the_columns(gen) -> None:
+    # forces from an @once_differentiable backward (create_graph): its Error node lies upstream
+    # of the input h, on no path from the outputs to h, so the columns need no fallback
+    a, v = randn(3, gen=gen, grad=True), randn(3, gen=gen, grad=True)
+    (h,) = torch.autograd.grad(OnceSin.apply(a), a, v, create_graph=True)
+    w = randn(10, 3, gen=gen)
+    y = w @ DiffSin.apply(h)
+    want = w * h.detach().cos()
+    for mode in ("fwd", "auto"):  # warnings are errors in this test run
+        got = tj.jac(y, h, mode=mode, retain_graph=True)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_once_differentiable_rows_need_no_fallback(gen) -> None:
     y, x, expected = _problem(OnceSin, gen)
     torch.testing.assert_close(tj.jac(y, x, mode="rev"), expected, rtol=1e-12, atol=1e-12)

@@ -212,3 +212,13 @@ def test_create_graph_through_vector_norms(
     (g,) = torch.autograd.grad((got * r).sum(), w)
     (g_want,) = torch.autograd.grad((want * r).sum(), w)
     torch.testing.assert_close(g, g_want)
+
+
+@pytest.mark.parametrize("norm", ["norm", "std"])
+def test_create_graph_vector_norms_keep_nan(norm: str) -> None:
+    # NOTE [vector norms with create_graph]: a NaN input gives NaN, as without create_graph
+    x = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]], dtype=torch.float64)
+    f = {"norm": lambda x: x.norm(dim=1), "std": lambda x: x.std(dim=1)}[norm]
+    want = tj.jacobian(f, x)
+    got = tj.jacobian(f, x, create_graph=True)
+    torch.testing.assert_close(got, want, equal_nan=True)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -101,8 +102,9 @@ class DifferentiableCheck:
         self.p, self.inputs = p, list(trans)
         self.depends: list[list[bool]] | None = None  # [output][k] for input inputs[k]
         if not p.counted.builtin:  # only a custom Function's backward is @once_differentiable
+            forward = _nodes(p.outputs)
             for j, gj in trans.items():
-                if _cut_once(gj):
+                if _cut_once(gj, forward):
                     raise FinalError(
                         f"the backward from outputs to {p.input_names[j]} is not "
                         "differentiable (e.g. @once_differentiable)"
@@ -129,10 +131,25 @@ class DifferentiableCheck:
             )
 
 
-def _cut_once(g: Tensor) -> bool:
+def _nodes(outs: Sequence[Tensor]) -> set[Any]:
+    """The nodes of the graph behind ``outs``: NOTE [node identity]."""
+    stack = [y.grad_fn for y in outs if y.grad_fn is not None]
+    seen = set(stack)
+    while stack:
+        for n in (n for n, _ in stack.pop().next_functions if n is not None):
+            if n not in seen:
+                seen.add(n)
+                stack.append(n)
+    return seen
+
+
+def _cut_once(g: Tensor, forward: set[Any]) -> bool:
     """Whether the graph of ``g`` holds the ``Error`` node of an ``@once_differentiable``
-    backward: a path to the cotangents that autograd silently drops."""
-    if g.grad_fn is None:
+    backward: a path to the cotangents that autograd silently drops. Only the nodes the
+    backward made are searched: ``forward`` (the outputs' graph, which ``g``'s reaches through
+    saved tensors) may hold one upstream of an input (``create_graph`` forces through such a
+    backward), and none there is on a path from the outputs to the inputs."""
+    if g.grad_fn is None or g.grad_fn in forward:
         return False
     stack, seen = [g.grad_fn], {g.grad_fn}  # the nodes themselves: NOTE [node identity]
     while stack:
@@ -140,7 +157,7 @@ def _cut_once(g: Tensor) -> bool:
         if type(node).__name__ == "Error":
             return True
         for n in (n for n, _ in node.next_functions if n is not None):
-            if n not in seen:
+            if n not in seen and n not in forward:
                 seen.add(n)
                 stack.append(n)
     return False

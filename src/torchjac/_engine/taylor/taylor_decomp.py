@@ -150,10 +150,11 @@ DECOMPOSITIONS: dict[Any, Any] = {
 # write invalidates a tensor the result's graph saved, so ``backward`` through a Hessian, its
 # diagonal or a Laplacian raised "modified by an inplace operation" (torch 2.13, also
 # ``torch.func.jacfwd(jacrev(f))``). Under ``create_graph`` they are written out: a sum of
-# squares and a square root that is 0 with derivative 0 where the sum is 0, as torch's own.
+# squares and a square root that is 0 with derivative 0 where the sum is 0, as torch's own (and
+# NaN where the sum is NaN, as torch's own).
 def _safe_sqrt(s: Tensor) -> Tensor:
-    pos = s > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, s, torch.ones_like(s))), 0.0)
+    zero = s == 0
+    return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, torch.ones_like(s), s)))
 
 
 def _two_norm(x: Tensor, dim: Any, keepdim: bool) -> Tensor:
