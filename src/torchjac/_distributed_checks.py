@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from torchjac._checks import check_batch_dim
-from torchjac._engine.core.forward_rules import lookup_of
 from torchjac._engine.core.func_state import call_state
+from torchjac._engine.modules.sample_counts import LookupCounts
 from torchjac._errors import BatchCouplingError, coupling_fix
 
 __all__ = ["check_samples", "evaluate", "scaled_lookups"]
@@ -49,30 +48,15 @@ def evaluate(fn: str, target: Any, call: Callable[[], Any], tensors: tuple[Tenso
     return out
 
 
-class _ScaledLookups(TorchFunctionMode):
-    """Records whether a lookup with ``scale_grad_by_freq=True`` runs (NOTE [split samples])."""
-
-    found = False
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        lookup = lookup_of(func, args, kwargs)
-        if lookup is not None and lookup.by_freq:
-            self.found = True
-        return func(*args, **kwargs)
-
-
 def scaled_lookups(
     fn: str, target: Any, call: Callable[[list[Tensor]], Any], named: Sequence[tuple[str, Tensor]]
 ) -> bool:
     """Whether ``call`` on the whole batch ``named`` runs a lookup with ``scale_grad_by_freq``
     (NOTE [split samples]): one evaluation, no graph."""
-    seen = _ScaledLookups()
+    seen = LookupCounts()
     with seen:
         evaluate(fn, target, lambda: call([x for _, x in named]), tuple(x for _, x in named))
-    return seen.found
+    return bool(seen.counts)
 
 
 def check_samples(
@@ -87,7 +71,7 @@ def check_samples(
     """NOTE [split samples] for samples ``[start, stop)`` of the batched inputs ``named``;
     returns whether a lookup with ``scale_grad_by_freq`` ran (then the part is not enough)."""
     xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for _, x in named]
-    seen = _ScaledLookups()
+    seen = LookupCounts()
     with call_state(target, tuple(x for _, x in named)), torch.inference_mode(False):
         with torch.enable_grad():
             before = torch.get_rng_state()
@@ -100,7 +84,7 @@ def check_samples(
         check_batch_dim(fn, batch_dim, [*named, *((f"output {i}", o) for i, o in enumerate(outs))])
         wrt = [x for x in xs if x.requires_grad]
         if not outs or not wrt:
-            return seen.found
+            return bool(seen.counts)
         gen = torch.Generator().manual_seed(11)
         cots = []
         for o in outs:
@@ -126,4 +110,4 @@ def check_samples(
                 "e.g. by BatchNorm in train mode (call model.eval()), batch statistics such as "
                 f"`x - x.mean(0)`, or attention across the batch. {coupling_fix(fn)}"
             )
-    return seen.found
+    return bool(seen.counts)

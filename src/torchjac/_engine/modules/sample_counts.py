@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchjac._engine.core.forward_rules import lookup_of
 
-__all__ = ["NeedCounts", "WholeCallCounts"]
+__all__ = ["LookupCounts", "NeedCounts", "WholeCallCounts"]
 
 
 class NeedCounts(Exception):
@@ -41,7 +41,7 @@ class WholeCallCounts:
 
     def record(self, run_whole: Callable[[], Any]) -> None:
         """Run the model on the whole batch (no graph, the random state kept) and keep counts."""
-        recorder = _Record()
+        recorder = LookupCounts()
         rng = torch.get_rng_state()
         try:
             with torch.no_grad(), recorder:
@@ -55,7 +55,9 @@ class WholeCallCounts:
         return _Replay(self.counts, self.fn_name)
 
 
-class _Record(TorchFunctionMode):
+class LookupCounts(TorchFunctionMode):
+    """Records the index counts of every lookup with ``scale_grad_by_freq`` run under it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.counts: list[Tensor] = []
